@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) with PyTorch CPU fallbacks for the in-engine policies."""

@@ -1,0 +1,54 @@
+"""refine's self-correction policies and the registry the server looks them up in.
+
+To add a policy: write one module here with a `Policy` subclass, and list it in `BUILTIN_POLICIES`.
+The server needs no edit: it validates `{"refine": {"policy": NAME, ...}}` against the policy's `Params`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from refine_server.policies.base import LimitExceeded, Policy, PolicyLimits, PolicyParams, enforce_limits
+from refine_server.policies.none import NonePolicy
+
+BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy,)
+
+
+class UnknownPolicy(KeyError):
+    pass
+
+
+class PolicyRegistry:
+    """The policies a server offers, each with the limits its configuration sets."""
+
+    def __init__(self, policies: Iterable[type[Policy]], limits: Mapping[str, Mapping[str, Any]] | None = None):
+        self._policies = {p.name: p() for p in policies}
+        limits = dict(limits or {})
+        unknown = set(limits) - set(self._policies)
+        if unknown:
+            raise ValueError(f"limits given for unknown policies: {sorted(unknown)}")
+        # Bad limits fail at start-up, not on the first request that uses them.
+        self._limits: dict[str, PolicyLimits] = {
+            name: policy.Limits.model_validate(limits.get(name, {})) for name, policy in self._policies.items()
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._policies)
+
+    def get(self, name: str) -> Policy:
+        try:
+            return self._policies[name]
+        except KeyError:
+            raise UnknownPolicy(name) from None
+
+    def resolve(self, name: str, raw_params: Mapping[str, Any]) -> tuple[Policy, PolicyParams]:
+        """The policy and its validated parameters. Raises UnknownPolicy, ValidationError or LimitExceeded."""
+        policy = self.get(name)
+        params = policy.Params.model_validate(dict(raw_params))
+        enforce_limits(params, self._limits[name])
+        return policy, params
+
+
+__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyParams", "PolicyRegistry", "UnknownPolicy"]

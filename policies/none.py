@@ -1,0 +1,19 @@
+"""`none`: the request goes to vLLM unchanged. The baseline every other policy is measured against."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from refine_server.policies.base import Policy, PolicyCall, PolicyParams
+
+
+class NonePolicy(Policy):
+    name = "none"
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        return await call.backend.post_json(call.path, call.body, endpoint=call.endpoint)
+
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in call.backend.stream_json(call.path, call.body, endpoint=call.endpoint):
+            yield chunk

@@ -1,0 +1,1 @@
+"""refine: an OpenAI-compatible server in front of vLLM with per-request self-correction policies."""

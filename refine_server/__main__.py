@@ -1,0 +1,3 @@
+from refine_server.cli import main
+
+main()

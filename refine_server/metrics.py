@@ -1,0 +1,58 @@
+"""refine's Prometheus metrics, kept in a registry owned by the app (not prometheus-client's global one).
+
+Every label comes from a closed set: endpoints refine serves, registered policy names (anything else is
+"other"), HTTP status codes. No request ids, prompts or model paths ever become labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+# Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, policy_names: list[str]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._policies = frozenset(policy_names)
+        r = self.registry
+        self.requests = Counter(
+            "refine_requests", "Requests served, by endpoint, policy and HTTP status",
+            ["endpoint", "policy", "status"], registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "refine_request_duration_seconds", "End-to-end request latency as refine sees it",
+            ["endpoint", "policy"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "refine_time_to_first_token_seconds", "Time from request to the first streamed token",
+            ["policy"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "refine_inter_token_latency_seconds", "Time between consecutive streamed chunks that carry tokens",
+            ["policy"], buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.correction_time = Histogram(
+            "refine_correction_seconds", "Time a policy spent correcting, per request",
+            ["policy"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "refine_upstream_request_duration_seconds",
+            "Backend latency: whole call when not streaming, time to response headers when streaming",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "refine_upstream_errors", "Failed backend calls, by endpoint and HTTP status or transport failure",
+            ["endpoint", "status"], registry=r,
+        )
+        self.engine_restarts = Counter(
+            "refine_engine_restarts", "Times the embedded vLLM server was restarted after it died", registry=r,
+        )
+
+    def policy_label(self, name: str) -> str:
+        return name if name in self._policies else "other"
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
