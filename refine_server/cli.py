@@ -14,6 +14,7 @@ from refine_server.config import Settings
 def main() -> None:
     settings = CliApp.run(Settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
     app = create_app(settings)
     # refine's own access log would print every request line; its metrics already count them.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)

@@ -1,0 +1,105 @@
+"""Shared fixtures. The real refine server (and its embedded vLLM) starts once per test session.
+
+Tests marked `engine` use it; tests marked `disruptive` (they kill the engine) run after all others.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from refine_server.model_store import DEFAULT_MODEL_NAME
+
+MODEL = DEFAULT_MODEL_NAME
+REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
+ENGINE_PORT = int(os.environ.get("REFINE_TEST_ENGINE_PORT", "18100"))
+LOG_DIR = Path(os.environ.get("REFINE_TEST_LOG_DIR", "/tmp/refine-test-logs"))
+
+
+@dataclass
+class RunningServer:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def start_refine(name: str, port: int, *args: str, ready_timeout_s: float = 900.0) -> RunningServer:
+    """`python -m refine_server` as a user would run it, logging to a file; waits for /ready."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"{name}.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refine_server", "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = RunningServer(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"refine exited early:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_refine(server)
+    raise RuntimeError(f"refine not ready after {ready_timeout_s} s:\n{server.log_tail()}")
+
+
+def wait_until_listening(server: RunningServer, timeout_s: float = 60.0) -> None:
+    """For a server whose backend is meant to be down: wait for liveness, not readiness."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"refine not listening:\n{server.log_tail()}")
+
+
+def stop_refine(server: RunningServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def refine_server() -> Iterator[RunningServer]:
+    server = start_refine("embedded", REFINE_PORT, "--engine-port", str(ENGINE_PORT),
+                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000")
+    yield server
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
+def engine_url(refine_server: RunningServer) -> str:
+    """The embedded vLLM itself, for comparing refine's answers with the engine's."""
+    return f"http://127.0.0.1:{ENGINE_PORT}"
+
+
+@pytest.fixture(scope="session")
+def client(refine_server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{refine_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

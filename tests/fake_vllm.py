@@ -1,0 +1,85 @@
+"""A stand-in for a vLLM server *without* refine's plugin, for proxy-mechanics unit tests.
+
+It answers like vLLM does (OpenAI JSON, SSE), ignores `vllm_xargs`, and can be told to fail: a prompt
+of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+MODEL = "fake-model"
+
+
+async def _completions(request: Request):
+    body = await request.json()
+    prompt = body.get("prompt")
+    if prompt == "FAIL_500":
+        return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
+    words = ["alpha", " beta", " gamma"]
+    if not body.get("stream"):
+        return JSONResponse({
+            "id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+        })
+
+    async def events():
+        for i, word in enumerate(words):
+            if prompt == "FAIL_MIDSTREAM" and i == 1:
+                yield "data: " + json.dumps({"error": {"message": "engine died mid-stream", "code": 500}}) + "\n\n"
+                return
+            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
+                     "choices": [{"index": 0, "text": word, "finish_reason": "stop" if i == 2 else None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _models(request: Request):
+    return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+
+async def _health(request: Request):
+    return JSONResponse({})
+
+
+app = Starlette(routes=[
+    Route("/v1/completions", _completions, methods=["POST"]),
+    Route("/v1/models", _models),
+    Route("/health", _health),
+])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(asgi_app) -> Iterator[str]:
+    """Run an ASGI app (its lifespan included) on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(asgi_app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

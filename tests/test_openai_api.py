@@ -1,0 +1,93 @@
+"""The official openai client against refine on the real embedded vLLM: refine answers as vLLM does."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import MODEL
+
+pytestmark = pytest.mark.engine
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_the_embedded_model(client: OpenAI) -> None:
+    assert MODEL in [m.id for m in client.models.list()]
+
+
+def test_chat_matches_the_engine_and_carries_the_refine_block(client: OpenAI, engine_url: str) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    direct = OpenAI(base_url=f"{engine_url}/v1", api_key="x").chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    assert resp.choices[0].message.content == direct.choices[0].message.content
+    assert "Paris" in resp.choices[0].message.content
+    assert resp.usage.completion_tokens == direct.usage.completion_tokens
+    assert resp.model_extra["refine"] == {"policy": "none", "params": {}, "trace": {}}
+
+
+def test_chat_stream_equals_non_stream_and_reports_usage(client: OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"refine": {"policy": "none"}},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    blocks = [c.model_extra["refine"] for c in chunks if c.model_extra.get("refine")]
+    assert blocks == [{"policy": "none", "params": {}, "trace": {}}]
+
+
+def test_completions_with_logprobs_stop_and_n(client: OpenAI) -> None:
+    resp = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, logprobs=2, stop=["7"]
+    )
+    choice = resp.choices[0]
+    assert "5" in choice.text and "7" not in choice.text
+    assert choice.finish_reason == "stop"
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) > 0
+
+    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0,
+                                     seed=7)
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0,
+                                      seed=7)
+    assert len(many.choices) == 3
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]
+
+
+def test_completions_stream_with_n_puts_the_refine_block_after_both_choices(client: OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, n=2, temperature=1.0,
+                                            seed=1, stream=True))
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finished) == 2
+    assert [c.model_extra.get("refine") is not None for c in finished] == [False, True]
+
+
+def test_chat_logprobs_parse(client: OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in content)
+
+
+def test_stream_is_not_buffered(refine_server) -> None:
+    """Tokens must reach the client as they are made, not in one burst at the end."""
+    body = {"model": MODEL, "prompt": "Write a story about a dog:", "max_tokens": 60, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    arrivals: list[float] = []
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.headers["cache-control"] == "no-cache"
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.perf_counter())
+    total = time.perf_counter() - started
+    assert len(arrivals) == 60
+    # A buffered stream would deliver all 60 chunks within a few milliseconds of each other.
+    assert arrivals[-1] - arrivals[0] > 0.3 * total

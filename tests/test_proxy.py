@@ -1,0 +1,139 @@
+"""Proxy mechanics against a fake backend (no engine): auth, error mapping, policies, plugin handshake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from refine_server.app import create_app
+from refine_server.config import Settings
+from refine_server.policies import PolicyRegistry
+from refine_server.policies.base import PolicyLimits, PolicyParams
+from refine_server.policies.none import NonePolicy
+from tests.fake_vllm import MODEL, app as fake_vllm_app, free_port, serve_in_thread
+
+
+class StepsParams(PolicyParams):
+    max_steps: int = 3
+
+
+class StepsLimits(PolicyLimits):
+    max_steps: int | None = 5
+
+
+class StepsPolicy(NonePolicy):
+    """A pass-through with a bounded parameter: checks validation and limits without any real algorithm."""
+
+    name = "steps"
+    Params = StepsParams
+    Limits = StepsLimits
+
+
+class InEnginePolicy(NonePolicy):
+    name = "in_engine"
+    needs_engine_plugin = True
+
+
+@pytest.fixture(scope="module")
+def fake_backend() -> Iterator[str]:
+    with serve_in_thread(fake_vllm_app) as url:
+        yield url
+
+
+def _serve(settings: Settings):
+    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy], settings.policy_limits)
+    return serve_in_thread(create_app(settings, registry))
+
+
+@pytest.fixture(scope="module")
+def proxy(fake_backend: str) -> Iterator[str]:
+    with _serve(Settings(backend_url=fake_backend)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(proxy: str) -> OpenAI:
+    return OpenAI(base_url=f"{proxy}/v1", api_key="unused", max_retries=0)
+
+
+def test_refine_block_reports_policy_and_effective_params(client: OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps"}})
+    assert resp.choices[0].text == "alpha beta gamma"
+    assert resp.model_extra["refine"] == {"policy": "steps", "params": {"max_steps": 3}, "trace": {}}
+
+
+def test_stream_carries_refine_block_on_the_finishing_chunk(client: OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="hi", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "alpha beta gamma"
+    assert [c.model_extra.get("refine") is not None for c in chunks] == [False, False, True]
+    assert chunks[-1].model_extra["refine"]["policy"] == "none"
+
+
+def test_parameter_over_the_server_limit_is_a_400_naming_the_field(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 9}})
+    assert err.value.body["param"] == "refine.max_steps"
+    assert "limit of 5" in err.value.body["message"]
+
+
+def test_wrongly_typed_policy_parameter_is_a_400_naming_the_field(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": "x"}})
+    assert err.value.body["param"] == "refine.max_steps"
+
+
+def test_in_engine_policy_on_a_backend_without_the_plugin_is_refused(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "in_engine"}})
+    assert err.value.code == "engine_plugin_missing"
+    assert "engine plugin" in err.value.body["message"]
+
+
+def test_backend_500_becomes_a_502_with_openai_error(client: OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model=MODEL, prompt="FAIL_500")
+    assert err.value.status_code == 502
+    assert "engine exploded" in err.value.body["message"]
+
+
+def test_error_in_the_middle_of_a_stream_reaches_the_client(client: OpenAI) -> None:
+    stream = client.completions.create(model=MODEL, prompt="FAIL_MIDSTREAM", stream=True)
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        list(stream)
+
+
+def test_limits_for_an_unknown_policy_fail_at_start_up() -> None:
+    with pytest.raises(ValueError, match="unknown policies"):
+        PolicyRegistry([NonePolicy], {"nosuch": {"x": 1}})
+
+
+def test_unknown_default_policy_fails_at_start_up() -> None:
+    with pytest.raises(KeyError):
+        create_app(Settings(backend_url="http://127.0.0.1:9", default_policy="nosuch"))
+
+
+def test_api_keys_are_required_when_configured(fake_backend: str) -> None:
+    with _serve(Settings(backend_url=fake_backend, api_keys=["k1", "k2"])) as url:
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        ok = OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
+        assert [m.id for m in ok.models.list()] == [MODEL]
+        # Liveness and metrics stay open for probes and scrapers.
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_backend_down_gives_503_and_not_ready() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with _serve(Settings(backend_url=dead)) as url:
+        assert httpx.get(f"{url}/ready").status_code == 503
+        resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=30)
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "backend_unavailable"
+        resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True}, timeout=30)
+        assert resp.status_code == 503
