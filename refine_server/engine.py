@@ -146,13 +146,14 @@ class EmbeddedEngine:
                 log.info("vLLM is ready at %s", self.url)
             returncode = await proc.wait()
             self._ready.clear()
+            if not self._stopping:
+                self.state, self.reason = "restarting", f"vLLM exited with code {returncode}; restarting"
             await self._kill_process_group()
             if self._stopping:
                 return
             failures += 1
             self._metrics.engine_restarts.inc()
             delay = min(30.0, 2.0 ** (failures - 1))
-            self.state, self.reason = "restarting", f"vLLM exited with code {returncode}; restarting"
             log.warning("vLLM exited with code %s; restarting in %.0f s", returncode, delay)
             await asyncio.sleep(delay)
 

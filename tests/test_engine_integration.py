@@ -1,0 +1,96 @@
+"""What refine does around the real engine: metrics, cancellation, the plugin handshake, external mode."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from refine_server.backend import Backend
+from refine_server.metrics import Metrics
+from tests.conftest import MODEL, start_refine, stop_refine
+from tests.fake_vllm import free_port
+
+pytestmark = pytest.mark.engine
+
+
+def _metric(text: str, name: str) -> float:
+    """Sum of every sample of one metric (all label sets)."""
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_metrics_carry_refine_histograms_by_policy_next_to_vllm(client: OpenAI, refine_server) -> None:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                   stream=True, extra_body={"refine": {"policy": "none"}}).close()
+    list(client.completions.create(model=MODEL, prompt="a b c", max_tokens=4, stream=True))
+    text = httpx.get(f"{refine_server.url}/metrics").text
+    for family in ("refine_request_duration_seconds", "refine_time_to_first_token_seconds",
+                   "refine_inter_token_latency_seconds", "refine_correction_seconds"):
+        assert re.search(rf'^{family}_bucket{{.*policy="none".*}} ', text, re.M), family
+    assert re.search(r'^refine_requests_total{endpoint="completions",policy="none",status="200"} ', text, re.M)
+    assert _metric(text, "refine_upstream_request_duration_seconds_count") > 0
+    # The engine's own families, from the same scrape.
+    assert _metric(text, "vllm:generation_tokens_total") > 0
+    assert "vllm:e2e_request_latency_seconds_bucket" in text
+    # Bounded labels: no request ids or prompts.
+    assert "cmpl-" not in text and "a b c" not in text
+
+
+def _engine_counters(engine_url: str) -> tuple[float, float]:
+    text = httpx.get(f"{engine_url}/metrics").text
+    return _metric(text, "vllm:generation_tokens_total"), _metric(text, "vllm:num_requests_running")
+
+
+def _assert_generation_stopped(engine_url: str, tokens_before: float, max_tokens: int) -> None:
+    deadline = time.monotonic() + 10
+    while _engine_counters(engine_url)[1] > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tokens, running = _engine_counters(engine_url)
+    assert running == 0
+    time.sleep(1.0)
+    assert _engine_counters(engine_url)[0] == tokens, "the engine kept generating after the client left"
+    assert 0 < tokens - tokens_before < max_tokens / 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str, stream: bool) -> None:
+    max_tokens = 1900  # fits the test server's 2048-token context
+    body = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": stream}
+    before, _ = _engine_counters(engine_url)
+    if stream:
+        with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            for i, _line in enumerate(resp.iter_lines()):
+                if i >= 10:
+                    break
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{refine_server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
+    _assert_generation_stopped(engine_url, before, max_tokens)
+
+
+async def test_handshake_finds_the_engine_plugin_in_the_embedded_server(engine_url: str) -> None:
+    backend = Backend(engine_url, Metrics(["none"]), timeout_s=30)
+    try:
+        version = await backend.plugin_version(MODEL)
+    finally:
+        await backend.aclose()
+    assert version and re.match(r"^\d+\.\d+", version)
+
+
+def test_external_mode_serves_an_existing_vllm(engine_url: str) -> None:
+    server = start_refine("external", free_port(), "--backend-url", engine_url, ready_timeout_s=60)
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                              max_tokens=5, temperature=0)
+        assert resp.choices[0].message.content
+        assert resp.model_extra["refine"]["policy"] == "none"
+        # External mode scrapes only refine: the fleet is scraped where it runs.
+        assert "vllm:" not in httpx.get(f"{server.url}/metrics").text
+    finally:
+        stop_refine(server)
