@@ -11,8 +11,9 @@ from typing import Any
 
 from refine_server.policies.base import LimitExceeded, Policy, PolicyLimits, PolicyParams, enforce_limits
 from refine_server.policies.none import NonePolicy
+from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy,)
+BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy)
 
 
 class UnknownPolicy(KeyError):

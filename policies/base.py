@@ -48,10 +48,11 @@ def enforce_limits(params: PolicyParams, limits: PolicyLimits) -> None:
 
 @dataclass
 class Trace:
-    """What a policy did for one request. `data` goes to the client; `correction_seconds` to Prometheus."""
+    """What a policy did for one request. `data` goes to the client; the numbers to Prometheus."""
 
     data: dict[str, Any] = field(default_factory=dict)
     correction_seconds: float = 0.0
+    corrections: int | None = None  # None: the policy does not correct, or could not tell
 
 
 @dataclass

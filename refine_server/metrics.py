@@ -38,6 +38,10 @@ class Metrics:
             "refine_correction_seconds", "Time a policy spent correcting, per request",
             ["policy"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.corrections = Histogram(
+            "refine_corrections_per_request", "Corrections a policy made in one request",
+            ["policy"], buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), registry=r,
+        )
         self.upstream_latency = Histogram(
             "refine_upstream_request_duration_seconds",
             "Backend latency: whole call when not streaming, time to response headers when streaming",

@@ -70,6 +70,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
 
         def refine_block() -> dict[str, Any]:
             rt.metrics.correction_time.labels(policy_label).observe(call.trace.correction_seconds)
+            if call.trace.corrections is not None:
+                rt.metrics.corrections.labels(policy_label).observe(call.trace.corrections)
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
         if parsed.stream:

@@ -1,0 +1,144 @@
+"""How uncertain each row of a next-token distribution is: entropy, varentropy and top-2 margin.
+
+In-engine policies read these three numbers for every running request at every decode step, so on a GPU they
+come from one Triton kernel that streams each row of logits twice and writes three floats per row, with no
+[R, V] temporaries. Anywhere else (CPU tensors, no triton) a plain PyTorch version computes the same numbers.
+
+For p = softmax(logits / T) over one row:
+    entropy     H = -sum p log p                 (nats)
+    varentropy  V = sum p (log p + H)^2          (variance of the surprisal -log p)
+    margin        = p_top1 - p_top2              (gap between the two most likely tokens)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: token_stats() falls back to PyTorch
+    triton = None
+
+__all__ = ["TokenStats", "token_stats", "token_stats_torch", "token_stats_triton"]
+
+TokenStats = tuple[Tensor, Tensor, Tensor]
+"""(entropy, varentropy, margin), each float32 of shape [R]."""
+
+# Widest slice of the vocabulary one program holds in registers at a time; 49152-token rows take 12 steps.
+_MAX_BLOCK = 4096
+
+
+def token_stats(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+    """Entropy, varentropy and top-2 margin of softmax(logits / temperature), row by row.
+
+    logits: [R, V], any float dtype; -inf marks a masked token (each row needs one finite entry).
+    temperature: one float for all rows, or a [R] tensor; must be > 0 (pass 1.0 for greedy rows).
+    Runs the Triton kernel for CUDA tensors when triton is installed, the PyTorch fallback otherwise.
+    """
+    if logits.is_cuda and triton is not None:
+        return token_stats_triton(logits, temperature)
+    return token_stats_torch(logits, temperature)
+
+
+def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+    """PyTorch version of token_stats(): works on any device, materialises a few [R, V] float32 tensors."""
+    temps = _temperature_per_row(temperature, logits.shape[0], logits.device)
+    log_p = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+    p = log_p.exp()
+    # Masked tokens have p = 0 and log p = -inf; they add nothing, so keep 0 * inf from turning the sums into NaN.
+    surprisal = torch.where(p > 0, -log_p, 0.0)
+    entropy = (p * surprisal).sum(dim=-1)
+    varentropy = (p * (surprisal - entropy[:, None]) ** 2).sum(dim=-1)
+    return entropy, varentropy, _top2_margin(p)
+
+
+def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+    """Triton version of token_stats(): one program per row, two streaming passes over the vocabulary.
+
+    Meant for CUDA tensors; also runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+    """
+    if triton is None:
+        raise RuntimeError("token_stats_triton needs triton, which is not installed")
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1:  # the kernel walks a row with unit stride
+        logits = logits.contiguous()
+    temps = _temperature_per_row(temperature, rows, logits.device)
+    entropy, varentropy, margin = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if rows > 0:  # a launch with an empty grid is an error
+        _token_stats_kernel[(rows,)](
+            logits, logits.stride(0), temps, vocab, entropy, varentropy, margin,
+            BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK),
+        )
+    return entropy, varentropy, margin
+
+
+def _temperature_per_row(temperature: Tensor | float, rows: int, device: torch.device) -> Tensor:
+    """The temperature as a contiguous float32 [rows] tensor on `device`, whether given once or per row."""
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=device)
+    return temps.broadcast_to((rows,)).contiguous()
+
+
+def _top2_margin(probs: Tensor) -> Tensor:
+    """p_top1 - p_top2 per row; a one-token vocabulary has no runner-up, so its margin is p_top1 = 1."""
+    if probs.shape[-1] == 1:
+        return probs[:, 0].clone()
+    top2 = probs.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _token_stats_kernel(
+        logits_ptr, row_stride, temperature_ptr, vocab, entropy_ptr, varentropy_ptr, margin_ptr,
+        BLOCK: tl.constexpr,
+    ):
+        """One row: pass 1 finds max, normaliser, entropy and the top two; pass 2 needs H for the varentropy.
+
+        With s = logits / T and m the running max, pass 1 keeps z = sum e^(s-m) and a = sum e^(s-m) (s-m),
+        rescaling both whenever m grows (online softmax). Then H = log z - a / z, and
+        log p + H = s - m - a / z, which pass 2 squares and weights by p = e^(s-m) / z.
+        """
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # R * V can pass 2^31 elements
+        temperature = tl.load(temperature_ptr + row)
+        cols = tl.arange(0, BLOCK)
+
+        # A finite start for m: a block of only -inf then leaves m finite, so e^(m_old - m_new) and
+        # (m_old - m_new) * z never meet -inf - -inf or -inf * 0, which would be NaN.
+        m = -1e30
+        z = 0.0
+        a = 0.0
+        top1 = float("-inf")
+        top2 = float("-inf")
+        for start in range(0, vocab, BLOCK):
+            offs = start + cols
+            s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / temperature
+            block_max = tl.max(s, axis=0)
+            m_new = tl.maximum(m, block_max)
+            rescale = tl.exp(m - m_new)
+            w = tl.exp(s - m_new)
+            # w == 0 where s = -inf (or underflows): zero s - m_new there first, as 0 * -inf would be NaN.
+            block_a = tl.sum(w * tl.where(w > 0, s - m_new, 0.0), axis=0)
+            a = rescale * (a + (m - m_new) * z) + block_a
+            z = rescale * z + tl.sum(w, axis=0)
+            m = m_new
+            # The block's runner-up is its max with the argmax lane knocked out, so a tie keeps both copies.
+            block_second = tl.max(tl.where(cols == tl.argmax(s, axis=0), float("-inf"), s), axis=0)
+            top2 = tl.maximum(tl.minimum(top1, block_max), tl.maximum(top2, block_second))
+            top1 = tl.maximum(top1, block_max)
+
+        mean_shifted = a / z  # E_p[s - m]
+        varentropy = 0.0
+        for start in range(0, vocab, BLOCK):
+            offs = start + cols
+            s = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / temperature
+            p = tl.exp(s - m) / z
+            centred = tl.where(p > 0, s - m - mean_shifted, 0.0)  # log p + H, zeroed where p = 0 as above
+            varentropy += tl.sum(p * centred * centred, axis=0)
+
+        tl.store(entropy_ptr + row, tl.log(z) - mean_shifted)
+        tl.store(varentropy_ptr + row, varentropy)
+        tl.store(margin_ptr + row, (tl.exp(top1 - m) - tl.exp(top2 - m)) / z)
