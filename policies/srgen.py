@@ -183,8 +183,9 @@ def _fill_trace(call: PolicyCall, key: str) -> None:
         call.trace.corrections = None
         return
     corrections = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "correction"]
+    problems = sorted({e["reason"] for e in events if e["event"] == "unavailable"})
     call.trace.data = {
-        "engine_events": "reported",
+        "engine_events": "reported" if not problems else "SRGen stopped early: " + "; ".join(problems),
         "sequences": sum(1 for e in events if e["event"] == "admitted"),
         "num_corrections": len(corrections),
         "corrections": corrections,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -69,6 +69,15 @@ class HiddenStateTap:
         self.model = model
         self._lm_head_fp32 = None
         model.register_forward_hook(self._capture, with_kwargs=True)
+
+    def unsupported_reason(self) -> str | None:
+        """Why SRGen cannot run on this model, or None. Its loss assumes logits = h @ lm_head.T exactly."""
+        if self.model is None:
+            return "no model reported its hidden states (refine's general plugin was not loaded)"
+        layer = getattr(self.model, "logits_processor", None)
+        if layer is not None and (getattr(layer, "soft_cap", None) is not None or getattr(layer, "scale", 1.0) != 1.0):
+            return "the model scales or soft-caps its logits, which SRGen's loss does not model"
+        return None
 
     def _capture(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -128,10 +137,15 @@ class SRGenSequence:
     monitor: EntropyMonitor
     hidden: torch.Tensor | None = None
     filled: int = 0  # positions [0, filled) hold hidden states
-    context_ids: list[int] = field(default_factory=list)
+    unavailable: bool = False  # SRGen could not run for this sequence (reported once in its events)
 
-    def store(self, hidden: torch.Tensor, positions: torch.Tensor, max_len: int) -> None:
-        """Keep hidden states by absolute position, so a recomputed (preempted) sequence overwrites, not appends."""
+    def store(self, hidden: torch.Tensor, positions: torch.Tensor, max_len: int) -> bool:
+        """Keep hidden states by absolute position, so a recomputed (preempted) sequence overwrites, not appends.
+
+        False when the positions leave a gap: tokens the engine took from its prefix cache never pass the model.
+        """
+        if int(positions[0]) > self.filled:
+            return False
         last = int(positions[-1]) + 1
         if self.hidden is None or self.hidden.shape[0] < last:
             capacity = min(max_len, max(64, 2 * last))
@@ -141,6 +155,7 @@ class SRGenSequence:
             self.hidden = grown
         self.hidden[positions.long()] = hidden
         self.filled = max(self.filled, last)
+        return True
 
     def context_length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -217,16 +232,30 @@ class RefineLogitsProcessor(LogitsProcessor):
         if not self.rows:
             return logits
         tap = HIDDEN_STATES
-        if tap.hidden is None or tap.query_start_loc is None:
-            log.warning("SRGen rows present but no hidden states were captured; leaving logits unchanged")
-            return logits
         ready: list[int] = []
         for row, seq in self.rows.items():
+            if seq.unavailable:
+                continue
+            reason = tap.unsupported_reason()
+            if reason is None and (tap.hidden is None or tap.query_start_loc is None):
+                reason = "no hidden states were captured for this step"
+            if reason is not None:
+                self._give_up(seq, reason)
+                continue
             start, end = tap.query_start_loc[row], tap.query_start_loc[row + 1]
             positions = tap.positions[start:end]
-            seq.store(tap.hidden[start:end], positions, self.max_len)
-            # A chunk that does not finish the prompt: vLLM throws its sampled token away.
-            if int(positions[-1]) + 1 == seq.context_length() and seq.filled == seq.context_length():
+            last = int(positions[-1]) + 1
+            if last != seq.context_length() and last >= len(seq.prompt_ids):
+                # Hidden states from another step (e.g. a replayed CUDA graph, where forward hooks do not run).
+                self._give_up(seq, f"captured hidden states end at position {last}, context has "
+                                   f"{seq.context_length()} tokens")
+                continue
+            if not seq.store(tap.hidden[start:end], positions, self.max_len):
+                self._give_up(seq, "part of the prompt came from the prefix cache, so its hidden states were "
+                                   "never computed")
+                continue
+            # A chunk that does not finish the prompt is not ready: vLLM throws its sampled token away.
+            if last == seq.context_length():
                 ready.append(row)
         if not ready:
             return logits
@@ -241,6 +270,12 @@ class RefineLogitsProcessor(LogitsProcessor):
         if triggered:
             self._correct(logits, triggered)
         return logits
+
+    def _give_up(self, seq: SRGenSequence, reason: str) -> None:
+        """Say so in the trace, once, instead of silently decoding without SRGen."""
+        seq.unavailable = True
+        log.warning("SRGen off for a sequence: %s", reason)
+        append_event(seq.key, {"event": "unavailable", "sequence": seq.ordinal, "reason": reason})
 
     def _correct(self, logits: torch.Tensor, triggered: list[tuple[int, float, float]]) -> None:
         started = time.perf_counter()

@@ -8,7 +8,9 @@ import pytest
 import torch
 from openai import OpenAI
 
-from refine_server.policies.srgen import EntropyMonitor, SRGenParams
+from refine_server.engine_protocol import EVENTS_DIR_ENV, append_event
+from refine_server.policies.base import PolicyCall
+from refine_server.policies.srgen import EntropyMonitor, SRGenParams, _fill_trace
 from tests.conftest import MODEL
 
 # Thresholds of zero make the first `max_corrections` tokens trigger: a correction is guaranteed.
@@ -41,6 +43,20 @@ def test_monitor_dynamic_threshold_and_budget() -> None:
 def test_monitor_floor() -> None:
     monitor = EntropyMonitor(SRGenParams(window=2, k=0.0, min_std=0.0, min_threshold=1.8), history=[0.1, 0.1])
     assert monitor.observe(1.0) == (False, 1.8)
+
+
+def test_trace_says_when_the_engine_could_not_report(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(EVENTS_DIR_ENV, str(tmp_path))
+    call = PolicyCall("completions", {}, backend=None)
+    _fill_trace(call, "d" * 32)
+    assert call.trace.data["engine_events"].startswith("unavailable")
+    assert call.trace.data["corrections"] is None and call.trace.corrections is None
+
+    append_event("e" * 32, {"event": "admitted", "sequence": 0})
+    append_event("e" * 32, {"event": "unavailable", "sequence": 0, "reason": "no hidden states"})
+    _fill_trace(call, "e" * 32)
+    assert call.trace.data["engine_events"] == "SRGen stopped early: no hidden states"
+    assert call.trace.data["num_corrections"] == 0
 
 
 # ---- in the engine -----------------------------------------------------------------------------------
