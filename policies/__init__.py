@@ -10,10 +10,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from refine_server.policies.base import LimitExceeded, Policy, PolicyLimits, PolicyParams, enforce_limits
+from refine_server.policies.cyberv import CyberVPolicy
 from refine_server.policies.none import NonePolicy
 from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy)
+BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy)
 
 
 class UnknownPolicy(KeyError):
