@@ -53,6 +53,8 @@ class Trace:
     data: dict[str, Any] = field(default_factory=dict)
     correction_seconds: float = 0.0
     corrections: int | None = None  # None: the policy does not correct, or could not tell
+    rounds: int | None = None  # rounds of generation, for policies that decide in rounds
+    extra_tokens: int | None = None  # tokens generated beyond the answer returned (candidates, rechecks)
 
 
 @dataclass

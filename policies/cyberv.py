@@ -56,8 +56,9 @@ Choices where the spec leaves room, made for production use:
   every engine call. A streamed response arrives once the decision is made, in pieces of a few words; with
   `progress`, chunks with no choices and a `refine_progress` object come first (plain OpenAI parsers skip
   them), and `stream_options.include_usage` adds the usual final usage chunk.
-- The trace's `corrections` is 1 when a feedback round ran (accepted or not), else 0; `correction_seconds` is
-  that round's time; the extra tokens it cost are in the trace's `rounds`.
+- Metrics: `corrections` is 1 when a feedback round ran (accepted or not), else 0 (its mean is the trigger
+  rate); `rounds` is 1 or 2; `extra_tokens` counts every completion token generated beyond the returned
+  answer's; `correction_seconds` is the feedback round's time. Per-round usage is in the trace's `rounds`.
 - Concurrent calls run in a task group: when one fails, its siblings are cancelled rather than left running
   in the engine.
 """
@@ -66,21 +67,30 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field
 
 from refine_server.errors import invalid_request
-from refine_server.policies.answers import Answer, AnswerKind, extract_answer, parse_answer, question_kind
+from refine_server.policies.answers import Answer, AnswerKind, extract_answer, question_kind
 from refine_server.policies.base import PATHS, Endpoint, Policy, PolicyCall, PolicyLimits, PolicyParams
+from refine_server.policies.cyberv_sensor import (
+    Candidate,
+    Decision,
+    Feedback,
+    Generation,
+    decide,
+    judge_feedback,
+    quote_span,
+    round4,
+    sense,
+)
 
 if TYPE_CHECKING:
     from refine_server.backend import Backend
@@ -89,11 +99,6 @@ T = TypeVar("T")
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
-SIGNAL_WEIGHT = 0.2  # official: every beta_i is 0.2
-CONFIDENCE_DROP = -0.5  # s2: relative drop of p_i against p_0 that zeroes the signal
-REPEAT_LENGTH, REPEAT_TIMES = 15, 5  # s3: official substring length (15-29) and count
-MARGIN_RATIO = 0.5  # s4: an answer margin below this fraction of the direct answer's zeroes the signal
-SPAN_CHARS = 80  # feedback: characters quoted on either side of the uncertainty spike
 WORDS_PER_CHUNK = 4  # streaming: words per content chunk
 
 
@@ -190,286 +195,6 @@ def _chat_question(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     if not isinstance(content, str):
         raise invalid_request("the last user message has no text to answer", "messages")
     return messages[:-1], content
-
-
-# ---- what the engine wrote -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Token:
-    text: str
-    logprob: float
-    top: tuple[float, ...]  # logprobs of the top alternatives, best first
-    nbytes: int  # UTF-8 length: maps tokens to text offsets even where a token ends inside a character
-
-    @property
-    def prob(self) -> float:
-        return math.exp(self.logprob)
-
-    @property
-    def entropy(self) -> float:
-        """Entropy (nats) of the top alternatives, renormalised: all the API shows of the distribution."""
-        probs = [math.exp(lp) for lp in self.top]
-        total = sum(probs)
-        return -sum(p / total * math.log(p / total) for p in probs if p > 0) if total > 0 else 0.0
-
-    @property
-    def margin(self) -> float:
-        """p(top 1) - p(top 2): small where the model hesitated between two tokens."""
-        probs = [math.exp(lp) for lp in self.top[:2]]
-        return probs[0] - (probs[1] if len(probs) > 1 else 0.0)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    tokens: list[Token]
-    finish_reason: str | None
-
-    @classmethod
-    def from_choice(cls, choice: dict[str, Any]) -> Generation:
-        """A vLLM chat choice, its logprobs (`top_logprobs` asked for) included when present."""
-        tokens = []
-        for item in (choice.get("logprobs") or {}).get("content") or ():
-            raw = item.get("bytes")
-            top = sorted((alt["logprob"] for alt in item.get("top_logprobs") or ()), reverse=True)
-            tokens.append(Token(item["token"], item["logprob"], tuple(top) or (item["logprob"],),
-                                len(raw) if raw is not None else len(item["token"].encode())))
-        return cls((choice.get("message") or {}).get("content") or "", tokens, choice.get("finish_reason"))
-
-    def tokens_between(self, start: int, end: int) -> list[Token]:
-        """The tokens that wrote text[start:end] (character offsets; an empty span: the token at `start`)."""
-        first, last = len(self.text[:start].encode()), len(self.text[:end].encode())
-        last = max(last, first + 1)
-        found, pos = [], 0
-        for token in self.tokens:
-            if pos < last and pos + token.nbytes > first:
-                found.append(token)
-            pos += token.nbytes
-        return found
-
-    def offset_of(self, index: int) -> int:
-        """Character offset in the text where token `index` begins."""
-        nbytes = sum(t.nbytes for t in self.tokens[:index])
-        return len(self.text.encode()[:nbytes].decode(errors="ignore"))
-
-
-@dataclass(frozen=True)
-class Spike:
-    """A candidate's most uncertain token: where the feedback round asks the model to look again."""
-
-    offset: int
-    token: str
-    entropy: float
-
-    def trace(self) -> dict[str, Any]:
-        return {"offset": self.offset, "token": self.token, "entropy": _round(self.entropy)}
-
-
-def find_spike(generation: Generation) -> Spike | None:
-    """The token of highest entropy, where the text is; None without logprobs."""
-    if not generation.tokens:
-        return None
-    index = max(range(len(generation.tokens)), key=lambda i: generation.tokens[i].entropy)
-    token = generation.tokens[index]
-    return Spike(generation.offset_of(index), token.text, token.entropy)
-
-
-# ---- candidates and the sensor ---------------------------------------------------------------------------
-
-@dataclass
-class Candidate:
-    index: int
-    kind: Literal["direct", "reasoning"]
-    generation: Generation
-    final: Generation  # the greedy final-answer step's continuation
-    answer: Answer | None = None
-    answer_source: Literal["final_step", "candidate_text"] | None = None
-    answer_tokens: list[Token] = field(default_factory=list)
-    spike: Spike | None = None
-    signals: dict[str, float] = field(default_factory=dict)
-    score: float = 0.0
-
-    def read_answer(self, kind_hint: AnswerKind | None) -> None:
-        """The final step's answer, else the candidate text's; and the tokens that wrote it."""
-        for source, generation, read in (("final_step", self.final, parse_answer),
-                                         ("candidate_text", self.generation, extract_answer)):
-            answer = read(generation.text, kind_hint)
-            if answer is not None:
-                self.answer, self.answer_source = answer, source
-                self.answer_tokens = generation.tokens_between(answer.start, answer.end)
-                return
-
-    @property
-    def p(self) -> float | None:
-        """Probability of the answer's first token; None when the answer or its logprobs are missing."""
-        return self.answer_tokens[0].prob if self.answer_tokens else None
-
-    @property
-    def answer_margin(self) -> float | None:
-        """Mean top-2 margin over the tokens of the answer (s4); None when they are unknown."""
-        if not self.answer_tokens:
-            return None
-        return sum(t.margin for t in self.answer_tokens) / len(self.answer_tokens)
-
-    def trace(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "index": self.index,
-            "kind": self.kind,
-            "answer": self.answer.value if self.answer else None,
-            "answer_kind": self.answer.kind if self.answer else None,
-            "answer_source": self.answer_source,
-            "signals": {name: _round(value) for name, value in self.signals.items()},
-            "score": _round(self.score),
-            "answer_margin": _round(self.answer_margin),
-            "spike": self.spike.trace() if self.spike else None,
-            "finish_reason": self.generation.finish_reason,
-        }
-        if self.answer is None:
-            entry["reason"] = "no extractable answer"
-        return entry
-
-
-def sense(candidates: list[Candidate]) -> None:
-    """Fill every candidate's signals s1..s5, score and uncertainty spike. Candidate 0 is the direct answer."""
-    direct = candidates[0]
-    probs = [c.p or 0.0 for c in candidates]
-    ranks = rank_ascending(probs)
-    for c, p, rank in zip(candidates, probs, ranks):
-        c.signals = {
-            "s1": p,
-            "s2": confidence_signal(p, probs[0]),
-            "s3": 0.0 if has_repetition(c.generation.text) else 1.0,
-            "s4": uncertainty_signal(c, direct),
-            "s5": rank / len(candidates),
-        }
-        c.score = SIGNAL_WEIGHT * sum(c.signals.values())
-        c.spike = find_spike(c.generation)
-
-
-def confidence_signal(p: float, p_direct: float) -> float:
-    """s2: 0 when p dropped by more than half against the direct answer's probability."""
-    if p_direct <= 0:
-        return 1.0
-    return 0.0 if (p - p_direct) / p_direct < CONFIDENCE_DROP else 1.0
-
-
-def has_repetition(text: str) -> bool:
-    """s3's test: a 15-29 character substring occurs REPEAT_TIMES times or more, not overlapping.
-
-    Checking length 15 is enough: where a longer substring occurs 5 times without overlap, so does its
-    15-character prefix.
-    """
-    if len(text) <= 2 * REPEAT_LENGTH:  # the official code's floor
-        return False
-    windows = Counter(text[i:i + REPEAT_LENGTH] for i in range(len(text) - REPEAT_LENGTH + 1))
-    return any(count >= REPEAT_TIMES and text.count(sub) >= REPEAT_TIMES for sub, count in windows.items())
-
-
-def uncertainty_signal(candidate: Candidate, direct: Candidate) -> float:
-    """s4: 0 when the candidate's answer was written much less decisively than the direct answer."""
-    reference = direct.answer_margin
-    if candidate is direct or reference is None:
-        return 1.0
-    own = candidate.answer_margin
-    if own is None:
-        return 0.0
-    return 0.0 if own < MARGIN_RATIO * reference else 1.0
-
-
-def rank_ascending(values: list[float]) -> list[int]:
-    """1 for the smallest value ... len for the largest; ties ranked in list order (the official sort)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0] * len(values)
-    for rank, i in enumerate(order, start=1):
-        ranks[i] = rank
-    return ranks
-
-
-# ---- the controller --------------------------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    answer: Answer
-    score: float = 0.0
-    candidates: list[Candidate] = field(default_factory=list)
-
-
-@dataclass
-class Decision:
-    action: Literal["accepted", "feedback", "no_answer"]
-    best: Candidate  # round 1's choice: the best-scoring candidate of the best answer, else the direct answer
-    tallies: list[Tally]  # best first
-    threshold: float
-    reason: str
-
-
-def decide(candidates: list[Candidate], threshold: float) -> Decision:
-    """The official gate: accept the best answer if its summed score exceeds the threshold (n * theta)."""
-    tallies = tally(candidates)
-    if not tallies:
-        return Decision("no_answer", candidates[0], [], threshold,
-                        "no candidate has an extractable answer: returning the direct answer")
-    top = tallies[0]
-    best = max(top.candidates, key=lambda c: c.score)
-    if top.score > threshold:
-        return Decision("accepted", best, tallies, threshold,
-                        f"answer {top.answer} scored {top.score:.3f} > n*theta = {threshold:.3f}")
-    return Decision("feedback", best, tallies, threshold,
-                    f"best answer {top.answer} scored {top.score:.3f} <= n*theta = {threshold:.3f}")
-
-
-def tally(candidates: list[Candidate]) -> list[Tally]:
-    """Scores summed per answer, best first; on a tie the answer seen first wins, as in the official code."""
-    by_answer: dict[Answer, Tally] = {}
-    for c in candidates:
-        if c.answer is not None:
-            entry = by_answer.setdefault(c.answer, Tally(c.answer))
-            entry.score += c.score
-            entry.candidates.append(c)
-    return sorted(by_answer.values(), key=lambda t: -t.score)
-
-
-def quote_span(candidate: Candidate) -> str:
-    """The text around the candidate's uncertainty spike (its end when it has no logprobs)."""
-    text = candidate.generation.text
-    centre = candidate.spike.offset if candidate.spike else len(text)
-    start, end = max(0, centre - SPAN_CHARS), min(len(text), centre + SPAN_CHARS)
-    return ("..." if start > 0 else "") + text[start:end].strip() + ("..." if end < len(text) else "")
-
-
-# ---- the feedback round ----------------------------------------------------------------------------------
-
-@dataclass
-class Feedback:
-    candidate: int
-    span: str
-    generation: Generation
-    answer: Answer | None
-    accepted: bool
-    reason: str
-    seconds: float
-
-    def trace(self) -> dict[str, Any]:
-        return {
-            "candidate": self.candidate,
-            "span": self.span,
-            "answer": self.answer.value if self.answer else None,
-            "accepted": self.accepted,
-            "reason": self.reason,
-            "seconds": _round(self.seconds),
-        }
-
-
-def judge_feedback(answer: Answer | None, candidates: list[Candidate]) -> tuple[bool, str]:
-    """The spec's rule: a feedback answer counts only if round 1 produced it too."""
-    if answer is None:
-        return False, "no extractable answer: returning the best round-1 candidate"
-    known = [c.answer for c in candidates if c.answer is not None]
-    if answer in known:
-        return True, f"answer {answer} is among the round-1 answers"
-    listed = ", ".join(dict.fromkeys(a.value for a in known))
-    return False, f"answer {answer} is not among the round-1 answers ({listed}): returning the best round-1 candidate"
-
 
 # ---- engine calls ----------------------------------------------------------------------------------------
 
@@ -588,7 +313,7 @@ class CyberVRun:
     def feedback_span(self) -> str:
         return quote_span(self.decision.best)
 
-    async def feedback_round(self) -> Feedback:
+    async def feedbackround4(self) -> Feedback:
         started = time.perf_counter()
         span = self.feedback_span()
         prompt = self.question.messages(_prompt("cyberv_feedback.txt", question=self.question.text, span=span))
@@ -623,11 +348,11 @@ class CyberVRun:
         self.call.trace.data = {
             "candidates": [c.trace() for c in self.candidates],
             "answers": [
-                {"answer": t.answer.value, "kind": t.answer.kind, "score": _round(t.score),
+                {"answer": t.answer.value, "kind": t.answer.kind, "score": round4(t.score),
                  "candidates": [c.index for c in t.candidates]}
                 for t in d.tallies
             ],
-            "threshold": _round(d.threshold),
+            "threshold": round4(d.threshold),
             "decision": d.action,
             "reason": d.reason,
             "feedback": self.feedback.trace() if self.feedback else None,
@@ -640,6 +365,11 @@ class CyberVRun:
         }
         self.call.trace.corrections = 1 if self.feedback else 0
         self.call.trace.correction_seconds = self.feedback.seconds if self.feedback else 0.0
+        self.call.trace.rounds = 2 if self.feedback else 1
+        # Round-1 candidates carry their logprobs, one per token; the feedback round is a single generation.
+        returned = (self.engine.rounds["feedback"].completion_tokens if chosen_feedback
+                    else len(d.best.generation.tokens))
+        self.call.trace.extra_tokens = self.engine.total()["completion_tokens"] - returned
 
     def response(self) -> dict[str, Any]:
         chosen = self.chosen
@@ -685,10 +415,6 @@ def split_for_streaming(text: str) -> list[str]:
     return re.findall(rf"\s*(?:\S+\s*){{1,{WORDS_PER_CHUNK}}}", text) or [text]
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
 class CyberVPolicy(Policy):
     name = "cyberv"
     Params = CyberVParams
@@ -697,7 +423,7 @@ class CyberVPolicy(Policy):
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         run = CyberVRun(call, params)
         if (await run.round1()).action == "feedback":
-            await run.feedback_round()
+            await run.feedbackround4()
         run.fill_trace()
         return run.response()
 
@@ -706,13 +432,13 @@ class CyberVPolicy(Policy):
         decision = await run.round1()
         if params.progress:
             yield run.progress(
-                "round1_done", candidates=len(run.candidates), threshold=_round(decision.threshold),
-                answers=[{"answer": t.answer.value, "score": _round(t.score)} for t in decision.tallies],
+                "round1_done", candidates=len(run.candidates), threshold=round4(decision.threshold),
+                answers=[{"answer": t.answer.value, "score": round4(t.score)} for t in decision.tallies],
             )
         if decision.action == "feedback":
             if params.progress:
                 yield run.progress("feedback_started", candidate=decision.best.index, span=run.feedback_span())
-            await run.feedback_round()
+            await run.feedbackround4()
         # The trace is complete before the finishing chunk, which is where refine attaches it.
         run.fill_trace()
         if params.progress:

@@ -42,6 +42,14 @@ class Metrics:
             "refine_corrections_per_request", "Corrections a policy made in one request",
             ["policy"], buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), registry=r,
         )
+        self.rounds = Histogram(
+            "refine_rounds_per_request", "Rounds of generation a policy ran for one request (CyberV: 1 or 2)",
+            ["policy"], buckets=(1, 2, 3, 5, 8), registry=r,
+        )
+        self.extra_tokens = Counter(
+            "refine_extra_tokens", "Tokens a policy generated beyond the answers it returned",
+            ["policy"], registry=r,
+        )
         self.upstream_latency = Histogram(
             "refine_upstream_request_duration_seconds",
             "Backend latency: whole call when not streaming, time to response headers when streaming",

@@ -70,8 +70,13 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
 
         def refine_block() -> dict[str, Any]:
             rt.metrics.correction_time.labels(policy_label).observe(call.trace.correction_seconds)
-            if call.trace.corrections is not None:
-                rt.metrics.corrections.labels(policy_label).observe(call.trace.corrections)
+            trace = call.trace
+            if trace.corrections is not None:
+                rt.metrics.corrections.labels(policy_label).observe(trace.corrections)
+            if trace.rounds is not None:
+                rt.metrics.rounds.labels(policy_label).observe(trace.rounds)
+            if trace.extra_tokens is not None:
+                rt.metrics.extra_tokens.labels(policy_label).inc(trace.extra_tokens)
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
         if parsed.stream:

@@ -19,10 +19,9 @@ from refine_server.metrics import Metrics
 from refine_server.policies import LimitExceeded, PolicyRegistry
 from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_kind
 from refine_server.policies.base import PolicyCall
-from refine_server.policies.cyberv import (
+from refine_server.policies.cyberv import CyberVParams, CyberVPolicy, split_for_streaming
+from refine_server.policies.cyberv_sensor import (
     Candidate,
-    CyberVParams,
-    CyberVPolicy,
     Generation,
     confidence_signal,
     decide,
@@ -31,7 +30,6 @@ from refine_server.policies.cyberv import (
     quote_span,
     rank_ascending,
     sense,
-    split_for_streaming,
 )
 from refine_server.streaming import ChunkRelay
 from tests.conftest import MODEL
@@ -333,11 +331,13 @@ async def test_unanimous_request_is_answered_in_one_round() -> None:
     ChatCompletion.model_validate(body)
     trace = call.trace.data
     assert trace["decision"] == "accepted" and trace["feedback"] is None
-    assert call.trace.corrections == 0 and call.trace.correction_seconds == 0
+    assert call.trace.corrections == 0 and call.trace.correction_seconds == 0 and call.trace.rounds == 1
     assert trace["answers"][0]["answer"] == "4" and trace["threshold"] == 2.4
     chosen = trace["candidates"][trace["chosen"]["candidate"]]
     assert body["choices"][0]["message"]["content"] == backend.reasoning[chosen["index"] - 1]
     assert body["model"] == MODEL and body["choices"][0]["finish_reason"] == "stop"
+    chosen_tokens = len(backend.reasoning[chosen["index"] - 1].split())  # the scripted backend: a token per word
+    assert call.trace.extra_tokens == body["usage"]["completion_tokens"] - chosen_tokens > 0
 
     # Round 1: the direct answer, ONE call for the 7 samples, a final-answer step per candidate.
     assert sorted(backend.kinds()) == ["direct"] + ["final"] * 8 + ["reasoning"]
@@ -369,7 +369,8 @@ async def test_split_request_gets_a_feedback_round_whose_known_answer_is_accepte
     assert SPIKE_WORD in trace["feedback"]["span"]
     assert trace["chosen"] == {"source": "feedback", "candidate": None, "answer": "5"}
     assert body["choices"][0]["message"]["content"] == backend.feedback
-    assert call.trace.corrections == 1 and call.trace.correction_seconds > 0
+    assert call.trace.corrections == 1 and call.trace.correction_seconds > 0 and call.trace.rounds == 2
+    assert call.trace.extra_tokens == trace["rounds"]["round1"]["completion_tokens"]
     assert trace["rounds"]["feedback"]["engine_calls"] == 1
     assert body["usage"]["total_tokens"] == sum(r["total_tokens"] for r in trace["rounds"].values())
     feedback_call = backend.calls[-1]
