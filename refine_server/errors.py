@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,7 +51,7 @@ def from_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = 
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Make every error path answer in OpenAI's format, including FastAPI's own 404/405 and validation."""
+    """Make every error path answer in OpenAI's format, including Starlette's own 404/405."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -62,13 +61,6 @@ def install_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail))
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        err = invalid_request(first["msg"], ".".join(loc) or None)
-        return JSONResponse(err.body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

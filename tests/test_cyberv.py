@@ -512,35 +512,32 @@ async def test_a_failing_engine_call_fails_the_request_with_its_error() -> None:
 # ---- on the real engine ----------------------------------------------------------------------------------
 
 EASY = [{"role": "user", "content": "What is 2 + 2?"}]
-# reasoning_top_k=1 makes the seven reasoning samples the same greedy text, so round 1 is unanimous whatever
-# the small model answers; theta=0.1 (gate at 0.8) then passes on the s3 and s5 signals of those seven alone
-# (their ranks alone sum to at least 0.2 * 28 / 8 = 0.7), so the test does not hang on the model's confidence.
-UNANIMOUS = {"policy": "cyberv", "reasoning_top_k": 1, "theta": 0.1, "max_reasoning_tokens": 96}
+# The official defaults (n=8, theta=0.3, T=1.0 / top_p 0.5 / top_k 5), a fixed seed and shorter generations.
+DEFAULTS = {"policy": "cyberv", "max_reasoning_tokens": 96, "max_feedback_tokens": 128}
 
 
 @pytest.mark.engine
 def test_engine_unanimous_easy_question_is_accepted_without_feedback(client: OpenAI) -> None:
-    resp = client.chat.completions.create(model=MODEL, messages=EASY, extra_body={"refine": UNANIMOUS})
+    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
     trace = resp.model_extra["refine"]["trace"]
     assert trace["decision"] == "accepted", trace
+    assert trace["answers"][0]["answer"] == "4" and trace["answers"][0]["score"] > trace["threshold"] == 2.4
     assert trace["feedback"] is None and set(trace["rounds"]) == {"round1"}
     assert len(trace["candidates"]) == 8 and trace["rounds"]["round1"]["engine_calls"] == 10
-    assert trace["chosen"]["answer"] is not None
     assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
 
 
 @pytest.mark.engine
 def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None:
+    # A multi-step word problem is beyond a 135M model: its sampled candidates scatter over many answers, so no
+    # answer's summed score reaches n * theta = 2.4 (each candidate scores at most 1).
     question = ("A shop sells pens at 7 for $3. Maria buys 45 pens, pays with a $50 note and then spends half "
                 "of her change on pencils at 35 cents each. How many pencils does she buy?")
-    # theta=1 puts the gate at n * theta = 8, and no candidate scores above 1, so no answer can exceed it: the
-    # feedback round runs whatever the sampled candidates say. The multi-step question (and sampling at the
-    # official temperature) is what makes them split in real use; the gate makes the test not depend on it.
-    refine = {"policy": "cyberv", "theta": 1.0, "max_reasoning_tokens": 128, "max_feedback_tokens": 128}
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                          extra_body={"refine": refine})
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
+                                          extra_body={"refine": DEFAULTS})
     trace = resp.model_extra["refine"]["trace"]
-    assert trace["decision"] == "feedback", trace
+    assert len(trace["answers"]) >= 3, trace["answers"]
+    assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"], trace
     feedback = trace["feedback"]
     assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1
     assert trace["chosen"]["source"] == ("feedback" if feedback["accepted"] else "candidate")
@@ -551,8 +548,8 @@ def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None
 
 @pytest.mark.engine
 def test_engine_stream_with_progress(client: OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=EASY, stream=True,
-                                            extra_body={"refine": {**UNANIMOUS, "progress": True}})
+    stream = client.chat.completions.create(model=MODEL, messages=EASY, stream=True, seed=0,
+                                            extra_body={"refine": {**DEFAULTS, "progress": True}})
     chunks = list(stream)
     progress = [c.model_extra["refine_progress"]["stage"] for c in chunks if c.model_extra.get("refine_progress")]
     first_answer = next(i for i, c in enumerate(chunks) if c.choices)
