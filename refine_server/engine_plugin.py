@@ -232,13 +232,13 @@ class RefineLogitsProcessor(LogitsProcessor):
         if not self.rows:
             return logits
         tap = HIDDEN_STATES
+        reason = tap.unsupported_reason()
+        if reason is None and (tap.hidden is None or tap.query_start_loc is None):
+            reason = "no hidden states were captured for this step"
         ready: list[int] = []
         for row, seq in self.rows.items():
             if seq.unavailable:
                 continue
-            reason = tap.unsupported_reason()
-            if reason is None and (tap.hidden is None or tap.query_start_loc is None):
-                reason = "no hidden states were captured for this step"
             if reason is not None:
                 self._give_up(seq, reason)
                 continue
