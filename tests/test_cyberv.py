@@ -528,6 +528,14 @@ def test_engine_unanimous_easy_question_is_accepted_without_feedback(client: Ope
 
 
 @pytest.mark.engine
+def test_engine_completions_endpoint(client: OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt="What is 2 + 2?", seed=0, extra_body={"refine": DEFAULTS})
+    trace = resp.model_extra["refine"]["trace"]
+    assert resp.object == "text_completion" and resp.choices[0].text.strip()
+    assert trace["decision"] == "accepted" and trace["chosen"]["answer"] == "4", trace
+
+
+@pytest.mark.engine
 def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None:
     # A multi-step word problem is beyond a 135M model: its sampled candidates scatter over many answers, so no
     # answer's summed score reaches n * theta = 2.4 (each candidate scores at most 1).
