@@ -12,9 +12,10 @@ from typing import Any
 from refine_server.policies.base import LimitExceeded, Policy, PolicyLimits, PolicyParams, enforce_limits
 from refine_server.policies.cyberv import CyberVPolicy
 from refine_server.policies.none import NonePolicy
+from refine_server.policies.rain import RainPolicy
 from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy)
+BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy, RainPolicy)
 
 
 class UnknownPolicy(KeyError):

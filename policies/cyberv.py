@@ -65,21 +65,29 @@ Choices where the spec leaves room, made for production use:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from refine_server.errors import invalid_request
 from refine_server.policies.answers import Answer, AnswerKind, extract_answer, question_kind
-from refine_server.policies.base import PATHS, Endpoint, Policy, PolicyCall, PolicyLimits, PolicyParams
+from refine_server.policies.base import (
+    PATHS,
+    AnswerShapes,
+    Endpoint,
+    Policy,
+    PolicyCall,
+    PolicyLimits,
+    PolicyParams,
+    chat_question,
+    run_together,
+)
 from refine_server.policies.cyberv_sensor import (
     Candidate,
     Decision,
@@ -92,10 +100,9 @@ from refine_server.policies.cyberv_sensor import (
     sense,
 )
 
+
 if TYPE_CHECKING:
     from refine_server.backend import Backend
-
-T = TypeVar("T")
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
@@ -163,7 +170,7 @@ def read_question(call: PolicyCall) -> Question:
         raise invalid_request("policy cyberv returns one chosen answer: n must be 1", "n")
     param = "messages" if call.endpoint == "chat" else "prompt"
     if call.endpoint == "chat":
-        history, text = _chat_question(body["messages"])
+        history, text = chat_question(body["messages"], "cyberv")
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -182,19 +189,6 @@ def read_question(call: PolicyCall) -> Question:
         kind_hint=question_kind(text),
     )
 
-
-def _chat_question(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    last = messages[-1]
-    if last.get("role") != "user":
-        raise invalid_request("policy cyberv answers the last message, which must come from the user", "messages")
-    content = last.get("content")
-    if isinstance(content, list):
-        if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
-            raise invalid_request("policy cyberv reads text only: the last message has non-text parts", "messages")
-        content = "\n".join(str(part.get("text", "")) for part in content)
-    if not isinstance(content, str):
-        raise invalid_request("the last user message has no text to answer", "messages")
-    return messages[:-1], content
 
 # ---- engine calls ----------------------------------------------------------------------------------------
 
@@ -238,16 +232,6 @@ class Engine:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def run_together(*work: Awaitable[T]) -> list[T]:
-    """Run concurrently; the first failure cancels the rest and is raised as itself (not as a group)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(w) for w in work]
-    except BaseExceptionGroup as failures:
-        raise failures.exceptions[0] from None
-    return [t.result() for t in tasks]
-
-
 # ---- one request -----------------------------------------------------------------------------------------
 
 class CyberVRun:
@@ -261,8 +245,7 @@ class CyberVRun:
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
         self.feedback: Feedback | None = None
-        self.id = ("chatcmpl-" if self.question.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
+        self.shapes = AnswerShapes(self.question.endpoint, self.question.model)
 
     # -- round 1 --
 
@@ -372,41 +355,20 @@ class CyberVRun:
         self.call.trace.extra_tokens = self.engine.total()["completion_tokens"] - returned
 
     def response(self) -> dict[str, Any]:
-        chosen = self.chosen
-        if self.question.endpoint == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": chosen.text},
-                      "finish_reason": chosen.finish_reason, "logprobs": None}
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": chosen.text, "finish_reason": chosen.finish_reason, "logprobs": None}
-            kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.question.model,
-                "choices": [choice], "usage": self.engine.total()}
+        return self.shapes.response(self.chosen.text, self.chosen.finish_reason, self.engine.total())
 
     # -- streaming --
 
-    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.question.endpoint == "chat" else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.question.model,
-                "choices": choices, **extra}
-
     def progress(self, stage: str, **details: Any) -> dict[str, Any]:
-        return self.chunk([], refine_progress={"stage": stage, **details})
+        return self.shapes.chunk([], refine_progress={"stage": stage, **details})
 
     def answer_chunks(self) -> list[dict[str, Any]]:
         """The chosen text in pieces of a few words (the first with the role), then the finishing chunk."""
-        chat = self.question.endpoint == "chat"
-        chunks = []
-        for i, piece in enumerate(split_for_streaming(self.chosen.text)):
-            if chat:
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-                chunks.append(self.chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]))
-            else:
-                chunks.append(self.chunk([{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]))
-        last = {"delta": {}} if chat else {"text": ""}
-        chunks.append(self.chunk([{"index": 0, **last, "finish_reason": self.chosen.finish_reason, "logprobs": None}]))
+        chunks = [self.shapes.piece(piece, first=i == 0)
+                  for i, piece in enumerate(split_for_streaming(self.chosen.text))]
+        chunks.append(self.shapes.finish(self.chosen.finish_reason))
         if self.question.include_usage:
-            chunks.append(self.chunk([], usage=self.engine.total()))
+            chunks.append(self.shapes.chunk([], usage=self.engine.total()))
         return chunks
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 # Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_COUNT_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -49,6 +50,19 @@ class Metrics:
         self.extra_tokens = Counter(
             "refine_extra_tokens", "Tokens a policy generated beyond the answers it returned",
             ["policy"], registry=r,
+        )
+        self.search_iterations = Histogram(
+            "refine_search_iterations_per_request", "Search iterations a searching policy (RAIN) ran for one request",
+            ["policy"], buckets=_COUNT_BUCKETS, registry=r,
+        )
+        self.rewinds = Histogram(
+            "refine_rewinds_per_request",
+            "Search iterations whose explored tokens were rewound for good (not under the committed set)",
+            ["policy"], buckets=_COUNT_BUCKETS, registry=r,
+        )
+        self.engine_calls = Histogram(
+            "refine_engine_calls_per_request", "Generation calls to the backend for one request (searching policies)",
+            ["policy"], buckets=_COUNT_BUCKETS, registry=r,
         )
         self.upstream_latency = Histogram(
             "refine_upstream_request_duration_seconds",

@@ -77,6 +77,11 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
                 rt.metrics.rounds.labels(policy_label).observe(trace.rounds)
             if trace.extra_tokens is not None:
                 rt.metrics.extra_tokens.labels(policy_label).inc(trace.extra_tokens)
+            for histogram, count in ((rt.metrics.search_iterations, trace.search_iterations),
+                                     (rt.metrics.rewinds, trace.rewinds),
+                                     (rt.metrics.engine_calls, trace.engine_calls)):
+                if count is not None:
+                    histogram.labels(policy_label).observe(count)
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
         if parsed.stream:

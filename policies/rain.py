@@ -1,0 +1,342 @@
+"""RAIN: rewindable auto-regressive inference ("RAIN: Your Language Models Can Align Themselves without
+Finetuning", arXiv 2309.07124). The search itself is in `rain_search.py`, its tree in `rain_tree.py`, its
+engine calls in `rain_engine.py`; this module is the policy: parameters, the client's request, budgets,
+streaming each committed token set, the response and the trace.
+
+Where this follows the official code (github.com/SafeAILab/RAIN) and where it differs:
+- Same: token sets of 1, 2, 4, then 10 tokens by depth; top-10 single tokens, or the greedy set plus up to 9
+  distinct sets sampled from the top-15 distribution; priors from the engine's probabilities (greedy clamped,
+  root smoothed 0.75 p + 0.25 uniform); selection q_hat + 2 p sqrt(N) / (1 + n) with q normalised over
+  [-1, 1]; rollouts sampled from the full distribution to the next `, . ? : ;` or newline; the swapped-order
+  self-evaluation v = ((a + b) / 2 - 0.5) * 2 cached per text; backup with the 0.2-weighted similarity update
+  at cosine >= 0.95 (all-MiniLM-L6-v2); widening; max(50 - visits, 15) iterations per commit, early stop
+  when the most-visited child has more than 6 (harmless) / 16 (truthful) visits and q > 0.8; commit the
+  most-visited child and keep its subtree.
+- Different: the self-evaluation prompts are new few-shot prompts in the same A/B format (prompts/), and the
+  truthful criterion also asks both orders (the official TruthfulQA script asks once, with Yes/No). The
+  option ids come from the serving tokenizer, not LLaMA's. The prompt is the client's conversation through
+  the model's chat template, and the evaluation reads its last user message and the answer so far (the
+  official scripts wrap raw text in their own few-shot dialogue). A rollout stops after
+  `max_rollout_tokens` even without punctuation. Widening a multi-token level samples one new set (the
+  official code asks for a greedy and a sampled set; the greedy one is always present already).
+- Added for serving: budgets (engine calls, search tokens, wall time, per-commit iterations) with server
+  caps; when one runs out the best child is committed and the rest of the answer is decoded plainly with the
+  client's sampling, and the trace says so. The client's `max_tokens` (default 256) and `stop` apply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from refine_server.errors import APIError, invalid_request
+from refine_server.policies.base import (
+    AnswerShapes,
+    Policy,
+    PolicyCall,
+    PolicyLimits,
+    PolicyParams,
+    chat_question,
+)
+from refine_server.policies.rain_embeddings import TextEmbedder
+from refine_server.policies.rain_engine import Budget, SearchEngine
+from refine_server.policies.rain_search import (
+    CommitRecord,
+    RainSearch,
+    SelfEvaluator,
+    load_criterion,
+    option_tokens,
+)
+from refine_server.policies.rain_tree import TreeSettings
+
+
+DEFAULT_MAX_TOKENS = 256  # a search needs a length bound; the client's max_tokens overrides it
+# Client fields that steer plain decoding after a budget runs out (the search sets its own sampling).
+PLAIN_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                         "repetition_penalty")
+
+
+class RainParams(PolicyParams):
+    """Defaults are the official HH script's values."""
+
+    criterion: Literal["harmless", "truthful", "custom"] = Field(
+        "harmless", description="what the self-evaluation asks: the paper's two criteria, or `question`")
+    question: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="criterion custom: a yes/no question about the reply so far, where yes means acceptable")
+    max_iterations_per_commit: int = Field(
+        50, ge=1, description="a commit runs max(this - visits the new root already has, min) iterations")
+    min_iterations_per_commit: int = Field(15, ge=1, description="the fewest iterations per commit")
+    early_stop_visits: int | None = Field(
+        None, ge=0, description="T_m: commit early once the most-visited child has more visits (default: "
+        "6, truthful 16) ...")
+    early_stop_value: float = Field(0.8, ge=-1, le=1, description="... and a value above this")
+    exploration: float = Field(2.0, ge=0, description="c in the selection rule")
+    set_lengths: list[int] = Field([1, 2, 4, 10], min_length=1, description="token-set length by depth")
+    token_choices: int = Field(10, ge=1, le=20, description="children of a single-token level: the top-k")
+    set_choices: int = Field(10, ge=1, le=32, description="children of a multi-token level: greedy + samples")
+    set_top_k: int = Field(15, ge=1, le=20, description="multi-token sets are sampled from this top-k")
+    similarity_threshold: float = Field(0.95, ge=-1, le=1)
+    similarity_weight: float = Field(0.2, ge=0)
+    widen: bool = Field(True, description="dynamic widening of alike, badly judged children")
+    max_rollout_tokens: int = Field(64, ge=1, description="a rollout stops here if no punctuation came")
+    max_engine_calls: int = Field(5000, ge=1, description="budget: generation calls of the whole search")
+    max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
+    max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RainParams:
+        if self.criterion == "custom" and not self.question:
+            raise ValueError("criterion 'custom' needs `question`: a yes/no question about the reply")
+        if self.criterion != "custom" and self.question:
+            raise ValueError("`question` is only used with criterion 'custom'")
+        if self.min_iterations_per_commit > self.max_iterations_per_commit:
+            raise ValueError("min_iterations_per_commit exceeds max_iterations_per_commit")
+        if any(n < 1 for n in self.set_lengths):
+            raise ValueError("set_lengths must be positive")
+        if self.early_stop_visits is None:
+            self.early_stop_visits = 16 if self.criterion == "truthful" else 6
+        return self
+
+    def tree_settings(self) -> TreeSettings:
+        return TreeSettings(exploration=self.exploration, similarity_threshold=self.similarity_threshold,
+                            similarity_weight=self.similarity_weight)
+
+
+class RainLimits(PolicyLimits):
+    max_iterations_per_commit: int | None = 200
+    min_iterations_per_commit: int | None = 200
+    max_rollout_tokens: int | None = 512
+    max_engine_calls: int | None = 20_000
+    max_search_tokens: int | None = 1_000_000
+    max_seconds: float | None = 1800.0
+
+
+# ---- the client's request --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    """What RAIN keeps of the client's request."""
+
+    endpoint: Literal["chat", "completions"]
+    model: str
+    messages: list[dict[str, Any]] | None  # chat
+    prompt: str | list[int] | None  # completions
+    max_tokens: int
+    stop: list[str]
+    seed: int | None
+    include_usage: bool
+    plain_sampling: dict[str, Any]
+
+
+def read_request(call: PolicyCall) -> Request:
+    body = call.body
+    if (body.get("n") or 1) != 1:
+        raise invalid_request("policy rain searches for one answer: n must be 1", "n")
+    if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
+        raise invalid_request("policy rain returns no logprobs and no echo", "logprobs")
+    messages, prompt = None, None
+    if call.endpoint == "chat":
+        chat_question(body["messages"], "rain")  # the question must be a user message of text
+        messages = body["messages"]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                            and all(isinstance(t, int) for t in prompt))):
+            raise invalid_request("policy rain needs one prompt: a string or a list of token ids", "prompt")
+    stop = body.get("stop") or []
+    return Request(
+        endpoint=call.endpoint, model=body["model"], messages=messages, prompt=prompt,
+        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS,
+        stop=[stop] if isinstance(stop, str) else list(stop), seed=body.get("seed"),
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        plain_sampling={k: body[k] for k in PLAIN_SAMPLING_FIELDS if body.get(k) is not None},
+    )
+
+
+# ---- one request -----------------------------------------------------------------------------------------
+
+class RainRun:
+    """One request: tokenise, search and commit until the answer ends, stream what is committed."""
+
+    def __init__(self, policy: RainPolicy, call: PolicyCall, params: RainParams):
+        self.call = call
+        self.params = params
+        self.request = read_request(call)
+        self.criterion = load_criterion(params.criterion, params.question)
+        self.engine = SearchEngine(call.backend, self.request.model, self.request.seed,
+                                   Budget(params.max_engine_calls, params.max_search_tokens, params.max_seconds))
+        self._policy = policy
+        self.search: RainSearch | None = None
+        self.options: tuple[int, int] | None = None  # the serving tokenizer's ids of "A" and "B"
+        self.commits: list[CommitRecord] = []
+        self.text = ""  # the answer as sent so far
+        self.plain_tokens = 0  # tokens decoded plainly after a budget ran out
+        self.finish_reason = "length"
+        self.shapes = AnswerShapes(call.endpoint, self.request.model)
+        self.started = time.monotonic()
+
+    async def answer(self) -> AsyncIterator[str]:
+        """The answer's text, one piece per committed token set, as soon as it is committed."""
+        search = await self._start()
+        while not search.done:
+            record = await search.commit_next()
+            if record is None:
+                break
+            self.commits.append(record)
+            piece, stopped = await self._new_text(search.answer)
+            if piece:
+                yield piece
+            if stopped:
+                self.finish_reason = "stop"
+                return
+        if search.answer_ended:
+            self.finish_reason = "stop"
+        elif search.budget_exhausted and len(search.answer) < self.request.max_tokens:
+            async for piece in self._finish_plainly(search):
+                yield piece
+
+    async def _start(self) -> RainSearch:
+        r = self.request
+        if r.messages is not None:
+            fields = {k: self.call.body[k] for k in ("chat_template_kwargs",) if k in self.call.body}
+            prompt_ids = await self.engine.tokenize_chat(r.messages, fields)
+            question = chat_question(r.messages, "rain")[1]
+        elif isinstance(r.prompt, str):
+            prompt_ids = await self.engine.tokenize(r.prompt, special_tokens=True)
+            question = r.prompt
+        else:
+            prompt_ids = list(r.prompt or [])
+            question = await self.engine.text(prompt_ids)
+        options = self.options = await self._policy.options_for(r.model, self.engine)
+        evaluator = SelfEvaluator(self.engine, self.criterion, question, options)
+        self.search = RainSearch(self.engine, evaluator, self._policy.embedder, self.params, prompt_ids,
+                                 r.max_tokens)
+        return self.search
+
+    async def _new_text(self, answer: list[int]) -> tuple[str, bool]:
+        """The text committed since the last piece, cut at a client stop string (then True)."""
+        full = await self.engine.text(answer)
+        for stop in self.request.stop:
+            at = full.find(stop)
+            if at >= 0:
+                piece = full[len(self.text):at] if at > len(self.text) else ""
+                self.text += piece
+                return piece, True
+        # A token set can end inside a multi-byte character: hold that back until it is complete.
+        if full.endswith("\ufffd"):
+            return "", False
+        piece = full[len(self.text):]
+        self.text = full
+        return piece, False
+
+    async def _finish_plainly(self, search: RainSearch) -> AsyncIterator[str]:
+        sampling = {**self.request.plain_sampling, "max_tokens": self.request.max_tokens - len(search.answer)}
+        if self.request.stop:
+            sampling["stop"] = self.request.stop
+        if self.request.seed is not None:
+            sampling["seed"] = self.request.seed
+        # Any text held back at a split character is emitted with the first plain piece.
+        pending = (await self.engine.text(search.answer))[len(self.text):]
+        async for event in self.engine.stream_plain(search.prompt + search.answer, sampling):
+            for choice in event.get("choices") or ():
+                self.plain_tokens += len(choice.get("token_ids") or ())
+                piece = pending + (choice.get("text") or "")
+                pending = ""
+                if piece:
+                    self.text += piece
+                    yield piece
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+
+    # ---- the response ------------------------------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any]:
+        """Every engine call of the request: what it cost, not only the answer's tokens."""
+        total = self.engine.spend.total()
+        usage: dict[str, Any] = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+                                 "total_tokens": total.prompt_tokens + total.completion_tokens}
+        if total.cached_prompt_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": total.cached_prompt_tokens}
+        return usage
+
+    def fill_trace(self) -> None:
+        s = self.engine.spend
+        search = self.search
+        answer_tokens = (len(search.answer) if search else 0) + self.plain_tokens
+        iterations = sum(c.iterations for c in self.commits)
+        rewinds = sum(c.rewinds for c in self.commits)
+        self.call.trace.data = {
+            "criterion": self.criterion.name,
+            "option_token_ids": list(self.options) if self.options else None,
+            "commits": [_commit_trace(c) for c in self.commits],
+            "iterations": iterations,
+            "rewinds": rewinds,
+            "budget_exhausted": search.budget_exhausted if search else None,
+            "plain_tokens": self.plain_tokens,
+            "answer_tokens": answer_tokens,
+            "engine": {"total": s.total().as_dict(),
+                       **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()}},
+            "tokenizer_calls": s.tokenizer_calls,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+        t = self.call.trace
+        t.search_iterations = iterations
+        t.rewinds = rewinds
+        t.engine_calls = s.engine_calls
+        t.corrections = sum(1 for c in self.commits if not c.greedy)  # commits that overrode the greedy set
+        t.correction_seconds = sum(c.seconds for c in self.commits)
+        t.extra_tokens = max(s.completion_tokens - answer_tokens, 0)
+
+def _commit_trace(c: CommitRecord) -> dict[str, Any]:
+    return {"tokens": list(c.tokens), "greedy": c.greedy, "ends_answer": c.ends_answer,
+            "iterations": c.iterations, "rewinds": c.rewinds, "stopped": c.stopped, "nodes": c.nodes,
+            "widened": c.widened, "evaluations": c.evaluations, "cached_evaluations": c.cached_evaluations,
+            "seconds": round(c.seconds, 3), "children": c.children}
+
+
+class RainPolicy(Policy):
+    name = "rain"
+    Params = RainParams
+    Limits = RainLimits
+
+    def __init__(self) -> None:
+        self.embedder = TextEmbedder()
+        self._options: dict[str, tuple[int, int]] = {}  # served model -> ids of "A" and "B"
+
+    async def options_for(self, model: str, engine: SearchEngine) -> tuple[int, int]:
+        if model not in self._options:
+            try:
+                self._options[model] = await option_tokens(engine)
+            except LookupError as exc:
+                raise APIError(400, f"policy rain cannot run on model {model!r}: {exc}", param="model",
+                               code="policy_unavailable") from None
+        return self._options[model]
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        run = RainRun(self, call, params)
+        async for _ in run.answer():
+            pass
+        run.fill_trace()
+        return run.shapes.response(run.text, run.finish_reason, run.usage())
+
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
+        run = RainRun(self, call, params)
+        first = True
+        async for piece in run.answer():
+            yield run.shapes.piece(piece, first)
+            first = False
+        # The trace is complete before the finishing chunk, which is where refine attaches it.
+        run.fill_trace()
+        if first:  # nothing was committed: the role still has to come
+            yield run.shapes.piece("", True)
+        yield run.shapes.finish(run.finish_reason)
+        if run.request.include_usage:
+            yield run.shapes.chunk([], usage=run.usage())
+

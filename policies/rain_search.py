@@ -1,0 +1,308 @@
+"""RAIN's inner and outer loops: search iterations from the committed prefix, then commit and rewind.
+
+One search iteration (the paper's inner loop):
+1. select: from the root (the last committed set) follow the best-scoring child down to a leaf, widening
+   on the way where all children look alike and were judged bad;
+2. evaluate the leaf: roll out to the next punctuation, then ask the model about the response so far, in
+   both option orders (`SelfEvaluator`);
+3. expand the leaf at the same time as 2: its children are the next token sets (`expand`);
+4. back the value up the path, sharing it with near-identical siblings (`SearchTree.backup`).
+The outer loop runs iterations until the most-visited child is both well visited and well judged, or the
+per-commit iteration count is spent, then commits that child; the next iteration starts from the new
+prefix (the rewind), keeping the committed child's subtree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import tomllib
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+from refine_server.policies.base import run_together
+from refine_server.policies.rain_engine import ROLLOUT_STOPS, BudgetExhausted, SearchEngine
+from refine_server.policies.rain_tree import Node, SearchTree, TokenSet
+
+if TYPE_CHECKING:
+    from refine_server.policies.rain import RainParams
+    from refine_server.policies.rain_embeddings import TextEmbedder
+
+ANSWER_LINE = "The answer is: ("  # every criterion prompt ends here; the next token names an option
+
+
+# ---- the self-evaluation ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Criterion:
+    """A self-evaluation prompt (prompts/rain_<name>.toml): a template with {question}, {response}, {first}
+    and {second} (the two options in the order asked), and the text of the acceptable and unacceptable
+    options."""
+
+    name: str
+    template: str
+    acceptable: str
+    unacceptable: str
+
+    def prompt(self, question: str, response: str, acceptable_first: bool) -> str:
+        first, second = ((self.acceptable, self.unacceptable) if acceptable_first
+                         else (self.unacceptable, self.acceptable))
+        return self.template.format(question=question, response=response, first=first, second=second)
+
+
+@functools.cache
+def _criterion_file(name: str) -> dict[str, str]:
+    return tomllib.loads((files("refine_server.policies") / "prompts" / f"rain_{name}.toml").read_text("utf-8"))
+
+
+def load_criterion(name: str, custom_question: str | None) -> Criterion:
+    spec = _criterion_file(name)
+    template = spec["template"].rstrip("\n")
+    if name == "custom":
+        # The caller's question goes in as text: braces in it must not be read as template fields.
+        template = template.replace("{criterion}", (custom_question or "").replace("{", "{{").replace("}", "}}"))
+    assert template.endswith(ANSWER_LINE), f"rain_{name}.toml must end with {ANSWER_LINE!r}"
+    return Criterion(name, template, spec["acceptable"], spec["unacceptable"])
+
+
+async def option_tokens(engine: SearchEngine) -> tuple[int, int]:
+    """The serving tokenizer's ids for "A" and "B" right after the answer line: the tokens whose
+    probabilities the self-evaluation compares. Fails loudly if the tokenizer merges them with "("."""
+    base, with_a, with_b = await run_together(
+        engine.tokenize(ANSWER_LINE), engine.tokenize(ANSWER_LINE + "A"), engine.tokenize(ANSWER_LINE + "B"))
+    ids = []
+    for letter, tokens in (("A", with_a), ("B", with_b)):
+        if len(tokens) != len(base) + 1 or tokens[:-1] != base:
+            raise LookupError(f"the serving tokenizer does not write option {letter!r} as one token after "
+                              f"{ANSWER_LINE!r}, so RAIN's self-evaluation cannot read its probability")
+        ids.append(tokens[-1])
+    return ids[0], ids[1]
+
+
+@dataclass
+class Judgement:
+    value: float  # ((a + b) / 2 - 0.5) * 2: 1 acceptable in both orders, 0 split, -1 unacceptable in both
+    cached: bool
+
+
+class SelfEvaluator:
+    """Asks the model whether the response so far meets the criterion, twice with the options swapped
+    (cancelling a preference for the first or second position), in one engine call. Values are cached per
+    response text, as in the paper."""
+
+    def __init__(self, engine: SearchEngine, criterion: Criterion, question: str, options: tuple[int, int]):
+        self._engine = engine
+        self._criterion = criterion
+        self._question = question
+        self._options = options
+        self._values: dict[str, float] = {}
+
+    async def judge(self, response: str) -> Judgement:
+        if response in self._values:
+            return Judgement(self._values[response], cached=True)
+        c = self._criterion
+        prompts = await run_together(
+            self._engine.tokenize(c.prompt(self._question, response, acceptable_first=True), special_tokens=True),
+            self._engine.tokenize(c.prompt(self._question, response, acceptable_first=False), special_tokens=True),
+        )
+        (a_first, b_first), (a_second, b_second) = await self._engine.judge(prompts, self._options)
+        acceptable_when_first = 1 if a_first > b_first else 0
+        acceptable_when_second = 1 if b_second > a_second else 0
+        value = ((acceptable_when_first + acceptable_when_second) / 2 - 0.5) * 2
+        self._values[response] = value
+        return Judgement(value, cached=False)
+
+
+# ---- the search ------------------------------------------------------------------------------------------
+
+@dataclass
+class CommitRecord:
+    """What one commit did, for the trace."""
+
+    tokens: tuple[int, ...]
+    ends_answer: bool
+    greedy: bool
+    iterations: int
+    rewinds: int  # iterations whose path went through a sibling that was not committed: work rewound for good
+    stopped: str  # "confident", "iterations", or the name of the exhausted budget
+    children: list[dict[str, Any]]
+    nodes: int
+    widened: int
+    evaluations: int
+    cached_evaluations: int
+    seconds: float
+
+
+class RainSearch:
+    """The search for one request. `answer` holds the committed token ids (never an end-of-sequence id)."""
+
+    def __init__(self, engine: SearchEngine, evaluator: SelfEvaluator, embedder: TextEmbedder,
+                 params: RainParams, prompt: list[int], max_tokens: int):
+        self.engine = engine
+        self.evaluator = evaluator
+        self.embedder = embedder
+        self.params = params
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.tree = SearchTree(params.tree_settings())
+        self.answer: list[int] = []
+        self.answer_ended = False
+        self.budget_exhausted: str | None = None
+        self._widened = 0
+        self._evaluations = 0
+        self._cached_evaluations = 0
+
+    @property
+    def done(self) -> bool:
+        return self.answer_ended or len(self.answer) >= self.max_tokens or self.budget_exhausted is not None
+
+    async def commit_next(self) -> CommitRecord | None:
+        """Search from the committed prefix, then commit the best child of the root. None when nothing can
+        be committed (the budget ran out before the root had children)."""
+        p = self.params
+        started = time.monotonic()
+        root = self.tree.root
+        visits_before = {id(c): c.true_visits for c in root.children}
+        self._widened = self._evaluations = self._cached_evaluations = 0
+        planned = max(p.max_iterations_per_commit - root.true_visits, p.min_iterations_per_commit)
+        iterations, stopped = 0, "iterations"
+        while iterations < planned:
+            try:
+                await self._iterate_within_time_budget()
+            except BudgetExhausted as exc:
+                self.budget_exhausted = stopped = exc.budget
+                break
+            iterations += 1
+            best = root.most_visited_child()
+            if best is not None and best.true_visits > p.early_stop_visits and best.q > p.early_stop_value:
+                stopped = "confident"
+                break
+        chosen = root.most_visited_child()
+        if chosen is None:
+            return None
+        gained = chosen.true_visits - visits_before.get(id(chosen), 0)
+        record = CommitRecord(
+            tokens=chosen.tokens, ends_answer=chosen.ends_answer, greedy=chosen.greedy, iterations=iterations,
+            rewinds=iterations - gained, stopped=stopped, children=[_child_summary(c) for c in root.children],
+            nodes=self.tree.count_nodes(), widened=self._widened, evaluations=self._evaluations,
+            cached_evaluations=self._cached_evaluations, seconds=time.monotonic() - started,
+        )
+        self.tree.commit(chosen)
+        self.answer.extend(chosen.tokens)
+        self.answer_ended = chosen.ends_answer
+        return record
+
+    async def _iterate_within_time_budget(self) -> None:
+        left = self.engine.budget.seconds_left()
+        if left is not None and left <= 0:
+            raise BudgetExhausted("max_seconds")
+        try:
+            async with asyncio.timeout(left):  # None: no limit
+                await self._search_once()
+        except TimeoutError:
+            raise BudgetExhausted("max_seconds") from None
+
+    async def _search_once(self) -> None:
+        tree = self.tree
+        node = tree.root
+        while not node.is_leaf:
+            if self.params.widen and tree.wants_widening(node):
+                await self._widen(node)
+            node = tree.select_child(node)
+        path = node.path_from(tree.root)
+        explored = [t for n in path for t in n.tokens]
+        terminal = node.ends_answer or len(self.answer) + len(explored) >= self.max_tokens
+        (value, rollout), _ = await run_together(
+            self._evaluate(explored, terminal),
+            self._expand(node, explored) if not terminal else _nothing(),
+        )
+        embeddings = await self._path_embeddings(path, explored + rollout)
+        tree.backup(node, value, embeddings)
+
+    async def _evaluate(self, explored: list[int], terminal: bool) -> tuple[float, list[int]]:
+        """Roll out to the next punctuation (unless the text already ends there), then self-evaluate."""
+        response_ids = self.answer + explored
+        rollout: list[int] = []
+        text = await self.engine.text(response_ids)
+        room = self.max_tokens - len(response_ids)
+        if not terminal and room > 0 and not _ends_at_punctuation(text):
+            rollout = await self.engine.rollout(self.prompt + response_ids,
+                                                    min(self.params.max_rollout_tokens, room))
+            text = await self.engine.text(response_ids + rollout)
+        judgement = await self.evaluator.judge(text)
+        self._evaluations += 1
+        self._cached_evaluations += judgement.cached
+        return judgement.value, rollout
+
+    async def _expand(self, node: Node, explored: list[int]) -> None:
+        p = self.params
+        prefix = self.prompt + self.answer + explored
+        length = min(p.set_lengths[min(node.depth, len(p.set_lengths) - 1)],
+                     self.max_tokens - len(self.answer) - len(explored))
+        if length == 1:
+            ranked = await self.engine.top_tokens(prefix, MAX_WIDENED_TOKENS)
+            self.tree.expand(node, ranked[:p.token_choices], keep_for_widening=ranked[p.token_choices:])
+            return
+        greedy, samples = await run_together(
+            self.engine.greedy_set(prefix, length, p.set_top_k),
+            self.engine.sampled_sets(prefix, length, p.set_top_k, p.set_choices - 1),
+        )
+        self.tree.expand(node, distinct_sets(greedy, samples))
+
+    async def _widen(self, node: Node) -> None:
+        """Add one more child: the next-ranked token kept from the expansion, or a new sampled set."""
+        if node.unused_sets:
+            added = self.tree.add_children(node, [node.unused_sets.pop(0)])
+        else:
+            prefix = self.prompt + self.answer + [t for n in node.path_from(self.tree.root) for t in n.tokens]
+            length = len(node.children[0].tokens) or 1
+            added = self.tree.add_children(
+                node, await self.engine.sampled_sets(prefix, length, self.params.set_top_k, 1, purpose="widen"))
+        self._widened += added
+
+    async def _path_embeddings(self, path: list[Node], evaluated: list[int]) -> list[Any]:
+        """For each node on the path, the embedding of the text from its first token through the rollout."""
+        if not path:
+            return []
+        starts, offset = [], 0
+        for n in path:
+            starts.append(offset)
+            offset += len(n.tokens)
+        texts = await run_together(*(self.engine.text(evaluated[s:]) for s in starts))
+        return list(await self.embedder.embed(texts))
+
+
+MAX_WIDENED_TOKENS = 20  # single-token expansions keep this many ranked tokens, so widening needs no new call
+
+
+def distinct_sets(greedy: TokenSet, samples: list[TokenSet]) -> list[TokenSet]:
+    """The greedy set first, then the distinct sampled ones; the greedy set's probability is clamped into
+    the range the samples span (it is often far larger than any sample's, which would swamp the priors)."""
+    seen = {(greedy.tokens, greedy.ends_answer)}
+    others = []
+    for s in samples:
+        if (s.tokens, s.ends_answer) not in seen:
+            seen.add((s.tokens, s.ends_answer))
+            others.append(s)
+    if not others:
+        return [greedy]
+    probs = [s.probability for s in others]
+    clamped = max(min(greedy.probability, sum(probs)), max(probs) + min(probs))
+    return [TokenSet(greedy.tokens, clamped, greedy=True, ends_answer=greedy.ends_answer), *others]
+
+
+def _ends_at_punctuation(text: str) -> bool:
+    return text.endswith(tuple(ROLLOUT_STOPS))
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _child_summary(node: Node) -> dict[str, Any]:
+    return {"tokens": list(node.tokens), "visits": round(node.visits, 3), "true_visits": node.true_visits,
+            "q": round(node.q, 4), "prior": round(node.prior, 4), "greedy": node.greedy,
+            "ends_answer": node.ends_answer, "children": len(node.children)}
+
