@@ -73,10 +73,12 @@ async def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
+    ap.add_argument("--stride", type=int, default=1, help="every k-th item (4: 20 items, 5 per category)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     items = [json.loads(line) for line in TASKS.read_text().splitlines() if line.strip()]
+    items = items[:: args.stride]
     items = items[: args.limit] if args.limit else items
     refine = {"policy": args.policy, **json.loads(args.params)}
     client = AsyncOpenAI(base_url=f"{args.refine}/v1", api_key="unused", timeout=600, max_retries=0)

@@ -19,6 +19,8 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
   official scripts wrap raw text in their own few-shot dialogue). A rollout stops after
   `max_rollout_tokens` even without punctuation. Widening a multi-token level samples one new set (the
   official code asks for a greedy and a sampled set; the greedy one is always present already).
+- Optional, off by default: `parallel_leaves` > 1 searches several leaves at once (virtual loss, as in
+  parallel MCTS), so vLLM batches their calls; each leaf still counts as one iteration.
 - Added for serving: budgets (engine calls, search tokens, wall time, per-commit iterations) with server
   caps; when one runs out the best child is committed and the rest of the answer is decoded plainly with the
   client's sampling, and the trace says so. The client's `max_tokens` (default 256) and `stop` apply.
@@ -84,6 +86,8 @@ class RainParams(PolicyParams):
     similarity_weight: float = Field(0.2, ge=0)
     widen: bool = Field(True, description="dynamic widening of alike, badly judged children")
     max_rollout_tokens: int = Field(64, ge=1, description="a rollout stops here if no punctuation came")
+    parallel_leaves: int = Field(
+        1, ge=1, le=64, description="leaves searched at once, with virtual loss (1: the paper's sequential search)")
     max_engine_calls: int = Field(5000, ge=1, description="budget: generation calls of the whole search")
     max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
     max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")
@@ -111,6 +115,7 @@ class RainLimits(PolicyLimits):
     max_iterations_per_commit: int | None = 200
     min_iterations_per_commit: int | None = 200
     max_rollout_tokens: int | None = 512
+    parallel_leaves: int | None = 16
     max_engine_calls: int | None = 20_000
     max_search_tokens: int | None = 1_000_000
     max_seconds: float | None = 1800.0

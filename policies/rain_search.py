@@ -170,11 +170,10 @@ class RainSearch:
         iterations, stopped = 0, "iterations"
         while iterations < planned:
             try:
-                await self._iterate_within_time_budget()
+                iterations += await self._round_within_time_budget(min(p.parallel_leaves, planned - iterations))
             except BudgetExhausted as exc:
                 self.budget_exhausted = stopped = exc.budget
                 break
-            iterations += 1
             best = root.most_visited_child()
             if best is not None and best.true_visits > p.early_stop_visits and best.q > p.early_stop_value:
                 stopped = "confident"
@@ -194,32 +193,56 @@ class RainSearch:
         self.answer_ended = chosen.ends_answer
         return record
 
-    async def _iterate_within_time_budget(self) -> None:
+    async def _round_within_time_budget(self, leaves: int) -> int:
         left = self.engine.budget.seconds_left()
         if left is not None and left <= 0:
             raise BudgetExhausted("max_seconds")
         try:
             async with asyncio.timeout(left):  # None: no limit
-                await self._search_once()
+                return await self._search_round(leaves)
         except TimeoutError:
             raise BudgetExhausted("max_seconds") from None
 
-    async def _search_once(self) -> None:
+    async def _search_round(self, leaves: int) -> int:
+        """Search iterations from the root: one (the paper), or several at once. Several leaves are chosen one
+        after another, each path under a virtual loss (a provisional visit valued -1) so the next selection
+        looks elsewhere; the losses are lifted, the leaves searched concurrently (vLLM batches their calls)
+        and backed up in order. Returns the number of iterations run."""
+        selected: list[Node] = []
+        lifted: list[list[tuple[Node, float, float]]] = []
+        for _ in range(leaves):
+            leaf = await self._select_leaf()
+            if leaf in selected:
+                break  # the virtual losses were not enough to send the search elsewhere
+            selected.append(leaf)
+            if leaves > 1:
+                lifted.append(self.tree.add_virtual_loss(leaf))
+        for saved in reversed(lifted):
+            self.tree.restore(saved)
+        results = await run_together(*(self._search_leaf(leaf) for leaf in selected))
+        for leaf, (value, embeddings) in zip(selected, results, strict=True):
+            self.tree.backup(leaf, value, embeddings)
+        return len(selected)
+
+    async def _select_leaf(self) -> Node:
         tree = self.tree
         node = tree.root
         while not node.is_leaf:
             if self.params.widen and tree.wants_widening(node):
                 await self._widen(node)
             node = tree.select_child(node)
-        path = node.path_from(tree.root)
+        return node
+
+    async def _search_leaf(self, node: Node) -> tuple[float, list[Any]]:
+        """Evaluate a leaf while expanding it; returns its value and the embeddings its backup needs."""
+        path = node.path_from(self.tree.root)
         explored = [t for n in path for t in n.tokens]
         terminal = node.ends_answer or len(self.answer) + len(explored) >= self.max_tokens
         (value, rollout), _ = await run_together(
             self._evaluate(explored, terminal),
             self._expand(node, explored) if not terminal else _nothing(),
         )
-        embeddings = await self._path_embeddings(path, explored + rollout)
-        tree.backup(node, value, embeddings)
+        return value, await self._path_embeddings(path, explored + rollout)
 
     async def _evaluate(self, explored: list[int], terminal: bool) -> tuple[float, list[int]]:
         """Roll out to the next punctuation (unless the text already ends there), then self-evaluate."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+VIRTUAL_LOSS_VISITS = 3
 ROOT_SMOOTHING = 0.25  # root priors: 0.75 p + 0.25 uniform, so the first commit explores beyond the top token
 
 
@@ -181,6 +182,23 @@ class SearchTree:
             before = sibling.visits
             sibling.visits += weight
             sibling.q = (sibling.q * before + weight * value) / sibling.visits
+
+    # ---- virtual loss, for several searches at once -----------------------------------------------------
+
+    def add_virtual_loss(self, leaf: Node) -> list[tuple[Node, float, float]]:
+        """Count provisional visits valued -1 on `leaf`'s path and the root; returns what `restore` needs.
+        Several visits: one would not deter the selection rule, which scores a value of -1 like no visit."""
+        saved = []
+        for node in [self.root, *leaf.path_from(self.root)]:
+            saved.append((node, node.visits, node.q))
+            node.q = (node.q * node.visits - VIRTUAL_LOSS_VISITS) / (node.visits + VIRTUAL_LOSS_VISITS)
+            node.visits += VIRTUAL_LOSS_VISITS
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[Node, float, float]]) -> None:
+        for node, visits, q in saved:
+            node.visits, node.q = visits, q
 
     # ---- the commit (and the rewind that follows it) -----------------------------------------------------
 

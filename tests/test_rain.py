@@ -281,6 +281,27 @@ async def test_the_wall_time_budget_stops_a_slow_search() -> None:
     assert time.monotonic() - started < 1.0
 
 
+async def test_parallel_leaves_search_distinct_leaves_concurrently() -> None:
+    class CountingEngine(ScriptedEngine):
+        in_flight = most_in_flight = 0
+
+        async def rollout(self, prompt, max_tokens):
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(0.01)
+            self.in_flight -= 1
+            return [99, len(prompt)]  # a distinct text per leaf, so no evaluation comes from the cache
+
+    engine = CountingEngine(rejected="t1")
+    search = _search(engine, max_tokens=40, max_iterations_per_commit=16, parallel_leaves=4)
+    root = search.tree.root
+    record = await search.commit_next()
+    assert engine.most_in_flight == 4
+    assert record.iterations >= 8 and not record.greedy  # still finds its way around the rejected greedy token
+    # Every iteration is one evaluated leaf: the root's visits count them all.
+    assert root.true_visits == record.iterations
+
+
 async def test_the_answer_ends_at_max_tokens_with_sets_cut_to_fit() -> None:
     search = _search(ScriptedEngine(), max_tokens=4, max_iterations_per_commit=15)
     lengths = []
@@ -378,6 +399,27 @@ def test_the_wall_time_budget_bounds_the_search(client: OpenAI) -> None:
     assert trace["budget_exhausted"] == "max_seconds"
     assert sum(c["seconds"] for c in trace["commits"]) < 2.0 + 1.0
     assert resp.choices[0].message.content
+
+
+@pytest.mark.engine
+def test_a_stop_string_ends_the_answer_where_it_appears(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
+        stop=[" "], extra_body=_rain(max_iterations_per_commit=3, min_iterations_per_commit=3))
+    text = resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop"
+    assert text and " " not in text
+    assert len(resp.model_extra["refine"]["trace"]["commits"]) < 4  # the search ended with the stop string
+
+
+@pytest.mark.engine
+def test_parallel_leaves_search_on_the_real_engine(client: OpenAI) -> None:
+    resp = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=3, seed=1,
+        extra_body=_rain(parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8))
+    trace = resp.model_extra["refine"]["trace"]
+    assert [c["iterations"] for c in trace["commits"]] == [8, 8]  # sets of 1 and 2 tokens
+    assert trace["answer_tokens"] == 3 and resp.choices[0].text
 
 
 @pytest.mark.engine
