@@ -278,7 +278,7 @@ async def test_the_wall_time_budget_stops_a_slow_search() -> None:
     started = time.monotonic()
     await search.commit_next()
     assert search.budget_exhausted == "max_seconds"
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # unbounded, its 50 iterations would take 10 s
 
 
 async def test_parallel_leaves_search_distinct_leaves_concurrently() -> None:
@@ -397,7 +397,7 @@ def test_the_wall_time_budget_bounds_the_search(client: OpenAI) -> None:
         extra_body=_rain(max_seconds=2.0))
     trace = resp.model_extra["refine"]["trace"]
     assert trace["budget_exhausted"] == "max_seconds"
-    assert sum(c["seconds"] for c in trace["commits"]) < 2.0 + 1.0
+    assert sum(c["seconds"] for c in trace["commits"]) < 2.0 + 3.0  # unbounded: a minute or more
     assert resp.choices[0].message.content
 
 
