@@ -205,7 +205,7 @@ class RainSearch:
 
     async def _search_round(self, leaves: int) -> int:
         """Search iterations from the root: one (the paper), or several at once. Several leaves are chosen one
-        after another, each path under a virtual loss (a provisional visit valued -1) so the next selection
+        after another, each path under a virtual loss (provisional visits valued -1) so the next selection
         looks elsewhere; the losses are lifted, the leaves searched concurrently (vLLM batches their calls)
         and backed up in order. Returns the number of iterations run."""
         selected: list[Node] = []
@@ -236,7 +236,7 @@ class RainSearch:
     async def _search_leaf(self, node: Node) -> tuple[float, list[Any]]:
         """Evaluate a leaf while expanding it; returns its value and the embeddings its backup needs."""
         path = node.path_from(self.tree.root)
-        explored = [t for n in path for t in n.tokens]
+        explored = node.tokens_from(self.tree.root)
         terminal = node.ends_answer or len(self.answer) + len(explored) >= self.max_tokens
         (value, rollout), _ = await run_together(
             self._evaluate(explored, terminal),
@@ -279,7 +279,7 @@ class RainSearch:
         if node.unused_sets:
             added = self.tree.add_children(node, [node.unused_sets.pop(0)])
         else:
-            prefix = self.prompt + self.answer + [t for n in node.path_from(self.tree.root) for t in n.tokens]
+            prefix = self.prompt + self.answer + node.tokens_from(self.tree.root)
             length = len(node.children[0].tokens) or 1
             added = self.tree.add_children(
                 node, await self.engine.sampled_sets(prefix, length, self.params.set_top_k, 1, purpose="widen"))

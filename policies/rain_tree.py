@@ -61,6 +61,10 @@ class Node:
             node = node.parent
         return path[::-1]
 
+    def tokens_from(self, ancestor: Node) -> list[int]:
+        """The token ids the path below `ancestor` down to this node adds to the text."""
+        return [t for node in self.path_from(ancestor) for t in node.tokens]
+
     def most_visited_child(self) -> Node | None:
         """The commit rule: most visits, ties broken by value."""
         return max(self.children, key=lambda c: (c.visits, c.q), default=None)
