@@ -6,6 +6,7 @@ Tests marked `engine` use it; tests marked `disruptive` (they kill the engine) r
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,11 @@ def stop_refine(server: RunningServer) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
+
+
+def metric_total(exposition: str, name: str) -> float:
+    """Sum of every sample of one Prometheus metric (all label sets) in a /metrics text."""
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", exposition, re.M))
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,10 @@ from openai import OpenAI
 
 from refine_server.backend import Backend
 from refine_server.metrics import Metrics
-from tests.conftest import MODEL, start_refine, stop_refine
+from tests.conftest import MODEL, metric_total, start_refine, stop_refine
 from tests.fake_vllm import free_port
 
 pytestmark = pytest.mark.engine
-
-
-def _metric(text: str, name: str) -> float:
-    """Sum of every sample of one metric (all label sets)."""
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def test_metrics_carry_refine_histograms_by_policy_next_to_vllm(client: OpenAI, refine_server) -> None:
@@ -31,9 +26,9 @@ def test_metrics_carry_refine_histograms_by_policy_next_to_vllm(client: OpenAI, 
                    "refine_inter_token_latency_seconds", "refine_correction_seconds"):
         assert re.search(rf'^{family}_bucket{{.*policy="none".*}} ', text, re.M), family
     assert re.search(r'^refine_requests_total{endpoint="completions",policy="none",status="200"} ', text, re.M)
-    assert _metric(text, "refine_upstream_request_duration_seconds_count") > 0
+    assert metric_total(text, "refine_upstream_request_duration_seconds_count") > 0
     # The engine's own families, from the same scrape.
-    assert _metric(text, "vllm:generation_tokens_total") > 0
+    assert metric_total(text, "vllm:generation_tokens_total") > 0
     assert "vllm:e2e_request_latency_seconds_bucket" in text
     # Bounded labels: no request ids or prompts.
     assert "cmpl-" not in text and "a b c" not in text
@@ -41,7 +36,7 @@ def test_metrics_carry_refine_histograms_by_policy_next_to_vllm(client: OpenAI, 
 
 def _engine_counters(engine_url: str) -> tuple[float, float]:
     text = httpx.get(f"{engine_url}/metrics").text
-    return _metric(text, "vllm:generation_tokens_total"), _metric(text, "vllm:num_requests_running")
+    return metric_total(text, "vllm:generation_tokens_total"), metric_total(text, "vllm:num_requests_running")
 
 
 def _assert_generation_stopped(engine_url: str, tokens_before: float, max_tokens: int) -> None:

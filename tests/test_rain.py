@@ -26,7 +26,7 @@ from refine_server.policies.rain_search import (
 )
 from refine_server.policies.rain_tree import SearchTree, TokenSet, TreeSettings
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, metric_total
 
 # ---- the tree ------------------------------------------------------------------------------------------
 
@@ -316,10 +316,6 @@ def _rain(**params: Any) -> dict[str, Any]:
     return {"refine": {"policy": "rain", **params}}
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 @pytest.mark.engine
 def test_self_evaluation_rejects_the_greedy_token_and_the_search_commits_another(client: OpenAI) -> None:
     """The bundled 135M model judges mostly by option position, so its values are nearly always 0 (see the
@@ -453,12 +449,12 @@ def _engine_idle_for(engine_url: str, seconds: float) -> bool:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         text = httpx.get(f"{engine_url}/metrics").text
-        if _metric(text, "vllm:num_requests_running") == 0:
-            finished = _metric(text, "vllm:e2e_request_latency_seconds_count")
+        if metric_total(text, "vllm:num_requests_running") == 0:
+            finished = metric_total(text, "vllm:e2e_request_latency_seconds_count")
             time.sleep(seconds)
             text = httpx.get(f"{engine_url}/metrics").text
-            if _metric(text, "vllm:e2e_request_latency_seconds_count") == finished:
-                return _metric(text, "vllm:num_requests_running") == 0
+            if metric_total(text, "vllm:e2e_request_latency_seconds_count") == finished:
+                return metric_total(text, "vllm:num_requests_running") == 0
         time.sleep(0.2)
     return False
 
