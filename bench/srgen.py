@@ -9,7 +9,10 @@
 2. the cost of one correction (from the engine's own timing in the trace) against one decode step
    (the median inter-token gap of a lone plain stream);
 3. what a plain request pays while it shares the batch with an SRGen request that corrects often:
-   its inter-token gaps alone and co-batched.
+   its inter-token gaps alone and co-batched;
+4. the stall bound: a plain stream co-batched with 8 SRGen requests that all correct at each of their first 16
+   tokens, so up to 8 rows trigger in one step. Run it against servers started with different
+   `--srgen-max-rows-per-step` (`--stall-only --label rows4`) to see how the per-step limit bounds the stall.
 Accuracy with and without SRGen comes from bench/quality.py (--policy srgen / none).
 """
 
@@ -74,7 +77,12 @@ async def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "srgen.json")
+    ap.add_argument("--stall-only", action="store_true", help="only measurement 4, written to results/srgen_stall_LABEL.json")
+    ap.add_argument("--label", default="default", help="names the server configuration in the stall report")
     args = ap.parse_args()
+    if args.stall_only:
+        await stall_report(args)
+        return
 
     questions = [json.loads(line)["question"] for line in TASKS.read_text().splitlines()][:: 80 // args.requests]
     questions = [q + " Explain your reasoning." for q in questions[: args.requests]]
@@ -128,6 +136,30 @@ async def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+async def stall_report(args) -> None:
+    questions = [json.loads(line)["question"] for line in TASKS.read_text().splitlines()][:9]
+    forced = {"policy": "srgen", "max_corrections": 16, **FORCE}
+    async with httpx.AsyncClient(timeout=1200) as client:
+        await chat(client, args, questions[0], {"policy": "none"}, 0, 8)  # warm-up
+        alone = await chat(client, args, questions[0], {"policy": "none"}, 0, 64, stream=True)
+        together = await asyncio.gather(
+            chat(client, args, questions[0], {"policy": "none"}, 0, 64, stream=True),
+            *(chat(client, args, q, forced, i, 32) for i, q in enumerate(questions[1:])),
+        )
+    gaps = together[0]["gaps"]
+    skipped = sum(len(r["trace"].get("skipped") or []) for r in together[1:])
+    corrections = [c for r in together[1:] for c in (r["trace"].get("corrections") or [])]
+    report = {"command": f"bench/srgen.py --stall-only --label {args.label}", "label": args.label,
+              "alone_gap_p50_s": statistics.median(alone["gaps"]), "alone_gap_max_s": max(alone["gaps"]),
+              "cobatched_gap_p50_s": statistics.median(gaps), "cobatched_gap_max_s": max(gaps),
+              "corrections": len(corrections), "max_batch_rows": max((c["batch_rows"] for c in corrections), default=0),
+              "skipped_by_the_limit": skipped}
+    print(json.dumps(report, indent=2))
+    out = args.out.parent / f"srgen_stall_{args.label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

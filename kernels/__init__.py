@@ -2,7 +2,8 @@
 
 - `refine_server.kernels.token_stats`: entropy, varentropy and top-2 margin of each row of logits.
 - `refine_server.kernels.srgen_loss`: SRGen's reflection loss and its gradient with respect to the
-  corrective vector delta, chunked over positions so the [L, V] logits never exist at once.
+  corrective vector delta, chunked over positions so the [L, V] logits never exist at once; it takes the
+  engine's own bfloat16 / float16 LM head as is (16-bit GEMMs, float32 results), or a float32 one.
 
 Each public function runs its Triton kernel for CUDA tensors when triton is installed and its PyTorch
 version otherwise; the `*_torch` and `*_triton` variants are exported for tests and benchmarks.

@@ -10,6 +10,13 @@ Because delta is added at every position, the gradient is a single product with 
 so this module only ever holds a [V] running sum plus one chunk of positions' logits ([chunk_size, V])
 rather than all [L, V] logits, and needs no autograd. On CUDA (with triton installed) each chunk's
 softmax / cross-entropy pass is a Triton kernel that overwrites the chunk in place; elsewhere it is PyTorch.
+
+Precision: weight may be float32 or the engine's own bfloat16 / float16 LM head, used as is. Each matmul runs
+in weight.dtype (its other operand cast to it) and its result is upcast to float32 before any softmax, CE or
+entropy. A 16-bit GEMM runs on tensor cores; a float32 copy of the head would not only cost V * d * 4 bytes
+(2.2 GB for a 7B model) but also run on plain FP32 units, since vLLM sets the float32 matmul precision to
+"highest" (no TF32). Rounding the GEMM inputs and outputs to 16 bits is the precision the engine's own
+logits have.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ CeChunk = Callable[[Tensor, Tensor], Tensor]
 
 
 def srgen_logits_row(h_last: Tensor, delta: Tensor, weight: Tensor) -> Tensor:
-    """The logits [V] that the shifted hidden state h_last + delta gives: (h_last + delta) @ weight.T."""
-    return (h_last + delta) @ weight.T
+    """The float32 logits [V] that the shifted hidden state h_last + delta gives: (h_last + delta) @ weight.T."""
+    return _logits(h_last, delta, weight)
 
 
 def srgen_loss_and_grad(
@@ -48,12 +55,12 @@ def srgen_loss_and_grad(
     lam: float,
     chunk_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
-    """SRGen's loss (0-dim) and its gradient with respect to delta ([d]), all float32.
+    """SRGen's loss (0-dim) and its gradient with respect to delta ([d]), both float32.
 
-    hidden: [L, d] hidden states of the positions so far (the last one predicts the next token).
-    delta: [d] corrective vector added to every position.
-    weight: [V, d] LM head.
-    targets: [L-1] int64, targets[j] is the token that followed position j.
+    hidden: [L, d] hidden states of the positions so far (the last one predicts the next token); any float dtype.
+    delta: [d] corrective vector added to every position; any float dtype (hidden + delta is taken in float32).
+    weight: [V, d] LM head, float32 or bfloat16 / float16: the matmuls run in its dtype (see the module docstring).
+    targets: [L-1] int64, targets[j] is the token that followed position j; each in [0, V), else ValueError.
     temperature: > 0, used by the entropy term only.  lam: weight of the entropy term, in [0, 1].
     chunk_size: positions whose logits are held at once; memory is chunk_size * V floats.
     With L == 1 there is nothing to reconstruct and the loss is lam * entropy.
@@ -106,7 +113,7 @@ def _loss_and_grad(
     ce_chunk: CeChunk,
 ) -> tuple[Tensor, Tensor]:
     """The loss and gradient, with `ce_chunk` doing the softmax / cross-entropy work for each chunk."""
-    _check_shapes(hidden, delta, weight, targets)
+    _check_inputs(hidden, delta, weight, targets)
     positions = hidden.shape[0]
     # dloss/dz summed over positions: the one V-sized accumulator, turned into dloss/ddelta by one matmul at the end.
     dloss_dz = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device)
@@ -116,17 +123,36 @@ def _loss_and_grad(
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, positions - 1, chunk_size):
             stop = min(start + chunk_size, positions - 1)
-            logits = (hidden[start:stop] + delta) @ weight.T
+            logits = _logits(hidden[start:stop], delta, weight)
             ce_sum += ce_chunk(logits, targets[start:stop])
             dloss_dz += logits.sum(dim=0)  # the chunk now holds softmax - onehot, i.e. dCE/dz per position
         ce_weight = (1.0 - lam) / (positions - 1)
         loss += ce_weight * ce_sum
         dloss_dz *= ce_weight
 
-    entropy, dentropy_dz = _entropy_and_grad(srgen_logits_row(hidden[-1], delta, weight), temperature)
+    entropy, dentropy_dz = _entropy_and_grad(_logits(hidden[-1], delta, weight), temperature)
     loss += lam * entropy
     dloss_dz += lam * dentropy_dz
-    return loss, dloss_dz @ weight
+    return loss, (dloss_dz.to(weight.dtype) @ weight).float()
+
+
+def _logits(hidden: Tensor, delta: Tensor, weight: Tensor) -> Tensor:
+    """float32 logits (hidden + delta) @ weight.T, with the matmul in weight.dtype (a no-op cast for float32)."""
+    shifted = hidden.float() + delta.float()
+    return (shifted.to(weight.dtype) @ weight.T).float()
+
+
+def _check_inputs(hidden: Tensor, delta: Tensor, weight: Tensor, targets: Tensor) -> None:
+    """Raise ValueError on inconsistent shapes or out-of-vocabulary targets, before any kernel runs.
+
+    A target outside [0, V) (vLLM's async scheduling writes -1 for a token not sampled yet) would otherwise be
+    read out of bounds by the kernel or fail on a device assert. Checking it costs one reduction and one sync.
+    """
+    _check_shapes(hidden, delta, weight, targets)
+    if targets.numel() > 0:
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), got values from {low} to {high}")
 
 
 def _check_shapes(hidden: Tensor, delta: Tensor, weight: Tensor, targets: Tensor) -> None:
@@ -177,6 +203,8 @@ if triton is not None:
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # chunk_size * V can pass 2^31 elements
         target = tl.load(targets_ptr + row)
+        # Callers check targets are in [0, vocab); should one slip through, its CE reads as NaN, not stray memory.
+        target_in_row = (target >= 0) & (target < vocab)
         cols = tl.arange(0, BLOCK)
 
         # Logits from a matmul are finite, so starting m at -inf is safe: the first block sets it.
@@ -189,7 +217,7 @@ if triton is not None:
             z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
         lse = m + tl.log(z)
-        tl.store(ce_ptr + row, lse - tl.load(row_ptr + target))
+        tl.store(ce_ptr + row, lse - tl.load(row_ptr + target, mask=target_in_row, other=float("nan")))
 
         for start in range(0, vocab, BLOCK):
             offs = start + cols

@@ -28,12 +28,10 @@ class PolicyRegistry:
     def __init__(self, policies: Iterable[type[Policy]], limits: Mapping[str, Mapping[str, Any]] | None = None):
         self._policies = {p.name: p() for p in policies}
         limits = dict(limits or {})
-        unknown = set(limits) - set(self._policies)
-        if unknown:
-            raise ValueError(f"limits given for unknown policies: {sorted(unknown)}")
         # Bad limits fail at start-up, not on the first request that uses them.
+        parsed = self.parse_limits(limits)
         self._limits: dict[str, PolicyLimits] = {
-            name: policy.Limits.model_validate(limits.get(name, {})) for name, policy in self._policies.items()
+            name: parsed.get(name) or policy.Limits() for name, policy in self._policies.items()
         }
 
     @property
@@ -46,12 +44,40 @@ class PolicyRegistry:
         except KeyError:
             raise UnknownPolicy(name) from None
 
-    def resolve(self, name: str, raw_params: Mapping[str, Any]) -> tuple[Policy, PolicyParams]:
-        """The policy and its validated parameters. Raises UnknownPolicy, ValidationError or LimitExceeded."""
+    def limits(self, name: str) -> PolicyLimits:
+        return self._limits[name]
+
+    def parse_limits(
+        self, limits: Mapping[str, Mapping[str, Any]], *, only_given: bool = False
+    ) -> dict[str, PolicyLimits]:
+        """Caps by policy name, validated against each policy's `Limits`. Raises ValueError or ValidationError.
+
+        `only_given`: a cap not named is no cap (for an API key's caps, which add to the server's), instead
+        of the policy's default cap.
+        """
+        unknown = set(limits) - set(self._policies)
+        if unknown:
+            raise ValueError(f"limits given for unknown policies: {sorted(unknown)}")
+        parsed = {name: self._policies[name].Limits.model_validate(dict(caps)) for name, caps in limits.items()}
+        if only_given:
+            parsed = {name: caps.model_copy(update={f: None for f in type(caps).model_fields
+                                                    if f not in caps.model_fields_set})
+                      for name, caps in parsed.items()}
+        return parsed
+
+    def resolve(
+        self, name: str, raw_params: Mapping[str, Any], extra_limits: Mapping[str, PolicyLimits] | None = None
+    ) -> tuple[Policy, PolicyParams]:
+        """The policy and its validated parameters, within the server's caps and `extra_limits` (an API key's).
+
+        Raises UnknownPolicy, ValidationError or LimitExceeded.
+        """
         policy = self.get(name)
         params = policy.Params.model_validate(dict(raw_params))
-        enforce_limits(params, self._limits[name])
+        own = (extra_limits or {}).get(name)
+        enforce_limits(params, self._limits[name], *([own] if own else []))
         return policy, params
 
 
-__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyParams", "PolicyRegistry", "UnknownPolicy"]
+__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyLimits", "PolicyParams", "PolicyRegistry",
+           "UnknownPolicy"]

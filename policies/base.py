@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
+# The parameter models live beside the engine plugin, which validates in-engine policies' parameters too;
+# policies import them from here.
+from refine_server.engine_plugin.params import LimitExceeded, PolicyLimits, PolicyParams, enforce_limits  # noqa: F401
 from refine_server.errors import invalid_request
 
 if TYPE_CHECKING:
@@ -26,31 +27,6 @@ T = TypeVar("T")
 
 Endpoint = Literal["chat", "completions"]
 PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-
-
-class PolicyParams(BaseModel):
-    """A policy's per-request parameters. Unknown fields are errors, so a typo never silently does nothing."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class PolicyLimits(BaseModel):
-    """Server-side caps on a policy's parameters: each field caps the parameter of the same name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class LimitExceeded(ValueError):
-    def __init__(self, param: str, value: Any, cap: Any):
-        super().__init__(f"{param}={value} exceeds this server's limit of {cap}")
-        self.param = param
-
-
-def enforce_limits(params: PolicyParams, limits: PolicyLimits) -> None:
-    for name, cap in limits:
-        value = getattr(params, name)
-        if cap is not None and value is not None and value > cap:
-            raise LimitExceeded(name, value, cap)
 
 
 @dataclass

@@ -5,6 +5,7 @@ The OpenAI endpoints live in `openai_api.py`; everything they share is in the `R
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -15,10 +16,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from refine_server.backend import Backend
+from refine_server.auth import KeyRing
+from refine_server.backend import Backend, EngineLink
 from refine_server.config import Settings
 from refine_server.engine import EmbeddedEngine, EngineSpec
-from refine_server.errors import APIError, install_handlers
+from refine_server.engine_fields import check_allow_list
+from refine_server.engine_plugin.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
+from refine_server.engine_plugin.srgen_params import SRGenEngineSettings
+from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
 from refine_server.model_store import DEFAULT_MODEL_NAME
 from refine_server.openai_api import router as openai_router
@@ -34,23 +39,21 @@ class Runtime:
     metrics: Metrics
     backend: Backend
     engine: EmbeddedEngine | None
-
-    def check_api_key(self, request: Request) -> None:
-        keys = self.settings.api_keys
-        if not keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = token.strip().encode() if scheme.lower() == "bearer" else b""
-        # Compare against every key, in constant time each, so timing tells nothing about which matched.
-        matched = False
-        for key in keys:
-            matched |= secrets.compare_digest(presented, key.get_secret_value().encode())
-        if not matched:
-            raise APIError(401, "invalid or missing API key (send it as 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
+    keys: KeyRing
+    open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
 
 
-def _embedded_engine(settings: Settings, metrics: Metrics) -> EmbeddedEngine:
+def _engine_link(settings: Settings) -> EngineLink:
+    """How refine talks to its engine plugin: the shared secret (a fresh one per start in embedded mode,
+    where refine hands it to the engine it starts) and the events folder."""
+    secret = settings.engine_secret.get_secret_value() if settings.engine_secret else None
+    if secret is None and not settings.backend_url:
+        secret = secrets.token_hex(32)
+    return EngineLink(secret=secret, events_dir=settings.engine_events_dir or events_dir())
+
+
+def _embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink,
+                     metrics: Metrics) -> EmbeddedEngine:
     name = settings.served_model_name or (settings.model.name if settings.model else DEFAULT_MODEL_NAME)
     spec = EngineSpec(
         model_dir=settings.model,
@@ -60,6 +63,15 @@ def _embedded_engine(settings: Settings, metrics: Metrics) -> EmbeddedEngine:
         max_model_len=settings.engine_max_model_len,
         kv_cache_gib=settings.engine_kv_cache_gib,
         extra_args=list(settings.engine_args),
+        # The plugin enforces the same caps as the proxy, verifies the proxy's signature, and writes its
+        # events where the proxy reads them.
+        plugin_env={
+            SECRET_ENV: link.secret or "",
+            LIMITS_ENV: json.dumps({name: registry.limits(name).model_dump() for name in registry.names}),
+            EVENTS_DIR_ENV: str(link.events_dir),
+            SRGEN_ENGINE_ENV: SRGenEngineSettings(max_sequences=settings.srgen_max_sequences,
+                                                  max_rows_per_step=settings.srgen_max_rows_per_step).model_dump_json(),
+        },
     )
     return EmbeddedEngine(spec, metrics, start_timeout_s=settings.engine_start_timeout_s)
 
@@ -67,18 +79,21 @@ def _embedded_engine(settings: Settings, metrics: Metrics) -> EmbeddedEngine:
 def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> FastAPI:
     registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits)
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
+    keys = KeyRing(settings.api_keys, registry)
+    open_engine_fields = check_allow_list(settings.client_engine_fields)
     metrics = Metrics(registry.names)
+    link = _engine_link(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = None if settings.backend_url else _embedded_engine(settings, metrics)
+        engine = None if settings.backend_url else _embedded_engine(settings, registry, link, metrics)
         if engine:
             engine.start()
-            backend = Backend(engine.url, metrics, timeout_s=settings.upstream_timeout_s,
+            backend = Backend(engine.url, metrics, link, timeout_s=settings.upstream_timeout_s,
                               readiness=engine.is_ready, readiness_reason=lambda: engine.reason)
         else:
-            backend = Backend(settings.backend_url, metrics, timeout_s=settings.upstream_timeout_s)
-        app.state.runtime = Runtime(settings, registry, metrics, backend, engine)
+            backend = Backend(settings.backend_url, metrics, link, timeout_s=settings.upstream_timeout_s)
+        app.state.runtime = Runtime(settings, registry, metrics, backend, engine, keys, open_engine_fields)
         try:
             yield
         finally:

@@ -5,13 +5,44 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+from pydantic import ValidationError
 
-from refine_server.engine_protocol import HANDSHAKE_POLICY, PLUGIN_MARKER, POLICY_ARG
+from refine_server.engine_plugin.protocol import (
+    HANDSHAKE_POLICY,
+    PLUGIN_MARKER,
+    REQUEST_KEY_ARG,
+    Handshake,
+    discard_events,
+    read_events,
+    signed_xargs,
+)
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
+
+# How long a handshake's answer (plugin or none) is trusted: an external vLLM can be redeployed with or
+# without the plugin, and asking again costs one rejected request.
+HANDSHAKE_TTL_S = 60.0
+
+
+@dataclass(frozen=True)
+class EngineLink:
+    """What refine shares with the engine plugin of its backend: the signing secret and the events folder."""
+
+    secret: str | None
+    events_dir: Path
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """The handshake's result: the plugin's own report, and whether its event files reach this process."""
+
+    handshake: Handshake
+    events_shared: bool
 
 
 class Backend:
@@ -21,6 +52,7 @@ class Backend:
         self,
         base_url: str,
         metrics: Metrics,
+        link: EngineLink,
         *,
         timeout_s: float,
         readiness: Callable[[], bool] | None = None,
@@ -30,7 +62,8 @@ class Backend:
         self._metrics = metrics
         self._readiness = readiness
         self._readiness_reason = readiness_reason
-        self._plugin_version: str | None = None
+        self.link = link
+        self._plugin: tuple[float, PluginInfo | None] | None = None  # (asked at, answer)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
@@ -58,10 +91,6 @@ class Backend:
         except httpx.HTTPError:
             return False
 
-    async def served_models(self) -> list[str]:
-        data = await self.get_json("/v1/models")
-        return [m["id"] for m in data.get("data", [])]
-
     async def engine_metrics(self) -> str:
         """The backend's own Prometheus exposition, or "" when it cannot be scraped right now."""
         try:
@@ -70,26 +99,24 @@ class Backend:
             return ""
         return resp.text if resp.status_code == 200 else ""
 
-    async def plugin_version(self, model: str) -> str | None:
-        """The version of refine's engine plugin inside this backend, or None if the plugin is not loaded.
-
-        Asked once per backend and remembered; a restarted embedded engine is the same install.
-        """
-        if self._plugin_version is None:
-            body = {
-                "model": model,
-                "prompt": "x",
-                "max_tokens": 1,
-                "vllm_xargs": {POLICY_ARG: HANDSHAKE_POLICY},
-            }
-            try:
-                await self.post_json("/v1/completions", body, endpoint="handshake")
-                return None
-            except APIError as exc:
-                if exc.status != 400 or PLUGIN_MARKER not in exc.message:
-                    raise
-                self._plugin_version = exc.message.split(PLUGIN_MARKER, 1)[1].split(":", 1)[0].strip()
-        return self._plugin_version
+    async def plugin(self, model: str) -> PluginInfo | None:
+        """refine's engine plugin inside this backend, or None when the backend has none. Remembered for
+        HANDSHAKE_TTL_S, whichever the answer."""
+        if self._plugin is not None and time.monotonic() - self._plugin[0] < HANDSHAKE_TTL_S:
+            return self._plugin[1]
+        xargs = signed_xargs(self.link.secret or "", HANDSHAKE_POLICY, "{}")
+        body = {"model": model, "prompt": "x", "max_tokens": 1, "vllm_xargs": xargs}
+        try:
+            await self.post_json("/v1/completions", body, endpoint="handshake")
+            info = None  # the argument was ignored and a token generated: no plugin
+        except APIError as exc:
+            if exc.status != 400 or PLUGIN_MARKER not in exc.message:
+                raise
+            info = PluginInfo(_parse_handshake(exc.message), read_events(self.link.events_dir, xargs[REQUEST_KEY_ARG]) is not None)
+        finally:
+            discard_events(self.link.events_dir, xargs[REQUEST_KEY_ARG])
+        self._plugin = (time.monotonic(), info)
+        return info
 
     # ---- calls -------------------------------------------------------------------------------------------
 
@@ -156,6 +183,17 @@ class Backend:
         self._count_error(endpoint, "connection")
         reason = self.unavailable_reason() if not self.is_ready() else f"{type(exc).__name__}"
         return APIError(503, f"backend unavailable: {reason}", code="backend_unavailable")
+
+
+def _parse_handshake(message: str) -> Handshake:
+    """The plugin's JSON report, which follows PLUGIN_MARKER in the error message vLLM relays."""
+    text = message.split(PLUGIN_MARKER, 1)[1].lstrip()
+    try:
+        report, _ = json.JSONDecoder().raw_decode(text)
+        return Handshake.model_validate(report)
+    except (ValueError, ValidationError):
+        raise APIError(502, f"refine's engine plugin answered the handshake in a form this proxy does not read "
+                            f"(a different refine version?): {message[:300]}", code="engine_plugin_mismatch") from None
 
 
 def _error_from_response(status: int, content: bytes) -> APIError:

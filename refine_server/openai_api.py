@@ -10,11 +10,13 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from refine_server.auth import Grant
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
+from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_validation_error, invalid_request
 from refine_server.policies import LimitExceeded, Policy, PolicyParams, UnknownPolicy
 from refine_server.policies.base import Endpoint, PolicyCall
@@ -30,28 +32,30 @@ _REQUEST_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionReque
 
 
 def _runtime(request: Request) -> Runtime:
-    rt: Runtime = request.app.state.runtime
-    rt.check_api_key(request)
-    return rt
+    return request.app.state.runtime
 
 
-@router.get("/v1/models")
+def _grant(request: Request) -> Grant:
+    """FastAPI dependency: the caller's API key checked, and what it may do."""
+    return _runtime(request).keys.authenticate(request)
+
+
+@router.get("/v1/models", dependencies=[Depends(_grant)])
 async def list_models(request: Request) -> dict[str, Any]:
-    rt = _runtime(request)
-    return await rt.backend.get_json("/v1/models")
+    return await _runtime(request).backend.get_json("/v1/models")
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _generate(request, "chat")
+async def chat_completions(request: Request, grant: Grant = Depends(_grant)) -> Response:
+    return await _generate(request, "chat", grant)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await _generate(request, "completions")
+async def completions(request: Request, grant: Grant = Depends(_grant)) -> Response:
+    return await _generate(request, "completions", grant)
 
 
-async def _generate(request: Request, endpoint: Endpoint) -> Response:
+async def _generate(request: Request, endpoint: Endpoint, grant: Grant) -> Response:
     started = time.perf_counter()
     rt = _runtime(request)
     policy_label = "other"
@@ -62,7 +66,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
 
     try:
         body, parsed = await _parse_body(request, endpoint, rt.settings.max_tokens_limit)
-        policy, params = _choose_policy(rt, parsed.refine)
+        check_engine_fields(body, rt.open_engine_fields)
+        policy, params = _choose_policy(rt, parsed.refine, grant)
         policy_label = rt.metrics.policy_label(policy.name)
         if policy.needs_engine_plugin:
             await _require_engine_plugin(rt, policy, parsed.model)
@@ -131,11 +136,13 @@ async def _parse_body(request: Request, endpoint: Endpoint, max_tokens_limit: in
     return body, parsed
 
 
-def _choose_policy(rt: Runtime, spec) -> tuple[Policy, PolicyParams]:
+def _choose_policy(rt: Runtime, spec, grant: Grant) -> tuple[Policy, PolicyParams]:
     name = (spec.policy if spec else None) or rt.settings.default_policy
     raw_params = spec.policy_params() if spec else {}
+    if name in rt.registry.names:
+        grant.check_policy(name)
     try:
-        return rt.registry.resolve(name, raw_params)
+        return rt.registry.resolve(name, raw_params, grant.limits)
     except UnknownPolicy:
         raise invalid_request(
             f"unknown policy {name!r}; this server offers: {', '.join(rt.registry.names)}", "refine.policy"
@@ -147,11 +154,18 @@ def _choose_policy(rt: Runtime, spec) -> tuple[Policy, PolicyParams]:
 
 
 async def _require_engine_plugin(rt: Runtime, policy: Policy, model: str) -> None:
-    if await rt.backend.plugin_version(model) is None:
-        raise APIError(
-            400,
-            f"policy {policy.name!r} runs inside vLLM, but the backend at {rt.backend.base_url} does not have "
-            "refine's engine plugin: pip install refine-server into the vLLM environment and restart it",
-            param="refine.policy",
-            code="engine_plugin_missing",
-        )
+    """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy."""
+    plugin = await rt.backend.plugin(model)
+    where = f"the backend at {rt.backend.base_url}"
+    if plugin is None:
+        problem = (f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
+                   "environment and restart it")
+    elif policy.name not in plugin.handshake.policies:
+        problem = f"{where} has refine's engine plugin {plugin.handshake.version}, which does not offer it"
+    elif plugin.handshake.signature != "ok":
+        problem = (f"{where} has refine's engine plugin but {'no' if plugin.handshake.signature == 'no secret' else 'another'} "
+                   "engine secret: set the same REFINE_ENGINE_SECRET for refine and in vLLM's environment")
+    else:
+        return
+    raise APIError(400, f"policy {policy.name!r} runs inside vLLM, but {problem}", param="refine.policy",
+                   code="engine_plugin_missing")

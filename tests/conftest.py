@@ -25,6 +25,12 @@ MODEL = DEFAULT_MODEL_NAME
 REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
 ENGINE_PORT = int(os.environ.get("REFINE_TEST_ENGINE_PORT", "18100"))
 LOG_DIR = Path(os.environ.get("REFINE_TEST_LOG_DIR", "/tmp/refine-test-logs"))
+# The test engine's secret and events folder are known to the tests, so they can talk to the engine plugin
+# directly (as a client reaching vLLM's port would), and it accepts injected faults.
+ENGINE_SECRET = "test-engine-secret-" + "0" * 45
+ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-test-events"))
+ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
+              "REFINE_ENGINE_ALLOW_FAULTS": "1"}
 
 
 @dataclass
@@ -37,14 +43,15 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_refine(name: str, port: int, *args: str, ready_timeout_s: float = 900.0) -> RunningServer:
+def start_refine(name: str, port: int, *args: str, ready_timeout_s: float = 900.0,
+                 env: dict[str, str] | None = None) -> RunningServer:
     """`python -m refine_server` as a user would run it, logging to a file; waits for /ready."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "refine_server", "--port", str(port), *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
     )
     server = RunningServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout_s
@@ -91,7 +98,7 @@ def metric_total(exposition: str, name: str) -> float:
 @pytest.fixture(scope="session")
 def refine_server() -> Iterator[RunningServer]:
     server = start_refine("embedded", REFINE_PORT, "--engine-port", str(ENGINE_PORT),
-                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000")
+                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000", env=ENGINE_ENV)
     yield server
     stop_refine(server)
 

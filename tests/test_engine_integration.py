@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
-from refine_server.backend import Backend
+from refine_server.backend import Backend, EngineLink
+from refine_server.engine_plugin.protocol import signed_xargs
 from refine_server.metrics import Metrics
-from tests.conftest import MODEL, metric_total, start_refine, stop_refine
+from tests.conftest import (
+    ENGINE_ENV,
+    ENGINE_EVENTS_DIR,
+    ENGINE_SECRET,
+    MODEL,
+    metric_total,
+    start_refine,
+    stop_refine,
+)
 from tests.fake_vllm import free_port
 
 pytestmark = pytest.mark.engine
@@ -69,22 +80,61 @@ def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str
 
 
 async def test_handshake_finds_the_engine_plugin_in_the_embedded_server(engine_url: str) -> None:
-    backend = Backend(engine_url, Metrics(["none"]), timeout_s=30)
+    link = EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR)
+    backend = Backend(engine_url, Metrics(["none"]), link, timeout_s=30)
     try:
-        version = await backend.plugin_version(MODEL)
+        plugin = await backend.plugin(MODEL)
     finally:
         await backend.aclose()
-    assert version and re.match(r"^\d+\.\d+", version)
+    assert plugin is not None and re.match(r"^\d+\.\d+", plugin.handshake.version)
+    assert plugin.handshake.signature == "ok" and plugin.handshake.unsupported == []
+    assert plugin.events_shared
 
 
-def test_external_mode_serves_an_existing_vllm(engine_url: str) -> None:
-    server = start_refine("external", free_port(), "--backend-url", engine_url, ready_timeout_s=60)
+# ---- the side door ----------------------------------------------------------------------------------------
+
+HOSTILE_XARGS = {"refine_policy": "srgen", "refine_request_key": "ab" * 16,
+                 "refine_params": json.dumps({"steps": 100, "max_corrections": 10000,
+                                              "warmup_threshold": 0, "min_threshold": 0})}
+
+
+def test_a_client_cannot_switch_the_engine_plugin_on_through_refine(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=5,
+                                  extra_body={"refine": {"policy": "none"}, "vllm_xargs": HOSTILE_XARGS})
+    assert err.value.body["param"].startswith("vllm_xargs.refine_")
+
+
+@pytest.mark.parametrize("signed_with", [None, "the engine's secret"])
+def test_the_plugin_refuses_requests_that_reach_vllms_port_directly(engine_url: str, signed_with) -> None:
+    """Unsigned: refused. Signed (the secret leaked) but over the server's caps: refused by the plugin's own copy."""
+    xargs = dict(HOSTILE_XARGS)
+    if signed_with:
+        xargs = signed_xargs(ENGINE_SECRET, "srgen", HOSTILE_XARGS["refine_params"])
+    resp = httpx.post(f"{engine_url}/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 5, "vllm_xargs": xargs})
+    assert resp.status_code == 400
+    message = resp.json()["error"]["message"]
+    assert ("exceeds this server's limit" in message) if signed_with else ("signed" in message)
+
+
+def test_external_mode_serves_an_existing_vllm_with_per_key_policies(engine_url: str) -> None:
+    keys = json.dumps(["admin", {"key": "plain-only", "policies": ["none"]}])
+    server = start_refine("external", free_port(), "--backend-url", engine_url, ready_timeout_s=60,
+                          env={**ENGINE_ENV, "REFINE_API_KEYS": keys})
     try:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
-                                              max_tokens=5, temperature=0)
+        admin = OpenAI(base_url=f"{server.url}/v1", api_key="admin", max_retries=0)
+        plain = OpenAI(base_url=f"{server.url}/v1", api_key="plain-only", max_retries=0)
+        resp = plain.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                             max_tokens=5, temperature=0)
         assert resp.choices[0].message.content
         assert resp.model_extra["refine"]["policy"] == "none"
+        with pytest.raises(openai.PermissionDeniedError):
+            plain.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"refine": {"policy": "srgen"}})
+        # External mode signs with the secret the operator gave both sides, and reads the shared events folder.
+        srgen = admin.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0, extra_body={
+            "refine": {"policy": "srgen", "max_corrections": 1, "warmup_threshold": 0, "min_threshold": 0}})
+        assert srgen.model_extra["refine"]["trace"]["num_corrections"] == 1
         # External mode scrapes only refine: the fleet is scraped where it runs.
         assert "vllm:" not in httpx.get(f"{server.url}/metrics").text
     finally:

@@ -12,7 +12,8 @@ from openai import OpenAI
 from refine_server.app import create_app
 from refine_server.config import Settings
 from refine_server.policies import PolicyRegistry
-from refine_server.policies.base import PolicyLimits, PolicyParams
+from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyParams
+from refine_server.policies.srgen import _fill_trace
 from refine_server.policies.none import NonePolicy
 from tests.fake_vllm import MODEL, app as fake_vllm_app, free_port, serve_in_thread
 
@@ -126,6 +127,65 @@ def test_api_keys_are_required_when_configured(fake_backend: str) -> None:
         # Liveness and metrics stay open for probes and scrapers.
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_srgen_trace_says_when_the_engine_could_not_report(tmp_path) -> None:
+    call = PolicyCall("completions", {}, backend=None)
+    _fill_trace(call, tmp_path, "d" * 32)
+    assert call.trace.data["engine_events"].startswith("unavailable")
+    assert call.trace.data["corrections"] is None and call.trace.corrections is None
+
+
+# ---- the side door: engine-facing fields ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"vllm_xargs": {"refine_policy": "srgen", "refine_params": '{"steps": 100}'}}, "vllm_xargs.refine_policy"),
+    ({"vllm_xargs": {"refine_anything": 1}}, "vllm_xargs.refine_anything"),
+    ({"vllm_xargs": {"some_plugin_knob": 1}}, "vllm_xargs.some_plugin_knob"),
+    ({"priority": -10}, "priority"),
+    ({"kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
+])
+def test_engine_internal_fields_are_refused_naming_the_field(client: OpenAI, extra: dict, param: str) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="hi", stream=stream, extra_body=extra)
+        assert err.value.body["param"] == param
+
+
+def test_the_operator_can_open_resource_fields_but_never_refines_own(fake_backend: str) -> None:
+    settings = Settings(backend_url=fake_backend, client_engine_fields=["priority", "vllm_xargs.some_plugin_knob"])
+    with _serve(settings) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        resp = client.completions.create(model=MODEL, prompt="hi",
+                                         extra_body={"priority": 1, "vllm_xargs": {"some_plugin_knob": 2}})
+        assert resp.choices[0].text == "alpha beta gamma"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"vllm_xargs": {"refine_policy": "x"}})
+    with pytest.raises(ValueError, match="cannot be opened"):
+        create_app(Settings(backend_url=fake_backend, client_engine_fields=["vllm_xargs.refine_policy"]))
+    with pytest.raises(ValueError, match="unknown entry"):
+        create_app(Settings(backend_url=fake_backend, client_engine_fields=["temperature"]))
+
+
+# ---- per-key rules -----------------------------------------------------------------------------------------
+
+def test_api_keys_limit_policies_and_caps_per_key(fake_backend: str) -> None:
+    keys = ["admin-key", {"key": "basic-key", "policies": ["none", "steps"],
+                          "policy_limits": {"steps": {"max_steps": 2}}}]
+    with _serve(Settings(backend_url=fake_backend, api_keys=keys)) as url:
+        basic = OpenAI(base_url=f"{url}/v1", api_key="basic-key", max_retries=0)
+        admin = OpenAI(base_url=f"{url}/v1", api_key="admin-key", max_retries=0)
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "in_engine"}})
+        assert err.value.body["param"] == "refine.policy" and "in_engine" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as err:
+            basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 3}})
+        assert "limit of 2" in err.value.body["message"]
+        basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 2}})
+        # The other key keeps the server's own caps.
+        admin.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 5}})
+    with pytest.raises(KeyError):
+        create_app(Settings(backend_url=fake_backend, api_keys=[{"key": "k", "policies": ["nosuch"]}]))
 
 
 def test_backend_down_gives_503_and_not_ready() -> None:

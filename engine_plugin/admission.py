@@ -1,0 +1,105 @@
+"""Admission: what the plugin checks when vLLM's API server accepts a request (`validate_params`).
+
+A ValueError here becomes an HTTP 400 with its message, before the request reaches the engine. Requests that
+name no refine policy pass untouched. For the others, in order: the handshake is answered (and refused, so
+nothing is generated); the policy must be known; the request must be signed by the proxy; its parameters
+must be valid and within the caps this engine was given; and the engine must be one SRGen can run on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from importlib import metadata
+from typing import Any
+
+from pydantic import ValidationError
+
+from refine_server.engine_plugin.params import enforce_limits
+from refine_server.engine_plugin.protocol import (
+    ALLOW_FAULTS_ENV,
+    FAULT_ARG,
+    HANDSHAKE_POLICY,
+    PARAMS_ARG,
+    PLUGIN_MARKER,
+    POLICY_ARG,
+    REQUEST_KEY_ARG,
+    SRGEN_ENGINE_ENV,
+    Handshake,
+    append_events,
+    check_signature,
+    engine_policy_limits,
+    engine_secret,
+    events_dir,
+    is_request_key,
+)
+from refine_server.engine_plugin.srgen_params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
+from refine_server.engine_plugin.tap import read_facts
+
+IN_ENGINE_POLICIES = (SRGEN,)
+
+
+def plugin_version() -> str:
+    try:
+        return metadata.version("refine-server")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@cache
+def srgen_limits() -> SRGenLimits:
+    return SRGenLimits.model_validate(engine_policy_limits().get(SRGEN, {}))
+
+
+@cache
+def srgen_engine_settings() -> SRGenEngineSettings:
+    return SRGenEngineSettings.model_validate_json(os.environ.get(SRGEN_ENGINE_ENV) or "{}")
+
+
+def faults_allowed() -> bool:
+    return os.environ.get(ALLOW_FAULTS_ENV) == "1"
+
+
+def unsupported() -> list[str]:
+    """Why this engine cannot run SRGen correctly, as its worker found when the model loaded."""
+    facts = read_facts(events_dir())
+    return list(facts.get("unsupported", [])) if facts else []
+
+
+def validate(sampling_params: Any) -> None:
+    args = sampling_params.extra_args or {}
+    policy = args.get(POLICY_ARG)
+    if policy is None:
+        return
+    signed = check_signature(args, engine_secret())
+    if policy == HANDSHAKE_POLICY:
+        _answer_handshake(args, signed)
+    if policy not in IN_ENGINE_POLICIES:
+        raise ValueError(f"{PLUGIN_MARKER}: unknown in-engine policy {policy!r} (known: {list(IN_ENGINE_POLICIES)})")
+    if not is_request_key(args.get(REQUEST_KEY_ARG)):
+        raise ValueError(f"{PLUGIN_MARKER}: {REQUEST_KEY_ARG} must be 32 lowercase hex digits")
+    if signed != "ok":
+        raise ValueError(f"{PLUGIN_MARKER}: in-engine policies run only for requests that refine signed "
+                         f"({signed}); send them through refine")
+    if FAULT_ARG in args and not faults_allowed():
+        raise ValueError(f"{PLUGIN_MARKER}: {FAULT_ARG} is for test engines only")
+    try:
+        params = SRGenParams.model_validate_json(str(args.get(PARAMS_ARG, "{}")))
+        enforce_limits(params, srgen_limits())
+    except ValidationError as exc:
+        raise ValueError(f"{PLUGIN_MARKER}: bad {PARAMS_ARG}: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:  # LimitExceeded
+        raise ValueError(f"{PLUGIN_MARKER}: {exc}") from None
+    if reasons := unsupported():
+        raise ValueError(f"{PLUGIN_MARKER}: SRGen cannot run correctly on this engine: {'; '.join(reasons)}")
+
+
+def _answer_handshake(args: dict[str, Any], signed: str) -> None:
+    """Refuse the handshake request with the plugin's report, after leaving one event where the proxy looks."""
+    key = args.get(REQUEST_KEY_ARG)
+    if signed == "ok" and is_request_key(key):
+        append_events(events_dir(), key, [{"event": "handshake"}])
+    report = Handshake(version=plugin_version(), policies=list(IN_ENGINE_POLICIES), signature=signed,
+                       limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
+    raise ValueError(f"{PLUGIN_MARKER} {json.dumps(report.model_dump())}")

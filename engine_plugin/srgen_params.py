@@ -1,0 +1,39 @@
+"""SRGen's name, parameters and server caps: defined once, read by the proxy's policy and by the plugin."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from refine_server.engine_plugin.params import PolicyLimits, PolicyParams
+
+SRGEN = "srgen"
+
+
+class SRGenParams(PolicyParams):
+    """Defaults are the official AIME script's values."""
+
+    window: int = Field(25, ge=2, le=4096, description="N: entropies in the dynamic threshold's window")
+    k: float = Field(4.0, ge=0, description="K: standard deviations above the mean that trigger")
+    min_std: float = Field(0.5, ge=0)
+    min_threshold: float = Field(1.8, ge=0, description="floor of the dynamic threshold (nats)")
+    warmup_threshold: float = Field(3.0, ge=0, description="fixed threshold before `window` entropies exist")
+    lam: float = Field(0.05, ge=0, le=1, description="weight of the entropy term in the reflection loss")
+    lr: float = Field(0.01, gt=0, le=10)
+    steps: int = Field(3, ge=1, le=100, description="AdamW steps per correction")
+    max_corrections: int = Field(20, ge=0, le=10_000, description="corrections per sequence at most")
+
+
+class SRGenLimits(PolicyLimits):
+    """The server's caps. The proxy enforces them, and so does the plugin with the copy it was given."""
+
+    steps: int | None = 10
+    max_corrections: int | None = 64
+    window: int | None = 1024
+
+
+class SRGenEngineSettings(BaseModel):
+    """How much of the engine SRGen may take, whatever the requests ask: set by the operator, read by the plugin."""
+
+    max_sequences: int = Field(16, ge=1, description="sequences running SRGen at once; later ones run without it")
+    max_rows_per_step: int = Field(4, ge=1, description="rows corrected in one engine step; a correction stalls "
+                                   "the whole batch, so this bounds the stall")

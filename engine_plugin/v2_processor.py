@@ -1,0 +1,59 @@
+"""SRGen behind vLLM's Model Runner V2 interface (the CUDA default): state by request slot, committed tokens
+from the runner.
+
+V2 keeps a request in a persistent slot and says nothing when it leaves (slots are recycled), so every
+`add_request` starts the slot afresh; the sequence itself is looked up by its SamplingParams in the
+`SequenceTable`, which is how a preempted request, re-added to another slot, keeps its state. Context lengths
+come from the host-side arrays the runner keeps (no device sync), token ids from its committed tokens on the
+device (never placeholders).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor, LogitsProcRequestState
+
+from refine_server.engine_plugin import admission
+from refine_server.engine_plugin.corrector import SRGenCorrector, SRGenRow, make_srgen
+from refine_server.engine_plugin.sequences import SRGenSequence, SequenceTable
+from refine_server.engine_plugin.tap import HIDDEN_STATES
+
+
+class RefineV2LogitsProcessor(LogitsProcessor):
+    validate_params = classmethod(lambda cls, sampling_params: admission.validate(sampling_params))
+
+    def __init__(self, vllm_config, req_states: LogitsProcRequestState):
+        self.req_states = req_states
+        self.table: SequenceTable
+        self.corrector: SRGenCorrector
+        self.table, self.corrector = make_srgen(vllm_config)
+        self.slots: list[SRGenSequence | None] = [None] * req_states.max_num_reqs
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        # The runner writes the slot's prompt length before it calls the sampler's processors.
+        prompt_len = int(self.req_states.prompt_len.np[req_idx])
+        self.slots[req_idx] = self.corrector.admit(self.table, sampling_params, prompt_len)
+        return self.slots[req_idx] is not None
+
+    def apply_staged_writes(self) -> None:
+        # Called before each forward: the tap keeps this step's tensors only while some sequence needs them.
+        HIDDEN_STATES.active = any(seq is not None and not seq.done for seq in self.slots)
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        rows = []
+        prefill_len = self.req_states.prefill_len.np
+        # One logits row per scheduled request, in batch order (speculative decoding is refused at admission).
+        for row, slot in enumerate(ctx.idx_mapping_np.tolist()):
+            seq = self.slots[slot]
+            if seq is None:
+                continue
+            # Tokens visible to this row's sampled token; below the (re)fill length it is a partial chunk.
+            context_len = max(int(ctx.seq_lens_upper_bound_np[row]), int(prefill_len[slot]))
+            rows.append(SRGenRow(row, seq, context_len, self._committed_tokens(slot, context_len)))
+        if rows:
+            self.corrector.step(logits, rows)
+        HIDDEN_STATES.begin_step()
+        return logits
+
+    def _committed_tokens(self, slot: int, length: int):
+        return lambda: self.req_states.all_token_ids.gpu[slot, :length]
