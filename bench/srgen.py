@@ -12,7 +12,7 @@
    its inter-token gaps alone and co-batched;
 4. the stall bound: a plain stream co-batched with 8 SRGen requests that all correct at each of their first 16
    tokens, so up to 8 rows trigger in one step. Run it against servers started with different
-   `--srgen-max-rows-per-step` (`--stall-only --label rows4`) to see how the per-step limit bounds the stall.
+   `--srgen-engine.max-rows-per-step` (`--stall-only --label rows4`) to see how the per-step limit bounds the stall.
 Accuracy with and without SRGen comes from bench/quality.py (--policy srgen / none).
 """
 

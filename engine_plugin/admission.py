@@ -27,7 +27,7 @@ from refine_server.engine_plugin.protocol import (
     REQUEST_KEY_ARG,
     SRGEN_ENGINE_ENV,
     Handshake,
-    append_events,
+    append_event,
     check_signature,
     engine_policy_limits,
     engine_secret,
@@ -99,7 +99,7 @@ def _answer_handshake(args: dict[str, Any], signed: str) -> None:
     """Refuse the handshake request with the plugin's report, after leaving one event where the proxy looks."""
     key = args.get(REQUEST_KEY_ARG)
     if signed == "ok" and is_request_key(key):
-        append_events(events_dir(), key, [{"event": "handshake"}])
+        append_event(events_dir(), key, {"event": "handshake"})
     report = Handshake(version=plugin_version(), policies=list(IN_ENGINE_POLICIES), signature=signed,
                        limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
     raise ValueError(f"{PLUGIN_MARKER} {json.dumps(report.model_dump())}")

@@ -43,32 +43,32 @@ class SRGenRow:
     token_ids: Callable[[], torch.Tensor]  # the context's committed token ids [context_len], read only if needed
 
 
-def make_srgen(vllm_config) -> tuple[SequenceTable, SRGenCorrector]:
-    """What a logits processor of either runner needs: its sequence table and the corrector."""
+def make_srgen(vllm_config) -> SRGenCorrector:
+    """The corrector a logits processor of either runner drives, set up from the engine's config."""
     settings = admission.srgen_engine_settings()
     model = vllm_config.model_config
-    events = EventWriter(events_dir(), model.tokenizer)
-    corrector = SRGenCorrector(HIDDEN_STATES, events, vocab_size=model.get_vocab_size(),
-                               max_len=model.max_model_len, max_rows_per_step=settings.max_rows_per_step)
-    return SequenceTable(settings.max_sequences), corrector
+    return SRGenCorrector(HIDDEN_STATES, EventWriter(events_dir(), model.tokenizer),
+                          SequenceTable(settings.max_sequences), vocab_size=model.get_vocab_size(),
+                          max_len=model.max_model_len, max_rows_per_step=settings.max_rows_per_step)
 
 
 class SRGenCorrector:
-    def __init__(self, tap: HiddenStateTap, events: EventWriter, *, vocab_size: int, max_len: int,
-                 max_rows_per_step: int):
+    def __init__(self, tap: HiddenStateTap, events: EventWriter, table: SequenceTable, *, vocab_size: int,
+                 max_len: int, max_rows_per_step: int):
         self.tap = tap
         self.events = events
+        self.table = table
         self.vocab_size = vocab_size
         self.max_len = max_len
         self.max_rows_per_step = max_rows_per_step
 
-    def admit(self, table: SequenceTable, sampling_params, prompt_len: int) -> SRGenSequence | None:
+    def admit(self, sampling_params, prompt_len: int) -> SRGenSequence | None:
         """The SRGen sequence of a request entering the batch: the one it had (re-added after leaving the
         batch or being preempted), a new one, or None when the request does not use SRGen."""
         args = sampling_params.extra_args or {}
         if args.get(POLICY_ARG) != SRGEN:
             return None
-        seq = table.find(sampling_params)
+        seq = self.table.find(sampling_params)
         if seq is not None:  # back after leaving the batch for a step, or after preemption
             self.events.emit(seq.key, {"event": "rejoined", "sequence": seq.ordinal, "filled": seq.filled})
             return seq
@@ -77,12 +77,12 @@ class SRGenCorrector:
         # Greedy requests have no temperature to measure entropy at: use the model's own distribution.
         temperature = sampling_params.temperature if (sampling_params.temperature or 0) > 1e-5 else 1.0
         fault = args.get(FAULT_ARG) if admission.faults_allowed() else None
-        seq = table.add(sampling_params, key=args[REQUEST_KEY_ARG], params=params, temperature=temperature,
-                        prompt_len=prompt_len, monitor=EntropyMonitor(params), fault=fault)
+        full = self.table.full()
+        seq = self.table.add(sampling_params, key=args[REQUEST_KEY_ARG], params=params, temperature=temperature,
+                             prompt_len=prompt_len, monitor=EntropyMonitor(params), fault=fault)
         self.events.emit(seq.key, {"event": "admitted", "sequence": seq.ordinal})
-        if seq.stopped:
-            reason, seq.stopped = seq.stopped, None
-            self.stop(seq, reason)
+        if full:
+            self.stop(seq, f"this engine already runs SRGen for {self.table.max_sequences} sequences (its limit)")
         return seq
 
     def stop(self, seq: SRGenSequence, reason: str, event: str = "unavailable") -> None:
@@ -114,7 +114,7 @@ class SRGenCorrector:
             return
         for r, h, _ in triggered[self.max_rows_per_step:]:
             # Over the per-step limit: decoded uncorrected, the budget not spent, and the trace says so.
-            r.seq.monitor.corrections -= 1
+            r.seq.monitor.refund()
             self.events.emit(r.seq.key, {"event": "skipped", "sequence": r.seq.ordinal,
                                          "output_index": r.context_len - r.seq.prompt_len, "entropy": round(h, 4),
                                          "reason": f"more than {self.max_rows_per_step} rows triggered this step"})
@@ -137,10 +137,9 @@ class SRGenCorrector:
             self.stop(seq, "this step's prompt hidden states were not captured (a full CUDA graph replay, or an "
                            "attention backend without query_start_loc)")
             return False
-        start, end = capture.query_start_loc[r.row: r.row + 2].tolist()
+        start, end, first = capture.host_rows[r.row]
         if end <= start:
             return False
-        first = int(capture.positions[start])
         if not seq.store(capture.hidden[start:end], first, self.max_len):
             self.stop(seq, "part of the context came from the prefix cache, so its hidden states were never computed")
             return False

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from refine_server.engine_plugin.protocol import append_events
+from refine_server.engine_plugin.protocol import append_event
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EventWriter:
         while True:
             key, event = self._queue.get()
             try:
-                append_events(self._folder, key, [self._with_token_text(event)])
+                append_event(self._folder, key, self._with_token_text(event))
             except Exception:  # a full disk must not stop the engine; the trace will say "unavailable"
                 log.exception("refine: could not write an engine event")
             finally:

@@ -115,13 +115,13 @@ def events_dir() -> Path:
     return Path(os.environ.get(EVENTS_DIR_ENV) or Path(tempfile.gettempdir()) / "refine-engine-events")
 
 
-def append_events(folder: Path, key: str, events: list[dict[str, Any]]) -> None:
+def append_event(folder: Path, key: str, event: dict[str, Any]) -> None:
     """Engine side. The key is checked, so a request can never make the plugin write outside the folder."""
     if not is_request_key(key):
         raise ValueError(f"bad request key {key!r}")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{key}.jsonl", "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+        f.write(json.dumps(event, separators=(",", ":")) + "\n")
 
 
 def read_events(folder: Path, key: str) -> list[dict[str, Any]] | None:

@@ -30,7 +30,7 @@ class SRGenSequence:
     stopped: str | None = None  # why SRGen is off for this sequence, once it is
     hidden: torch.Tensor | None = None  # [capacity, d]: final hidden states by absolute position
     filled: int = 0  # positions [0, filled) are in `hidden`
-    siblings: list[SRGenSequence] = field(default_factory=list, repr=False)  # the other choices of the request
+    family: list[SRGenSequence] = field(default_factory=list, repr=False)  # every choice of the request
 
     @property
     def done(self) -> bool:
@@ -65,8 +65,8 @@ class SRGenSequence:
         vLLM never recomputes their hidden states: they are the same positions of the same prompt, so copy them."""
         if upto > self.prompt_len:
             return False
-        for other in self.siblings:
-            if other.hidden is not None and other.filled >= upto:
+        for other in self.family:
+            if other is not self and other.hidden is not None and other.filled >= upto:
                 self._write(other.hidden[self.filled:upto], self.filled, max_len)
                 return True
         return False
@@ -84,12 +84,14 @@ class SequenceTable:
     def find(self, sampling_params: object) -> SRGenSequence | None:
         return self._by_params.get(id(sampling_params))
 
+    def full(self) -> bool:
+        """As many sequences are still running SRGen as the engine allows."""
+        return sum(1 for s in self._by_params.values() if not s.done) >= self.max_sequences
+
     def add(self, sampling_params: object, **fields) -> SRGenSequence:
-        """A new sequence for this request (its params object). Over capacity it starts stopped, and says why."""
+        """A new sequence for this request (its params object)."""
         family = self._by_key.setdefault(fields["key"], [])
-        seq = SRGenSequence(ordinal=len(family), siblings=family, **fields)
-        if sum(1 for s in self._by_params.values() if not s.done) >= self.max_sequences:
-            seq.stopped = f"this engine already runs SRGen for {self.max_sequences} sequences (its limit)"
+        seq = SRGenSequence(ordinal=len(family), family=family, **fields)
         family.append(seq)
         ident = id(sampling_params)
         self._by_params[ident] = seq

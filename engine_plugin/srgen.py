@@ -53,6 +53,10 @@ class EntropyMonitor:
             self.corrections += 1
         return trigger, tau
 
+    def refund(self) -> None:
+        """A trigger that was not acted on (the engine's per-step limit) does not spend the budget."""
+        self.corrections -= 1
+
 
 # ---- reflect ---------------------------------------------------------------------------------------------
 

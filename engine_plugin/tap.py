@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ class ForwardCapture:
     hidden: torch.Tensor  # [tokens, d]
     positions: torch.Tensor  # [tokens]
     query_start_loc: torch.Tensor | None  # [rows + 1], None when the attention backend has none
+
+    @cached_property
+    def host_rows(self) -> list[tuple[int, int, int]]:
+        """(first token, end token, first position) of each batch row, read to the host once per step."""
+        assert self.query_start_loc is not None
+        qsl = self.query_start_loc.tolist()
+        firsts = self.positions[self.query_start_loc[:-1].clamp(max=self.positions.shape[0] - 1)].tolist()
+        return list(zip(qsl[:-1], qsl[1:], firsts))
 
 
 class HiddenStateTap:

@@ -14,7 +14,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.corrector import SRGenCorrector, SRGenRow, make_srgen
-from refine_server.engine_plugin.sequences import SRGenSequence, SequenceTable
+from refine_server.engine_plugin.sequences import SRGenSequence
 from refine_server.engine_plugin.tap import HIDDEN_STATES
 
 
@@ -35,9 +35,7 @@ class RefineV1LogitsProcessor(LogitsProcessor):
     validate_params = classmethod(lambda cls, sampling_params: admission.validate(sampling_params))
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.table: SequenceTable
-        self.corrector: SRGenCorrector
-        self.table, self.corrector = make_srgen(vllm_config)
+        self.corrector: SRGenCorrector = make_srgen(vllm_config)
         self.rows: dict[int, _Row] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -49,7 +47,7 @@ class RefineV1LogitsProcessor(LogitsProcessor):
                 self.rows.pop(index, None)
             for index, params, prompt_ids, output_ids in batch_update.added:
                 self.rows.pop(index, None)
-                seq = self.corrector.admit(self.table, params, len(prompt_ids or ()))
+                seq = self.corrector.admit(params, len(prompt_ids or ()))
                 if seq is not None:
                     # Always the list from the latest `added`: vLLM may hand a re-added request a new one.
                     self.rows[index] = _Row(seq, list(prompt_ids or ()), output_ids)

@@ -15,7 +15,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProc
 
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.corrector import SRGenCorrector, SRGenRow, make_srgen
-from refine_server.engine_plugin.sequences import SRGenSequence, SequenceTable
+from refine_server.engine_plugin.sequences import SRGenSequence
 from refine_server.engine_plugin.tap import HIDDEN_STATES
 
 
@@ -24,15 +24,13 @@ class RefineV2LogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, req_states: LogitsProcRequestState):
         self.req_states = req_states
-        self.table: SequenceTable
-        self.corrector: SRGenCorrector
-        self.table, self.corrector = make_srgen(vllm_config)
+        self.corrector: SRGenCorrector = make_srgen(vllm_config)
         self.slots: list[SRGenSequence | None] = [None] * req_states.max_num_reqs
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         # The runner writes the slot's prompt length before it calls the sampler's processors.
         prompt_len = int(self.req_states.prompt_len.np[req_idx])
-        self.slots[req_idx] = self.corrector.admit(self.table, sampling_params, prompt_len)
+        self.slots[req_idx] = self.corrector.admit(sampling_params, prompt_len)
         return self.slots[req_idx] is not None
 
     def apply_staged_writes(self) -> None:

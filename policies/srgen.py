@@ -69,9 +69,9 @@ def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
         }
         call.trace.corrections = None
         return
-    corrections = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "correction"]
+    corrections = _of_kind(events, "correction")
     # Triggers the engine's per-step limit left uncorrected (the token was decoded as the engine had it).
-    skipped = [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == "skipped"]
+    skipped = _of_kind(events, "skipped")
     problems = sorted({e["reason"] for e in events if e["event"] in ("unavailable", "failed")})
     call.trace.data = {
         "engine_events": "reported" if not problems else "SRGen stopped early: " + "; ".join(problems),
@@ -82,3 +82,7 @@ def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
     }
     call.trace.corrections = len(corrections)
     call.trace.correction_seconds = sum(c["seconds"] for c in corrections)
+
+
+def _of_kind(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [{k: v for k, v in e.items() if k != "event"} for e in events if e["event"] == kind]

@@ -22,7 +22,6 @@ from refine_server.config import Settings
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
 from refine_server.engine_plugin.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
-from refine_server.engine_plugin.srgen_params import SRGenEngineSettings
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
 from refine_server.model_store import DEFAULT_MODEL_NAME
@@ -69,8 +68,7 @@ def _embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineL
             SECRET_ENV: link.secret or "",
             LIMITS_ENV: json.dumps({name: registry.limits(name).model_dump() for name in registry.names}),
             EVENTS_DIR_ENV: str(link.events_dir),
-            SRGEN_ENGINE_ENV: SRGenEngineSettings(max_sequences=settings.srgen_max_sequences,
-                                                  max_rows_per_step=settings.srgen_max_rows_per_step).model_dump_json(),
+            SRGEN_ENGINE_ENV: settings.srgen_engine.model_dump_json(),
         },
     )
     return EmbeddedEngine(spec, metrics, start_timeout_s=settings.engine_start_timeout_s)

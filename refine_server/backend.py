@@ -112,7 +112,8 @@ class Backend:
         except APIError as exc:
             if exc.status != 400 or PLUGIN_MARKER not in exc.message:
                 raise
-            info = PluginInfo(_parse_handshake(exc.message), read_events(self.link.events_dir, xargs[REQUEST_KEY_ARG]) is not None)
+            shared = read_events(self.link.events_dir, xargs[REQUEST_KEY_ARG]) is not None
+            info = PluginInfo(_parse_handshake(exc.message), events_shared=shared)
         finally:
             discard_events(self.link.events_dir, xargs[REQUEST_KEY_ARG])
         self._plugin = (time.monotonic(), info)

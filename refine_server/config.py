@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from refine_server.engine_plugin.srgen_params import SRGenEngineSettings
+
 
 class APIKey(BaseModel):
     """One accepted API key and what it may do. A bare string in `api_keys` is a key that may do everything."""
@@ -61,10 +63,11 @@ class Settings(BaseSettings):
         description='server-side caps per policy, e.g. \'{"srgen": {"max_corrections": 8}}\' (JSON)',
     )
     max_tokens_limit: int = Field(4096, description="largest max_tokens a request may ask for")
-    srgen_max_sequences: int = Field(16, ge=1, description="embedded mode: sequences running SRGen at once in "
-                                     "the engine (each keeps its context's hidden states); later ones run without")
-    srgen_max_rows_per_step: int = Field(4, ge=1, description="embedded mode: rows SRGen corrects in one engine "
-                                         "step; a correction stalls the whole batch, so this bounds the stall")
+    srgen_engine: SRGenEngineSettings = Field(
+        default_factory=SRGenEngineSettings,
+        description="embedded mode: how much of the engine SRGen may take (external mode: set "
+        "REFINE_ENGINE_SRGEN to the same JSON in vLLM's environment)",
+    )
 
     api_keys: list[APIKey] = Field(
         default_factory=list,

@@ -31,7 +31,7 @@ from refine_server.engine_plugin.protocol import (
 from refine_server.engine_plugin.sequences import SequenceTable
 from refine_server.engine_plugin.srgen import EntropyMonitor
 from refine_server.engine_plugin.srgen_params import SRGenParams
-from refine_server.engine_plugin.tap import HiddenStateTap
+from refine_server.engine_plugin.tap import ForwardCapture, HiddenStateTap
 from refine_server.engine_plugin.v1_processor import RefineV1LogitsProcessor
 from refine_server.engine_plugin.v2_processor import RefineV2LogitsProcessor
 
@@ -198,24 +198,26 @@ class _Events:
         pass
 
 
-def _corrector(max_rows_per_step: int = 4) -> tuple[SRGenCorrector, HiddenStateTap, _Events]:
+def _corrector(max_rows_per_step: int = 4, max_sequences: int = 8) -> tuple[SRGenCorrector, HiddenStateTap, _Events]:
     torch.manual_seed(0)
     tap = HiddenStateTap()
     tap.model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.randn(8, 4)))
     events = _Events()
-    return SRGenCorrector(tap, events, vocab_size=8, max_len=64, max_rows_per_step=max_rows_per_step), tap, events
+    corrector = SRGenCorrector(tap, events, SequenceTable(max_sequences), vocab_size=8, max_len=64,
+                               max_rows_per_step=max_rows_per_step)
+    return corrector, tap, events
 
 
 _LIVE_REQUESTS: list[SamplingParams] = []
 
 
-def _decoding_rows(corrector: SRGenCorrector, table: SequenceTable, count: int, **params):
+def _decoding_rows(corrector: SRGenCorrector, count: int, **params):
     """`count` sequences with a 3-token prompt and 2 tokens written, hidden states stored up to position 3."""
     rows = []
     for i in range(count):
         sp = _srgen(lr=0.5, steps=2, **FORCE, **params)
         _LIVE_REQUESTS.append(sp)  # as vLLM holds a running request's params
-        seq = corrector.admit(table, sp, prompt_len=3)
+        seq = corrector.admit(sp, prompt_len=3)
         seq.store(torch.randn(4, 4), 0, 64)
         rows.append(SRGenRow(i, seq, 5, lambda: torch.tensor([1, 2, 3, 4, 5])))
     return rows
@@ -223,8 +225,7 @@ def _decoding_rows(corrector: SRGenCorrector, table: SequenceTable, count: int, 
 
 def test_a_correction_is_added_to_the_engines_logits_so_masks_hold() -> None:
     corrector, tap, events = _corrector()
-    table = SequenceTable(8)
-    (row,) = _decoding_rows(corrector, table, 1)
+    (row,) = _decoding_rows(corrector, 1)
     tap.sampled = torch.randn(1, 4)
     logits = tap.sampled @ tap.model.lm_head.weight.T
     logits[0, 5] = float("-inf")  # a token the engine masked (bad words, grammar, logit_bias -inf)
@@ -239,8 +240,7 @@ def test_a_correction_is_added_to_the_engines_logits_so_masks_hold() -> None:
 
 def test_a_failing_correction_leaves_the_logits_and_says_why() -> None:
     corrector, tap, events = _corrector()
-    table = SequenceTable(8)
-    (row,) = _decoding_rows(corrector, table, 1)
+    (row,) = _decoding_rows(corrector, 1)
     row.seq.fault = INJECTED_FAULT
     tap.sampled = torch.randn(1, 4)
     logits = torch.randn(1, 8)
@@ -253,8 +253,7 @@ def test_a_failing_correction_leaves_the_logits_and_says_why() -> None:
 
 def test_rows_over_the_per_step_limit_go_uncorrected_with_their_budget_kept() -> None:
     corrector, tap, events = _corrector(max_rows_per_step=1)
-    table = SequenceTable(8)
-    rows = _decoding_rows(corrector, table, 3, max_corrections=5)
+    rows = _decoding_rows(corrector, 3, max_corrections=5)
     tap.sampled = torch.randn(3, 4)
     corrector.step(torch.randn(3, 8), rows)
     kinds = [e["event"] for _, e in events.log if e["event"] != "admitted"]
@@ -264,8 +263,7 @@ def test_rows_over_the_per_step_limit_go_uncorrected_with_their_budget_kept() ->
 
 def test_placeholder_token_ids_are_never_used_as_targets() -> None:
     corrector, tap, events = _corrector()
-    table = SequenceTable(8)
-    (row,) = _decoding_rows(corrector, table, 1)
+    (row,) = _decoding_rows(corrector, 1)
     row.token_ids = lambda: torch.tensor([1, 2, 3, 4, -1])  # V1 async scheduling's not-yet-known token
     tap.sampled = torch.randn(1, 4)
     logits = torch.randn(1, 8)
@@ -277,19 +275,18 @@ def test_placeholder_token_ids_are_never_used_as_targets() -> None:
 def test_the_first_token_after_the_prompt_is_not_monitored() -> None:
     corrector, tap, events = _corrector()
     request = _srgen(**FORCE)
-    seq = corrector.admit(SequenceTable(8), request, prompt_len=3)
-    tap.forward = SimpleNamespace(hidden=torch.randn(3, 4), positions=torch.arange(3),
-                                  query_start_loc=torch.tensor([0, 3]))
+    seq = corrector.admit(request, prompt_len=3)
+    tap.forward = ForwardCapture(hidden=torch.randn(3, 4), positions=torch.arange(3),
+                                 query_start_loc=torch.tensor([0, 3]))
     corrector.step(torch.randn(1, 8), [SRGenRow(0, seq, 3, lambda: torch.tensor([1, 2, 3]))])
     assert seq.filled == 3 and seq.monitor.history == []
 
 
 def test_sequences_over_the_engines_capacity_run_without_srgen_and_say_so() -> None:
-    corrector, _, events = _corrector()
-    table = SequenceTable(1)
+    corrector, _, events = _corrector(max_sequences=1)
     requests = [_srgen(), _srgen()]  # the table forgets a sequence when vLLM drops its params
-    first = corrector.admit(table, requests[0], prompt_len=3)
-    second = corrector.admit(table, requests[1], prompt_len=3)
+    first = corrector.admit(requests[0], prompt_len=3)
+    second = corrector.admit(requests[1], prompt_len=3)
     assert not first.done and second.done
     assert "limit" in events.log[-1][1]["reason"]
 
@@ -297,11 +294,10 @@ def test_sequences_over_the_engines_capacity_run_without_srgen_and_say_so() -> N
 def test_later_choices_take_the_shared_prompt_hidden_states_from_an_earlier_one() -> None:
     """n>1 choices share a cache salt, so vLLM computes the prompt once: the later choice copies it."""
     corrector, _, _ = _corrector()
-    table = SequenceTable(8)
     choices = [_srgen().clone()] * 2
     choices[1] = choices[0].clone()
-    first = corrector.admit(table, choices[0], prompt_len=6)
-    second = corrector.admit(table, choices[1], prompt_len=6)
+    first = corrector.admit(choices[0], prompt_len=6)
+    second = corrector.admit(choices[1], prompt_len=6)
     prompt = torch.randn(6, 4)
     assert first.store(prompt, 0, 64)
     assert second.store(prompt[4:], 4, 64)  # vLLM recomputed only the last block for the second choice
@@ -339,3 +335,10 @@ def test_event_writer_writes_off_the_caller_and_flush_waits(engine_env) -> None:
     writer.emit("a" * 32, {"event": "correction", "token_before": {"id": 1}})
     writer.flush()
     assert read_events(engine_env, "a" * 32) == [{"event": "correction", "token_before": {"id": 1, "text": None}}]
+
+
+def test_forward_capture_maps_batch_rows_to_their_tokens_and_first_positions() -> None:
+    """Read to the host once per step: a decode row (one token at position 9) then a prefill chunk (4 tokens)."""
+    capture = ForwardCapture(hidden=torch.randn(5, 4), positions=torch.tensor([9, 0, 1, 2, 3]),
+                             query_start_loc=torch.tensor([0, 1, 5]))
+    assert capture.host_rows == [(0, 1, 9), (1, 5, 0)]
