@@ -5,6 +5,7 @@ Tests marked `engine` use it; tests marked `disruptive` (they kill the engine) r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,6 +30,9 @@ LOG_DIR = Path(os.environ.get("REFINE_TEST_LOG_DIR", "/tmp/refine-test-logs"))
 # directly (as a client reaching vLLM's port would), and it accepts injected faults.
 ENGINE_SECRET = "test-engine-secret-" + "0" * 45
 ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-test-events"))
+# The test engine's KV cache holds one full-length sequence and little more (66 blocks of 32 tokens; vLLM wants a
+# bit more than max_model_len), so a few long concurrent requests get preempted and resumed, as on a busy GPU.
+ENGINE_KV_BLOCKS = 66
 ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
               "REFINE_ENGINE_ALLOW_FAULTS": "1"}
 
@@ -98,7 +102,9 @@ def metric_total(exposition: str, name: str) -> float:
 @pytest.fixture(scope="session")
 def refine_server() -> Iterator[RunningServer]:
     server = start_refine("embedded", REFINE_PORT, "--engine-port", str(ENGINE_PORT),
-                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000", env=ENGINE_ENV)
+                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000",
+                          "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
+                          env=ENGINE_ENV)
     yield server
     stop_refine(server)
 

@@ -15,7 +15,7 @@ from refine_server.engine_plugin.protocol import FAULT_ARG, read_events, signed_
 from refine_server.engine_plugin.srgen_params import SRGenParams
 from refine_server.policies.base import PolicyCall, Trace
 from refine_server.policies.srgen import _fill_trace
-from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL
+from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, metric_total
 
 # Thresholds of zero make every monitored token trigger: the first token after the prompt is never monitored
 # (as in the official code), so corrections land on output indices 1, 2, ... up to the budget.
@@ -154,6 +154,44 @@ def test_a_failing_correction_leaves_the_engine_serving_and_the_trace_says_why(e
     assert call.trace.data["engine_events"].startswith("SRGen stopped early: a correction failed")
     # And the engine keeps serving SRGen for everyone else.
     assert _trace(_complete(client, {"policy": "srgen", "max_corrections": 1, **FORCE}))["num_corrections"] == 1
+
+
+def test_a_preempted_request_keeps_its_srgen_state_and_keeps_correcting(engine_url: str) -> None:
+    """Four long prompts overflow the test engine's KV cache (conftest's ENGINE_KV_BLOCKS), so vLLM preempts the
+    latest one: it leaves the batch, loses its KV blocks, and is re-added once another request finishes (the path a
+    request the scheduler skips for a step takes too). Its SRGen sequence comes back with history and budget:
+    every monitored token is corrected once, before and after the preemption, none repeated and none missing."""
+    # ~500 tokens: four take 64 of the 66 blocks, and the latest is preempted when they cross 512.
+    prompt = "Count the apples in each basket and write the total. " * 45
+    prompt_len = len(httpx.post(f"{engine_url}/tokenize", json={"model": MODEL, "prompt": prompt}).json()["tokens"])
+    budget = 24
+
+    def run(_: int) -> list[dict]:
+        # A window longer than the run keeps the (zero) warm-up threshold for every token.
+        forced = {"max_corrections": budget, "window": budget + 8, "steps": 1, **FORCE}
+        xargs = signed_xargs(ENGINE_SECRET, "srgen", json.dumps(forced))
+        resp = httpx.post(f"{engine_url}/v1/completions", timeout=600, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": budget + 8, "temperature": 0, "ignore_eos": True,
+            "vllm_xargs": xargs, "cache_salt": xargs["refine_request_key"]})
+        assert resp.status_code == 200
+        return read_events(ENGINE_EVENTS_DIR, xargs["refine_request_key"])
+
+    preempted_before = _preemptions(engine_url)
+    with ThreadPoolExecutor(4) as pool:
+        traces = list(pool.map(run, range(4)))
+    assert _preemptions(engine_url) > preempted_before, "vLLM preempted nothing: the test lost its point"
+    for events in traces:
+        assert [e["event"] for e in events if e["event"] != "correction"] in (["admitted"], ["admitted", "rejoined"])
+        assert [e["output_index"] for e in events if e["event"] == "correction"] == list(range(1, budget + 1))
+    rejoins = [(events, i) for events in traces for i, e in enumerate(events) if e["event"] == "rejoined"]
+    assert rejoins
+    for events, at in rejoins:
+        assert events[at]["filled"] > prompt_len  # preempted mid-generation, not during the prompt
+        assert any(e["event"] == "correction" for e in events[at:])  # and corrected after coming back
+
+
+def _preemptions(engine_url: str) -> float:
+    return metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:num_preemptions_total")
 
 
 def _model_dir(client: OpenAI) -> str:
