@@ -1,7 +1,8 @@
 """refine's self-correction policies and the registry the server looks them up in.
 
 To add a policy: write one module here with a `Policy` subclass, and list it in `BUILTIN_POLICIES`.
-The server needs no edit: it validates `{"refine": {"policy": NAME, ...}}` against the policy's `Params`.
+The server needs no edit: it validates `{"refine": {"policy": NAME, ...}}` against the policy's `Params`,
+and creates and observes the metrics the policy declares in `metrics`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from refine_server.policies.base import LimitExceeded, Policy, PolicyLimits, PolicyParams, enforce_limits
+from refine_server.policies.base import (
+    LimitExceeded,
+    Policy,
+    PolicyLimits,
+    PolicyMetric,
+    PolicyParams,
+    PolicyError,
+    PolicyRequestError,
+    PolicyUnavailable,
+    enforce_limits,
+)
 from refine_server.policies.cyberv import CyberVPolicy
 from refine_server.policies.none import NonePolicy
 from refine_server.policies.rain import RainPolicy
@@ -43,6 +54,10 @@ class PolicyRegistry:
             return self._policies[name]
         except KeyError:
             raise UnknownPolicy(name) from None
+
+    def metrics(self) -> dict[str, tuple[PolicyMetric, ...]]:
+        """The metrics each policy declares, by policy name."""
+        return {name: policy.metrics for name, policy in self._policies.items()}
 
     def limits(self, name: str) -> PolicyLimits:
         return self._limits[name]
@@ -79,5 +94,5 @@ class PolicyRegistry:
         return policy, params
 
 
-__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyLimits", "PolicyParams", "PolicyRegistry",
-           "UnknownPolicy"]
+__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyLimits", "PolicyMetric", "PolicyParams",
+           "PolicyRegistry", "PolicyError", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]

@@ -75,19 +75,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from refine_server.errors import invalid_request
+from refine_server.policies.answer_shapes import AnswerShapes
 from refine_server.policies.answers import Answer, AnswerKind, extract_answer, question_kind
 from refine_server.policies.base import (
-    PATHS,
-    AnswerShapes,
-    Endpoint,
+    CORRECTION_SECONDS,
+    CORRECTIONS,
+    EXTRA_TOKENS,
+    ROUNDS,
     Policy,
     PolicyCall,
     PolicyLimits,
     PolicyParams,
-    chat_question,
-    run_together,
+    PolicyRequestError,
 )
+from refine_server.policies.engine_client import run_together
 from refine_server.policies.cyberv_sensor import (
     Candidate,
     Decision,
@@ -100,9 +101,8 @@ from refine_server.policies.cyberv_sensor import (
     sense,
 )
 
-
 if TYPE_CHECKING:
-    from refine_server.backend import Backend
+    from refine_server.policies.request import ClientRequest
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
@@ -145,13 +145,9 @@ def _prompt(name: str, **fields: str) -> str:
 class Question:
     """What cyberv answers, and what it keeps of the client's request."""
 
-    endpoint: Endpoint
-    model: str
     history: list[dict[str, Any]]  # chat messages before the question
     text: str
-    seed: int | None
     max_tokens: int | None
-    include_usage: bool
     kind_hint: AnswerKind | None
 
     def messages(self, content: str) -> list[dict[str, Any]]:
@@ -163,73 +159,20 @@ class Question:
         return min(tokens, self.max_tokens) if self.max_tokens else tokens
 
 
-def read_question(call: PolicyCall) -> Question:
+def read_question(request: ClientRequest) -> Question:
     """The question of a chat or completions request; a request cyberv cannot answer is a 400."""
-    body = call.body
-    if (body.get("n") or 1) != 1:
-        raise invalid_request("policy cyberv returns one chosen answer: n must be 1", "n")
-    param = "messages" if call.endpoint == "chat" else "prompt"
-    if call.endpoint == "chat":
-        history, text = chat_question(body["messages"], "cyberv")
+    request.require_one_choice("cyberv", "returns one chosen answer")
+    if request.endpoint == "chat":
+        history, text = request.question("cyberv")
     else:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise invalid_request("policy cyberv needs the prompt as one string (not a list or token ids)", "prompt")
-        history, text = [], prompt
+        if not isinstance(request.prompt, str):
+            raise PolicyRequestError("policy cyberv needs the prompt as one string (not a list or token ids)",
+                                     "prompt")
+        history, text = [], request.prompt
     if not text.strip():
-        raise invalid_request("policy cyberv needs a question, and this one has no text", param)
-    return Question(
-        endpoint=call.endpoint,
-        model=body["model"],
-        history=history,
-        text=text,
-        seed=body.get("seed"),
-        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
-        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
-        kind_hint=question_kind(text),
-    )
-
-
-# ---- engine calls ----------------------------------------------------------------------------------------
-
-@dataclass
-class Usage:
-    engine_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, usage: dict[str, Any] | None) -> None:
-        self.engine_calls += 1
-        self.prompt_tokens += (usage or {}).get("prompt_tokens") or 0
-        self.completion_tokens += (usage or {}).get("completion_tokens") or 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"engine_calls": self.engine_calls, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class Engine:
-    """The backend's chat endpoint with the client's model and seed, counting what each round spends."""
-
-    def __init__(self, backend: Backend, question: Question):
-        self._backend = backend
-        self._question = question
-        self.rounds: dict[str, Usage] = {}
-
-    async def chat(self, round_name: str, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-        body = {"model": self._question.model, "messages": messages, **fields}
-        if self._question.seed is not None:
-            body["seed"] = self._question.seed
-        result = await self._backend.post_json(PATHS["chat"], body, endpoint="chat")
-        self.rounds.setdefault(round_name, Usage()).add(result.get("usage"))
-        return result
-
-    def total(self) -> dict[str, int]:
-        """The OpenAI usage of the whole request: every engine call of every round."""
-        prompt = sum(u.prompt_tokens for u in self.rounds.values())
-        completion = sum(u.completion_tokens for u in self.rounds.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        raise PolicyRequestError("policy cyberv needs a question, and this one has no text",
+                                 "messages" if request.endpoint == "chat" else "prompt")
+    return Question(history=history, text=text, max_tokens=request.max_tokens, kind_hint=question_kind(text))
 
 
 # ---- one request -----------------------------------------------------------------------------------------
@@ -240,12 +183,12 @@ class CyberVRun:
     def __init__(self, call: PolicyCall, params: CyberVParams):
         self.call = call
         self.params = params
-        self.question = read_question(call)
-        self.engine = Engine(call.backend, self.question)
+        self.question = read_question(call.request)
+        self.engine = call.engine
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
         self.feedback: Feedback | None = None
-        self.shapes = AnswerShapes(self.question.endpoint, self.question.model)
+        self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
 
     # -- round 1 --
 
@@ -296,7 +239,7 @@ class CyberVRun:
     def feedback_span(self) -> str:
         return quote_span(self.decision.best)
 
-    async def feedbackround4(self) -> Feedback:
+    async def feedback_round(self) -> Feedback:
         started = time.perf_counter()
         span = self.feedback_span()
         prompt = self.question.messages(_prompt("cyberv_feedback.txt", question=self.question.text, span=span))
@@ -344,18 +287,22 @@ class CyberVRun:
                 "candidate": None if chosen_feedback else d.best.index,
                 "answer": self.chosen_answer.value if self.chosen_answer else None,
             },
-            "rounds": {name: usage.as_dict() for name, usage in self.engine.rounds.items()},
+            "rounds": {name: {"engine_calls": c.calls, "prompt_tokens": c.prompt_tokens,
+                              "completion_tokens": c.completion_tokens,
+                              "total_tokens": c.prompt_tokens + c.completion_tokens}
+                       for name, c in self.engine.spend.by_purpose.items()},
         }
-        self.call.trace.corrections = 1 if self.feedback else 0
-        self.call.trace.correction_seconds = self.feedback.seconds if self.feedback else 0.0
-        self.call.trace.rounds = 2 if self.feedback else 1
+        trace = self.call.trace
+        trace.record(CORRECTIONS, 1 if self.feedback else 0)
+        trace.record(CORRECTION_SECONDS, self.feedback.seconds if self.feedback else 0.0)
+        trace.record(ROUNDS, 2 if self.feedback else 1)
         # Round-1 candidates carry their logprobs, one per token; the feedback round is a single generation.
-        returned = (self.engine.rounds["feedback"].completion_tokens if chosen_feedback
+        returned = (self.engine.spend.by_purpose["feedback"].completion_tokens if chosen_feedback
                     else len(d.best.generation.tokens))
-        self.call.trace.extra_tokens = self.engine.total()["completion_tokens"] - returned
+        trace.record(EXTRA_TOKENS, self.engine.spend.completion_tokens - returned)
 
     def response(self) -> dict[str, Any]:
-        return self.shapes.response(self.chosen.text, self.chosen.finish_reason, self.engine.total())
+        return self.shapes.response(self.chosen.text, self.chosen.finish_reason, self.engine.usage())
 
     # -- streaming --
 
@@ -367,8 +314,8 @@ class CyberVRun:
         chunks = [self.shapes.piece(piece, first=i == 0)
                   for i, piece in enumerate(split_for_streaming(self.chosen.text))]
         chunks.append(self.shapes.finish(self.chosen.finish_reason))
-        if self.question.include_usage:
-            chunks.append(self.shapes.chunk([], usage=self.engine.total()))
+        if self.call.request.include_usage:
+            chunks.append(self.shapes.chunk([], usage=self.engine.usage()))
         return chunks
 
 
@@ -381,11 +328,12 @@ class CyberVPolicy(Policy):
     name = "cyberv"
     Params = CyberVParams
     Limits = CyberVLimits
+    metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS)
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         run = CyberVRun(call, params)
         if (await run.round1()).action == "feedback":
-            await run.feedbackround4()
+            await run.feedback_round()
         run.fill_trace()
         return run.response()
 
@@ -400,7 +348,7 @@ class CyberVPolicy(Policy):
         if decision.action == "feedback":
             if params.progress:
                 yield run.progress("feedback_started", candidate=decision.best.index, span=run.feedback_span())
-            await run.feedbackround4()
+            await run.feedback_round()
         # The trace is complete before the finishing chunk, which is where refine attaches it.
         run.fill_trace()
         if params.progress:

@@ -12,8 +12,8 @@ class NonePolicy(Policy):
     name = "none"
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
-        return await call.backend.post_json(call.path, call.body, endpoint=call.endpoint)
+        return await call.engine.relay(call.request.body)
 
     async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in call.backend.stream_json(call.path, call.body, endpoint=call.endpoint):
+        async for chunk in call.engine.relay_stream(call.request.body):
             yield chunk

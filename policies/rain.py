@@ -31,21 +31,27 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from refine_server.errors import APIError, invalid_request
+from refine_server.policies.answer_shapes import AnswerShapes
 from refine_server.policies.base import (
-    AnswerShapes,
+    CORRECTION_SECONDS,
+    CORRECTIONS,
+    ENGINE_CALLS,
+    EXTRA_TOKENS,
+    REWINDS,
+    SEARCH_ITERATIONS,
     Policy,
     PolicyCall,
     PolicyLimits,
     PolicyParams,
-    chat_question,
+    PolicyRequestError,
 )
+from refine_server.policies.engine_client import Budget
 from refine_server.policies.rain_embeddings import TextEmbedder
-from refine_server.policies.rain_engine import Budget, SearchEngine
+from refine_server.policies.rain_engine import SearchEngine
 from refine_server.policies.rain_search import (
     CommitRecord,
     RainSearch,
@@ -54,6 +60,9 @@ from refine_server.policies.rain_search import (
     option_tokens,
 )
 from refine_server.policies.rain_tree import TreeSettings
+
+if TYPE_CHECKING:
+    from refine_server.policies.request import ClientRequest
 
 
 DEFAULT_MAX_TOKENS = 256  # a search needs a length bound; the client's max_tokens overrides it
@@ -127,40 +136,23 @@ class RainLimits(PolicyLimits):
 class Request:
     """What RAIN keeps of the client's request."""
 
-    endpoint: Literal["chat", "completions"]
-    model: str
     messages: list[dict[str, Any]] | None  # chat
     prompt: str | list[int] | None  # completions
     max_tokens: int
-    stop: list[str]
-    seed: int | None
-    include_usage: bool
     plain_sampling: dict[str, Any]
 
 
-def read_request(call: PolicyCall) -> Request:
-    body = call.body
-    if (body.get("n") or 1) != 1:
-        raise invalid_request("policy rain searches for one answer: n must be 1", "n")
+def read_request(request: ClientRequest) -> Request:
+    request.require_one_choice("rain", "searches for one answer")
+    body = request.body
     if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
-        raise invalid_request("policy rain returns no logprobs and no echo", "logprobs")
-    messages, prompt = None, None
-    if call.endpoint == "chat":
-        chat_question(body["messages"], "rain")  # the question must be a user message of text
-        messages = body["messages"]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                            and all(isinstance(t, int) for t in prompt))):
-            raise invalid_request("policy rain needs one prompt: a string or a list of token ids", "prompt")
-    stop = body.get("stop") or []
+        raise PolicyRequestError("policy rain returns no logprobs and no echo", "logprobs")
+    if request.endpoint == "chat":
+        request.question("rain")  # the question must be a user message of text
     return Request(
-        endpoint=call.endpoint, model=body["model"], messages=messages, prompt=prompt,
-        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS,
-        stop=[stop] if isinstance(stop, str) else list(stop), seed=body.get("seed"),
-        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        messages=request.messages,
+        prompt=request.one_prompt("rain") if request.endpoint == "completions" else None,
+        max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
         plain_sampling={k: body[k] for k in PLAIN_SAMPLING_FIELDS if body.get(k) is not None},
     )
 
@@ -173,10 +165,11 @@ class RainRun:
     def __init__(self, policy: RainPolicy, call: PolicyCall, params: RainParams):
         self.call = call
         self.params = params
-        self.request = read_request(call)
+        self.client_request = call.request
+        self.request = read_request(call.request)
         self.criterion = load_criterion(params.criterion, params.question)
-        self.engine = SearchEngine(call.backend, self.request.model, self.request.seed,
-                                   Budget(params.max_engine_calls, params.max_search_tokens, params.max_seconds))
+        call.engine.budget = Budget(params.max_engine_calls, params.max_search_tokens, params.max_seconds)
+        self.engine = SearchEngine(call.engine)
         self._policy = policy
         self.search: RainSearch | None = None
         self.options: tuple[int, int] | None = None  # the serving tokenizer's ids of "A" and "B"
@@ -184,7 +177,7 @@ class RainRun:
         self.text = ""  # the answer as sent so far
         self.plain_tokens = 0  # tokens decoded plainly after a budget ran out
         self.finish_reason = "length"
-        self.shapes = AnswerShapes(call.endpoint, self.request.model)
+        self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
         self.started = time.monotonic()
 
     async def answer(self) -> AsyncIterator[str]:
@@ -210,16 +203,17 @@ class RainRun:
     async def _start(self) -> RainSearch:
         r = self.request
         if r.messages is not None:
-            fields = {k: self.call.body[k] for k in ("chat_template_kwargs",) if k in self.call.body}
+            body = self.client_request.body
+            fields = {k: body[k] for k in ("chat_template_kwargs",) if k in body}
             prompt_ids = await self.engine.tokenize_chat(r.messages, fields)
-            question = chat_question(r.messages, "rain")[1]
+            question = self.client_request.question("rain")[1]
         elif isinstance(r.prompt, str):
             prompt_ids = await self.engine.tokenize(r.prompt, special_tokens=True)
             question = r.prompt
         else:
             prompt_ids = list(r.prompt or [])
             question = await self.engine.text(prompt_ids)
-        options = self.options = await self._policy.options_for(r.model, self.engine)
+        options = self.options = await self._policy.options_for(self.client_request.model, self.engine)
         evaluator = SelfEvaluator(self.engine, self.criterion, question, options)
         self.search = RainSearch(self.engine, evaluator, self._policy.embedder, self.params, prompt_ids,
                                  r.max_tokens)
@@ -228,7 +222,7 @@ class RainRun:
     async def _new_text(self, answer: list[int]) -> tuple[str, bool]:
         """The text committed since the last piece, cut at a client stop string (then True)."""
         full = await self.engine.text(answer)
-        for stop in self.request.stop:
+        for stop in self.client_request.stop:
             at = full.find(stop)
             if at >= 0:
                 piece = full[len(self.text):at] if at > len(self.text) else ""
@@ -243,10 +237,8 @@ class RainRun:
 
     async def _finish_plainly(self, search: RainSearch) -> AsyncIterator[str]:
         sampling = {**self.request.plain_sampling, "max_tokens": self.request.max_tokens - len(search.answer)}
-        if self.request.stop:
-            sampling["stop"] = self.request.stop
-        if self.request.seed is not None:
-            sampling["seed"] = self.request.seed
+        if self.client_request.stop:
+            sampling["stop"] = self.client_request.stop
         # Any text held back at a split character is emitted with the first plain piece.
         pending = (await self.engine.text(search.answer))[len(self.text):]
         async for event in self.engine.stream_plain(search.prompt + search.answer, sampling):
@@ -261,15 +253,6 @@ class RainRun:
                     self.finish_reason = choice["finish_reason"]
 
     # ---- the response ------------------------------------------------------------------------------------
-
-    def usage(self) -> dict[str, Any]:
-        """Every engine call of the request: what it cost, not only the answer's tokens."""
-        total = self.engine.spend.total()
-        usage: dict[str, Any] = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
-                                 "total_tokens": total.prompt_tokens + total.completion_tokens}
-        if total.cached_prompt_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": total.cached_prompt_tokens}
-        return usage
 
     def fill_trace(self) -> None:
         s = self.engine.spend
@@ -292,12 +275,13 @@ class RainRun:
             "seconds": round(time.monotonic() - self.started, 3),
         }
         t = self.call.trace
-        t.search_iterations = iterations
-        t.rewinds = rewinds
-        t.engine_calls = s.engine_calls
-        t.corrections = sum(1 for c in self.commits if not c.greedy)  # commits that overrode the greedy set
-        t.correction_seconds = sum(c.seconds for c in self.commits)
-        t.extra_tokens = max(s.completion_tokens - answer_tokens, 0)
+        t.record(SEARCH_ITERATIONS, iterations)
+        t.record(REWINDS, rewinds)
+        t.record(ENGINE_CALLS, s.engine_calls)
+        t.record(CORRECTIONS, sum(1 for c in self.commits if not c.greedy))  # commits that overrode the greedy set
+        t.record(CORRECTION_SECONDS, sum(c.seconds for c in self.commits))
+        t.record(EXTRA_TOKENS, max(s.completion_tokens - answer_tokens, 0))
+
 
 def _commit_trace(c: CommitRecord) -> dict[str, Any]:
     return {"tokens": list(c.tokens), "greedy": c.greedy, "ends_answer": c.ends_answer,
@@ -310,6 +294,7 @@ class RainPolicy(Policy):
     name = "rain"
     Params = RainParams
     Limits = RainLimits
+    metrics = (*Policy.metrics, CORRECTIONS, EXTRA_TOKENS, SEARCH_ITERATIONS, REWINDS, ENGINE_CALLS)
 
     def __init__(self) -> None:
         self.embedder = TextEmbedder()
@@ -320,8 +305,8 @@ class RainPolicy(Policy):
             try:
                 self._options[model] = await option_tokens(engine)
             except LookupError as exc:
-                raise APIError(400, f"policy rain cannot run on model {model!r}: {exc}", param="model",
-                               code="policy_unavailable") from None
+                raise PolicyRequestError(f"policy rain cannot run on model {model!r}: {exc}", "model",
+                                         code="policy_unavailable") from None
         return self._options[model]
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
@@ -329,7 +314,7 @@ class RainPolicy(Policy):
         async for _ in run.answer():
             pass
         run.fill_trace()
-        return run.shapes.response(run.text, run.finish_reason, run.usage())
+        return run.shapes.response(run.text, run.finish_reason, call.engine.usage())
 
     async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
         run = RainRun(self, call, params)
@@ -342,6 +327,6 @@ class RainPolicy(Policy):
         if first:  # nothing was committed: the role still has to come
             yield run.shapes.piece("", True)
         yield run.shapes.finish(run.finish_reason)
-        if run.request.include_usage:
-            yield run.shapes.chunk([], usage=run.usage())
+        if call.request.include_usage:
+            yield run.shapes.chunk([], usage=call.engine.usage())
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
-from refine_server.policies.base import run_together
-from refine_server.policies.rain_engine import ROLLOUT_STOPS, BudgetExhausted, SearchEngine
+from refine_server.policies.engine_client import BudgetExhausted, run_together
+from refine_server.policies.rain_engine import ROLLOUT_STOPS, SearchEngine
 from refine_server.policies.rain_tree import Node, SearchTree, TokenSet
 
 if TYPE_CHECKING:

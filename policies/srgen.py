@@ -14,7 +14,7 @@ from typing import Any
 
 from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.engine_plugin.srgen_params import SRGEN, SRGenLimits, SRGenParams
-from refine_server.policies.base import Policy, PolicyCall, PolicyParams
+from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall, PolicyParams
 
 
 class SRGenPolicy(Policy):
@@ -22,13 +22,14 @@ class SRGenPolicy(Policy):
     Params = SRGenParams
     Limits = SRGenLimits
     needs_engine_plugin = True
+    metrics = (*Policy.metrics, CORRECTIONS)
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
-        folder = call.backend.link.events_dir
+        folder = call.engine.link.events_dir
         try:
-            result = await call.backend.post_json(call.path, body, endpoint=call.endpoint)
+            result = await call.engine.relay(body)
             _fill_trace(call, folder, key)
             return result
         finally:
@@ -37,9 +38,9 @@ class SRGenPolicy(Policy):
     async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
-        folder = call.backend.link.events_dir
+        folder = call.engine.link.events_dir
         try:
-            async for chunk in call.backend.stream_json(call.path, body, endpoint=call.endpoint):
+            async for chunk in call.engine.relay_stream(body):
                 # Every correction of a choice is on disk before its last token leaves the engine, so the
                 # trace is complete whenever a choice finishes; refine attaches it to the last such chunk.
                 if any(c.get("finish_reason") for c in chunk.get("choices") or ()):
@@ -51,11 +52,11 @@ class SRGenPolicy(Policy):
 
 def _engine_body(call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
     # The client's own vllm_xargs (only keys the operator opened) travel alongside refine's.
-    xargs = {**(call.body.get("vllm_xargs") or {}),
-             **signed_xargs(call.backend.link.secret or "", SRGEN, params.model_dump_json())}
+    xargs = {**(call.request.body.get("vllm_xargs") or {}),
+             **signed_xargs(call.engine.link.secret or "", SRGEN, params.model_dump_json())}
     # A unique cache salt keeps vLLM from reusing a cached prompt prefix: SRGen needs the hidden state of
     # every context position, and a cached prefix is never recomputed.
-    return {**call.body, "vllm_xargs": xargs, "cache_salt": xargs[REQUEST_KEY_ARG]}
+    return {**call.request.body, "vllm_xargs": xargs, "cache_salt": xargs[REQUEST_KEY_ARG]}
 
 
 def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
@@ -67,7 +68,7 @@ def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
             "num_corrections": None,
             "corrections": None,
         }
-        call.trace.corrections = None
+        call.trace.record(CORRECTIONS, None)
         return
     corrections = _of_kind(events, "correction")
     # Triggers the engine's per-step limit left uncorrected (the token was decoded as the engine had it).
@@ -80,8 +81,8 @@ def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
         "corrections": corrections,
         **({"skipped": skipped} if skipped else {}),
     }
-    call.trace.corrections = len(corrections)
-    call.trace.correction_seconds = sum(c["seconds"] for c in corrections)
+    call.trace.record(CORRECTIONS, len(corrections))
+    call.trace.record(CORRECTION_SECONDS, sum(c["seconds"] for c in corrections))
 
 
 def _of_kind(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

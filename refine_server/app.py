@@ -1,6 +1,6 @@
 """The FastAPI application: lifespan-managed backend (embedded or external), health, readiness and metrics.
 
-The OpenAI endpoints live in `openai_api.py`; everything they share is in the `Runtime` on `app.state`.
+The OpenAI endpoints live in `openai_api.py`; everything they share is in the `Runtime` (`runtime.py`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -27,19 +26,9 @@ from refine_server.metrics import Metrics
 from refine_server.model_store import DEFAULT_MODEL_NAME
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
+from refine_server.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    settings: Settings
-    registry: PolicyRegistry
-    metrics: Metrics
-    backend: Backend
-    engine: EmbeddedEngine | None
-    keys: KeyRing
-    open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
 
 
 def _engine_link(settings: Settings) -> EngineLink:
@@ -79,7 +68,7 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
     keys = KeyRing(settings.api_keys, registry)
     open_engine_fields = check_allow_list(settings.client_engine_fields)
-    metrics = Metrics(registry.names)
+    metrics = Metrics(registry.metrics())
     link = _engine_link(settings)
 
     @asynccontextmanager
@@ -109,18 +98,16 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
+    async def ready(rt: Runtime = Depends(get_runtime)) -> JSONResponse:
         """Readiness: the backend is up and answers its own health check."""
-        rt: Runtime = request.app.state.runtime
         if rt.backend.is_ready() and await rt.backend.health():
             return JSONResponse({"status": "ready", "backend": rt.backend.base_url})
         reason = rt.backend.unavailable_reason() if not rt.backend.is_ready() else "backend health check failed"
         return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
-    async def prometheus_metrics(request: Request) -> Response:
+    async def prometheus_metrics(rt: Runtime = Depends(get_runtime)) -> Response:
         """refine's metrics; in embedded mode followed by the child vLLM's, so one scrape target serves both."""
-        rt: Runtime = request.app.state.runtime
         body = rt.metrics.exposition()
         if rt.engine and rt.engine.is_ready():
             body += (await rt.backend.engine_metrics()).encode()

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from refine_server.policies.base import PolicyError
+
 log = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -40,6 +42,11 @@ class APIError(Exception):
 
 def invalid_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_request")
+
+
+def from_policy_error(exc: PolicyError) -> APIError:
+    """A request the chosen policy cannot serve (400), or a policy this server cannot run now (503)."""
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code)
 
 
 def from_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> APIError:

@@ -1,14 +1,16 @@
 """The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/completions.
 
 A generation request goes: parse and check the body -> pick the policy from its `refine` object (or the
-server default) -> let the policy answer through the backend -> add the `refine` block -> count it.
+server default) -> let the policy answer through an `EngineClient` -> add the `refine` block, observe the
+policy's metrics -> count the request. The route knows no policy's fields: a policy declares its metrics
+and fills them in its trace.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,47 +19,39 @@ from pydantic import ValidationError
 from refine_server.auth import Grant
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
-from refine_server.errors import APIError, from_validation_error, invalid_request
-from refine_server.policies import LimitExceeded, Policy, PolicyParams, UnknownPolicy
-from refine_server.policies.base import Endpoint, PolicyCall
-from refine_server.schemas import ChatCompletionRequest, CompletionRequest
+from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
+from refine_server.policies import LimitExceeded, Policy, PolicyParams, PolicyError, UnknownPolicy
+from refine_server.policies.base import PolicyCall
+from refine_server.policies.engine_client import EngineClient
+from refine_server.policies.request import ClientRequest, Endpoint
+from refine_server.runtime import Runtime, get_grant, get_runtime
+from refine_server.schemas import ChatCompletionRequest, CompletionRequest, RefineSpec
 from refine_server.streaming import SSE_HEADERS, ChunkRelay
-
-if TYPE_CHECKING:
-    from refine_server.app import Runtime
 
 router = APIRouter()
 
 _REQUEST_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
 
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-def _grant(request: Request) -> Grant:
-    """FastAPI dependency: the caller's API key checked, and what it may do."""
-    return _runtime(request).keys.authenticate(request)
-
-
-@router.get("/v1/models", dependencies=[Depends(_grant)])
-async def list_models(request: Request) -> dict[str, Any]:
-    return await _runtime(request).backend.get_json("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(get_grant)])
+async def list_models(rt: Runtime = Depends(get_runtime)) -> dict[str, Any]:
+    return await rt.backend.get_json("/v1/models")
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, grant: Grant = Depends(_grant)) -> Response:
-    return await _generate(request, "chat", grant)
+async def chat_completions(request: Request, rt: Runtime = Depends(get_runtime),
+                           grant: Grant = Depends(get_grant)) -> Response:
+    return await _generate(request, "chat", rt, grant)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request, grant: Grant = Depends(_grant)) -> Response:
-    return await _generate(request, "completions", grant)
+async def completions(request: Request, rt: Runtime = Depends(get_runtime),
+                      grant: Grant = Depends(get_grant)) -> Response:
+    return await _generate(request, "completions", rt, grant)
 
 
-async def _generate(request: Request, endpoint: Endpoint, grant: Grant) -> Response:
+async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant) -> Response:
     started = time.perf_counter()
-    rt = _runtime(request)
     policy_label = "other"
 
     def record(status: int) -> None:
@@ -65,31 +59,18 @@ async def _generate(request: Request, endpoint: Endpoint, grant: Grant) -> Respo
         rt.metrics.e2e_latency.labels(endpoint, policy_label).observe(time.perf_counter() - started)
 
     try:
-        body, parsed = await _parse_body(request, endpoint, rt.settings.max_tokens_limit)
-        check_engine_fields(body, rt.open_engine_fields)
-        policy, params = _choose_policy(rt, parsed.refine, grant)
+        client_request, spec = await _read_request(request, endpoint, rt)
+        policy, params = _choose_policy(rt, spec, grant)
         policy_label = rt.metrics.policy_label(policy.name)
         if policy.needs_engine_plugin:
-            await _require_engine_plugin(rt, policy, parsed.model)
-        call = PolicyCall(endpoint, body, rt.backend)
+            await _require_engine_plugin(rt, policy, client_request.model)
+        call = PolicyCall(client_request, EngineClient(rt.backend, client_request))
 
         def refine_block() -> dict[str, Any]:
-            rt.metrics.correction_time.labels(policy_label).observe(call.trace.correction_seconds)
-            trace = call.trace
-            if trace.corrections is not None:
-                rt.metrics.corrections.labels(policy_label).observe(trace.corrections)
-            if trace.rounds is not None:
-                rt.metrics.rounds.labels(policy_label).observe(trace.rounds)
-            if trace.extra_tokens is not None:
-                rt.metrics.extra_tokens.labels(policy_label).inc(trace.extra_tokens)
-            for histogram, count in ((rt.metrics.search_iterations, trace.search_iterations),
-                                     (rt.metrics.rewinds, trace.rewinds),
-                                     (rt.metrics.engine_calls, trace.engine_calls)):
-                if count is not None:
-                    histogram.labels(policy_label).observe(count)
+            rt.metrics.observe_policy(policy_label, call.trace.values)
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
-        if parsed.stream:
+        if client_request.stream:
             chunks = policy.stream(call, params)
             # Wait for the first chunk before answering, so a backend that refuses the request yields a real
             # HTTP error status instead of a 200 stream that carries an error.
@@ -99,8 +80,8 @@ async def _generate(request: Request, endpoint: Endpoint, grant: Grant) -> Respo
                 await chunks.aclose()
                 raise
             relay = ChunkRelay(
-                first, chunks, n_choices=parsed.n or 1, refine_block=refine_block, metrics=rt.metrics,
-                policy_label=policy_label, started=started, on_finish=record,
+                first, chunks, n_choices=client_request.num_choices, refine_block=refine_block,
+                metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record,
             )
             return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -108,15 +89,22 @@ async def _generate(request: Request, endpoint: Endpoint, grant: Grant) -> Respo
         result["refine"] = refine_block()
         record(200)
         return JSONResponse(result)
+    except PolicyError as exc:
+        record(exc.status)
+        raise from_policy_error(exc) from None
     except APIError as exc:
         record(exc.status)
         raise
     except ClientDisconnected:
         record(499)
         return Response(status_code=499)
+    except Exception:
+        record(500)  # the app's handler answers with an OpenAI-style 500
+        raise
 
 
-async def _parse_body(request: Request, endpoint: Endpoint, max_tokens_limit: int):
+async def _read_request(request: Request, endpoint: Endpoint, rt: Runtime) -> tuple[ClientRequest, RefineSpec | None]:
+    """The typed request policies receive, and its `refine` object. A 400 for anything refine refuses."""
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -128,15 +116,17 @@ async def _parse_body(request: Request, endpoint: Endpoint, max_tokens_limit: in
         parsed = _REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    limit = rt.settings.max_tokens_limit
     wanted = parsed.requested_max_tokens()
-    if wanted is not None and wanted > max_tokens_limit:
+    if wanted is not None and wanted > limit:
         param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
-        raise invalid_request(f"{param}={wanted} exceeds this server's limit of {max_tokens_limit}", param)
+        raise invalid_request(f"{param}={wanted} exceeds this server's limit of {limit}", param)
+    check_engine_fields(body, rt.open_engine_fields)
     body.pop("refine", None)
-    return body, parsed
+    return parsed.client_request(endpoint, body), parsed.refine
 
 
-def _choose_policy(rt: Runtime, spec, grant: Grant) -> tuple[Policy, PolicyParams]:
+def _choose_policy(rt: Runtime, spec: RefineSpec | None, grant: Grant) -> tuple[Policy, PolicyParams]:
     name = (spec.policy if spec else None) or rt.settings.default_policy
     raw_params = spec.policy_params() if spec else {}
     if name in rt.registry.names:
@@ -163,8 +153,9 @@ async def _require_engine_plugin(rt: Runtime, policy: Policy, model: str) -> Non
     elif policy.name not in plugin.handshake.policies:
         problem = f"{where} has refine's engine plugin {plugin.handshake.version}, which does not offer it"
     elif plugin.handshake.signature != "ok":
-        problem = (f"{where} has refine's engine plugin but {'no' if plugin.handshake.signature == 'no secret' else 'another'} "
-                   "engine secret: set the same REFINE_ENGINE_SECRET for refine and in vLLM's environment")
+        secret = "no" if plugin.handshake.signature == "no secret" else "another"
+        problem = (f"{where} has refine's engine plugin but {secret} engine secret: set the same "
+                   "REFINE_ENGINE_SECRET for refine and in vLLM's environment")
     else:
         return
     raise APIError(400, f"policy {policy.name!r} runs inside vLLM, but {problem}", param="refine.policy",

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from refine_server.policies.request import ClientRequest, Endpoint
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -43,6 +45,16 @@ class _GenerationRequest(_Open):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def client_request(self, endpoint: Endpoint, body: dict[str, Any]) -> ClientRequest:
+        """What policies receive: this request typed, with `body` (the client's, `refine` removed) to forward."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return ClientRequest(
+            endpoint=endpoint, body=body, model=self.model, n=self.n or 1, max_tokens=self.requested_max_tokens(),
+            seed=self.seed, stop=stop, stream=bool(self.stream),
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            messages=getattr(self, "messages", None), prompt=getattr(self, "prompt", None),
+        )
 
 
 class ChatCompletionRequest(_GenerationRequest):

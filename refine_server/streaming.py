@@ -9,8 +9,9 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from refine_server.errors import APIError
+from refine_server.errors import APIError, from_policy_error
 from refine_server.metrics import Metrics
+from refine_server.policies import PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def carries_tokens(chunk: dict[str, Any]) -> bool:
 class ChunkRelay:
     """Turns a policy's chunks into SSE text.
 
-    The `refine` block goes on the chunk that finishes the last of the request's n choices, so a client
-    reading the stream finds it without waiting for anything extra. A failure mid-stream becomes a
+    The `refine` block goes, once, on the chunk that finishes the last of the request's choices (n per
+    prompt), so a client reading the stream finds it without waiting for anything extra. A failure mid-stream becomes a
     `data: {"error": ...}` line, which the official openai client raises as an APIError.
     """
 
@@ -77,15 +78,16 @@ class ChunkRelay:
                         self._metrics.itl.labels(self._policy).observe(now - last_token_at)
                     last_token_at = now
                 newly = {c.get("index", 0) for c in chunk.get("choices") or () if c.get("finish_reason")}
-                if newly - finished and len(finished | newly) >= self._n_choices:
+                if newly - finished and len(finished | newly) == self._n_choices:
                     chunk["refine"] = self._refine_block()
                 finished |= newly
                 yield sse(chunk)
                 chunk = await anext(self._rest, None)
             yield sse("[DONE]")
-        except APIError as exc:
-            status = exc.status
-            yield sse(exc.body())
+        except (APIError, PolicyError) as exc:
+            error = from_policy_error(exc) if isinstance(exc, PolicyError) else exc
+            status = error.status
+            yield sse(error.body())
         except asyncio.CancelledError:
             status = 499  # the client went away; Starlette cancelled the stream
             raise

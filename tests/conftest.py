@@ -21,6 +21,9 @@ import pytest
 from openai import OpenAI
 
 from refine_server.model_store import DEFAULT_MODEL_NAME
+from refine_server.policies.base import PolicyCall
+from refine_server.policies.engine_client import EngineClient
+from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
 MODEL = DEFAULT_MODEL_NAME
 REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
@@ -92,6 +95,14 @@ def stop_refine(server: RunningServer) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
+
+
+def policy_call(endpoint: str, body: dict, backend: object) -> PolicyCall:
+    """A PolicyCall as refine's route builds it: the body parsed by refine's schemas, an EngineClient on
+    `backend` (a real Backend, or a scripted one with the same post_json / stream_json)."""
+    parsed = (ChatCompletionRequest if endpoint == "chat" else CompletionRequest).model_validate(body)
+    request = parsed.client_request(endpoint, dict(body))  # type: ignore[arg-type]
+    return PolicyCall(request, EngineClient(backend, request))  # type: ignore[arg-type]
 
 
 def metric_total(exposition: str, name: str) -> float:

@@ -1,7 +1,8 @@
 """A stand-in for a vLLM server *without* refine's plugin, for proxy-mechanics unit tests.
 
-It answers like vLLM does (OpenAI JSON, SSE), ignores `vllm_xargs`, and can be told to fail: a prompt
-of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
+It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per prompt), ignores
+`vllm_xargs` (counting requests that carry refine's, as `GET /fake/stats` reports), and can be told to fail:
+a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 MODEL = "fake-model"
+STATS = {"refine_xargs_requests": 0}
 
 
 async def _completions(request: Request):
     body = await request.json()
     prompt = body.get("prompt")
+    if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
+        STATS["refine_xargs_requests"] += 1
     if prompt == "FAIL_500":
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
     words = ["alpha", " beta", " gamma"]
@@ -35,14 +39,17 @@ async def _completions(request: Request):
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
         })
 
+    choices = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+
     async def events():
         for i, word in enumerate(words):
             if prompt == "FAIL_MIDSTREAM" and i == 1:
                 yield "data: " + json.dumps({"error": {"message": "engine died mid-stream", "code": 500}}) + "\n\n"
                 return
-            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
-                     "choices": [{"index": 0, "text": word, "finish_reason": "stop" if i == 2 else None}]}
-            yield f"data: {json.dumps(chunk)}\n\n"
+            for index in range(choices):
+                chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
+                         "choices": [{"index": index, "text": word, "finish_reason": "stop" if i == 2 else None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -56,10 +63,15 @@ async def _health(request: Request):
     return JSONResponse({})
 
 
+async def _stats(request: Request):
+    return JSONResponse(STATS)
+
+
 app = Starlette(routes=[
     Route("/v1/completions", _completions, methods=["POST"]),
     Route("/v1/models", _models),
     Route("/health", _health),
+    Route("/fake/stats", _stats),
 ])
 
 

@@ -18,7 +18,14 @@ from refine_server.errors import APIError
 from refine_server.metrics import Metrics
 from refine_server.policies import LimitExceeded, PolicyRegistry
 from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_kind
-from refine_server.policies.base import PolicyCall
+from refine_server.policies.base import (
+    CORRECTION_SECONDS,
+    CORRECTIONS,
+    EXTRA_TOKENS,
+    ROUNDS,
+    PolicyCall,
+    PolicyRequestError,
+)
 from refine_server.policies.cyberv import CyberVParams, CyberVPolicy, split_for_streaming
 from refine_server.policies.cyberv_sensor import (
     Candidate,
@@ -32,7 +39,7 @@ from refine_server.policies.cyberv_sensor import (
     sense,
 )
 from refine_server.streaming import ChunkRelay
-from tests.conftest import MODEL
+from tests.conftest import MODEL, policy_call
 
 FINAL_SUFFIX = "\nTherefore, the final answer is"
 
@@ -202,7 +209,7 @@ def _call(backend: ScriptedBackend, endpoint: str = "chat", **body: Any) -> Poli
     question = "What is 2 + 2?"
     base = {"model": MODEL, "messages": [{"role": "user", "content": question}]} if endpoint == "chat" \
         else {"model": MODEL, "prompt": question}
-    return PolicyCall(endpoint, {**base, **body}, backend)
+    return policy_call(endpoint, {**base, **body}, backend)
 
 
 # ---- sensor and controller on hand-made candidates -------------------------------------------------------
@@ -331,13 +338,13 @@ async def test_unanimous_request_is_answered_in_one_round() -> None:
     ChatCompletion.model_validate(body)
     trace = call.trace.data
     assert trace["decision"] == "accepted" and trace["feedback"] is None
-    assert call.trace.corrections == 0 and call.trace.correction_seconds == 0 and call.trace.rounds == 1
+    assert _reported(call) == {"corrections": 0, "correction_seconds": 0, "rounds": 1,
+                               "extra_tokens": body["usage"]["completion_tokens"] - _chosen_tokens(backend, trace)}
     assert trace["answers"][0]["answer"] == "4" and trace["threshold"] == 2.4
     chosen = trace["candidates"][trace["chosen"]["candidate"]]
     assert body["choices"][0]["message"]["content"] == backend.reasoning[chosen["index"] - 1]
     assert body["model"] == MODEL and body["choices"][0]["finish_reason"] == "stop"
-    chosen_tokens = len(backend.reasoning[chosen["index"] - 1].split())  # the scripted backend: a token per word
-    assert call.trace.extra_tokens == body["usage"]["completion_tokens"] - chosen_tokens > 0
+    assert _reported(call)["extra_tokens"] > 0
 
     # Round 1: the direct answer, ONE call for the 7 samples, a final-answer step per candidate.
     assert sorted(backend.kinds()) == ["direct"] + ["final"] * 8 + ["reasoning"]
@@ -369,8 +376,9 @@ async def test_split_request_gets_a_feedback_round_whose_known_answer_is_accepte
     assert SPIKE_WORD in trace["feedback"]["span"]
     assert trace["chosen"] == {"source": "feedback", "candidate": None, "answer": "5"}
     assert body["choices"][0]["message"]["content"] == backend.feedback
-    assert call.trace.corrections == 1 and call.trace.correction_seconds > 0 and call.trace.rounds == 2
-    assert call.trace.extra_tokens == trace["rounds"]["round1"]["completion_tokens"]
+    reported = _reported(call)
+    assert reported["corrections"] == 1 and reported["correction_seconds"] > 0 and reported["rounds"] == 2
+    assert reported["extra_tokens"] == trace["rounds"]["round1"]["completion_tokens"]
     assert trace["rounds"]["feedback"]["engine_calls"] == 1
     assert body["usage"]["total_tokens"] == sum(r["total_tokens"] for r in trace["rounds"].values())
     feedback_call = backend.calls[-1]
@@ -388,7 +396,7 @@ async def test_feedback_answer_not_among_round1_answers_is_rejected() -> None:
     best = trace["chosen"]["candidate"]
     assert trace["chosen"]["source"] == "candidate" and trace["chosen"]["answer"] == trace["answers"][0]["answer"]
     assert body["choices"][0]["message"]["content"] == backend.reasoning[best - 1]
-    assert call.trace.corrections == 1
+    assert _reported(call)["corrections"] == 1
 
 
 async def test_no_extractable_answer_returns_the_direct_answer_without_feedback() -> None:
@@ -418,7 +426,7 @@ async def test_chat_history_is_kept_and_the_last_user_message_is_the_question() 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]}]
-    call = PolicyCall("chat", {"model": MODEL, "messages": messages}, backend)
+    call = policy_call("chat", {"model": MODEL, "messages": messages}, backend)
     await CyberVPolicy().complete(call, CyberVParams(n=2))
     for body in backend.calls:
         assert body["messages"][:3] == messages[:3]
@@ -438,19 +446,31 @@ async def test_chat_history_is_kept_and_the_last_user_message_is_the_question() 
 async def test_requests_cyberv_cannot_answer_are_400(endpoint: str, body: dict[str, Any], param: str) -> None:
     backend = _unanimous()
     call = _call(backend, endpoint=endpoint, **body)
-    with pytest.raises(APIError) as err:
+    with pytest.raises(PolicyRequestError) as err:
         await CyberVPolicy().complete(call, CyberVParams())
     assert (err.value.status, err.value.param) == (400, param)
-    with pytest.raises(APIError):
+    with pytest.raises(PolicyRequestError):
         await anext(CyberVPolicy().stream(call, CyberVParams()))
     assert backend.calls == []
+
+
+def _reported(call: PolicyCall) -> dict[str, float]:
+    """The metric values cyberv reported for one request, by short name."""
+    names = {CORRECTIONS: "corrections", CORRECTION_SECONDS: "correction_seconds", ROUNDS: "rounds",
+             EXTRA_TOKENS: "extra_tokens"}
+    return {short: call.trace.values[m.name] for m, short in names.items() if m.name in call.trace.values}
+
+
+def _chosen_tokens(backend: ScriptedBackend, trace: dict[str, Any]) -> int:
+    chosen = trace["candidates"][trace["chosen"]["candidate"]]
+    return len(backend.reasoning[chosen["index"] - 1].split())  # the scripted backend: a token per word
 
 
 async def _relay(call: PolicyCall, params: CyberVParams) -> list[dict[str, Any]]:
     """The policy's stream as refine serves it (ChunkRelay attaches the refine block), parsed back from SSE."""
     chunks = CyberVPolicy().stream(call, params)
     relay = ChunkRelay(
-        await anext(chunks), chunks, n_choices=1, metrics=Metrics(["cyberv"]), policy_label="cyberv",
+        await anext(chunks), chunks, n_choices=1, metrics=Metrics({"cyberv": CyberVPolicy.metrics}), policy_label="cyberv",
         refine_block=lambda: {"policy": "cyberv", "trace": call.trace.data},
         started=time.perf_counter(), on_finish=lambda status: None,
     )

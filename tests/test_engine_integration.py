@@ -14,6 +14,7 @@ from openai import OpenAI
 from refine_server.backend import Backend, EngineLink
 from refine_server.engine_plugin.protocol import signed_xargs
 from refine_server.metrics import Metrics
+from refine_server.policies.none import NonePolicy
 from tests.conftest import (
     ENGINE_ENV,
     ENGINE_EVENTS_DIR,
@@ -81,7 +82,7 @@ def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str
 
 async def test_handshake_finds_the_engine_plugin_in_the_embedded_server(engine_url: str) -> None:
     link = EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR)
-    backend = Backend(engine_url, Metrics(["none"]), link, timeout_s=30)
+    backend = Backend(engine_url, Metrics({"none": NonePolicy.metrics}), link, timeout_s=30)
     try:
         plugin = await backend.plugin(MODEL)
     finally:

@@ -18,7 +18,6 @@ from refine_server.engine_plugin.corrector import INJECTED_FAULT, SRGenCorrector
 from refine_server.engine_plugin.entry import RefineLogitsProcessor
 from refine_server.engine_plugin.events import EventWriter
 from refine_server.engine_plugin.protocol import (
-    ALLOW_FAULTS_ENV,
     EVENTS_DIR_ENV,
     FAULT_ARG,
     HANDSHAKE_POLICY,

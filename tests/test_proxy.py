@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -12,9 +14,10 @@ from openai import OpenAI
 from refine_server.app import create_app
 from refine_server.config import Settings
 from refine_server.policies import PolicyRegistry
-from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyParams
+from refine_server.policies.base import CORRECTIONS, PolicyCall, PolicyLimits, PolicyMetric, PolicyParams
 from refine_server.policies.srgen import _fill_trace
 from refine_server.policies.none import NonePolicy
+from tests.conftest import metric_total, policy_call
 from tests.fake_vllm import MODEL, app as fake_vllm_app, free_port, serve_in_thread
 
 
@@ -39,6 +42,27 @@ class InEnginePolicy(NonePolicy):
     needs_engine_plugin = True
 
 
+class WidgetPolicy(NonePolicy):
+    """A policy with a metric of its own: declared, recorded in the trace, and the server does the rest."""
+
+    name = "widgets"
+    WIDGETS = PolicyMetric("refine_test_widgets", "Widgets made per request", "counter")
+    metrics = (*NonePolicy.metrics, WIDGETS)
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        call.trace.record(self.WIDGETS, 3)
+        return await super().complete(call, params)
+
+
+class BrokenPolicy(NonePolicy):
+    """A policy with a bug."""
+
+    name = "broken"
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        raise RuntimeError("a bug in a policy")
+
+
 @pytest.fixture(scope="module")
 def fake_backend() -> Iterator[str]:
     with serve_in_thread(fake_vllm_app) as url:
@@ -46,7 +70,8 @@ def fake_backend() -> Iterator[str]:
 
 
 def _serve(settings: Settings):
-    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy], settings.policy_limits)
+    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, BrokenPolicy],
+                              settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))
 
 
@@ -72,6 +97,53 @@ def test_stream_carries_refine_block_on_the_finishing_chunk(client: OpenAI) -> N
     assert "".join(c.choices[0].text for c in chunks) == "alpha beta gamma"
     assert [c.model_extra.get("refine") is not None for c in chunks] == [False, False, True]
     assert chunks[-1].model_extra["refine"]["policy"] == "none"
+
+
+def test_a_policy_declares_its_own_metric_and_the_server_serves_it(client: OpenAI, proxy: str) -> None:
+    def widgets() -> float:
+        return metric_total(httpx.get(f"{proxy}/metrics").text, "refine_test_widgets_total")
+
+    before = widgets()
+    client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "widgets"}})
+    assert widgets() == before + 3
+
+
+def test_a_batch_of_prompts_streams_one_refine_block_and_counts_once(client: OpenAI, proxy: str) -> None:
+    """Completions take a list of prompts: n choices for each. The block goes on the last finish only."""
+    def observed() -> float:
+        return metric_total(httpx.get(f"{proxy}/metrics").text, "refine_correction_seconds_count")
+
+    before = observed()
+    chunks = list(client.completions.create(model=MODEL, prompt=["a", "b", "c"], stream=True))
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 3
+    assert [c.model_extra.get("refine") is not None for c in chunks].count(True) == 1
+    assert chunks[-1].model_extra["refine"]["policy"] == "none"
+    assert observed() == before + 1
+
+
+def test_a_failing_policy_is_an_openai_500_and_is_counted(client: OpenAI, proxy: str) -> None:
+    def failures() -> float:
+        text = httpx.get(f"{proxy}/metrics").text
+        return sum(float(v) for v in re.findall(r'^refine_requests_total\{[^}]*policy="broken"[^}]*status="500"\} (\S+)$',
+                                                text, re.M))
+
+    before = failures()
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "broken"}})
+    assert err.value.body["type"] == "server_error" and "a bug" not in str(err.value.body)
+    assert failures() == before + 1
+
+
+def test_a_backend_without_the_plugin_is_asked_once_not_per_request(client: OpenAI, fake_backend: str) -> None:
+    def handshakes() -> int:
+        return httpx.get(f"{fake_backend}/fake/stats").json()["refine_xargs_requests"]
+
+    before = handshakes()
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "in_engine"}})
+    assert handshakes() - before <= 1
 
 
 def test_parameter_over_the_server_limit_is_a_400_naming_the_field(client: OpenAI) -> None:
@@ -130,10 +202,10 @@ def test_api_keys_are_required_when_configured(fake_backend: str) -> None:
 
 
 def test_srgen_trace_says_when_the_engine_could_not_report(tmp_path) -> None:
-    call = PolicyCall("completions", {}, backend=None)
+    call = policy_call("completions", {"model": MODEL, "prompt": "x"}, backend=None)
     _fill_trace(call, tmp_path, "d" * 32)
     assert call.trace.data["engine_events"].startswith("unavailable")
-    assert call.trace.data["corrections"] is None and call.trace.corrections is None
+    assert call.trace.data["corrections"] is None and CORRECTIONS.name not in call.trace.values
 
 
 # ---- the side door: engine-facing fields ------------------------------------------------------------------

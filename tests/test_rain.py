@@ -15,8 +15,9 @@ import pytest
 from openai import OpenAI
 
 from refine_server.policies import LimitExceeded, PolicyRegistry
+from refine_server.policies.engine_client import Budget, BudgetExhausted, Spend
 from refine_server.policies.rain import RainParams, RainPolicy
-from refine_server.policies.rain_engine import Budget, BudgetExhausted, Spend
+from refine_server.policies.rain_embeddings import _encode
 from refine_server.policies.rain_search import (
     ANSWER_LINE,
     RainSearch,
@@ -472,3 +473,23 @@ def test_a_client_that_leaves_stops_the_search(refine_server, engine_url: str, s
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{refine_server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=4.0))
     assert _engine_idle_for(engine_url, 2.0), "the search kept calling the engine after the client left"
+
+
+def test_the_embedder_narrows_torch_threads_only_while_it_encodes() -> None:
+    """The server process's torch setting is the embedder's only while it encodes (a shared machine)."""
+    import torch
+
+    seen = []
+
+    class Model:
+        def encode(self, texts, **_):
+            seen.append(torch.get_num_threads())
+            return np.zeros((len(texts), 3))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _encode(Model(), ["a"])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -13,9 +13,8 @@ from openai import OpenAI
 
 from refine_server.engine_plugin.protocol import FAULT_ARG, read_events, signed_xargs
 from refine_server.engine_plugin.srgen_params import SRGenParams
-from refine_server.policies.base import PolicyCall, Trace
 from refine_server.policies.srgen import _fill_trace
-from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, metric_total
+from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, metric_total, policy_call
 
 # Thresholds of zero make every monitored token trigger: the first token after the prompt is never monitored
 # (as in the official code), so corrections land on output indices 1, 2, ... up to the budget.
@@ -149,7 +148,7 @@ def test_a_failing_correction_leaves_the_engine_serving_and_the_trace_says_why(e
     failed = [e for e in events if e["event"] == "failed"]
     assert len(failed) == 1 and "injected fault" in failed[0]["reason"]
 
-    call = PolicyCall("completions", {}, backend=None, trace=Trace())
+    call = policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend=None)
     _fill_trace(call, ENGINE_EVENTS_DIR, key)
     assert call.trace.data["engine_events"].startswith("SRGen stopped early: a correction failed")
     # And the engine keeps serving SRGen for everyone else.

@@ -1,0 +1,242 @@
+"""The engine as every policy calls it: the client's model and seed, the cost of each call by purpose, an
+optional budget, and concurrent calls that cancel together.
+
+Policies never build URLs or read HTTP statuses: they call `chat`, `completions`, `stream_completions`,
+the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the backend's errors,
+which the route turns into the client's; a spent budget is `BudgetExhausted`, which the policy handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from refine_server.policies.request import PATHS, ClientRequest
+
+if TYPE_CHECKING:
+    from refine_server.backend import Backend, EngineLink
+
+T = TypeVar("T")
+
+
+class BudgetExhausted(Exception):
+    def __init__(self, budget: str):
+        super().__init__(f"budget {budget!r} exhausted")
+        self.budget = budget
+
+
+@dataclass
+class Budget:
+    """Caps on every engine call of one request; None: no cap. Checked before each generation call."""
+
+    engine_calls: int | None
+    tokens: int | None  # completion tokens generated
+    seconds: float | None
+    started: float = field(default_factory=time.monotonic)
+
+    def seconds_left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.monotonic() - self.started)
+
+
+@dataclass
+class Cost:
+    """What the calls of one purpose cost."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int | None = None  # None: the engine does not report prompt_tokens_details
+    # The prompt tokens whose cache hits were reported. vLLM reports cached tokens for the last prompt of a
+    # multi-prompt call only, so the hit rate is taken over the prompts it reports on.
+    observed_prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, usage: dict[str, Any], observed_prompt_tokens: int | None = None) -> None:
+        self.prompt_tokens += usage.get("prompt_tokens") or 0
+        self.completion_tokens += usage.get("completion_tokens") or 0
+        details = usage.get("prompt_tokens_details")
+        if details is not None:
+            self.cached_prompt_tokens = (self.cached_prompt_tokens or 0) + (details.get("cached_tokens") or 0)
+            self.observed_prompt_tokens += (observed_prompt_tokens if observed_prompt_tokens is not None
+                                            else usage.get("prompt_tokens") or 0)
+
+    def merge(self, other: Cost) -> None:
+        self.calls += other.calls
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        if other.cached_prompt_tokens is not None:
+            self.cached_prompt_tokens = (self.cached_prompt_tokens or 0) + other.cached_prompt_tokens
+            self.observed_prompt_tokens += other.observed_prompt_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        hit_rate = (None if self.cached_prompt_tokens is None or not self.observed_prompt_tokens
+                    else round(self.cached_prompt_tokens / self.observed_prompt_tokens, 4))
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens,
+                "cached_prompt_tokens": self.cached_prompt_tokens, "completion_tokens": self.completion_tokens,
+                "prefix_cache_hit_rate": hit_rate}
+
+
+@dataclass
+class Spend:
+    """What a request's engine calls cost, by purpose (a policy's own names: "round1", "rollout", ...)."""
+
+    by_purpose: dict[str, Cost] = field(default_factory=dict)
+    tokenizer_calls: int = 0
+
+    def cost(self, purpose: str) -> Cost:
+        return self.by_purpose.setdefault(purpose, Cost())
+
+    def total(self) -> Cost:
+        total = Cost()
+        for c in self.by_purpose.values():
+            total.merge(c)
+        return total
+
+    @property
+    def engine_calls(self) -> int:
+        return sum(c.calls for c in self.by_purpose.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.by_purpose.values())
+
+
+class EngineClient:
+    """The backend for one client request. Every generation call carries the client's model, and its seed
+    unless the call sets its own."""
+
+    def __init__(self, backend: Backend, request: ClientRequest, budget: Budget | None = None):
+        self._backend = backend
+        self.request = request
+        self.model = request.model
+        self.seed = request.seed
+        self.budget = budget
+        self.spend = Spend()
+        self._seed_counter = 0
+
+    @property
+    def link(self) -> EngineLink:
+        """How to reach refine's plugin inside the engine (for policies that run there)."""
+        return self._backend.link
+
+    # ---- the client's own request, forwarded -------------------------------------------------------------
+
+    async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
+
+    def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._backend.stream_json(self.request.path, body, endpoint=self.request.endpoint)
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    async def chat(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        return await self._generate(purpose, "chat", {"messages": messages, **fields})
+
+    async def completions(self, purpose: str, prompt: list[int] | list[list[int]] | str,
+                          **fields: Any) -> dict[str, Any]:
+        several = bool(prompt) and isinstance(prompt, list) and isinstance(prompt[0], list)
+        # vLLM reports cache hits for the last prompt of a batch only: count the hit rate over that one.
+        observed = len(prompt[-1]) if several else None  # type: ignore[arg-type]
+        return await self._generate(purpose, "completions", {"prompt": prompt, **fields}, observed)
+
+    async def stream_completions(self, purpose: str, prompt: list[int], *, budgeted: bool = True,
+                                 **fields: Any) -> AsyncIterator[dict[str, Any]]:
+        """A streamed completion, chunk by chunk. The caller may stop reading at any point: that closes the
+        connection and vLLM aborts the rest; the usage reported so far is still counted.
+        `budgeted=False`: the call finishes an answer after the budget ran out, so it is not checked."""
+        if budgeted:
+            self._check_budget()
+        cost = self._charge(purpose)
+        body = self._body({"prompt": prompt, "stream": True, **fields})
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True,
+                                  **(fields.get("stream_options") or {})}
+        usage: dict[str, Any] = {}
+        try:
+            async with aclosing(self._backend.stream_json(PATHS["completions"], body, endpoint="completions")) as chunks:
+                async for chunk in chunks:
+                    usage = chunk.get("usage") or usage
+                    yield chunk
+        finally:
+            cost.add(usage)
+
+    def next_seed(self) -> int | None:
+        """Distinct, reproducible seeds for the sampled calls of a seeded request (None: not seeded)."""
+        if self.seed is None:
+            return None
+        self._seed_counter += 1
+        return (self.seed * 1_000_003 + self._seed_counter) % (2**63)
+
+    # ---- the tokenizer -----------------------------------------------------------------------------------
+
+    async def tokenize(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        body = {"prompt": text, "add_special_tokens": special_tokens}
+        return (await self._tokenizer("/tokenize", body))["tokens"]
+
+    async def tokenize_chat(self, messages: list[dict[str, Any]], template_fields: dict[str, Any]) -> list[int]:
+        body = {"messages": messages, "add_generation_prompt": True, **template_fields}
+        return (await self._tokenizer("/tokenize", body))["tokens"]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self._tokenizer("/detokenize", {"tokens": tokens}))["prompt"]
+
+    # ---- what it cost ------------------------------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any]:
+        """The OpenAI usage of the whole request: every engine call, not only the answer's tokens."""
+        total = self.spend.total()
+        usage: dict[str, Any] = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+                                 "total_tokens": total.prompt_tokens + total.completion_tokens}
+        if total.cached_prompt_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": total.cached_prompt_tokens}
+        return usage
+
+    # ---- internals ---------------------------------------------------------------------------------------
+
+    async def _generate(self, purpose: str, endpoint: str, fields: dict[str, Any],
+                        observed_prompt_tokens: int | None = None) -> dict[str, Any]:
+        self._check_budget()
+        cost = self._charge(purpose)
+        result = await self._backend.post_json(PATHS[endpoint], self._body(fields), endpoint=endpoint)
+        cost.add(result.get("usage") or {}, observed_prompt_tokens)
+        return result
+
+    def _body(self, fields: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": self.model, **fields}
+        if self.seed is not None and "seed" not in fields:
+            body["seed"] = self.seed
+        return body
+
+    async def _tokenizer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.spend.tokenizer_calls += 1
+        return await self._backend.post_json(path, {"model": self.model, **body}, endpoint="tokenize")
+
+    def _check_budget(self) -> None:
+        b, s = self.budget, self.spend
+        if b is None:
+            return
+        if b.engine_calls is not None and s.engine_calls >= b.engine_calls:
+            raise BudgetExhausted("max_engine_calls")
+        if b.tokens is not None and s.completion_tokens >= b.tokens:
+            raise BudgetExhausted("max_search_tokens")
+        left = b.seconds_left()
+        if left is not None and left <= 0:
+            raise BudgetExhausted("max_seconds")
+
+    def _charge(self, purpose: str) -> Cost:
+        cost = self.spend.cost(purpose)
+        cost.calls += 1
+        return cost
+
+
+async def run_together(*work: Awaitable[T]) -> list[T]:
+    """Run a policy's engine calls concurrently; the first failure cancels the rest (no engine work is left
+    running for a request that has failed) and is raised as itself, not as an exception group."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(w) for w in work]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return [t.result() for t in tasks]

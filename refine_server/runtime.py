@@ -1,0 +1,38 @@
+"""What the routes share, built once per server start: settings, policies, metrics, the backend, API keys.
+
+The app's lifespan puts one `Runtime` on `app.state`; routes receive it (and the caller's `Grant`) as FastAPI
+dependencies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+
+from refine_server.auth import Grant, KeyRing
+from refine_server.backend import Backend
+from refine_server.config import Settings
+from refine_server.engine import EmbeddedEngine
+from refine_server.metrics import Metrics
+from refine_server.policies import PolicyRegistry
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    registry: PolicyRegistry
+    metrics: Metrics
+    backend: Backend
+    engine: EmbeddedEngine | None
+    keys: KeyRing
+    open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_grant(request: Request, runtime: Runtime = Depends(get_runtime)) -> Grant:
+    """The caller's API key checked, and what it may do."""
+    return runtime.keys.authenticate(request)
