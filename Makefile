@@ -1,10 +1,12 @@
 # The two commands of the README:  make serve  (install + start refine on the embedded default model)
 #                                  make test   (install + run the whole test suite)
+# The suite in two halves:  make test-unit    (tests/unit: fakes only, no engine, seconds)
+#                           make test-engine  (tests/engine: the real vLLM server, started once)
 # Pass flags through:  make serve ARGS="--port 9000"   make test PYTEST_ARGS="-k metrics"
 VENV := .venv
 INSTALLED := $(VENV)/.refine-installed
 
-.PHONY: serve test install
+.PHONY: serve test test-unit test-engine install
 
 $(INSTALLED): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -17,3 +19,9 @@ serve: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: $(INSTALLED)
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-engine: $(INSTALLED)
+	$(VENV)/bin/pytest tests/engine $(PYTEST_ARGS)

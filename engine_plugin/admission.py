@@ -8,7 +8,6 @@ must be valid and within the caps this engine was given; and the engine must be 
 
 from __future__ import annotations
 
-import json
 import os
 from functools import cache
 from importlib import metadata
@@ -24,6 +23,7 @@ from refine_server.engine_plugin.protocol import (
     PARAMS_ARG,
     PLUGIN_MARKER,
     POLICY_ARG,
+    PROTOCOL_VERSION,
     REQUEST_KEY_ARG,
     SRGEN_ENGINE_ENV,
     Handshake,
@@ -32,6 +32,7 @@ from refine_server.engine_plugin.protocol import (
     engine_policy_limits,
     engine_secret,
     events_dir,
+    handshake_reply,
     is_request_key,
 )
 from refine_server.engine_plugin.srgen_params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
@@ -100,6 +101,6 @@ def _answer_handshake(args: dict[str, Any], signed: str) -> None:
     key = args.get(REQUEST_KEY_ARG)
     if signed == "ok" and is_request_key(key):
         append_event(events_dir(), key, {"event": "handshake"})
-    report = Handshake(version=plugin_version(), policies=list(IN_ENGINE_POLICIES), signature=signed,
-                       limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
-    raise ValueError(f"{PLUGIN_MARKER} {json.dumps(report.model_dump())}")
+    report = Handshake(protocol=PROTOCOL_VERSION, version=plugin_version(), policies=list(IN_ENGINE_POLICIES),
+                       signature=signed, limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
+    raise ValueError(handshake_reply(report))

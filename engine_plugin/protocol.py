@@ -7,9 +7,12 @@ HMAC of (key, policy, parameters) made with a secret that the proxy and the engi
 request without a valid signature, so a client that reaches vLLM's port directly cannot switch a policy on,
 and it checks the parameters against its own copy of the server's caps (`REFINE_ENGINE_POLICY_LIMITS`).
 
-**The handshake**: the proxy sends a signed request for the pseudo-policy `HANDSHAKE_POLICY`; the plugin
-rejects it at admission (so nothing is generated) with a message `PLUGIN_MARKER` + JSON `Handshake`, after
-writing one event under the request's key. A vLLM without the plugin ignores the argument and generates.
+**The handshake**: the proxy sends a signed 1-token request for the pseudo-policy `HANDSHAKE_POLICY`; the
+plugin refuses it at admission (so nothing is generated), after writing one event under the request's key.
+vLLM relays a refusal as a 400 whose message is the plugin's text, the only thing a logits-processor plugin can
+say to a client, so the reply is that text in a fixed form: `handshake_reply` writes it (the plugin's
+`Handshake`, with `PROTOCOL_VERSION`), `parse_handshake_reply` reads it. A vLLM without the plugin ignores the
+argument and generates; a server that refuses the request without that reply has no plugin either.
 
 **Events** flow back through an append-only JSON-lines file per request key in a folder both sides can see
 (`REFINE_ENGINE_EVENTS_DIR`): one `admitted` line when a sequence enters the engine, then one line per event;
@@ -41,8 +44,11 @@ SIGNATURE_ARG = "refine_signature"  # HMAC-SHA256 of the three above, with the s
 # Makes the in-engine work fail on purpose, for tests; honoured only by an engine started with ALLOW_FAULTS_ENV=1.
 FAULT_ARG = "refine_fault"
 
-PLUGIN_MARKER = "refine engine plugin"
+PLUGIN_MARKER = "refine engine plugin"  # starts every message the plugin sends through vLLM
 HANDSHAKE_POLICY = "__handshake__"
+HANDSHAKE_REPLY = f"{PLUGIN_MARKER} handshake reply: "
+# Bumped when a field of this contract changes meaning: a proxy refuses a plugin of another protocol version.
+PROTOCOL_VERSION = 1
 
 SECRET_ENV = "REFINE_ENGINE_SECRET"
 LIMITS_ENV = "REFINE_ENGINE_POLICY_LIMITS"
@@ -55,11 +61,27 @@ _KEY = re.compile(r"^[0-9a-f]{32}$")
 class Handshake(BaseModel):
     """What the plugin tells the proxy about itself."""
 
-    version: str
+    protocol: int  # PROTOCOL_VERSION of the plugin's side
+    version: str  # the refine package version installed in the engine
     policies: list[str]
     signature: str  # "ok", "no secret" (the engine has none set) or "mismatch" (not the proxy's secret)
     limits: dict[str, dict[str, Any]]  # the caps the plugin enforces, by policy
     unsupported: list[str]  # why this engine cannot run in-engine policies correctly (empty: it can)
+
+
+def handshake_reply(report: Handshake) -> str:
+    """Engine side: the refusal message that answers a handshake."""
+    return HANDSHAKE_REPLY + report.model_dump_json()
+
+
+def parse_handshake_reply(message: str) -> Handshake | None:
+    """Proxy side: the plugin's report from the message of the 400 that vLLM relayed, or None when the
+    message is no handshake reply. Raises ValueError for a reply in a form this side cannot read."""
+    at = message.find(HANDSHAKE_REPLY)
+    if at < 0:
+        return None
+    report, _ = json.JSONDecoder().raw_decode(message, at + len(HANDSHAKE_REPLY))
+    return Handshake.model_validate(report)  # a pydantic ValidationError is a ValueError
 
 
 # ---- signing ----------------------------------------------------------------------------------------------

@@ -116,5 +116,7 @@ class Policy(ABC):
         """Answer a non-streaming request with one OpenAI response body."""
 
     @abstractmethod
-    def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
-        """Answer a streaming request with OpenAI chunk bodies, in order, as soon as each is known."""
+    def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Answer a streaming request with OpenAI chunk bodies, in order, as soon as each is known: dicts the
+        policy wrote, or the engine's chunks as `call.engine.relay_stream` gave them (JSON bytes), which
+        refine sends on without decoding them."""

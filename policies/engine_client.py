@@ -15,6 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from refine_server.policies.relayed import RelayedChunk
 from refine_server.policies.request import PATHS, ClientRequest
 
 if TYPE_CHECKING:
@@ -127,8 +128,9 @@ class EngineClient:
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
 
-    def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._backend.stream_json(self.request.path, body, endpoint=self.request.endpoint)
+    def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
+        """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
+        return self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
 
     # ---- generation --------------------------------------------------------------------------------------
 

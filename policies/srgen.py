@@ -15,6 +15,7 @@ from typing import Any
 from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.engine_plugin.srgen_params import SRGEN, SRGenLimits, SRGenParams
 from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall, PolicyParams
+from refine_server.policies.relayed import RelayedChunk, may_finish
 
 
 class SRGenPolicy(Policy):
@@ -35,7 +36,7 @@ class SRGenPolicy(Policy):
         finally:
             discard_events(folder, key)
 
-    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[RelayedChunk]:
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
         folder = call.engine.link.events_dir
@@ -43,7 +44,7 @@ class SRGenPolicy(Policy):
             async for chunk in call.engine.relay_stream(body):
                 # Every correction of a choice is on disk before its last token leaves the engine, so the
                 # trace is complete whenever a choice finishes; refine attaches it to the last such chunk.
-                if any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                if may_finish(chunk):
                     _fill_trace(call, folder, key)
                 yield chunk
         finally:

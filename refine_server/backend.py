@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
-from pydantic import ValidationError
+import msgspec
 
 from refine_server.engine_plugin.protocol import (
     HANDSHAKE_POLICY,
-    PLUGIN_MARKER,
+    PROTOCOL_VERSION,
     REQUEST_KEY_ARG,
     Handshake,
     discard_events,
+    parse_handshake_reply,
     read_events,
     signed_xargs,
 )
@@ -101,7 +102,7 @@ class Backend:
 
     async def plugin(self, model: str) -> PluginInfo | None:
         """refine's engine plugin inside this backend, or None when the backend has none. Remembered for
-        HANDSHAKE_TTL_S, whichever the answer."""
+        HANDSHAKE_TTL_S, whichever the answer; a backend that cannot answer now is asked again next time."""
         if self._plugin is not None and time.monotonic() - self._plugin[0] < HANDSHAKE_TTL_S:
             return self._plugin[1]
         xargs = signed_xargs(self.link.secret or "", HANDSHAKE_POLICY, "{}")
@@ -110,14 +111,26 @@ class Backend:
             await self.post_json("/v1/completions", body, endpoint="handshake")
             info = None  # the argument was ignored and a token generated: no plugin
         except APIError as exc:
-            if exc.status != 400 or PLUGIN_MARKER not in exc.message:
+            if exc.status != 400:
                 raise
-            shared = read_events(self.link.events_dir, xargs[REQUEST_KEY_ARG]) is not None
-            info = PluginInfo(_parse_handshake(exc.message), events_shared=shared)
+            info = self._plugin_info(exc.message, xargs[REQUEST_KEY_ARG])
         finally:
             discard_events(self.link.events_dir, xargs[REQUEST_KEY_ARG])
         self._plugin = (time.monotonic(), info)
         return info
+
+    def _plugin_info(self, refusal: str, key: str) -> PluginInfo | None:
+        """What a 400 answer to the handshake says: the plugin's reply, or no plugin (a server that refuses
+        the request without a reply, such as one that accepts no `vllm_xargs`)."""
+        try:
+            handshake = parse_handshake_reply(refusal)
+        except ValueError:
+            raise _plugin_mismatch("its handshake reply is in a form this proxy does not read") from None
+        if handshake is None:
+            return None
+        if handshake.protocol != PROTOCOL_VERSION:
+            raise _plugin_mismatch(f"it speaks protocol {handshake.protocol}, this proxy {PROTOCOL_VERSION}")
+        return PluginInfo(handshake, events_shared=read_events(self.link.events_dir, key) is not None)
 
     # ---- calls -------------------------------------------------------------------------------------------
 
@@ -129,7 +142,7 @@ class Backend:
             raise self._transport_error(exc, "models") from exc
         if resp.status_code >= 400:
             raise _error_from_response(resp.status_code, resp.content)
-        return resp.json()
+        return msgspec.json.decode(resp.content)
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
         """One non-streaming call. Raises APIError carrying the backend's own status and message."""
@@ -144,10 +157,11 @@ class Backend:
         if resp.status_code >= 400:
             self._count_error(endpoint, resp.status_code)
             raise _error_from_response(resp.status_code, resp.content)
-        return resp.json()
+        return msgspec.json.decode(resp.content)
 
-    async def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[dict[str, Any]]:
-        """One streaming call, yielding each server-sent event's JSON as it arrives.
+    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[bytes]:
+        """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
+        it) as it arrives: relaying it unchanged costs no decoding. An error event is raised as APIError.
 
         Leaving the loop early (a client that went away, a policy that has seen enough) closes the
         connection, which makes vLLM abort the generation.
@@ -160,19 +174,31 @@ class Backend:
                     self._count_error(endpoint, resp.status_code)
                     raise _error_from_response(resp.status_code, await resp.aread())
                 self._metrics.upstream_latency.labels(endpoint).observe(time.perf_counter() - started)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    event = json.loads(data)
-                    if "error" in event:
-                        self._count_error(endpoint, 500)
-                        raise _error_from_body(502, event)
-                    yield event
+                pending = b""
+                async for data in resp.aiter_bytes():
+                    if b"\r" in data:  # SSE allows CRLF line ends; vLLM sends LF
+                        data = data.replace(b"\r\n", b"\n")
+                    pending += data
+                    *events, pending = pending.split(b"\n\n")
+                    for event in events:
+                        for line in event.split(b"\n"):
+                            if not line.startswith(b"data:"):
+                                continue
+                            payload = line[5:].strip()
+                            if payload == b"[DONE]":
+                                return
+                            if payload.startswith(b'{"error"'):
+                                self._count_error(endpoint, 500)
+                                raise _error_from_body(502, msgspec.json.decode(payload))
+                            yield payload
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, endpoint) from exc
+
+    async def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[dict[str, Any]]:
+        """`stream_events`, each event's JSON decoded: for policies that read the stream."""
+        async with aclosing(self.stream_events(path, body, endpoint=endpoint)) as events:
+            async for payload in events:
+                yield msgspec.json.decode(payload)
 
     def _count_error(self, endpoint: str, status: int | str) -> None:
         self._metrics.upstream_errors.labels(endpoint, str(status)).inc()
@@ -186,20 +212,14 @@ class Backend:
         return APIError(503, f"backend unavailable: {reason}", code="backend_unavailable")
 
 
-def _parse_handshake(message: str) -> Handshake:
-    """The plugin's JSON report, which follows PLUGIN_MARKER in the error message vLLM relays."""
-    text = message.split(PLUGIN_MARKER, 1)[1].lstrip()
-    try:
-        report, _ = json.JSONDecoder().raw_decode(text)
-        return Handshake.model_validate(report)
-    except (ValueError, ValidationError):
-        raise APIError(502, f"refine's engine plugin answered the handshake in a form this proxy does not read "
-                            f"(a different refine version?): {message[:300]}", code="engine_plugin_mismatch") from None
+def _plugin_mismatch(problem: str) -> APIError:
+    return APIError(502, f"the backend's refine engine plugin does not match this refine: {problem} (install "
+                         "the same refine version in the engine's environment)", code="engine_plugin_mismatch")
 
 
 def _error_from_response(status: int, content: bytes) -> APIError:
     try:
-        payload = json.loads(content)
+        payload = msgspec.json.decode(content)
     except ValueError:
         payload = {}
     return _error_from_body(status, payload if isinstance(payload, dict) else {})

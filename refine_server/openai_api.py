@@ -8,19 +8,19 @@ and fills them in its trace.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from refine_server.auth import Grant
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
-from refine_server.policies import LimitExceeded, Policy, PolicyParams, PolicyError, UnknownPolicy
+from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.request import ClientRequest, Endpoint
@@ -88,7 +88,7 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
         result = await cancel_on_disconnect(request, policy.complete(call, params))
         result["refine"] = refine_block()
         record(200)
-        return JSONResponse(result)
+        return Response(msgspec.json.encode(result), media_type="application/json")
     except PolicyError as exc:
         record(exc.status)
         raise from_policy_error(exc) from None
@@ -107,7 +107,7 @@ async def _read_request(request: Request, endpoint: Endpoint, rt: Runtime) -> tu
     """The typed request policies receive, and its `refine` object. A 400 for anything refine refuses."""
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = msgspec.json.decode(raw)
     except ValueError:
         raise invalid_request("request body is not valid JSON") from None
     if not isinstance(body, dict):

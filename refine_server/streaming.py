@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -11,7 +10,7 @@ from typing import Any
 
 from refine_server.errors import APIError, from_policy_error
 from refine_server.metrics import Metrics
-from refine_server.policies import PolicyError
+from refine_server.policies import PolicyError, relayed
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +19,11 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+_DONE = b"data: [DONE]\n\n"
 
 
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
+def sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
 
 
 def carries_tokens(chunk: dict[str, Any]) -> bool:
@@ -35,17 +34,19 @@ def carries_tokens(chunk: dict[str, Any]) -> bool:
 
 
 class ChunkRelay:
-    """Turns a policy's chunks into SSE text.
+    """Turns a policy's chunks into SSE bytes.
 
+    A chunk is either the engine's own JSON bytes (a policy that relays the stream unchanged: they go out
+    as they came, and only a chunk that may finish a choice is decoded) or a dict the policy wrote.
     The `refine` block goes, once, on the chunk that finishes the last of the request's choices (n per
-    prompt), so a client reading the stream finds it without waiting for anything extra. A failure mid-stream becomes a
-    `data: {"error": ...}` line, which the official openai client raises as an APIError.
+    prompt), so a client reading the stream finds it without waiting for anything extra. A failure
+    mid-stream becomes a `data: {"error": ...}` line, which the official openai client raises as an APIError.
     """
 
     def __init__(
         self,
-        first: dict[str, Any] | None,
-        rest: AsyncGenerator[dict[str, Any], None],
+        first: bytes | dict[str, Any] | None,
+        rest: AsyncGenerator[bytes | dict[str, Any], None],
         *,
         n_choices: int,
         refine_block: Callable[[], dict[str, Any]],
@@ -58,43 +59,57 @@ class ChunkRelay:
         self._rest = rest
         self._n_choices = n_choices
         self._refine_block = refine_block
-        self._metrics = metrics
-        self._policy = policy_label
+        self._ttft = metrics.ttft.labels(policy_label)  # resolved once: observed per token
+        self._itl = metrics.itl.labels(policy_label)
         self._started = started
         self._on_finish = on_finish
+        self._finished: set[int] = set()
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         status = 200
-        finished: set[int] = set()
         last_token_at: float | None = None
         try:
             chunk = self._first
             while chunk is not None:
-                if carries_tokens(chunk):
+                if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
                     now = time.perf_counter()
                     if last_token_at is None:
-                        self._metrics.ttft.labels(self._policy).observe(now - self._started)
+                        self._ttft.observe(now - self._started)
                     else:
-                        self._metrics.itl.labels(self._policy).observe(now - last_token_at)
+                        self._itl.observe(now - last_token_at)
                     last_token_at = now
-                newly = {c.get("index", 0) for c in chunk.get("choices") or () if c.get("finish_reason")}
-                if newly - finished and len(finished | newly) == self._n_choices:
-                    chunk["refine"] = self._refine_block()
-                finished |= newly
-                yield sse(chunk)
+                yield sse(self._with_refine_block(chunk))
                 chunk = await anext(self._rest, None)
-            yield sse("[DONE]")
+            yield _DONE
         except (APIError, PolicyError) as exc:
             error = from_policy_error(exc) if isinstance(exc, PolicyError) else exc
             status = error.status
-            yield sse(error.body())
+            yield sse(relayed.encode(error.body()))
         except asyncio.CancelledError:
             status = 499  # the client went away; Starlette cancelled the stream
             raise
         except Exception:
             log.exception("policy stream failed")
             status = 500
-            yield sse(APIError(500, "internal error while streaming", code="internal_error").body())
+            yield sse(relayed.encode(APIError(500, "internal error while streaming", code="internal_error").body()))
         finally:
             await self._rest.aclose()
             self._on_finish(status)
+
+    def _with_refine_block(self, chunk: bytes | dict[str, Any]) -> bytes:
+        """The chunk's JSON, with the refine block when it finishes the last choice still open."""
+        if isinstance(chunk, bytes):
+            if not relayed.may_finish(chunk):
+                return chunk
+            decoded = relayed.decode(chunk)
+            if not self._finishes_last_choice(decoded):
+                return chunk
+            return relayed.encode({**decoded, "refine": self._refine_block()})
+        if self._finishes_last_choice(chunk):
+            chunk = {**chunk, "refine": self._refine_block()}
+        return relayed.encode(chunk)
+
+    def _finishes_last_choice(self, chunk: dict[str, Any]) -> bool:
+        newly = relayed.finished_choices(chunk) - self._finished
+        self._finished |= newly
+        return bool(newly) and len(self._finished) == self._n_choices

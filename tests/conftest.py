@@ -1,6 +1,8 @@
 """Shared fixtures. The real refine server (and its embedded vLLM) starts once per test session.
 
-Tests marked `engine` use it; tests marked `disruptive` (they kill the engine) run after all others.
+tests/unit/ never starts it (`pytest tests/unit`); tests/engine/ uses it, and everything there is marked `engine`
+(`pytest tests/engine`, or `pytest -m "not engine"` for the rest). Tests marked `disruptive` (they kill the engine)
+run after all others.
 """
 
 from __future__ import annotations

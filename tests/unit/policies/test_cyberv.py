@@ -1,23 +1,20 @@
-"""cyberv: answer extraction, the sensor and controller on hand-made candidates, the whole policy against a
-scripted backend (no engine), and, marked `engine`, the loop on the real model."""
+"""policies.cyberv: its parameters, and the whole policy against a scripted backend (no engine).
+
+tests/engine/test_cyberv.py runs the loop on the real model."""
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 from typing import Any
 
 import pytest
-from openai import OpenAI
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
 from refine_server.policies import LimitExceeded, PolicyRegistry
-from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_kind
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -27,133 +24,15 @@ from refine_server.policies.base import (
     PolicyRequestError,
 )
 from refine_server.policies.cyberv import CyberVParams, CyberVPolicy, split_for_streaming
-from refine_server.policies.cyberv_sensor import (
-    Candidate,
-    Generation,
-    confidence_signal,
-    decide,
-    has_repetition,
-    judge_feedback,
-    quote_span,
-    rank_ascending,
-    sense,
-)
 from refine_server.streaming import ChunkRelay
 from tests.conftest import MODEL, policy_call
+from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _response
+
 
 FINAL_SUFFIX = "\nTherefore, the final answer is"
 
 
-# ---- answers ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text", [
-    "42", "42.0", "42.00", "The answer is 42.", "**42**", "$42", "42 apples", "Answer: 42", "**Answer:** 42",
-    "The answer is $\\boxed{42}$.", "The final answer is: 42 apples", "We add them up and get 42",
-    "The answer is 41. Wait, I made an error: the answer is 42.",
-])
-def test_spellings_of_42_are_all_the_number_42(text: str) -> None:
-    assert extract_answer(text) == Answer("number", "42")
-
-
-@pytest.mark.parametrize("text, value", [
-    ("0.5", "0.5"), ("1/2", "0.5"), ("\\frac{1}{2}", "0.5"), ("The answer is 1,000.", "1000"),
-    ("The answer is -3.", "-3"), ("The answer is -0.50", "-0.5"), ("The answer is 1/3", "1/3"),
-    ("The answer is x = 7.", "7"), ("The answer is approximately 3.14 metres.", "3.14"),
-    ("$\\boxed{\\frac{3}{4}}$", "0.75"), ("First 3, then 7, so 12 remain.", "12"),
-])
-def test_numbers_are_normalised_exactly(text: str, value: str) -> None:
-    assert extract_answer(text) == Answer("number", value)
-
-
-@pytest.mark.parametrize("text", [
-    "(B)", "B)", "Option B", "The answer is B", "The answer is (B).", "answer is B.", "The answer is **B**",
-    "The answer is B because the others are wrong.", "The correct answer is Option B: 12 apples",
-])
-def test_option_letters(text: str) -> None:
-    assert extract_answer(text) == Answer("choice", "B")
-
-
-def test_a_bare_a_before_a_word_is_the_article_unless_the_question_has_options() -> None:
-    assert extract_answer("The answer is A.") == Answer("choice", "A")
-    assert extract_answer("The answer is A dog.") == Answer("text", "dog")
-    assert extract_answer("The answer is A because it is", "choice") == Answer("choice", "A")
-
-
-def test_a_multiple_choice_question_reads_the_last_option_mentioned() -> None:
-    assert extract_answer("Not (A), it must be (C).", "choice") == Answer("choice", "C")
-    assert question_kind("Which is larger?\n(A) 3\n(B) 5") == "choice"
-    assert question_kind("Pick one:\nA. red\nB. blue") == "choice"
-    assert question_kind("What is 2 + 2?") is None
-
-
-@pytest.mark.parametrize("text, value", [
-    ("The answer is Paris.", "paris"), ("the answer is: **paris**", "paris"),
-    ("The answer is the Eiffel Tower!", "eiffel tower"), ("Answer: It's blue.", "its blue"),
-])
-def test_short_text_answers_are_lowercased_without_punctuation_or_articles(text: str, value: str) -> None:
-    assert extract_answer(text) == Answer("text", value)
-
-
-@pytest.mark.parametrize("text", [
-    "", "   ", "I don't know how to solve this.", "The answer is", "The answer is **.",
-    "The answer is a long sentence that goes on and on without ever naming anything short.",
-])
-def test_no_answer_is_none(text: str) -> None:
-    assert extract_answer(text) is None
-
-
-def test_kinds_are_part_of_equality_and_offsets_are_not() -> None:
-    assert Answer("number", "2") != Answer("text", "2")
-    assert Answer("number", "2", 0, 1) == Answer("number", "2", 7, 8)
-    answer = extract_answer("The total is 42 apples.")
-    assert (answer.start, answer.end) == (13, 15)
-    assert len({extract_answer("42"), extract_answer("42.0"), extract_answer("(B)")}) == 2
-
-
-@pytest.mark.parametrize("text, expected", [
-    (" 4.", Answer("number", "4")), (" $\\boxed{12}$.", Answer("number", "12")),
-    (" (C) because", Answer("choice", "C")),
-    (":\n\n**7** apples.", Answer("number", "7")), (" 4.\n\nThe answer is 5", Answer("number", "4")),
-    (" Paris.", Answer("text", "paris")), ("", None),
-])
-def test_parse_answer_reads_the_continuation_of_the_final_step(text: str, expected: Answer | None) -> None:
-    assert parse_answer(text) == expected
-
-
-# ---- vLLM-shaped responses -------------------------------------------------------------------------------
-
-SPIKE_WORD = "maybe"  # tokens containing it are written with low confidence: the uncertainty spike
-
-
-def _split_tokens(text: str) -> list[str]:
-    return re.findall(r"\s*\S+|\s+", text)
-
-
-def _token(tok: str, prob: float) -> dict[str, Any]:
-    alternative = math.log(max((1 - prob) * 0.8, 1e-9))
-    return {"token": tok, "logprob": math.log(prob), "bytes": list(tok.encode()),
-            "top_logprobs": [{"token": tok, "logprob": math.log(prob), "bytes": None},
-                             {"token": "<alt>", "logprob": alternative, "bytes": None}]}
-
-
-def _choice(text: str, index: int = 0, first_prob: float = 0.9) -> dict[str, Any]:
-    content = []
-    for i, tok in enumerate(_split_tokens(text)):
-        prob = first_prob if i == 0 else 0.3 if SPIKE_WORD in tok else 0.9
-        content.append(_token(tok, prob))
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-            "logprobs": {"content": content}}
-
-
-def _response(choices: list[dict[str, Any]]) -> dict[str, Any]:
-    completion = sum(len(c["logprobs"]["content"]) for c in choices)
-    return {"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": MODEL, "choices": choices,
-            "usage": {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}}
-
-
-def _gen(text: str, first_prob: float = 0.9) -> Generation:
-    return Generation.from_choice(_choice(text, first_prob=first_prob))
-
+# ---- a scripted backend ------------------------------------------------------------------------------------------------
 
 class ScriptedBackend:
     """Answers cyberv's engine calls as vLLM's chat endpoint would, from a script; records every call.
@@ -188,9 +67,6 @@ class ScriptedBackend:
         return [kind(b) for b in self.calls]
 
 
-DIRECT = "The answer is 4."
-
-
 def _unanimous(n: int = 8) -> ScriptedBackend:
     reasoning = [f"Two plus two makes four. Sample {i}. The answer is 4." for i in range(1, n)]
     finals = {text: (" 4.", 0.95) for text in [DIRECT, *reasoning]}
@@ -212,99 +88,7 @@ def _call(backend: ScriptedBackend, endpoint: str = "chat", **body: Any) -> Poli
     return policy_call(endpoint, {**base, **body}, backend)
 
 
-# ---- sensor and controller on hand-made candidates -------------------------------------------------------
-
-def _candidate(index: int, text: str, final: str, p: float) -> Candidate:
-    candidate = Candidate(index, "direct" if index == 0 else "reasoning", _gen(text), _gen(final, p))
-    candidate.read_answer(None)
-    return candidate
-
-
-def test_unanimous_confident_candidates_are_accepted() -> None:
-    candidates = [_candidate(i, f"Step {i}. The answer is 4.", " 4.", 0.95) for i in range(8)]
-    sense(candidates)
-    assert candidates[3].signals == pytest.approx({"s1": 0.95, "s2": 1, "s3": 1, "s4": 1, "s5": 4 / 8})
-    assert candidates[3].score == pytest.approx(0.2 * (0.95 + 3 + 0.5))
-    decision = decide(candidates, 8 * 0.3)
-    assert decision.action == "accepted"
-    assert [t.answer for t in decision.tallies] == [Answer("number", "4")]
-    assert decision.best is candidates[7]  # ties in p are ranked in candidate order, so the last ranks highest
-
-
-def test_split_answers_trigger_feedback() -> None:
-    candidates = [_candidate(i, f"The answer is {i % 4}.", f" {i % 4}.", 0.4) for i in range(8)]
-    sense(candidates)
-    decision = decide(candidates, 8 * 0.3)
-    assert decision.action == "feedback"
-    assert len(decision.tallies) == 4 and all(t.score <= 2.4 for t in decision.tallies)
-    assert "<= n*theta = 2.400" in decision.reason
-
-
-def test_candidates_without_an_answer_do_not_vote() -> None:
-    candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9),
-                  _candidate(1, "I cannot tell.", " something I really cannot put into a few short words here", 0.9)]
-    sense(candidates)
-    assert candidates[1].answer is None and candidates[1].trace()["reason"] == "no extractable answer"
-    assert [c.index for c in decide(candidates, 0.0).tallies[0].candidates] == [0]
-
-
-def test_no_answer_anywhere_returns_the_direct_answer() -> None:
-    candidates = [_candidate(i, "Hmm.", " unclear, as the question does not say what it is asking", 0.9)
-                  for i in range(3)]
-    sense(candidates)
-    decision = decide(candidates, 0.0)
-    assert decision.action == "no_answer" and decision.best is candidates[0]
-
-
-def test_answer_falls_back_to_the_candidate_text_at_its_last_occurrence() -> None:
-    candidate = _candidate(1, "First 3, then the answer is 9.", " something long that is not an answer at all ok", 0.5)
-    assert candidate.answer == Answer("number", "9") and candidate.answer_source == "candidate_text"
-    assert candidate.answer_tokens[0].text == " 9."
-
-
-def test_confidence_drop_signal() -> None:
-    assert confidence_signal(0.4, 0.9) == 0.0  # (0.4 - 0.9) / 0.9 = -0.56
-    assert confidence_signal(0.5, 0.9) == 1.0  # -0.44
-    assert confidence_signal(0.1, 0.0) == 1.0  # no reference
-
-
-def test_rank_signal_gives_the_most_probable_answer_rank_n() -> None:
-    assert rank_ascending([0.5, 0.9, 0.5, 0.1]) == [2, 4, 3, 1]
-
-
-def test_uncertainty_signal_compares_answer_margins_with_the_direct_answer() -> None:
-    candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9), _candidate(1, "The answer is 4.", " 4.", 0.45),
-                  _candidate(2, "The answer is 4.", " 4.", 0.8)]
-    sense(candidates)
-    # margins: 0.9 - 0.08 = 0.82 for the direct answer; 0.45 - 0.44 = 0.01 and 0.8 - 0.16 = 0.64
-    assert [c.signals["s4"] for c in candidates] == [1.0, 0.0, 1.0]
-
-
-def test_repetition_signal() -> None:
-    assert has_repetition("We add one more. " * 6)
-    assert not has_repetition("We add one more. " * 4)
-    assert not has_repetition("short " * 3)
-    assert not has_repetition("=" * 40)  # counted without overlaps, a rule of 40 is one repeat of 15, not five
-    assert not has_repetition("Two plus two is four, and four is the answer to what was asked here.")
-
-
-def test_feedback_quotes_the_text_around_the_uncertainty_spike() -> None:
-    text = "x" * 200 + f" {SPIKE_WORD} " + "y" * 200
-    candidate = _candidate(1, text, " 4.", 0.9)
-    sense([_candidate(0, DIRECT, " 4.", 0.9), candidate])
-    assert candidate.spike.token == f" {SPIKE_WORD}"
-    span = quote_span(candidate)
-    assert span.startswith("...") and span.endswith("...") and SPIKE_WORD in span
-    assert len(span) <= 2 * 80 + 6
-
-
-def test_feedback_answer_must_be_among_round1_answers() -> None:
-    candidates = [_candidate(i, f"The answer is {k}.", f" {k}.", 0.5) for i, k in enumerate((3, 5))]
-    assert judge_feedback(Answer("number", "5"), candidates)[0]
-    accepted, reason = judge_feedback(Answer("number", "9"), candidates)
-    assert not accepted and "not among the round-1 answers (3, 5)" in reason
-    assert judge_feedback(None, candidates) == (False, "no extractable answer: returning the best round-1 candidate")
-
+# ---- parameters and streaming pieces -----------------------------------------------------------------------------------
 
 def test_streaming_pieces_join_back_exactly() -> None:
     for text in ["", "one", "  lead and trail  ", "a b c d e f g h i\n\nj k"]:
@@ -474,7 +258,7 @@ async def _relay(call: PolicyCall, params: CyberVParams) -> list[dict[str, Any]]
         refine_block=lambda: {"policy": "cyberv", "trace": call.trace.data},
         started=time.perf_counter(), on_finish=lambda status: None,
     )
-    events = [line.removeprefix("data: ").strip() async for line in relay]
+    events = [line.decode().removeprefix("data: ").strip() async for line in relay]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -527,65 +311,3 @@ async def test_a_failing_engine_call_fails_the_request_with_its_error() -> None:
     failing = Failing(backend.direct, backend.reasoning, backend.finals)
     with pytest.raises(APIError, match="top_k"):
         await CyberVPolicy().complete(_call(failing), CyberVParams())
-
-
-# ---- on the real engine ----------------------------------------------------------------------------------
-
-EASY = [{"role": "user", "content": "What is 2 + 2?"}]
-# The official defaults (n=8, theta=0.3, T=1.0 / top_p 0.5 / top_k 5), a fixed seed and shorter generations.
-DEFAULTS = {"policy": "cyberv", "max_reasoning_tokens": 96, "max_feedback_tokens": 128}
-
-
-@pytest.mark.engine
-def test_engine_unanimous_easy_question_is_accepted_without_feedback(client: OpenAI) -> None:
-    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
-    trace = resp.model_extra["refine"]["trace"]
-    assert trace["decision"] == "accepted", trace
-    assert trace["answers"][0]["answer"] == "4" and trace["answers"][0]["score"] > trace["threshold"] == 2.4
-    assert trace["feedback"] is None and set(trace["rounds"]) == {"round1"}
-    assert len(trace["candidates"]) == 8 and trace["rounds"]["round1"]["engine_calls"] == 10
-    assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
-
-
-@pytest.mark.engine
-def test_engine_completions_endpoint(client: OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt="What is 2 + 2?", seed=0, extra_body={"refine": DEFAULTS})
-    trace = resp.model_extra["refine"]["trace"]
-    assert resp.object == "text_completion" and resp.choices[0].text.strip()
-    assert trace["decision"] == "accepted" and trace["chosen"]["answer"] == "4", trace
-
-
-@pytest.mark.engine
-def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None:
-    # A multi-step word problem is beyond a 135M model: its sampled candidates scatter over many answers, so no
-    # answer's summed score reaches n * theta = 2.4 (each candidate scores at most 1).
-    question = ("A shop sells pens at 7 for $3. Maria buys 45 pens, pays with a $50 note and then spends half "
-                "of her change on pencils at 35 cents each. How many pencils does she buy?")
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
-                                          extra_body={"refine": DEFAULTS})
-    trace = resp.model_extra["refine"]["trace"]
-    assert len(trace["answers"]) >= 3, trace["answers"]
-    assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"], trace
-    feedback = trace["feedback"]
-    assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1
-    assert trace["chosen"]["source"] == ("feedback" if feedback["accepted"] else "candidate")
-    if feedback["accepted"]:
-        assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}
-    assert resp.usage.total_tokens == sum(r["total_tokens"] for r in trace["rounds"].values())
-
-
-@pytest.mark.engine
-def test_engine_stream_with_progress(client: OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=EASY, stream=True, seed=0,
-                                            extra_body={"refine": {**DEFAULTS, "progress": True}})
-    chunks = list(stream)
-    progress = [c.model_extra["refine_progress"]["stage"] for c in chunks if c.model_extra.get("refine_progress")]
-    first_answer = next(i for i, c in enumerate(chunks) if c.choices)
-    assert progress[0] == "round1_done" and progress[-1] == "decided"
-    assert all(not c.choices for c in chunks[:first_answer]) and len(progress) == first_answer
-    assert chunks[first_answer].choices[0].delta.role == "assistant"
-    blocks = [c.model_extra["refine"] for c in chunks if c.model_extra.get("refine")]
-    assert len(blocks) == 1 and chunks[-1].model_extra.get("refine") and chunks[-1].choices[0].finish_reason
-    trace = blocks[0]["trace"]
-    assert ("feedback_started" in progress) == (trace["feedback"] is not None)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

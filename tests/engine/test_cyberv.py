@@ -1,0 +1,71 @@
+"""cyberv on the real model through the official openai client. tests/unit/policies/ has the answers, the sensor
+and the policy against a scripted backend."""
+
+from __future__ import annotations
+
+import pytest
+from openai import OpenAI
+
+from tests.conftest import MODEL
+
+
+EASY = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+# The official defaults (n=8, theta=0.3, T=1.0 / top_p 0.5 / top_k 5), a fixed seed and shorter generations.
+DEFAULTS = {"policy": "cyberv", "max_reasoning_tokens": 96, "max_feedback_tokens": 128}
+
+
+@pytest.mark.engine
+def test_engine_unanimous_easy_question_is_accepted_without_feedback(client: OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
+    trace = resp.model_extra["refine"]["trace"]
+    assert trace["decision"] == "accepted", trace
+    assert trace["answers"][0]["answer"] == "4" and trace["answers"][0]["score"] > trace["threshold"] == 2.4
+    assert trace["feedback"] is None and set(trace["rounds"]) == {"round1"}
+    assert len(trace["candidates"]) == 8 and trace["rounds"]["round1"]["engine_calls"] == 10
+    assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
+
+
+@pytest.mark.engine
+def test_engine_completions_endpoint(client: OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt="What is 2 + 2?", seed=0, extra_body={"refine": DEFAULTS})
+    trace = resp.model_extra["refine"]["trace"]
+    assert resp.object == "text_completion" and resp.choices[0].text.strip()
+    assert trace["decision"] == "accepted" and trace["chosen"]["answer"] == "4", trace
+
+
+@pytest.mark.engine
+def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None:
+    # A multi-step word problem is beyond a 135M model: its sampled candidates scatter over many answers, so no
+    # answer's summed score reaches n * theta = 2.4 (each candidate scores at most 1).
+    question = ("A shop sells pens at 7 for $3. Maria buys 45 pens, pays with a $50 note and then spends half "
+                "of her change on pencils at 35 cents each. How many pencils does she buy?")
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
+                                          extra_body={"refine": DEFAULTS})
+    trace = resp.model_extra["refine"]["trace"]
+    assert len(trace["answers"]) >= 3, trace["answers"]
+    assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"], trace
+    feedback = trace["feedback"]
+    assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1
+    assert trace["chosen"]["source"] == ("feedback" if feedback["accepted"] else "candidate")
+    if feedback["accepted"]:
+        assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}
+    assert resp.usage.total_tokens == sum(r["total_tokens"] for r in trace["rounds"].values())
+
+
+@pytest.mark.engine
+def test_engine_stream_with_progress(client: OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=EASY, stream=True, seed=0,
+                                            extra_body={"refine": {**DEFAULTS, "progress": True}})
+    chunks = list(stream)
+    progress = [c.model_extra["refine_progress"]["stage"] for c in chunks if c.model_extra.get("refine_progress")]
+    first_answer = next(i for i, c in enumerate(chunks) if c.choices)
+    assert progress[0] == "round1_done" and progress[-1] == "decided"
+    assert all(not c.choices for c in chunks[:first_answer]) and len(progress) == first_answer
+    assert chunks[first_answer].choices[0].delta.role == "assistant"
+    blocks = [c.model_extra["refine"] for c in chunks if c.model_extra.get("refine")]
+    assert len(blocks) == 1 and chunks[-1].model_extra.get("refine") and chunks[-1].choices[0].finish_reason
+    trace = blocks[0]["trace"]
+    assert ("feedback_started" in progress) == (trace["feedback"] is not None)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

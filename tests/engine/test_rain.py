@@ -1,0 +1,177 @@
+"""rain on the real model through the official openai client. tests/unit/policies/ has the tree's rules and the
+search against a scripted engine."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from refine_server.policies.rain_search import ANSWER_LINE
+from tests.conftest import MODEL, metric_total
+
+
+def _rain(**params: Any) -> dict[str, Any]:
+    return {"refine": {"policy": "rain", **params}}
+
+
+@pytest.mark.engine
+def test_self_evaluation_rejects_the_greedy_token_and_the_search_commits_another(client: OpenAI) -> None:
+    """The bundled 135M model judges mostly by option position, so its values are nearly always 0 (see the
+    README); this question and criterion were found by probing for a case where it rejects the greedy first
+    token ("The": not a name) and not others. With max_tokens=1 every child is a final answer, evaluated
+    without a rollout, so nothing in the case is sampled."""
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1,
+        extra_body=_rain(criterion="custom", question="Is the first word of the reply a name?"))
+    trace = resp.model_extra["refine"]["trace"]
+    (commit,) = trace["commits"]
+    greedy = next(c for c in commit["children"] if c["greedy"])
+    committed = next(c for c in commit["children"] if c["tokens"] == commit["tokens"])
+    assert greedy["q"] == -1.0 and greedy["true_visits"] >= 1
+    assert committed["q"] > greedy["q"] and not commit["greedy"]
+    assert commit["rewinds"] > 0
+    assert resp.choices[0].message.content != plain.choices[0].message.content
+    assert resp.choices[0].finish_reason == "length"
+
+
+@pytest.mark.engine
+def test_option_tokens_are_the_serving_tokenizers(client: OpenAI) -> None:
+    from transformers import AutoTokenizer
+
+    resp = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1,
+                                     extra_body=_rain(max_iterations_per_commit=1, min_iterations_per_commit=1))
+    ids = resp.model_extra["refine"]["trace"]["option_token_ids"]
+    model_dir = next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = tokenizer(ANSWER_LINE)["input_ids"]
+    for letter, token in zip("AB", ids, strict=True):
+        assert tokenizer(ANSWER_LINE + letter)["input_ids"] == [*base, token]
+        assert tokenizer.decode([token]) == letter
+
+
+@pytest.mark.engine
+def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI) -> None:
+    stream = client.completions.create(
+        model=MODEL, prompt="The three primary colours are", max_tokens=7, seed=3, stream=True,
+        extra_body=_rain(max_iterations_per_commit=4, min_iterations_per_commit=4))
+    arrivals, pieces, refine = [], [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.monotonic())
+            pieces.append(chunk.choices[0].text)
+        refine = (chunk.model_extra or {}).get("refine") or refine
+    commits = refine["trace"]["commits"]
+    assert [len(c["tokens"]) for c in commits] == [1, 2, 4]
+    assert len(pieces) == len(commits)  # one piece per commit, none held back
+    # The first piece left before the later commits were searched, not with the finished answer.
+    later_search = sum(c["seconds"] for c in commits[1:])
+    assert arrivals[-1] - arrivals[0] > 0.5 * later_search > 0
+
+
+@pytest.mark.engine
+def test_an_exhausted_call_budget_commits_the_best_node_then_decodes_plainly(client: OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt="List three fruits:", max_tokens=12, temperature=0,
+                                     extra_body=_rain(max_engine_calls=6))
+    trace = resp.model_extra["refine"]["trace"]
+    assert trace["budget_exhausted"] == "max_engine_calls"
+    engine = trace["engine"]
+    assert engine["total"]["calls"] - engine["finish"]["calls"] <= 6
+    assert len(trace["commits"]) >= 1 and trace["commits"][-1]["stopped"] == "max_engine_calls"
+    assert trace["plain_tokens"] > 0
+    assert trace["answer_tokens"] == sum(len(c["tokens"]) for c in trace["commits"]) + trace["plain_tokens"]
+    assert resp.choices[0].text
+
+
+@pytest.mark.engine
+def test_the_wall_time_budget_bounds_the_search(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=40,
+        extra_body=_rain(max_seconds=2.0))
+    trace = resp.model_extra["refine"]["trace"]
+    assert trace["budget_exhausted"] == "max_seconds"
+    assert sum(c["seconds"] for c in trace["commits"]) < 2.0 + 3.0  # unbounded: a minute or more
+    assert resp.choices[0].message.content
+
+
+@pytest.mark.engine
+def test_a_stop_string_ends_the_answer_where_it_appears(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
+        stop=[" "], extra_body=_rain(max_iterations_per_commit=3, min_iterations_per_commit=3))
+    text = resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop"
+    assert text and " " not in text
+    assert len(resp.model_extra["refine"]["trace"]["commits"]) < 4  # the search ended with the stop string
+
+
+@pytest.mark.engine
+def test_parallel_leaves_search_on_the_real_engine(client: OpenAI) -> None:
+    resp = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=3, seed=1,
+        extra_body=_rain(parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8))
+    trace = resp.model_extra["refine"]["trace"]
+    assert [c["iterations"] for c in trace["commits"]] == [8, 8]  # sets of 1 and 2 tokens
+    assert trace["answer_tokens"] == 3 and resp.choices[0].text
+
+
+@pytest.mark.engine
+def test_bad_rain_parameters_are_400s(client: OpenAI) -> None:
+    import openai
+
+    messages = [{"role": "user", "content": "Hi"}]
+    for refine, param in [({"criterion": "custom"}, "refine"), ({"max_iterations_per_commit": 1000},
+                          "refine.max_iterations_per_commit"), ({"set_lengths": [0]}, "refine")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=messages, extra_body=_rain(**refine))
+        assert err.value.body["param"].startswith(param)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, n=2, extra_body=_rain())
+    assert err.value.body["param"] == "n"
+
+
+@pytest.mark.engine
+def test_search_metrics_are_exported_per_policy(client: OpenAI, refine_server) -> None:
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                              extra_body=_rain(max_iterations_per_commit=2, min_iterations_per_commit=2))
+    text = httpx.get(f"{refine_server.url}/metrics").text
+    for family in ("refine_search_iterations_per_request", "refine_rewinds_per_request",
+                   "refine_engine_calls_per_request"):
+        assert re.search(rf'^{family}_count{{policy="rain"}} [1-9]', text, re.M), family
+    assert re.search(r'^refine_engine_calls_per_request_sum{policy="rain"} [1-9]', text, re.M)
+
+
+def _engine_idle_for(engine_url: str, seconds: float) -> bool:
+    """True once the engine has no running request and starts none for `seconds`."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{engine_url}/metrics").text
+        if metric_total(text, "vllm:num_requests_running") == 0:
+            finished = metric_total(text, "vllm:e2e_request_latency_seconds_count")
+            time.sleep(seconds)
+            text = httpx.get(f"{engine_url}/metrics").text
+            if metric_total(text, "vllm:e2e_request_latency_seconds_count") == finished:
+                return metric_total(text, "vllm:num_requests_running") == 0
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_stops_the_search(refine_server, engine_url: str, stream: bool) -> None:
+    body = {"model": MODEL, "prompt": "Write a long story about a dragon:", "max_tokens": 300, "stream": stream,
+            **_rain(max_iterations_per_commit=5, min_iterations_per_commit=5)}
+    if stream:
+        with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            next(line for line in resp.iter_lines() if line.startswith("data:"))  # the first commit
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{refine_server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=4.0))
+    assert _engine_idle_for(engine_url, 2.0), "the search kept calling the engine after the client left"

@@ -1,0 +1,22 @@
+"""Tests under tests/unit/ never start the real vLLM server: they use fakes (tests/fake_vllm.py, scripted backends)
+and vLLM's own Python code paths. A test that needs the server belongs in tests/engine/; collection stops here
+otherwise, so that `pytest tests/unit` stays fast and needs no engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+UNIT_TESTS = Path(__file__).parent
+ENGINE_FIXTURES = {"refine_server", "engine_url"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    misplaced = [item.nodeid for item in items if UNIT_TESTS in item.path.parents
+                 and (item.get_closest_marker("engine") or ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())))]
+    if misplaced:
+        raise pytest.UsageError("these tests need the real engine; move them to tests/engine/:\n  "
+                                + "\n  ".join(misplaced))

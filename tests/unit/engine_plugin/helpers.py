@@ -1,0 +1,16 @@
+"""The engine's secret for the engine plugin's unit tests, and SRGen requests signed as refine's proxy signs them."""
+
+from __future__ import annotations
+
+import json
+
+from vllm import SamplingParams
+
+from refine_server.engine_plugin.protocol import signed_xargs
+
+
+SECRET = "s" * 64
+
+
+def _srgen(temperature: float = 0.6, secret: str = SECRET, **params) -> SamplingParams:
+    return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "srgen", json.dumps(params)))

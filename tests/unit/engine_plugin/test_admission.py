@@ -1,0 +1,59 @@
+"""admission without an engine: what the plugin refuses and accepts, the handshake, unsupported engines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vllm import SamplingParams
+
+from refine_server.engine_plugin import admission
+from refine_server.engine_plugin.corrector import INJECTED_FAULT
+from refine_server.engine_plugin.protocol import (
+    FAULT_ARG,
+    HANDSHAKE_POLICY,
+    PROTOCOL_VERSION,
+    parse_handshake_reply,
+    read_events,
+    signed_xargs,
+)
+from tests.unit.engine_plugin.helpers import SECRET, _srgen
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ({"refine_policy": "nosuch"}, "unknown in-engine policy"),
+        ({"refine_policy": "srgen", "refine_request_key": "../etc"}, "32 lowercase hex"),
+        (signed_xargs("wrong secret", "srgen", "{}"), r"signed \(mismatch\)"),
+        ({"refine_policy": "srgen", "refine_request_key": "c" * 32, "refine_params": "{}"}, "signed"),
+        (signed_xargs(SECRET, "srgen", '{"steps": 0}'), "bad refine_params"),
+        (signed_xargs(SECRET, "srgen", '{"steps": 9}'), "steps=9 exceeds this server's limit of 4"),
+        ({**signed_xargs(SECRET, "srgen", "{}"), FAULT_ARG: INJECTED_FAULT}, "test engines only"),
+    ],
+)
+def test_admission_refuses_what_the_proxy_would_not_send(extra_args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        admission.validate(SamplingParams(extra_args=extra_args))
+
+
+def test_admission_accepts_a_signed_request_within_the_caps_and_ignores_others() -> None:
+    admission.validate(_srgen(steps=4))
+    admission.validate(SamplingParams(extra_args={"other_plugin": 1}))
+
+
+def test_handshake_reports_the_plugin_and_proves_the_events_folder(engine_env) -> None:
+    xargs = signed_xargs(SECRET, HANDSHAKE_POLICY, "{}")
+    with pytest.raises(ValueError) as err:
+        admission.validate(SamplingParams(extra_args=xargs))
+    report = parse_handshake_reply(str(err.value)).model_dump()
+    assert report["protocol"] == PROTOCOL_VERSION
+    assert report["signature"] == "ok" and report["policies"] == ["srgen"]
+    assert report["limits"]["srgen"]["steps"] == 4 and report["unsupported"] == []
+    assert read_events(engine_env, xargs["refine_request_key"]) == [{"event": "handshake"}]
+
+
+def test_unsupported_engines_refuse_srgen_at_admission(engine_env) -> None:
+    (engine_env / "engine-facts.json").write_text(json.dumps({"unsupported": ["speculative decoding"]}))
+    with pytest.raises(ValueError, match="cannot run correctly on this engine: speculative decoding"):
+        admission.validate(_srgen())

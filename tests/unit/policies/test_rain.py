@@ -1,0 +1,52 @@
+"""policies.rain and rain_embeddings: the parameters, the server's caps on the budgets, and the embedder's torch
+threads. tests/engine/test_rain.py runs the policy on the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refine_server.policies import LimitExceeded, PolicyRegistry
+from refine_server.policies.rain import RainParams, RainPolicy
+from refine_server.policies.rain_embeddings import _encode
+
+
+def test_params_follow_the_criterion_and_refuse_inconsistent_settings() -> None:
+    assert RainParams().early_stop_visits == 6
+    assert RainParams(criterion="truthful").early_stop_visits == 16
+    with pytest.raises(ValueError, match="needs `question`"):
+        RainParams(criterion="custom")
+    with pytest.raises(ValueError, match="only used with criterion 'custom'"):
+        RainParams(question="Is it short?")
+    with pytest.raises(ValueError, match="exceeds max_iterations_per_commit"):
+        RainParams(max_iterations_per_commit=5, min_iterations_per_commit=15)
+    with pytest.raises(ValueError):
+        RainParams(unknown=1)
+
+
+def test_server_caps_apply_to_the_budgets() -> None:
+    registry = PolicyRegistry([RainPolicy], {"rain": {"max_engine_calls": 100}})
+    with pytest.raises(LimitExceeded):
+        registry.resolve("rain", {"max_engine_calls": 101})
+    with pytest.raises(LimitExceeded):
+        registry.resolve("rain", {"max_iterations_per_commit": 1000})
+
+
+def test_the_embedder_narrows_torch_threads_only_while_it_encodes() -> None:
+    """The server process's torch setting is the embedder's only while it encodes (a shared machine)."""
+    import torch
+
+    seen = []
+
+    class Model:
+        def encode(self, texts, **_):
+            seen.append(torch.get_num_threads())
+            return np.zeros((len(texts), 3))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _encode(Model(), ["a"])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,60 @@
+"""Policies for the proxy's unit tests, and refine served in a thread in front of a backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refine_server.app import create_app
+from refine_server.config import Settings
+from refine_server.policies import PolicyRegistry
+from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyMetric, PolicyParams
+from refine_server.policies.none import NonePolicy
+from tests.fake_vllm import serve_in_thread
+
+
+class StepsParams(PolicyParams):
+    max_steps: int = 3
+
+
+class StepsLimits(PolicyLimits):
+    max_steps: int | None = 5
+
+
+class StepsPolicy(NonePolicy):
+    """A pass-through with a bounded parameter: checks validation and limits without any real algorithm."""
+
+    name = "steps"
+    Params = StepsParams
+    Limits = StepsLimits
+
+
+class InEnginePolicy(NonePolicy):
+    name = "in_engine"
+    needs_engine_plugin = True
+
+
+class WidgetPolicy(NonePolicy):
+    """A policy with a metric of its own: declared, recorded in the trace, and the server does the rest."""
+
+    name = "widgets"
+    WIDGETS = PolicyMetric("refine_test_widgets", "Widgets made per request", "counter")
+    metrics = (*NonePolicy.metrics, WIDGETS)
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        call.trace.record(self.WIDGETS, 3)
+        return await super().complete(call, params)
+
+
+class BrokenPolicy(NonePolicy):
+    """A policy with a bug."""
+
+    name = "broken"
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        raise RuntimeError("a bug in a policy")
+
+
+def _serve(settings: Settings):
+    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, BrokenPolicy],
+                              settings.policy_limits)
+    return serve_in_thread(create_app(settings, registry))
