@@ -187,7 +187,8 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
     chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
                  "max_tokens": args.tokens}
     top = max(args.streams + [args.chat_concurrency])
-    limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under the client's feet.
+    limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8, keepalive_expiry=2.0)
     report: dict[str, Any] = {"streams": [], "chat": None}
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for url, server in ((direct, standin), (refine, proxy)):  # warm-up: connections, imports, caches

@@ -31,7 +31,7 @@ from refine_server.runtime import Runtime, get_runtime
 log = logging.getLogger(__name__)
 
 
-def _engine_link(settings: Settings) -> EngineLink:
+def engine_link(settings: Settings) -> EngineLink:
     """How refine talks to its engine plugin: the shared secret (a fresh one per start in embedded mode,
     where refine hands it to the engine it starts) and the events folder."""
     secret = settings.engine_secret.get_secret_value() if settings.engine_secret else None
@@ -40,8 +40,8 @@ def _engine_link(settings: Settings) -> EngineLink:
     return EngineLink(secret=secret, events_dir=settings.engine_events_dir or events_dir())
 
 
-def _embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink,
-                     metrics: Metrics) -> EmbeddedEngine:
+def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink,
+                    metrics: Metrics) -> EmbeddedEngine:
     name = settings.served_model_name or (settings.model.name if settings.model else DEFAULT_MODEL_NAME)
     spec = EngineSpec(
         model_dir=settings.model,
@@ -69,11 +69,11 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
     keys = KeyRing(settings.api_keys, registry)
     open_engine_fields = check_allow_list(settings.client_engine_fields)
     metrics = Metrics(registry.metrics())
-    link = _engine_link(settings)
+    link = engine_link(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = None if settings.backend_url else _embedded_engine(settings, registry, link, metrics)
+        engine = None if settings.backend_url else embedded_engine(settings, registry, link, metrics)
         if engine:
             engine.start()
             backend = Backend(engine.url, metrics, link, timeout_s=settings.upstream_timeout_s,
@@ -109,7 +109,7 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
     async def prometheus_metrics(rt: Runtime = Depends(get_runtime)) -> Response:
         """refine's metrics; in embedded mode followed by the child vLLM's, so one scrape target serves both."""
         body = rt.metrics.exposition()
-        if rt.engine and rt.engine.is_ready():
+        if (rt.engine is not None or rt.settings.backend_metrics) and rt.backend.is_ready():
             body += (await rt.backend.engine_metrics()).encode()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

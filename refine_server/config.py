@@ -32,6 +32,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address refine listens on")
     port: int = Field(8000, description="port refine listens on")
+    workers: int | None = Field(
+        None, ge=1,
+        description="HTTP worker processes sharing the port. Unset: 1 in embedded mode on a CPU (the engine "
+        "needs the cores), else min(4, CPUs). With several, the embedded engine is still started once.",
+    )
+    backend_metrics: bool = Field(
+        False, description="append the backend's own /metrics (vLLM's) to refine's (always on in embedded mode)"
+    )
 
     backend_url: str | None = Field(
         None,

@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 
-from refine_server.metrics import Metrics
 from refine_server.model_store import ModelUnavailable, ensure_default_model
+
+if TYPE_CHECKING:
+    from refine_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class EngineSpec:
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.plugin_env}
+        # refine's own metrics folder when it runs several workers: vLLM would write its metrics there too.
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.setdefault("HF_HUB_OFFLINE", "1")
         # Without it vLLM may bind its internal message queue to a non-loopback address.
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")

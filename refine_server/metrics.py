@@ -7,12 +7,15 @@ created here at start. Every label comes from a closed set: endpoints refine ser
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from refine_server.policies import PolicyMetric
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by refine_server/workers.py when refine runs several workers
 # Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -76,7 +79,14 @@ class Metrics:
                 child.observe(value)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The metrics of this process, or of every worker process when refine runs several (prometheus-client's
+        multiprocess mode: each process writes its values to files in PROMETHEUS_MULTIPROC_DIR)."""
+        folder = os.environ.get(MULTIPROC_ENV)
+        if not folder:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=folder)
+        return generate_latest(combined)
 
     def _create(self, metric: PolicyMetric) -> None:
         if metric.name in self._by_name:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -87,5 +89,24 @@ def test_external_mode_serves_an_existing_vllm_with_per_key_policies(engine_url:
         assert srgen.model_extra["refine"]["trace"]["num_corrections"] == 1
         # External mode scrapes only refine: the fleet is scraped where it runs.
         assert "vllm:" not in httpx.get(f"{server.url}/metrics").text
+    finally:
+        stop_refine(server)
+
+
+def test_several_workers_share_one_port_and_their_metrics_add_up(engine_url: str) -> None:
+    server = start_refine("workers", free_port(), "--backend-url", engine_url, "--workers", "2",
+                          "--backend-metrics", "true", ready_timeout_s=60, env=ENGINE_ENV)
+    try:
+        workers = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        sent = 8
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2),
+                          range(sent)))
+        # Each scrape is answered by whichever worker accepts it; every one must see all workers' requests.
+        scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(6)]
+        assert [metric_total(s, "refine_requests_total") for s in scrapes] == [sent] * 6
+        assert all("vllm:" in s for s in scrapes)  # --backend-metrics: the engine's own, in the same scrape
     finally:
         stop_refine(server)
