@@ -1,7 +1,12 @@
-"""The HTTP client for the vLLM OpenAI server behind refine: pooled connections, real streaming, typed failures."""
+"""The HTTP client for the vLLM OpenAI server behind refine: pooled connections, real streaming, typed failures.
+
+It is aiohttp's, for its C HTTP parser: relaying a stream with it took half the CPU per token that httpx's
+pure-Python HTTP/1.1 took (bench/proxy.py, README), and the relay is what refine does most.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -9,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
+import aiohttp
 import msgspec
 
 from refine_server.engine_plugin.protocol import (
@@ -28,6 +33,10 @@ from refine_server.metrics import Metrics
 # How long a handshake's answer (plugin or none) is trusted: an external vLLM can be redeployed with or
 # without the plugin, and asking again costs one rejected request.
 HANDSHAKE_TTL_S = 60.0
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+_JSON = {"Content-Type": "application/json"}
+# What a call can fail with short of an HTTP answer: no connection, a dropped one, a timeout.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,20 @@ class Backend:
         self._readiness_reason = readiness_reason
         self.link = link
         self._plugin: tuple[float, PluginInfo | None] | None = None  # (asked at, answer)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-        )
+        # Each read may wait timeout_s (a long generation streams, a long non-streaming call waits), connecting 5 s.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # Idle connections are dropped before uvicorn's (vLLM's) 5 s keep-alive closes them under us.
+            connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=4.0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -88,17 +103,18 @@ class Backend:
 
     async def health(self) -> bool:
         try:
-            return (await self._client.get("/health", timeout=5.0)).status_code == 200
-        except httpx.HTTPError:
+            async with self._http().get(self.base_url + "/health", timeout=_PROBE_TIMEOUT) as resp:
+                return resp.status == 200
+        except _TRANSPORT_ERRORS:
             return False
 
     async def engine_metrics(self) -> str:
         """The backend's own Prometheus exposition, or "" when it cannot be scraped right now."""
         try:
-            resp = await self._client.get("/metrics", timeout=5.0)
-        except httpx.HTTPError:
+            async with self._http().get(self.base_url + "/metrics", timeout=_PROBE_TIMEOUT) as resp:
+                return await resp.text() if resp.status == 200 else ""
+        except _TRANSPORT_ERRORS:
             return ""
-        return resp.text if resp.status_code == 200 else ""
 
     async def plugin(self, model: str) -> PluginInfo | None:
         """refine's engine plugin inside this backend, or None when the backend has none. Remembered for
@@ -137,27 +153,29 @@ class Backend:
     async def get_json(self, path: str) -> dict[str, Any]:
         self._require_ready()
         try:
-            resp = await self._client.get(path)
-        except httpx.HTTPError as exc:
+            async with self._http().get(self.base_url + path) as resp:
+                content = await resp.read()
+        except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, "models") from exc
-        if resp.status_code >= 400:
-            raise _error_from_response(resp.status_code, resp.content)
-        return msgspec.json.decode(resp.content)
+        if resp.status >= 400:
+            raise _error_from_response(resp.status, content)
+        return msgspec.json.decode(content)
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
         """One non-streaming call. Raises APIError carrying the backend's own status and message."""
         self._require_ready()
         started = time.perf_counter()
         try:
-            resp = await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
+            async with self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON) as resp:
+                content = await resp.read()
+        except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
         finally:
             self._metrics.upstream_latency.labels(endpoint).observe(time.perf_counter() - started)
-        if resp.status_code >= 400:
-            self._count_error(endpoint, resp.status_code)
-            raise _error_from_response(resp.status_code, resp.content)
-        return msgspec.json.decode(resp.content)
+        if resp.status >= 400:
+            self._count_error(endpoint, resp.status)
+            raise _error_from_response(resp.status, content)
+        return msgspec.json.decode(content)
 
     async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[bytes]:
         """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
@@ -169,13 +187,13 @@ class Backend:
         self._require_ready()
         started = time.perf_counter()
         try:
-            async with self._client.stream("POST", path, json=body) as resp:
-                if resp.status_code >= 400:
-                    self._count_error(endpoint, resp.status_code)
-                    raise _error_from_response(resp.status_code, await resp.aread())
+            async with self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON) as resp:
+                if resp.status >= 400:
+                    self._count_error(endpoint, resp.status)
+                    raise _error_from_response(resp.status, await resp.read())
                 self._metrics.upstream_latency.labels(endpoint).observe(time.perf_counter() - started)
                 pending = b""
-                async for data in resp.aiter_bytes():
+                async for data in resp.content.iter_any():
                     if b"\r" in data:  # SSE allows CRLF line ends; vLLM sends LF
                         data = data.replace(b"\r\n", b"\n")
                     pending += data
@@ -191,7 +209,7 @@ class Backend:
                                 self._count_error(endpoint, 500)
                                 raise _error_from_body(502, msgspec.json.decode(payload))
                             yield payload
-        except httpx.HTTPError as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
 
     async def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[dict[str, Any]]:
@@ -203,8 +221,8 @@ class Backend:
     def _count_error(self, endpoint: str, status: int | str) -> None:
         self._metrics.upstream_errors.labels(endpoint, str(status)).inc()
 
-    def _transport_error(self, exc: httpx.HTTPError, endpoint: str) -> APIError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _transport_error(self, exc: Exception, endpoint: str) -> APIError:
+        if isinstance(exc, asyncio.TimeoutError):
             self._count_error(endpoint, "timeout")
             return APIError(504, "backend timed out", code="backend_timeout")
         self._count_error(endpoint, "connection")

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import httpx
+import aiohttp
 
 from refine_server.model_store import ModelUnavailable, ensure_default_model
 
@@ -170,12 +170,13 @@ class EmbeddedEngine:
 
     async def _await_health(self, proc: asyncio.subprocess.Process) -> bool:
         deadline = time.monotonic() + self._start_timeout_s
-        async with httpx.AsyncClient(base_url=self.url, timeout=2.0) as client:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as client:
             while time.monotonic() < deadline and proc.returncode is None:
                 try:
-                    if (await client.get("/health")).status_code == 200:
-                        return True
-                except httpx.HTTPError:
+                    async with client.get(f"{self.url}/health") as resp:
+                        if resp.status == 200:
+                            return True
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
                 await asyncio.sleep(0.5)
         if proc.returncode is None:
