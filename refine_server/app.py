@@ -27,6 +27,7 @@ from refine_server.model_store import DEFAULT_MODEL_NAME
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.runtime import Runtime, get_runtime
+from refine_server.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,18 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
         engine = None if settings.backend_url else embedded_engine(settings, registry, link, metrics)
         if engine:
             engine.start()
-            backend = Backend(engine.url, metrics, link, timeout_s=settings.upstream_timeout_s,
-                              readiness=engine.is_ready, readiness_reason=lambda: engine.reason)
+            backends = [Backend(engine.url, metrics, link, timeout_s=settings.upstream_timeout_s,
+                                readiness=engine.is_ready, readiness_reason=lambda: engine.reason)]
         else:
-            backend = Backend(settings.backend_url, metrics, link, timeout_s=settings.upstream_timeout_s)
-        app.state.runtime = Runtime(settings, registry, metrics, backend, engine, keys, open_engine_fields)
+            backends = [Backend(url, metrics, link, timeout_s=settings.upstream_timeout_s)
+                        for url in settings.backend_url]
+        upstreams = Upstreams(backends, metrics)
+        upstreams.start()
+        app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields)
         try:
             yield
         finally:
-            await backend.aclose()
+            await upstreams.aclose()
             if engine:
                 await engine.stop()
 
@@ -100,17 +104,21 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
     @app.get("/ready")
     async def ready(rt: Runtime = Depends(get_runtime)) -> JSONResponse:
         """Readiness: the backend is up and answers its own health check."""
-        if rt.backend.is_ready() and await rt.backend.health():
-            return JSONResponse({"status": "ready", "backend": rt.backend.base_url})
-        reason = rt.backend.unavailable_reason() if not rt.backend.is_ready() else "backend health check failed"
+        backend = await rt.upstreams.ready()
+        if backend is not None:
+            return JSONResponse({"status": "ready", "backend": backend.base_url})
+        first = rt.upstreams.first
+        reason = first.unavailable_reason() if not first.is_ready() else "backend health check failed"
         return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus_metrics(rt: Runtime = Depends(get_runtime)) -> Response:
         """refine's metrics; in embedded mode followed by the child vLLM's, so one scrape target serves both."""
         body = rt.metrics.exposition()
-        if (rt.engine is not None or rt.settings.backend_metrics) and rt.backend.is_ready():
-            body += (await rt.backend.engine_metrics()).encode()
+        # One backend's only: two vLLMs' expositions side by side would repeat every series.
+        single = len(rt.upstreams.replicas) == 1
+        if single and (rt.engine is not None or rt.settings.backend_metrics) and rt.upstreams.first.is_ready():
+            body += (await rt.upstreams.first.engine_metrics()).encode()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -7,10 +7,10 @@ Every field can be given as a command-line flag (`refine --help`) or an environm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from refine_server.engine_plugin.srgen_params import SRGenEngineSettings
 
@@ -41,10 +41,11 @@ class Settings(BaseSettings):
         False, description="append the backend's own /metrics (vLLM's) to refine's (always on in embedded mode)"
     )
 
-    backend_url: str | None = Field(
-        None,
-        description="URL of an existing vLLM OpenAI server (e.g. http://gpu-host:8000). "
-        "Unset: refine starts its own embedded vLLM server as a child process.",
+    backend_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL of an existing vLLM OpenAI server (e.g. http://gpu-host:8000), or several, comma-separated: "
+        "refine routes each request to the least loaded healthy one. Unset: refine starts its own embedded vLLM "
+        "server as a child process.",
     )
     model: Path | None = Field(
         None,
@@ -103,6 +104,13 @@ class Settings(BaseSettings):
     )
     upstream_timeout_s: float = Field(600.0, description="longest wait for the backend to answer one call")
     log_level: str = Field("info", description="log level (debug, info, warning, error)")
+
+    @field_validator("backend_url", mode="before")
+    @classmethod
+    def _url_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return [] if value is None else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 
 The server's own metrics are defined here; each policy's are declared by the policy (`Policy.metrics`) and
 created here at start. Every label comes from a closed set: endpoints refine serves, registered policy names
-(anything else is "other"), HTTP status codes. No request ids, prompts or model paths ever become labels.
+(anything else is "other"), HTTP status codes, the backend URLs the operator configured. No request ids,
+prompts or model paths ever become labels.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from refine_server.policies import PolicyMetric
@@ -51,6 +52,22 @@ class Metrics:
         self.upstream_errors = Counter(
             "refine_upstream_errors", "Failed backend calls, by endpoint and HTTP status or transport failure",
             ["endpoint", "status"], registry=r,
+        )
+        self.upstream_requests = Counter(
+            "refine_upstream_routed_requests", "Client requests routed to each backend (several with --backend-url a,b)",
+            ["upstream"], registry=r,
+        )
+        self.upstream_in_flight = Gauge(
+            "refine_upstream_in_flight", "Client requests being served by each backend",
+            ["upstream"], registry=r, multiprocess_mode="livesum",
+        )
+        self.upstream_healthy = Gauge(
+            "refine_upstream_healthy", "1 while a backend takes requests, 0 while it is out (any worker's view: min)",
+            ["upstream"], registry=r, multiprocess_mode="livemin",
+        )
+        self.upstream_failovers = Counter(
+            "refine_upstream_failovers", "Requests moved off a backend that could not be reached",
+            ["upstream"], registry=r,
         )
         self.engine_restarts = Counter(
             "refine_engine_restarts", "Times the embedded vLLM server was restarted after it died", registry=r,

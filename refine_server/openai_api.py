@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from refine_server.auth import Grant
+from refine_server.backend import Backend
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
@@ -27,6 +28,7 @@ from refine_server.policies.request import ClientRequest, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest, RefineSpec
 from refine_server.streaming import SSE_HEADERS, ChunkRelay
+from refine_server.upstreams import Route
 
 router = APIRouter()
 
@@ -35,7 +37,7 @@ _REQUEST_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionReque
 
 @router.get("/v1/models", dependencies=[Depends(get_grant)])
 async def list_models(rt: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    return await rt.backend.get_json("/v1/models")
+    return await rt.upstreams.ranked()[0].backend.get_json("/v1/models")
 
 
 @router.post("/v1/chat/completions")
@@ -53,8 +55,10 @@ async def completions(request: Request, rt: Runtime = Depends(get_runtime),
 async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant) -> Response:
     started = time.perf_counter()
     policy_label = "other"
+    route = Route(rt.upstreams)
 
     def record(status: int) -> None:
+        route.finish()
         rt.metrics.requests.labels(endpoint, policy_label, str(status)).inc()
         rt.metrics.e2e_latency.labels(endpoint, policy_label).observe(time.perf_counter() - started)
 
@@ -62,31 +66,39 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
         client_request, spec = await _read_request(request, endpoint, rt)
         policy, params = _choose_policy(rt, spec, grant)
         policy_label = rt.metrics.policy_label(policy.name)
-        if policy.needs_engine_plugin:
-            await _require_engine_plugin(rt, policy, client_request.model)
-        call = PolicyCall(client_request, EngineClient(rt.backend, client_request))
+        # An in-engine policy goes only to a backend whose plugin can run it.
+        suits = (lambda backend: _require_engine_plugin(policy, backend, client_request.model)
+                 ) if policy.needs_engine_plugin else None
 
-        def refine_block() -> dict[str, Any]:
+        def refine_block(call: PolicyCall) -> dict[str, Any]:
             rt.metrics.observe_policy(policy_label, call.trace.values)
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
         if client_request.stream:
-            chunks = policy.stream(call, params)
-            # Wait for the first chunk before answering, so a backend that refuses the request yields a real
-            # HTTP error status instead of a 200 stream that carries an error.
-            try:
-                first = await cancel_on_disconnect(request, anext(chunks, None))
-            except BaseException:
-                await chunks.aclose()
-                raise
+            async def open_stream(backend: Backend):
+                call = PolicyCall(client_request, EngineClient(backend, client_request))
+                chunks = policy.stream(call, params)
+                # Wait for the first chunk before answering, so a backend that refuses the request yields a real
+                # HTTP error status instead of a 200 stream that carries an error (and may be retried elsewhere).
+                try:
+                    return call, chunks, await cancel_on_disconnect(request, anext(chunks, None))
+                except BaseException:
+                    await chunks.aclose()
+                    raise
+
+            call, chunks, first = await route.run(open_stream, suits)
             relay = ChunkRelay(
-                first, chunks, n_choices=client_request.num_choices, refine_block=refine_block,
+                first, chunks, n_choices=client_request.num_choices, refine_block=lambda: refine_block(call),
                 metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record,
             )
             return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
 
-        result = await cancel_on_disconnect(request, policy.complete(call, params))
-        result["refine"] = refine_block()
+        async def answer(backend: Backend) -> tuple[PolicyCall, dict[str, Any]]:
+            call = PolicyCall(client_request, EngineClient(backend, client_request))
+            return call, await cancel_on_disconnect(request, policy.complete(call, params))
+
+        call, result = await route.run(answer, suits)
+        result["refine"] = refine_block(call)
         record(200)
         return Response(msgspec.json.encode(result), media_type="application/json")
     except PolicyError as exc:
@@ -143,10 +155,10 @@ def _choose_policy(rt: Runtime, spec: RefineSpec | None, grant: Grant) -> tuple[
         raise invalid_request(str(exc), f"refine.{exc.param}") from None
 
 
-async def _require_engine_plugin(rt: Runtime, policy: Policy, model: str) -> None:
+async def _require_engine_plugin(policy: Policy, backend: Backend, model: str) -> None:
     """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy."""
-    plugin = await rt.backend.plugin(model)
-    where = f"the backend at {rt.backend.base_url}"
+    plugin = await backend.plugin(model)
+    where = f"the backend at {backend.base_url}"
     if plugin is None:
         problem = (f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
                    "environment and restart it")

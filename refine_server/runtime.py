@@ -1,4 +1,4 @@
-"""What the routes share, built once per server start: settings, policies, metrics, the backend, API keys.
+"""What the routes share, built once per server start: settings, policies, metrics, the backends, API keys.
 
 The app's lifespan puts one `Runtime` on `app.state`; routes receive it (and the caller's `Grant`) as FastAPI
 dependencies.
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 
 from refine_server.auth import Grant, KeyRing
-from refine_server.backend import Backend
 from refine_server.config import Settings
 from refine_server.engine import EmbeddedEngine
 from refine_server.metrics import Metrics
 from refine_server.policies import PolicyRegistry
+from refine_server.upstreams import Upstreams
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Runtime:
     settings: Settings
     registry: PolicyRegistry
     metrics: Metrics
-    backend: Backend
+    upstreams: Upstreams
     engine: EmbeddedEngine | None
     keys: KeyRing
     open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send

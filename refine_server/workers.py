@@ -29,7 +29,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def worker_count(settings: Settings) -> int:
     if settings.workers is not None:
         return settings.workers
-    if settings.backend_url is None and running_on_cpu():
+    if not settings.backend_url and running_on_cpu():
         return 1  # the embedded CPU engine needs every core it can get
     return min(4, os.cpu_count() or 1)
 
@@ -38,7 +38,7 @@ def serve_workers(settings: Settings, workers: int) -> None:
     """Blocks until the workers stop (SIGINT / SIGTERM)."""
     metrics_dir = tempfile.mkdtemp(prefix="refine-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # the workers inherit it
-    engine = _EngineThread(settings) if settings.backend_url is None else None
+    engine = _EngineThread(settings) if not settings.backend_url else None
     try:
         if engine:
             engine.start()

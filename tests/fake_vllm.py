@@ -1,8 +1,8 @@
 """A stand-in for a vLLM server *without* refine's plugin, for proxy-mechanics unit tests.
 
 It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per prompt), ignores
-`vllm_xargs` (counting requests that carry refine's, as `GET /fake/stats` reports), and can be told to fail:
-a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
+`vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
+told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 MODEL = "fake-model"
-STATS = {"refine_xargs_requests": 0}
 
 
 async def _completions(request: Request):
     body = await request.json()
     prompt = body.get("prompt")
+    stats = request.app.state.stats
+    stats["completions"] += 1
     if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
-        STATS["refine_xargs_requests"] += 1
+        stats["refine_xargs_requests"] += 1
     if prompt == "FAIL_500":
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
     words = ["alpha", " beta", " gamma"]
@@ -67,15 +68,22 @@ async def _health(request: Request):
 
 
 async def _stats(request: Request):
-    return JSONResponse(STATS)
+    return JSONResponse(request.app.state.stats)
 
 
-app = Starlette(routes=[
-    Route("/v1/completions", _completions, methods=["POST"]),
-    Route("/v1/models", _models),
-    Route("/health", _health),
-    Route("/fake/stats", _stats),
-])
+def make_app() -> Starlette:
+    """A fake vLLM with its own request counts (`GET /fake/stats`)."""
+    fake = Starlette(routes=[
+        Route("/v1/completions", _completions, methods=["POST"]),
+        Route("/v1/models", _models),
+        Route("/health", _health),
+        Route("/fake/stats", _stats),
+    ])
+    fake.state.stats = {"completions": 0, "refine_xargs_requests": 0}
+    return fake
+
+
+app = make_app()
 
 
 def free_port() -> int:
@@ -85,9 +93,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(asgi_app) -> Iterator[str]:
-    """Run an ASGI app (its lifespan included) on a free loopback port; yields its base URL."""
-    port = free_port()
+def serve_in_thread(asgi_app, port: int | None = None) -> Iterator[str]:
+    """Run an ASGI app (its lifespan included) on a loopback port (a free one unless given); yields its URL."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(asgi_app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

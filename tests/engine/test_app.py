@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import ENGINE_ENV, MODEL, metric_total, start_refine, stop_refine
-from tests.fake_vllm import free_port
+from tests.fake_vllm import free_port, make_app, serve_in_thread
 
 pytestmark = pytest.mark.engine
 
@@ -110,3 +110,23 @@ def test_several_workers_share_one_port_and_their_metrics_add_up(engine_url: str
         assert all("vllm:" in s for s in scrapes)  # --backend-metrics: the engine's own, in the same scrape
     finally:
         stop_refine(server)
+
+
+def test_srgen_goes_only_to_the_backend_whose_plugin_runs_it(engine_url: str) -> None:
+    """The real engine (with the plugin) and a fake vLLM (without) behind one refine."""
+    with serve_in_thread(make_app()) as fake:
+        server = start_refine("two-backends", free_port(), "--backend-url", f"{fake},{engine_url}",
+                              "--workers", "1", ready_timeout_s=60, env=ENGINE_ENV)
+        try:
+            client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+            forced = {"policy": "srgen", "max_corrections": 1, "warmup_threshold": 0, "min_threshold": 0}
+            for _ in range(3):
+                resp = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0,
+                                                 extra_body={"refine": forced})
+                assert resp.model_extra["refine"]["trace"]["num_corrections"] == 1
+            plain = {client.completions.create(model=MODEL, prompt="hi", max_tokens=3,
+                                               temperature=0).choices[0].text for _ in range(4)}
+            assert "alpha beta gamma" in plain and len(plain) == 2  # plain requests go to both
+            assert httpx.get(f"{fake}/fake/stats").json()["completions"] == 2 + 1  # + the one handshake
+        finally:
+            stop_refine(server)
