@@ -15,7 +15,6 @@ from refine_server.config import Settings
 from refine_server.policies import PolicyRegistry
 from refine_server.policies.base import PolicyCall, PolicyParams
 from refine_server.policies.none import NonePolicy
-from tests.conftest import metric_total
 from tests.fake_vllm import MODEL, free_port, make_app, serve_in_thread
 
 
