@@ -2,11 +2,13 @@
 
 It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per prompt), ignores
 `vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
-told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk.
+told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
+"DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -30,6 +32,8 @@ async def _completions(request: Request):
     stats["completions"] += 1
     if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
         stats["refine_xargs_requests"] += 1
+    if prompt == "SLOW":
+        await asyncio.sleep(3)
     if prompt == "FAIL_500":
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
     words = ["alpha", " beta", " gamma"]
@@ -44,6 +48,8 @@ async def _completions(request: Request):
 
     async def events():
         for i, word in enumerate(words):
+            if prompt == "DROP_MIDSTREAM" and i == 1:
+                raise ConnectionResetError("the engine went away")  # uvicorn drops the connection mid-body
             if prompt == "FAIL_MIDSTREAM" and i == 1:
                 yield "data: " + json.dumps({"error": {"message": "engine died mid-stream", "code": 500}}) + "\n\n"
                 return

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from refine_server.app import create_app
 from refine_server.config import Settings
 from refine_server.policies import PolicyRegistry
-from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyMetric, PolicyParams
+from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyMetric, PolicyParams, PolicyRequestError
 from refine_server.policies.none import NonePolicy
 from tests.fake_vllm import serve_in_thread
 
@@ -46,15 +47,32 @@ class WidgetPolicy(NonePolicy):
 
 
 class BrokenPolicy(NonePolicy):
-    """A policy with a bug."""
+    """A policy with a bug: it fails at once when not streaming, and after its first chunk when streaming."""
 
     name = "broken"
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         raise RuntimeError("a bug in a policy")
 
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
+        async for chunk in call.engine.relay_stream(call.request.body):
+            yield chunk
+            raise RuntimeError("a bug in a policy, mid-stream")
+
+
+class PickyPolicy(NonePolicy):
+    """Serves only prompts that start with "ok", streaming or not."""
+
+    name = "picky"
+
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
+        if not str(call.request.prompt).startswith("ok"):
+            raise PolicyRequestError("policy picky serves prompts that start with 'ok'", "prompt")
+        async for chunk in super().stream(call, params):
+            yield chunk
+
 
 def _serve(settings: Settings):
-    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, BrokenPolicy],
+    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, BrokenPolicy, PickyPolicy],
                               settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))
