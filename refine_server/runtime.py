@@ -29,10 +29,12 @@ class Runtime:
     open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency on a worker
+# thread, a thread hop per dependency per request.
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_grant(request: Request, runtime: Runtime = Depends(get_runtime)) -> Grant:
+async def get_grant(request: Request, runtime: Runtime = Depends(get_runtime)) -> Grant:
     """The caller's API key checked, and what it may do."""
     return runtime.keys.authenticate(request)
