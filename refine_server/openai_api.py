@@ -37,7 +37,7 @@ _REQUEST_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionReque
 
 @router.get("/v1/models", dependencies=[Depends(get_grant)])
 async def list_models(rt: Runtime = Depends(get_runtime)) -> dict[str, Any]:
-    return await rt.upstreams.ranked()[0].backend.get_json("/v1/models")
+    return await rt.upstreams.best().backend.get_json("/v1/models")
 
 
 @router.post("/v1/chat/completions")

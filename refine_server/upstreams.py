@@ -68,8 +68,8 @@ class Upstreams:
                 return r.backend
         return None
 
-    def ranked(self, exclude: set[int] = frozenset()) -> list[Replica]:
-        """Available replicas, least loaded first (ties in turn). A 503 when none is left."""
+    def best(self, exclude: set[int] = frozenset()) -> Replica:
+        """The least loaded available replica (ties taken in turn), not one of `exclude`. A 503 when none is."""
         turn = next(self._turn)
         n = len(self.replicas)
         candidates = [(r.in_flight, (i - turn) % n, r) for i, r in enumerate(self.replicas)
@@ -77,7 +77,7 @@ class Upstreams:
         if not candidates:
             reason = self.first.unavailable_reason() if n == 1 else "no backend is healthy"
             raise APIError(503, f"backend not ready: {reason}", code="backend_unavailable")
-        return [r for _, _, r in sorted(candidates, key=lambda c: c[:2])]
+        return min(candidates, key=lambda c: c[:2])[2]
 
     def acquire(self, replica: Replica) -> None:
         replica.in_flight += 1
@@ -123,12 +123,11 @@ class Route:
         refusal: APIError | None = None
         while True:
             try:
-                candidates = self._upstreams.ranked(self._tried)
+                replica = self._upstreams.best(self._tried)
             except APIError:
                 if refusal is not None:
                     raise refusal from None
                 raise
-            replica = candidates[0]
             self._tried.add(id(replica))
             if suits is not None:
                 try:
