@@ -3,7 +3,8 @@
 It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per prompt), ignores
 `vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
 told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
-"DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s.
+"DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s. "LONG_STREAM" streams
+50 tokens, 0.1 s apart.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ async def _completions(request: Request):
         await asyncio.sleep(3)
     if prompt == "FAIL_500":
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
-    words = ["alpha", " beta", " gamma"]
+    words = [" tok"] * 50 if prompt == "LONG_STREAM" else ["alpha", " beta", " gamma"]
     if not body.get("stream"):
         return JSONResponse({
             "id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
@@ -53,9 +54,12 @@ async def _completions(request: Request):
             if prompt == "FAIL_MIDSTREAM" and i == 1:
                 yield "data: " + json.dumps({"error": {"message": "engine died mid-stream", "code": 500}}) + "\n\n"
                 return
+            if prompt == "LONG_STREAM" and i:
+                await asyncio.sleep(0.1)
             for index in range(choices):
+                finish = "stop" if i == len(words) - 1 else None
                 chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
-                         "choices": [{"index": index, "text": word, "finish_reason": "stop" if i == 2 else None}]}
+                         "choices": [{"index": index, "text": word, "finish_reason": finish}]}
                 # Compact like vLLM's JSON, but for one space that no JSON encoder would write: a relay that
                 # decodes and re-encodes a chunk changes its bytes.
                 data = json.dumps(chunk, separators=(",", ":")).replace('"created":', '"created": ')

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import httpx
+import openai
 import pytest
+import uvicorn
 from openai import OpenAI
 
 from refine_server import upstreams
@@ -90,3 +93,33 @@ def test_when_every_backend_is_down_the_client_gets_a_503() -> None:
     with _refine([f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]) as url:
         resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=30)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "backend_unavailable"
+
+
+def test_a_backend_killed_under_load_ends_its_streams_with_an_error_and_loses_no_new_request() -> None:
+    port = free_port()
+    killed = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=killed.run, daemon=True)
+    thread.start()
+    while not killed.started:
+        time.sleep(0.02)
+    b = f"http://127.0.0.1:{port}"
+    with serve_in_thread(make_app()) as a, _refine([a, b]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        streams = [client.completions.create(model=MODEL, prompt="LONG_STREAM", stream=True) for _ in range(4)]
+        for stream in streams:
+            next(iter(stream))  # every stream under way: two on each backend
+        killed.force_exit = killed.should_exit = True  # b dies without finishing what it was sending
+        thread.join(10)
+
+        outcomes = []
+        for stream in streams:
+            try:
+                outcomes.append(len([c for c in stream if c.choices]))
+            except openai.APIError as exc:
+                outcomes.append(str(exc))
+        finished = [o for o in outcomes if o == 49]  # the first chunk was read above
+        failed = [o for o in outcomes if isinstance(o, str)]
+        assert len(finished) == 2 and len(failed) == 2 and all("backend unavailable" in f for f in failed)
+        # Nothing new is lost: requests that would have gone to b move to a.
+        for _ in range(4):
+            assert client.completions.create(model=MODEL, prompt="hi").choices[0].text == "alpha beta gamma"
