@@ -52,11 +52,18 @@ def _assert_generation_stopped(engine_url: str, tokens_before: float, max_tokens
     assert 0 < tokens - tokens_before < max_tokens / 2
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str, stream: bool) -> None:
+@pytest.mark.parametrize("stream, refine", [
+    (True, {"policy": "none"}),
+    (False, {"policy": "none"}),
+    (False, {"policy": "srgen", "max_corrections": 1}),  # in the engine
+    (False, {"policy": "cyberv", "n": 2, "max_reasoning_tokens": 1900}),  # several engine calls at once
+], ids=["none-stream", "none", "srgen", "cyberv"])
+def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str, stream: bool,
+                                                  refine: dict) -> None:
+    """Streaming, the client leaves after a few chunks; not streaming, before any byte of the answer."""
     max_tokens = 1900  # fits the test server's 2048-token context
     body = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": stream}
+            "stream": stream, "refine": refine}
     before, _ = _engine_counters(engine_url)
     if stream:
         with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=60) as resp:
