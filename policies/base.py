@@ -59,11 +59,13 @@ class PolicyMetric:
     unset: float | None = None  # observed when a request's trace leaves the metric unset (None: not observed)
 
 
-_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU); refine's
+# own latency histograms use the same buckets.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _COUNTS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 CORRECTION_SECONDS = PolicyMetric("refine_correction_seconds", "Time a policy spent correcting, per request",
-                                  "histogram", _SECONDS, unset=0.0)
+                                  "histogram", LATENCY_BUCKETS, unset=0.0)
 CORRECTIONS = PolicyMetric("refine_corrections_per_request", "Corrections a policy made in one request",
                            "histogram", (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89))
 ROUNDS = PolicyMetric("refine_rounds_per_request",

@@ -165,7 +165,6 @@ class RainRun:
     def __init__(self, policy: RainPolicy, call: PolicyCall, params: RainParams):
         self.call = call
         self.params = params
-        self.client_request = call.request
         self.request = read_request(call.request)
         self.criterion = load_criterion(params.criterion, params.question)
         call.engine.budget = Budget(params.max_engine_calls, params.max_search_tokens, params.max_seconds)
@@ -203,17 +202,17 @@ class RainRun:
     async def _start(self) -> RainSearch:
         r = self.request
         if r.messages is not None:
-            body = self.client_request.body
+            body = self.call.request.body
             fields = {k: body[k] for k in ("chat_template_kwargs",) if k in body}
             prompt_ids = await self.engine.tokenize_chat(r.messages, fields)
-            question = self.client_request.question("rain")[1]
+            question = self.call.request.question("rain")[1]
         elif isinstance(r.prompt, str):
             prompt_ids = await self.engine.tokenize(r.prompt, special_tokens=True)
             question = r.prompt
         else:
             prompt_ids = list(r.prompt or [])
             question = await self.engine.text(prompt_ids)
-        options = self.options = await self._policy.options_for(self.client_request.model, self.engine)
+        options = self.options = await self._policy.options_for(self.call.request.model, self.engine)
         evaluator = SelfEvaluator(self.engine, self.criterion, question, options)
         self.search = RainSearch(self.engine, evaluator, self._policy.embedder, self.params, prompt_ids,
                                  r.max_tokens)
@@ -222,7 +221,7 @@ class RainRun:
     async def _new_text(self, answer: list[int]) -> tuple[str, bool]:
         """The text committed since the last piece, cut at a client stop string (then True)."""
         full = await self.engine.text(answer)
-        for stop in self.client_request.stop:
+        for stop in self.call.request.stop:
             at = full.find(stop)
             if at >= 0:
                 piece = full[len(self.text):at] if at > len(self.text) else ""
@@ -237,8 +236,8 @@ class RainRun:
 
     async def _finish_plainly(self, search: RainSearch) -> AsyncIterator[str]:
         sampling = {**self.request.plain_sampling, "max_tokens": self.request.max_tokens - len(search.answer)}
-        if self.client_request.stop:
-            sampling["stop"] = self.client_request.stop
+        if self.call.request.stop:
+            sampling["stop"] = self.call.request.stop
         # Any text held back at a split character is emitted with the first plain piece.
         pending = (await self.engine.text(search.answer))[len(self.text):]
         async for event in self.engine.stream_plain(search.prompt + search.answer, sampling):

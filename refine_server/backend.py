@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -166,7 +166,7 @@ class Backend:
         self._require_ready()
         started = time.perf_counter()
         try:
-            async with self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON) as resp:
+            async with self._post(path, body) as resp:
                 content = await resp.read()
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
@@ -187,7 +187,7 @@ class Backend:
         self._require_ready()
         started = time.perf_counter()
         try:
-            async with self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON) as resp:
+            async with self._post(path, body) as resp:
                 if resp.status >= 400:
                     self._count_error(endpoint, resp.status)
                     raise _error_from_response(resp.status, await resp.read())
@@ -217,6 +217,9 @@ class Backend:
         async with aclosing(self.stream_events(path, body, endpoint=endpoint)) as events:
             async for payload in events:
                 yield msgspec.json.decode(payload)
+
+    def _post(self, path: str, body: dict[str, Any]) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        return self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON)
 
     def _count_error(self, endpoint: str, status: int | str) -> None:
         self._metrics.upstream_errors.labels(endpoint, str(status)).inc()

@@ -15,10 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from refine_server.policies import PolicyMetric
+from refine_server.policies.base import LATENCY_BUCKETS
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by refine_server/workers.py when refine runs several workers
-# Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU).
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -34,11 +33,11 @@ class Metrics:
         )
         self.e2e_latency = Histogram(
             "refine_request_duration_seconds", "End-to-end request latency as refine sees it",
-            ["endpoint", "policy"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["endpoint", "policy"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
             "refine_time_to_first_token_seconds", "Time from request to the first streamed token",
-            ["policy"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["policy"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.itl = Histogram(
             "refine_inter_token_latency_seconds", "Time between consecutive streamed chunks that carry tokens",
@@ -47,7 +46,7 @@ class Metrics:
         self.upstream_latency = Histogram(
             "refine_upstream_request_duration_seconds",
             "Backend latency: whole call when not streaming, time to response headers when streaming",
-            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.upstream_errors = Counter(
             "refine_upstream_errors", "Failed backend calls, by endpoint and HTTP status or transport failure",

@@ -32,6 +32,10 @@ class Replica:
     healthy: bool = True  # until a call or a probe says otherwise
     in_flight: int = 0  # client requests routed here and not finished
 
+    @property
+    def usable(self) -> bool:
+        return self.healthy and self.backend.is_ready()
+
 
 class Upstreams:
     def __init__(self, backends: list[Backend], metrics: Metrics):
@@ -58,13 +62,10 @@ class Upstreams:
         for r in self.replicas:
             await r.backend.aclose()
 
-    def available(self) -> list[Replica]:
-        return [r for r in self.replicas if r.healthy and r.backend.is_ready()]
-
     async def ready(self) -> Backend | None:
         """A backend that answers its health check now, or None."""
-        for r in self.available():
-            if await r.backend.health():
+        for r in self.replicas:
+            if r.usable and await r.backend.health():
                 return r.backend
         return None
 
@@ -73,7 +74,7 @@ class Upstreams:
         turn = next(self._turn)
         n = len(self.replicas)
         candidates = [(r.in_flight, (i - turn) % n, r) for i, r in enumerate(self.replicas)
-                      if id(r) not in exclude and r.healthy and r.backend.is_ready()]
+                      if r.usable and id(r) not in exclude]
         if not candidates:
             reason = self.first.unavailable_reason() if n == 1 else "no backend is healthy"
             raise APIError(503, f"backend not ready: {reason}", code="backend_unavailable")
