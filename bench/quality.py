@@ -1,11 +1,25 @@
-"""Quality harness: a small task suite with verifiable answers, run through refine with any policy.
+"""Quality on the held-out suite (bench/suite.py): every arm through refine, graded by one grader, compared
+item by item.
 
-    .venv/bin/python bench/quality.py --policy none
-    .venv/bin/python bench/quality.py --policy srgen --params '{"max_corrections": 4}'
+    .venv/bin/python bench/quality.py run none                       # greedy, one run
+    .venv/bin/python bench/quality.py run srgen
+    .venv/bin/python bench/quality.py run cyberv-full --seeds 0 1 2  # sampled: one run per seed
+    .venv/bin/python bench/quality.py run rain --limit 40
+    .venv/bin/python bench/quality.py report                         # tables + README section from the runs
 
-Each item is one chat request (greedy unless --temperature is given). Reported: accuracy with a 95% Wilson
-interval, overall and per category, completion tokens and latency per item. Per-item results go to
-bench/results/quality-<policy>.jsonl so two runs can be compared item by item.
+`run` sends each item of the split (`--split test` by default: the frozen one) as one chat request through
+refine with the arm's `refine` object, and writes bench/results/quality/<split>/<arm>-s<seed>.jsonl: per item the
+returned text, the extracted answer, whether it is right, the usage and the trace's summary. Every arm is
+graded by `grading.grade` on the text the client receives: the same extractor and the same comparison.
+
+`report` reads every run of the split and writes bench/results/quality/<split>.json and, for the test split,
+the README's quality section (between its `quality:start` / `quality:end` markers):
+- accuracy per arm with a 95% Wilson interval (sampled arms: pooled over seeds, per-seed spread shown);
+- each arm against `none`, paired by item: the difference with a 95% paired-bootstrap interval (items
+  resampled; a sampled arm's item score is its mean over seeds) and, for single runs, McNemar's exact p;
+- from cyberv-full's own samples (the same candidates, no new engine calls): self-consistency (majority of
+  the first k candidates' answers, k = 1..n), and the adaptive stopping rule replayed over them
+  (`cyberv_sensor.outlook`): the tokens it would have drawn, and how often it decides as full n does.
 """
 
 from __future__ import annotations
@@ -13,102 +27,232 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import re
 import statistics
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from openai import AsyncOpenAI
 
-TASKS = Path(__file__).parent / "tasks" / "quality.jsonl"
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+from grading import grade, grade_answer
+from stats import mcnemar, paired_bootstrap, wilson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refine_server.policies.answers import Answer  # noqa: E402
+from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, decide, outlook  # noqa: E402
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "quality"
+README = HERE.parent / "README.md"
+
+# arm -> the request's refine object; every arm answers with temperature 0 (its own sampling, if any, inside).
+ARMS: dict[str, dict] = {
+    "none": {"policy": "none"},
+    "srgen": {"policy": "srgen"},
+    "cyberv": {"policy": "cyberv", "n": 8},
+    "cyberv-full": {"policy": "cyberv", "n": 8, "adaptive": False},
+    "rain": {"policy": "rain"},
+}
+SAMPLED = {"cyberv", "cyberv-full"}  # arms whose answers depend on the seed
 
 
-def is_correct(item: dict, output: str) -> bool:
-    """Number: the last number in the output. Choice: the first standalone option letter. Text: a whole word."""
-    if item["kind"] == "number":
-        numbers = _NUMBER.findall(output)
-        return bool(numbers) and math.isclose(float(numbers[-1].replace(",", "")), float(item["answer"]),
-                                              rel_tol=1e-6, abs_tol=1e-9)
-    if item["kind"] == "choice":
-        letter = re.search(r"\b([A-D])\b", output)
-        return bool(letter) and letter.group(1) == item["answer"]
-    accepted = [item["answer"], *item.get("aliases", [])]
-    return any(re.search(rf"\b{re.escape(a)}\b", output, re.I) for a in accepted)
+def load_items(split: str) -> list[dict]:
+    path = HERE / "tasks" / f"suite-{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+# ---- run -------------------------------------------------------------------------------------------------
 
-
-async def run_item(client: AsyncOpenAI, args, refine: dict, item: dict) -> dict:
-    started = time.perf_counter()
-    resp = await client.chat.completions.create(
-        model=args.model, messages=[{"role": "user", "content": item["question"]}],
-        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        extra_body={"refine": refine},
-    )
-    output = resp.choices[0].message.content or ""
-    return {
-        "id": item["id"], "category": item["category"], "correct": is_correct(item, output),
-        "output": output, "completion_tokens": resp.usage.completion_tokens,
-        "latency_s": time.perf_counter() - started, "trace": (resp.model_extra or {}).get("refine", {}).get("trace"),
-    }
-
-
-async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--refine", default="http://127.0.0.1:8000")
-    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
-    ap.add_argument("--policy", default="none")
-    ap.add_argument("--params", default="{}", help="policy parameters as a JSON object")
-    ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
-    ap.add_argument("--stride", type=int, default=1, help="every k-th item (4: 20 items, 5 per category)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-
-    items = [json.loads(line) for line in TASKS.read_text().splitlines() if line.strip()]
-    items = items[:: args.stride]
-    items = items[: args.limit] if args.limit else items
-    refine = {"policy": args.policy, **json.loads(args.params)}
-    client = AsyncOpenAI(base_url=f"{args.refine}/v1", api_key="unused", timeout=600, max_retries=0)
+async def run_arm(args: argparse.Namespace) -> None:
+    items = load_items(args.split)
+    if args.limit:  # an even spread over the tasks, not the first tasks only
+        items = items[:: max(1, len(items) // args.limit)][: args.limit]
+    refine = {**ARMS[args.arm], **json.loads(args.params)}
+    client = AsyncOpenAI(base_url=f"{args.refine}/v1", api_key="unused", timeout=3600, max_retries=0)
     gate = asyncio.Semaphore(args.concurrency)
 
-    async def bounded(item: dict) -> dict:
+    async def one(item: dict, seed: int) -> dict:
         async with gate:
-            return await run_item(client, args, refine, item)
+            started = time.perf_counter()
+            resp = await client.chat.completions.create(
+                model=args.model, messages=[{"role": "user", "content": item["question"]}],
+                max_tokens=args.max_tokens, temperature=0, seed=seed, extra_body={"refine": refine},
+            )
+        text = resp.choices[0].message.content or ""
+        graded = grade(item, text)
+        trace = (resp.model_extra or {}).get("refine", {}).get("trace") or {}
+        return {"id": item["id"], "task": item["task"], "correct": graded.correct, "answer": graded.answer,
+                "text": text, "completion_tokens": resp.usage.completion_tokens,
+                "latency_s": round(time.perf_counter() - started, 3), "trace": trace}
 
-    started = time.perf_counter()
-    results = await asyncio.gather(*(bounded(i) for i in items))
-    wall = time.perf_counter() - started
+    (RESULTS / args.split).mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        started = time.perf_counter()
+        rows = await asyncio.gather(*(one(item, seed) for item in items))
+        out = RESULTS / args.split / f"{args.arm}-s{seed}.jsonl"
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        k = sum(r["correct"] for r in rows)
+        lo, hi = wilson(k, len(rows))
+        print(f"{args.arm} seed {seed}: {k}/{len(rows)} = {k / len(rows):.1%} (95% CI {lo:.1%}-{hi:.1%}), "
+              f"{statistics.mean(r['completion_tokens'] for r in rows):.0f} tokens/item, "
+              f"wall {time.perf_counter() - started:.0f}s -> {out}")
 
-    out = args.out or Path(__file__).parent / "results" / f"quality-{args.policy}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in results))
 
-    def line(name: str, rows: list[dict]) -> str:
-        k, n = sum(r["correct"] for r in rows), len(rows)
-        lo, hi = wilson(k, n)
-        return f"{name:12s} {k:3d}/{n:<3d} = {k / n:6.1%}  (95% CI {lo:.1%}-{hi:.1%})"
+# ---- replays over cyberv-full's candidates ---------------------------------------------------------------
 
-    print(f"policy={args.policy} params={args.params} items={len(results)} wall={wall:.1f}s")
-    for category in sorted({r["category"] for r in results}):
-        print(line(category, [r for r in results if r["category"] == category]))
-    print(line("overall", results))
-    print(f"completion tokens/item: mean {statistics.mean(r['completion_tokens'] for r in results):.1f}; "
-          f"latency/item: median {statistics.median(r['latency_s'] for r in results):.2f}s "
-          f"(concurrency {args.concurrency}); per-item results: {out}")
+def _vote(candidates: list[dict]) -> str | None:
+    """Self-consistency: the most common answer (the first seen wins a tie), None when nobody answered."""
+    answers = [c["answer"] for c in candidates if c["answer"] is not None]
+    return Counter(answers).most_common(1)[0][0] if answers else None
+
+
+def _ballots(candidates: list[dict], n: int) -> list[Candidate]:
+    """The first m traced candidates as the sensor scored them with m drawn: s1..s4 as traced (they do not
+    depend on later candidates), s5 the rank among the m by p (= s1) over n."""
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i]["signals"]["s1"])
+    rank = {i: r for r, i in enumerate(order, start=1)}
+    ballots = []
+    for i, c in enumerate(candidates):
+        s = c["signals"]
+        ballot = Candidate(c["index"], c["kind"], Generation("", [], None))
+        ballot.answer = Answer(c["answer_kind"], c["answer"]) if c["answer"] is not None else None
+        ballot.score = SIGNAL_WEIGHT * (s["s1"] + s["s2"] + s["s3"] + s["s4"] + rank[i] / n)
+        ballots.append(ballot)
+    return ballots
+
+
+def replay_stopping(trace: dict, n: int, theta: float, batch: int) -> dict:
+    """Where the adaptive rule would have stopped over these candidates, what it decides and what it cost."""
+    candidates = trace["candidates"]
+    for m in [*range(1 + batch, n, batch), n]:
+        ballots = _ballots(candidates[:m], n)
+        early = outlook(ballots, n, n * theta)
+        if early.settled or m == n:
+            decision = decide(ballots, n * theta)
+            answer = decision.tallies[0].answer.value if decision.tallies else None
+            return {"drawn": m, "action": decision.action, "answer": answer,
+                    "tokens": sum(c["completion_tokens"] for c in candidates[:m])}
+    raise AssertionError("unreachable")
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+def load_runs(split: str, items: dict[str, dict]) -> dict[str, dict[int, dict[str, dict]]]:
+    """arm -> seed -> item id -> row, every returned text graded again by today's grader: a fix to the
+    grader applies to every arm alike, never to some runs only."""
+    runs: dict[str, dict[int, dict[str, dict]]] = {}
+    for path in sorted((RESULTS / split).glob("*-s*.jsonl")):
+        arm, seed = path.stem.rsplit("-s", 1)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in rows:
+            graded = grade(items[row["id"]], row["text"])
+            row["correct"], row["answer"] = graded.correct, graded.answer
+        runs.setdefault(arm, {})[int(seed)] = {r["id"]: r for r in rows}
+    return runs
+
+
+def item_scores(runs: dict[int, dict[str, dict]], ids: list[str]) -> list[float]:
+    """Per item, the fraction of seeds that got it right."""
+    return [statistics.mean(float(seeds[i]["correct"]) for seeds in runs.values()) for i in ids]
+
+
+def report(args: argparse.Namespace) -> None:
+    items = {item["id"]: item for item in load_items(args.split)}
+    runs = load_runs(args.split, items)
+    summary: dict = {"split": args.split, "arms": {}, "versus_none": {}, "cyberv_samples": {}}
+    lines = ["| arm | items | runs | accuracy | 95% CI | completion tokens / item |", "|---|---|---|---|---|---|"]
+    for arm, seeds in runs.items():
+        ids = sorted(set.intersection(*(set(s) for s in seeds.values())))
+        k = sum(seeds[s][i]["correct"] for s in seeds for i in ids)
+        total = len(ids) * len(seeds)
+        lo, hi = wilson(k, total)
+        tokens = statistics.mean(seeds[s][i]["completion_tokens"] for s in seeds for i in ids)
+        per_seed = [statistics.mean(float(seeds[s][i]["correct"]) for i in ids) for s in seeds]
+        summary["arms"][arm] = {"items": len(ids), "seeds": sorted(seeds), "accuracy": k / total,
+                                "ci95": [lo, hi], "per_seed": per_seed, "tokens_per_item": tokens}
+        spread = f" (seeds {min(per_seed):.1%}-{max(per_seed):.1%})" if len(seeds) > 1 else ""
+        lines.append(f"| {arm} | {len(ids)} | {len(seeds)} | {k / total:.1%}{spread} | {lo:.1%}-{hi:.1%} | "
+                     f"{tokens:.0f} |")
+
+    lines += ["", "| arm vs none (same items) | difference | 95% paired-bootstrap CI | McNemar p |", "|---|---|---|---|"]
+    base = runs.get("none")
+    for arm, seeds in runs.items():
+        if arm == "none" or base is None:
+            continue
+        ids = sorted(set(base[0]) & set.intersection(*(set(s) for s in seeds.values())))
+        a, b = item_scores(base, ids), item_scores(seeds, ids)
+        diff, (lo, hi) = paired_bootstrap(a, b)
+        p = mcnemar([x == 1 for x in a], [x == 1 for x in b]).p_value if len(seeds) == 1 else None
+        summary["versus_none"][arm] = {"items": len(ids), "difference": diff, "ci95": [lo, hi], "mcnemar_p": p}
+        lines.append(f"| {arm} ({len(ids)} items) | {diff:+.1%} | {lo:+.1%} to {hi:+.1%} | "
+                     f"{'-' if p is None else f'{p:.3f}'} |")
+
+    full = runs.get("cyberv-full")
+    if full:
+        lines += ["", *cyberv_samples(full, items, summary, args)]
+    text = "\n".join(lines)
+    (RESULTS / f"{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(text)
+    readme = README.read_text()
+    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
+    if args.split == "test" and start in readme and end in readme:
+        head, rest = readme.split(start, 1)
+        README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+        print(f"README quality section rewritten from {RESULTS}")
+
+
+def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], summary: dict,
+                   args: argparse.Namespace) -> list[str]:
+    """Self-consistency at k = 1..n and the stopping rule, replayed over cyberv-full's traced candidates."""
+    n, theta = ARMS["cyberv-full"]["n"], 0.3
+    rows = [(items[i], r) for seeds in full.values() for i, r in seeds.items()]
+    sc_lines = ["| self-consistency over cyberv-full's candidates | accuracy | completion tokens / item |",
+                "|---|---|---|"]
+    sc = {}
+    for k in range(1, n + 1):
+        correct = [grade_answer(item, _vote(r["trace"]["candidates"][:k])).correct for item, r in rows]
+        tokens = statistics.mean(sum(c["completion_tokens"] for c in r["trace"]["candidates"][:k]) for _, r in rows)
+        sc[k] = {"accuracy": statistics.mean(correct), "tokens_per_item": tokens}
+        sc_lines.append(f"| majority of the first {k} | {sc[k]['accuracy']:.1%} | {tokens:.0f} |")
+    replays = [(item, r, replay_stopping(r["trace"], n, theta, args.batch)) for item, r in rows]
+    same = statistics.mean(
+        (rep["action"], rep["answer"]) == (r["trace"]["decision"], r["trace"]["answers"][0]["answer"]
+                                           if r["trace"]["answers"] else None)
+        for _, r, rep in replays)
+    tokens = statistics.mean(rep["tokens"] for *_, rep in replays)
+    drawn = statistics.mean(rep["drawn"] for *_, rep in replays)
+    ratio = tokens / sc[n]["tokens_per_item"]
+    summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc, "stopping": {
+        "batch": args.batch, "mean_drawn": drawn, "tokens_per_item": tokens, "tokens_vs_sc_n": ratio,
+        "same_decision_as_full_n": same}}
+    return [*sc_lines, "", f"Stopping rule replayed over the same candidates (batches of {args.batch}): "
+            f"{drawn:.1f} of {n} candidates drawn on average, {tokens:.0f} completion tokens per item "
+            f"({ratio:.2f}x self-consistency at n={n}), the same decision as all {n} on {same:.1%} of "
+            f"{len(rows)} item runs."]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one arm over the suite")
+    run.add_argument("arm", choices=sorted(ARMS))
+    run.add_argument("--params", default="{}", help="extra policy parameters as a JSON object")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0])
+    run.add_argument("--refine", default="http://127.0.0.1:8000")
+    run.add_argument("--model", default="SmolLM2-135M-Instruct")
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--concurrency", type=int, default=16)
+    run.add_argument("--limit", type=int, default=0, help="an even spread of N items (0: all)")
+    for parser in (run, sub.add_parser("report", help="tables and the README section from the runs")):
+        parser.add_argument("--split", default="test", choices=["dev", "test"])
+    sub.choices["report"].add_argument("--batch", type=int, default=2, help="the stopping rule's batch size")
+    args = ap.parse_args()
+    if args.command == "run":
+        asyncio.run(run_arm(args))
+    else:
+        report(args)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

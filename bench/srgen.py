@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-TASKS = Path(__file__).parent / "tasks" / "quality.jsonl"
+TASKS = Path(__file__).parent / "tasks" / "suite-dev.jsonl"
 FORCE = {"warmup_threshold": 0.0, "min_threshold": 0.0}
 
 
@@ -84,7 +84,8 @@ async def main() -> None:
         await stall_report(args)
         return
 
-    questions = [json.loads(line)["question"] for line in TASKS.read_text().splitlines()][:: 80 // args.requests]
+    lines = TASKS.read_text().splitlines()
+    questions = [json.loads(line)["question"] for line in lines][:: max(1, len(lines) // args.requests)]
     questions = [q + " Explain your reasoning." for q in questions[: args.requests]]
     report: dict = {"command": "bench/srgen.py", "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "requests": len(questions)}

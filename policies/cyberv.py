@@ -4,17 +4,26 @@ Method: "CyberV: Cybernetics for Test-time Scaling in Video Understanding" (arXi
 follows the official code (github.com/marinero4972/CyberV, utils.py `select_output`). The paper reads video
 attention; here the sensor reads token-level uncertainty from the engine's top logprobs.
 
-**Round 1.** Every engine call is in flight at once, so vLLM batches them and shares the prompt's prefix:
-- candidate 0, the direct answer: greedy, prompt `prompts/cyberv_direct.txt`;
-- candidates 1..n-1: ONE call with `n = n - 1` samples of `prompts/cyberv_reason.txt` (think step by step)
-  at the official sampling (temperature 1.0, top_p 0.5, top_k 5);
-- the official greedy final-answer step, for every candidate as soon as it is written: the assistant message
-  "candidate text + `prompts/cyberv_final.txt` ("Therefore, the final answer is")" is continued for a few
-  tokens (vLLM's `continue_final_message`). What it says is the candidate's answer; when it says nothing
-  extractable, the candidate's own text is read instead (`answers.extract_answer`).
+**Round 1.** Candidates are drawn in batches that run concurrently in vLLM and share the prompt's prefix:
+- candidate 0, the direct answer: greedy, prompt `prompts/cyberv_direct.txt` (the answer only);
+- candidates 1..n-1: reasoning samples of `prompts/cyberv_reason.txt` (think step by step, then answer) at
+  the official sampling (temperature 1.0, top_p 0.5, top_k 5), `batch_size` per engine call (each call its
+  own seed), the first batch together with the direct answer;
+- each candidate's answer is read from its own text where it marks one ("the answer is 7", "\\boxed{7}"; for
+  the direct answer, the text itself). Where it does not, the official greedy final-answer step runs: the
+  assistant message "candidate text + `prompts/cyberv_final.txt`" (the official format instruction: state
+  the final answer after "Therefore, the final answer is:", consistent with the reasoning) is continued for a
+  few tokens (vLLM's `continue_final_message`). When that says nothing either, the candidate's last
+  unmarked number or option is its answer (`answers.extract_answer`). Placeholders and non-answers
+  ("X", "not clear") are no answer: such a candidate never votes.
+- **Adaptive** (`adaptive`, on by default; refine's addition): after each batch the sensor scores what has
+  been drawn, and round 1 stops as soon as the gate's decision can no longer change whatever the remaining
+  candidates say (`cyberv_sensor.outlook`): the best answer already above n * theta and out of reach of every
+  other answer, or no answer able to reach n * theta (straight to feedback). The trace says after how many
+  candidates and why. With `adaptive` off, all n are drawn in one batch, as the official code does.
 
 **Sensor**, per candidate i. p_i is the probability of the first token of i's answer where that answer was
-read (the final step, else the candidate text at the answer's last occurrence); 0 when unknown.
+read (its own text, else the final step); 0 when unknown.
 - s1 = p_i.
 - s2 = 0 if (p_i - p_0) / p_0 < -0.5, else 1: confidence dropped against the direct answer's. 1 when p_0 = 0
   (no reference to drop from).
@@ -24,8 +33,9 @@ read (the final step, else the candidate text at the answer's last occurrence); 
   of i's answer, against the direct answer's: 0 if i's is below half the direct answer's, else 1. It is 1 for
   the direct answer itself and when the direct answer's margin is unknown; 0 when only i's is unknown (the
   official code gives 0 to a candidate whose signal is missing).
-- s5 = rank of p_i among the n candidates / n: the highest p_i ranks n (s5 = 1), the lowest 1, ties in
-  candidate order, as in the official code.
+- s5 = rank of p_i among the candidates / n: the highest p_i of all n ranks n (s5 = 1), the lowest 1, ties
+  in candidate order, as in the official code. Before all n are drawn, the rank among those drawn: the
+  least it can become.
 The sensor also finds each candidate's strongest uncertainty spike: its token of highest entropy over the
 top-5 alternatives, renormalised. That is where the feedback round looks.
 
@@ -35,8 +45,12 @@ returned. Otherwise the feedback round runs.
 
 **Feedback round**: ~80 characters either side of the spike in the best round-1 candidate (the best-scoring
 candidate of the best answer) are quoted back to the model with `prompts/cyberv_feedback.txt` (recheck that
-step), near-greedy. Its answer (read from its text) is accepted only if it is one of the round-1 answers;
-otherwise the best round-1 candidate is returned (the spec's rule).
+step), near-greedy; its answer is read as a candidate's is. It is accepted only if it is one of the round-1
+answers; otherwise the best round-1 candidate is returned (the spec's rule).
+
+**The answer returned** is the chosen generation's text, and it states the chosen answer: where that answer
+came from the final step, the text gets the step's sentence ("Therefore, the final answer is: ...") appended,
+so that a reader (or a grader) of the text finds the answer that won the vote.
 
 Choices where the spec leaves room, made for production use:
 - Candidates with no extractable answer never vote, but still take part in s5's ranking (with p = 0, as the
@@ -52,10 +66,10 @@ Choices where the spec leaves room, made for production use:
   engine call. cyberv sets its own sampling for each call, so the client's sampling fields (temperature,
   top_p, stop, logprobs, tools, ...) are not used. Every engine call goes to the chat endpoint, so the model's
   chat template applies on both of refine's endpoints.
-- The response is the chosen generation's full text with its finish reason, no logprobs, and usage summing
-  every engine call. A streamed response arrives once the decision is made, in pieces of a few words; with
-  `progress`, chunks with no choices and a `refine_progress` object come first (plain OpenAI parsers skip
-  them), and `stream_options.include_usage` adds the usual final usage chunk.
+- The response is the chosen text with its finish reason, no logprobs, and usage summing every engine call.
+  A streamed response arrives once the decision is made, in pieces of a few words; with `progress`, chunks
+  with no choices and a `refine_progress` object come first (plain OpenAI parsers skip them), and
+  `stream_options.include_usage` adds the usual final usage chunk.
 - Metrics: `corrections` is 1 when a feedback round ran (accepted or not), else 0 (its mean is the trigger
   rate); `rounds` is 1 or 2; `extra_tokens` counts every completion token generated beyond the returned
   answer's; `correction_seconds` is the feedback round's time. Per-round usage is in the trace's `rounds`.
@@ -71,12 +85,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from refine_server.policies.answer_shapes import AnswerShapes
-from refine_server.policies.answers import Answer, AnswerKind, extract_answer, question_kind
+from refine_server.policies.answers import Answer, AnswerKind, extract_answer, parse_answer, question_kind, question_options
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -94,8 +108,10 @@ from refine_server.policies.cyberv_sensor import (
     Decision,
     Feedback,
     Generation,
+    Outlook,
     decide,
     judge_feedback,
+    outlook,
     quote_span,
     round4,
     sense,
@@ -107,6 +123,7 @@ if TYPE_CHECKING:
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
 WORDS_PER_CHUNK = 4  # streaming: words per content chunk
+BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
 class CyberVParams(PolicyParams):
@@ -120,6 +137,8 @@ class CyberVParams(PolicyParams):
     max_reasoning_tokens: int = Field(256, ge=1, description="tokens per round-1 candidate at most")
     feedback_temperature: float = Field(0.01, ge=0, le=2, description="temperature of the feedback round")
     max_feedback_tokens: int = Field(256, ge=1, description="tokens of the feedback round's answer at most")
+    adaptive: bool = Field(True, description="draw round 1 in batches and stop once the decision cannot change")
+    batch_size: int = Field(2, ge=1, description="reasoning samples per engine call when adaptive")
     progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
 
 
@@ -149,6 +168,16 @@ class Question:
     text: str
     max_tokens: int | None
     kind_hint: AnswerKind | None
+    options: dict[str, str]  # the options a multiple-choice question lists, by letter
+
+    @property
+    def answer_form(self) -> str:
+        """How the final-answer step asks for the answer, by the question's kind."""
+        return "the letter of the option I chose" if self.kind_hint == "choice" else "as briefly as possible"
+
+    def read(self, text: str) -> Answer | None:
+        """A candidate text's own marked answer ("the answer is 7", "\\boxed{7}")."""
+        return extract_answer(text, self.kind_hint, options=self.options, marked_only=True)
 
     def messages(self, content: str) -> list[dict[str, Any]]:
         """The conversation with `content` (a prompt built around the question) as its last user message."""
@@ -172,7 +201,8 @@ def read_question(request: ClientRequest) -> Question:
     if not text.strip():
         raise PolicyRequestError("policy cyberv needs a question, and this one has no text",
                                  "messages" if request.endpoint == "chat" else "prompt")
-    return Question(history=history, text=text, max_tokens=request.max_tokens, kind_hint=question_kind(text))
+    return Question(history=history, text=text, max_tokens=request.max_tokens, kind_hint=question_kind(text),
+                    options=question_options(text))
 
 
 # ---- one request -----------------------------------------------------------------------------------------
@@ -187,16 +217,27 @@ class CyberVRun:
         self.engine = call.engine
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
+        self.stop: Outlook | None = None  # why round 1 stopped before drawing all n
         self.feedback: Feedback | None = None
         self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
 
     # -- round 1 --
 
     async def round1(self) -> Decision:
-        direct, reasoning = await run_together(self._direct(), self._reasoning())
-        self.candidates = [direct, *reasoning]
-        sense(self.candidates)
-        self.decision = decide(self.candidates, self.params.n * self.params.theta)
+        p = self.params
+        threshold = p.n * p.theta
+        batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
+        direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
+        self.candidates = [direct, *first]
+        for size in batches[1:]:
+            sense(self.candidates, p.n)
+            settled = outlook(self.candidates, p.n, threshold)
+            if settled.settled:
+                self.stop = settled
+                break
+            self.candidates += await self._reasoning(size, start=len(self.candidates))
+        sense(self.candidates, p.n)
+        self.decision = decide(self.candidates, threshold)
         return self.decision
 
     def _sampling(self) -> dict[str, Any]:
@@ -206,33 +247,53 @@ class CyberVRun:
     async def _direct(self) -> Candidate:
         prompt = self.question.messages(_prompt("cyberv_direct.txt", question=self.question.text))
         result = await self.engine.chat("round1", prompt, temperature=0.0, **self._sampling())
-        return await self._with_final_step(0, "direct", prompt, Generation.from_choice(result["choices"][0]))
+        candidate = Candidate(0, "direct", Generation.from_choice(result["choices"][0]))
+        text = candidate.generation.text
+        # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
+        own = self.question.read(text) or (
+            parse_answer(text, self.question.kind_hint, options=self.question.options)
+            if len(text.split()) <= BARE_ANSWER_WORDS else None)
+        await self._read_answer("round1", candidate, prompt, own)
+        return candidate
 
-    async def _reasoning(self) -> list[Candidate]:
+    async def _reasoning(self, count: int, start: int) -> list[Candidate]:
         p = self.params
         prompt = self.question.messages(_prompt("cyberv_reason.txt", question=self.question.text))
         result = await self.engine.chat(
-            "round1", prompt, n=p.n - 1, temperature=p.reasoning_temperature, top_p=p.reasoning_top_p,
-            top_k=p.reasoning_top_k, **self._sampling(),
+            "round1", prompt, n=count, temperature=p.reasoning_temperature, top_p=p.reasoning_top_p,
+            top_k=p.reasoning_top_k, seed=self.engine.next_seed(), **self._sampling(),
         )
         choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
-        return await run_together(*(
-            self._with_final_step(i, "reasoning", prompt, Generation.from_choice(choice))
-            for i, choice in enumerate(choices, start=1)
-        ))
+        candidates = [Candidate(i, "reasoning", Generation.from_choice(choice))
+                      for i, choice in enumerate(choices, start=start)]
+        await run_together(*(self._read_answer("round1", c, prompt, self.question.read(c.generation.text))
+                             for c in candidates))
+        return candidates
 
-    async def _with_final_step(
-        self, index: int, kind: Literal["direct", "reasoning"], prompt: list[dict[str, Any]], generation: Generation
-    ) -> Candidate:
-        """The official greedy final-answer step: let the model state the answer of what it wrote."""
-        written = {"role": "assistant", "content": _prompt("cyberv_final.txt", candidate=generation.text)}
+    async def _read_answer(self, purpose: str, candidate: Candidate, prompt: list[dict[str, Any]],
+                           own: Answer | None) -> None:
+        """The candidate's own answer; else the official greedy final-answer step's; else its unmarked one."""
+        if own is not None:
+            candidate.take_answer(own, "own_text")
+            return
+        candidate.final = await self._final_step(purpose, prompt, candidate.generation.text)
+        stated = parse_answer(candidate.final.text, self.question.kind_hint, options=self.question.options)
+        if stated is not None:
+            candidate.take_answer(stated, "final_step")
+            return
+        unmarked = extract_answer(candidate.generation.text, self.question.kind_hint, options=self.question.options)
+        if unmarked is not None:
+            candidate.take_answer(unmarked, "unmarked_text")
+
+    async def _final_step(self, purpose: str, prompt: list[dict[str, Any]], text: str) -> Generation:
+        """Let the model state the answer of what it wrote, greedily, after the official format instruction."""
+        written = {"role": "assistant",
+                   "content": _prompt("cyberv_final.txt", candidate=text, form=self.question.answer_form)}
         result = await self.engine.chat(
-            "round1", [*prompt, written], add_generation_prompt=False, continue_final_message=True,
+            purpose, [*prompt, written], add_generation_prompt=False, continue_final_message=True,
             temperature=0.0, max_tokens=FINAL_STEP_TOKENS, logprobs=True, top_logprobs=TOP_LOGPROBS,
         )
-        candidate = Candidate(index, kind, generation, Generation.from_choice(result["choices"][0]))
-        candidate.read_answer(self.question.kind_hint)
-        return candidate
+        return Generation.from_choice(result["choices"][0])
 
     # -- feedback round --
 
@@ -247,26 +308,33 @@ class CyberVRun:
             "feedback", prompt, temperature=self.params.feedback_temperature,
             max_tokens=self.question.cap(self.params.max_feedback_tokens),
         )
-        generation = Generation.from_choice(result["choices"][0])
-        answer = extract_answer(generation.text, self.question.kind_hint)
-        accepted, reason = judge_feedback(answer, self.candidates)
-        self.feedback = Feedback(self.decision.best.index, span, generation, answer, accepted, reason,
+        rechecked = Candidate(len(self.candidates), "reasoning", Generation.from_choice(result["choices"][0]))
+        await self._read_answer("feedback", rechecked, prompt, self.question.read(rechecked.generation.text))
+        accepted, reason = judge_feedback(rechecked.answer, self.candidates)
+        self.feedback = Feedback(self.decision.best.index, span, rechecked, accepted, reason,
                                  time.perf_counter() - started)
         return self.feedback
 
     # -- the outcome --
 
     @property
-    def chosen(self) -> Generation:
+    def chosen(self) -> Candidate:
         if self.feedback and self.feedback.accepted:
-            return self.feedback.generation
-        return self.decision.best.generation
+            return self.feedback.rechecked
+        return self.decision.best
 
     @property
-    def chosen_answer(self) -> Answer | None:
-        if self.feedback and self.feedback.accepted:
-            return self.feedback.answer
-        return self.decision.best.answer
+    def chosen_text(self) -> str:
+        """The chosen generation's text, stating the chosen answer where only the final step stated it."""
+        chosen = self.chosen
+        text = chosen.generation.text
+        if chosen.answer is None or chosen.answer_source != "final_step":
+            return text
+        stated = chosen.final.text.strip().split("\n", 1)[0]
+        ending = f"Therefore, the final answer is: {stated}"
+        if extract_answer(f"{text}\n\n{ending}", self.question.kind_hint, options=self.question.options) != chosen.answer:
+            ending = f"Therefore, the final answer is: {chosen.answer.value}"
+        return f"{text.rstrip()}\n\n{ending}"
 
     def fill_trace(self) -> None:
         d = self.decision
@@ -279,13 +347,16 @@ class CyberVRun:
                 for t in d.tallies
             ],
             "threshold": round4(d.threshold),
+            "round1": {"planned": self.params.n, "drawn": len(self.candidates), "adaptive": self.params.adaptive,
+                       "stopped_early": self.stop is not None,
+                       "stop_reason": self.stop.reason if self.stop else None},
             "decision": d.action,
             "reason": d.reason,
             "feedback": self.feedback.trace() if self.feedback else None,
             "chosen": {
                 "source": "feedback" if chosen_feedback else "candidate",
                 "candidate": None if chosen_feedback else d.best.index,
-                "answer": self.chosen_answer.value if self.chosen_answer else None,
+                "answer": self.chosen.answer.value if self.chosen.answer else None,
             },
             "rounds": {name: {"engine_calls": c.calls, "prompt_tokens": c.prompt_tokens,
                               "completion_tokens": c.completion_tokens,
@@ -296,13 +367,13 @@ class CyberVRun:
         trace.record(CORRECTIONS, 1 if self.feedback else 0)
         trace.record(CORRECTION_SECONDS, self.feedback.seconds if self.feedback else 0.0)
         trace.record(ROUNDS, 2 if self.feedback else 1)
-        # Round-1 candidates carry their logprobs, one per token; the feedback round is a single generation.
+        # Round-1 candidates carry their logprobs, one per token; the feedback round's are counted by its usage.
         returned = (self.engine.spend.by_purpose["feedback"].completion_tokens if chosen_feedback
-                    else len(d.best.generation.tokens))
+                    else self.chosen.completion_tokens)
         trace.record(EXTRA_TOKENS, self.engine.spend.completion_tokens - returned)
 
     def response(self) -> dict[str, Any]:
-        return self.shapes.response(self.chosen.text, self.chosen.finish_reason, self.engine.usage())
+        return self.shapes.response(self.chosen_text, self.chosen.generation.finish_reason, self.engine.usage())
 
     # -- streaming --
 
@@ -312,11 +383,16 @@ class CyberVRun:
     def answer_chunks(self) -> list[dict[str, Any]]:
         """The chosen text in pieces of a few words (the first with the role), then the finishing chunk."""
         chunks = [self.shapes.piece(piece, first=i == 0)
-                  for i, piece in enumerate(split_for_streaming(self.chosen.text))]
-        chunks.append(self.shapes.finish(self.chosen.finish_reason))
+                  for i, piece in enumerate(split_for_streaming(self.chosen_text))]
+        chunks.append(self.shapes.finish(self.chosen.generation.finish_reason))
         if self.call.request.include_usage:
             chunks.append(self.shapes.chunk([], usage=self.engine.usage()))
         return chunks
+
+
+def reasoning_batches(samples: int, batch_size: int) -> list[int]:
+    """The reasoning samples of round 1 in batches of `batch_size` (the last may be smaller)."""
+    return [min(batch_size, samples - start) for start in range(0, samples, batch_size)]
 
 
 def split_for_streaming(text: str) -> list[str]:
@@ -329,6 +405,7 @@ class CyberVPolicy(Policy):
     Params = CyberVParams
     Limits = CyberVLimits
     metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS)
+    refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         run = CyberVRun(call, params)
@@ -352,7 +429,7 @@ class CyberVPolicy(Policy):
         # The trace is complete before the finishing chunk, which is where refine attaches it.
         run.fill_trace()
         if params.progress:
-            answer = run.chosen_answer
+            answer = run.chosen.answer
             yield run.progress(
                 "decided", decision=decision.action, answer=answer.value if answer else None,
                 feedback_accepted=run.feedback.accepted if run.feedback else None,

@@ -1,8 +1,9 @@
 """CyberV's sensor and controller: pure functions over round 1's candidates (no engine calls).
 
 What the engine wrote (`Generation`, with its per-token top logprobs), the signals s1..s5 read from it, the
-official controller's gate, and the rule that judges a feedback answer. `policies/cyberv.py` documents the
-method and runs the loop; the constants below are the official code's values unless marked otherwise.
+official controller's gate, the stopping rule of the adaptive round 1 (`outlook`), and the rule that judges
+a feedback answer. `policies/cyberv.py` documents the method and runs the loop; the constants below are the
+official code's values unless marked otherwise.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from refine_server.policies.answers import Answer, AnswerKind, extract_answer, parse_answer
+from refine_server.policies.answers import Answer
 
 SIGNAL_WEIGHT = 0.2  # official: every beta_i is 0.2
 CONFIDENCE_DROP = -0.5  # s2: relative drop of p_i against p_0 that zeroes the signal
 REPEAT_LENGTH, REPEAT_TIMES = 15, 5  # s3: official substring length (15-29) and count
 MARGIN_RATIO = 0.5  # s4 (refine's transfer to text): answer margin below this fraction of the direct answer's
 SPAN_CHARS = 80  # feedback (refine's transfer to text): characters quoted on either side of the spike
+# The most one candidate can add to its answer's score: every signal is at most 1.
+MAX_CANDIDATE_SCORE = SIGNAL_WEIGHT * 5
 
 
 # ---- what the engine wrote -------------------------------------------------------------------------------
@@ -110,23 +113,23 @@ class Candidate:
     index: int
     kind: Literal["direct", "reasoning"]
     generation: Generation
-    final: Generation  # the greedy final-answer step's continuation
+    final: Generation | None = None  # the greedy final-answer step, when the text's own answer could not be read
     answer: Answer | None = None
-    answer_source: Literal["final_step", "candidate_text"] | None = None
+    answer_source: Literal["own_text", "final_step", "unmarked_text"] | None = None
     answer_tokens: list[Token] = field(default_factory=list)
     spike: Spike | None = None
     signals: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
 
-    def read_answer(self, kind_hint: AnswerKind | None) -> None:
-        """The final step's answer, else the candidate text's; and the tokens that wrote it."""
-        for source, generation, read in (("final_step", self.final, parse_answer),
-                                         ("candidate_text", self.generation, extract_answer)):
-            answer = read(generation.text, kind_hint)
-            if answer is not None:
-                self.answer, self.answer_source = answer, source
-                self.answer_tokens = generation.tokens_between(answer.start, answer.end)
-                return
+    def take_answer(self, answer: Answer, source: Literal["own_text", "final_step", "unmarked_text"]) -> None:
+        """Record the answer and the tokens that wrote it (in the final step or in the candidate's text)."""
+        written = self.final if source == "final_step" else self.generation
+        self.answer, self.answer_source = answer, source
+        self.answer_tokens = written.tokens_between(answer.start, answer.end)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generation.tokens) + (len(self.final.tokens) if self.final else 0)
 
     @property
     def p(self) -> float | None:
@@ -152,14 +155,20 @@ class Candidate:
             "answer_margin": round4(self.answer_margin),
             "spike": self.spike.trace() if self.spike else None,
             "finish_reason": self.generation.finish_reason,
+            "completion_tokens": self.completion_tokens,
         }
         if self.answer is None:
             entry["reason"] = "no extractable answer"
         return entry
 
 
-def sense(candidates: list[Candidate]) -> None:
-    """Fill every candidate's signals s1..s5, score and uncertainty spike. Candidate 0 is the direct answer."""
+def sense(candidates: list[Candidate], n: int) -> None:
+    """Fill every candidate's signals s1..s5, score and uncertainty spike. Candidate 0 is the direct answer.
+
+    s5 is the rank among the candidates drawn so far over `n`, the number round 1 may draw: while fewer are
+    drawn, it is the least that s5 can become (a later candidate can only push a rank up), so every score is a
+    lower bound of its final value (see `outlook`). With all n drawn it is the official s5.
+    """
     direct = candidates[0]
     probs = [c.p or 0.0 for c in candidates]
     ranks = rank_ascending(probs)
@@ -169,7 +178,7 @@ def sense(candidates: list[Candidate]) -> None:
             "s2": confidence_signal(p, probs[0]),
             "s3": 0.0 if has_repetition(c.generation.text) else 1.0,
             "s4": uncertainty_signal(c, direct),
-            "s5": rank / len(candidates),
+            "s5": rank / n,
         }
         c.score = SIGNAL_WEIGHT * sum(c.signals.values())
         c.spike = find_spike(c.generation)
@@ -247,6 +256,47 @@ def decide(candidates: list[Candidate], threshold: float) -> Decision:
                     f"best answer {top.answer} scored {top.score:.3f} <= n*theta = {threshold:.3f}")
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """Whether the official gate's decision is already fixed, whatever the candidates not yet drawn say."""
+
+    settled: Literal["accepted", "feedback"] | None
+    reason: str
+
+
+def outlook(candidates: list[Candidate], n: int, threshold: float) -> Outlook:
+    """The adaptive round 1's stopping rule (refine's addition; the official code always draws all n).
+
+    After `sense(candidates, n)` each drawn candidate's score is a lower bound: only s5 can still grow, by at
+    most remaining / n (its rank rises by one per later candidate at most). A candidate still to come adds at
+    most MAX_CANDIDATE_SCORE to one answer. So with r candidates remaining:
+    - the best answer is fixed and accepted once its score exceeds n * theta and every other answer's upper
+      bound, including an answer no candidate has given yet (r * MAX_CANDIDATE_SCORE);
+    - the feedback round is certain once some answer exists and no answer can exceed n * theta any more.
+    Either way the gate decides as it would with all n candidates drawn.
+    """
+    remaining = n - len(candidates)
+    tallies = tally(candidates)
+    if remaining <= 0 or not tallies:
+        return Outlook(None, "")
+    fresh = remaining * MAX_CANDIDATE_SCORE
+
+    def upper(t: Tally) -> float:
+        return t.score + len(t.candidates) * SIGNAL_WEIGHT * remaining / n + fresh
+
+    drawn = f"after {len(candidates)} of {n} candidates"
+    top = tallies[0]
+    rivals = max([fresh, *(upper(t) for t in tallies[1:])])
+    if top.score > threshold and top.score > rivals:
+        return Outlook("accepted", f"{drawn}, answer {top.answer} has {top.score:.3f} > n*theta = {threshold:.3f} "
+                                   f"and no other answer can reach it (at most {rivals:.3f})")
+    reachable = max([fresh, *(upper(t) for t in tallies)])
+    if reachable <= threshold:
+        return Outlook("feedback", f"{drawn}, no answer can exceed n*theta = {threshold:.3f} "
+                                   f"(at most {reachable:.3f}): the feedback round runs")
+    return Outlook(None, "")
+
+
 def tally(candidates: list[Candidate]) -> list[Tally]:
     """Scores summed per answer, best first; on a tie the answer seen first wins, as in the official code."""
     by_answer: dict[Answer, Tally] = {}
@@ -270,19 +320,23 @@ def quote_span(candidate: Candidate) -> str:
 
 @dataclass
 class Feedback:
-    candidate: int
+    candidate: int  # the round-1 candidate whose spike was quoted
     span: str
-    generation: Generation
-    answer: Answer | None
+    rechecked: Candidate  # the feedback round's generation, its answer read as a round-1 candidate's
     accepted: bool
     reason: str
     seconds: float
+
+    @property
+    def answer(self) -> Answer | None:
+        return self.rechecked.answer
 
     def trace(self) -> dict[str, Any]:
         return {
             "candidate": self.candidate,
             "span": self.span,
             "answer": self.answer.value if self.answer else None,
+            "answer_source": self.rechecked.answer_source,
             "accepted": self.accepted,
             "reason": self.reason,
             "seconds": round4(self.seconds),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
+from refine_server.policies.answers import extract_answer, question_kind, question_options
 from tests.conftest import MODEL
 
 
@@ -16,15 +17,38 @@ EASY = [{"role": "user", "content": "What is 2 + 2?"}]
 DEFAULTS = {"policy": "cyberv", "max_reasoning_tokens": 96, "max_feedback_tokens": 128}
 
 
+def assert_text_states_the_chosen_answer(question: str, text: str, trace: dict) -> None:
+    """What the client reads is the answer that won: the same extractor finds the chosen answer in the text."""
+    found = extract_answer(text, question_kind(question), options=question_options(question))
+    assert found is not None and found.value == trace["chosen"]["answer"], (text, trace["chosen"])
+
+
 @pytest.mark.engine
-def test_engine_unanimous_easy_question_is_accepted_without_feedback(client: OpenAI) -> None:
+def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI) -> None:
+    # Probed on the bundled model: "2 + 2" is the one sum it answers 4 to in every sample. If this stops
+    # holding (another engine dtype, another model build), the assertion below fails and prints the trace.
     resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
     trace = resp.model_extra["refine"]["trace"]
-    assert trace["decision"] == "accepted", trace
-    assert trace["answers"][0]["answer"] == "4" and trace["answers"][0]["score"] > trace["threshold"] == 2.4
+    assert trace["decision"] == "accepted" and trace["answers"][0]["answer"] == "4", trace
+    assert trace["answers"][0]["score"] > trace["threshold"] == 2.4
     assert trace["feedback"] is None and set(trace["rounds"]) == {"round1"}
-    assert len(trace["candidates"]) == 8 and trace["rounds"]["round1"]["engine_calls"] == 10
+    # Adaptive round 1 stopped once no remaining candidate could change the decision, and says so.
+    round1 = trace["round1"]
+    assert round1["stopped_early"] and round1["drawn"] == len(trace["candidates"]) < 8, round1
+    assert round1["stop_reason"].startswith(f"after {round1['drawn']} of 8 candidates, answer 4 has"), round1
     assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
+    assert_text_states_the_chosen_answer(EASY[0]["content"], resp.choices[0].message.content, trace)
+
+
+@pytest.mark.engine
+def test_engine_answer_text_states_the_voted_answer_on_a_multiple_choice_question(client: OpenAI) -> None:
+    question = "Which number is the largest?\n\n(A) 12\n(B) 95\n(C) 40\n\nChoose one option and give its letter."
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
+                                          extra_body={"refine": {**DEFAULTS, "adaptive": False}})
+    trace = resp.model_extra["refine"]["trace"]
+    assert len(trace["candidates"]) == 8 and not trace["round1"]["stopped_early"]
+    assert all(c["answer_kind"] in ("choice", None) for c in trace["candidates"]), trace["candidates"]
+    assert_text_states_the_chosen_answer(question, resp.choices[0].message.content, trace)
 
 
 @pytest.mark.engine
@@ -52,6 +76,7 @@ def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None
     if feedback["accepted"]:
         assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}
     assert resp.usage.total_tokens == sum(r["total_tokens"] for r in trace["rounds"].values())
+    assert_text_states_the_chosen_answer(question, resp.choices[0].message.content, trace)
 
 
 @pytest.mark.engine

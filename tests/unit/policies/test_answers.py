@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_kind
+from refine_server.policies.answers import (Answer, extract_answer, normalise_text, parse_answer, question_kind,
+                                            question_options)
 
 
 @pytest.mark.parametrize("text", [
@@ -79,3 +80,170 @@ def test_kinds_are_part_of_equality_and_offsets_are_not() -> None:
 ])
 def test_parse_answer_reads_the_continuation_of_the_final_step(text: str, expected: Answer | None) -> None:
     assert parse_answer(text) == expected
+
+
+# ---- the cases a review found wrong ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("The answer is not 5, it is 7.", "7"), ("The answer is not 5 but 7.", "7"),
+    ("The answer is **not** 5, it's 7", "7"),
+])
+def test_a_negated_answer_gives_way_to_what_follows_it(text: str, value: str) -> None:
+    assert extract_answer(text) == Answer("number", value)
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is 20, because 4 + 6 = 10 doubled.", "The answer is 20 because 4 + 6 = 10 doubled.",
+    "The answer is 20 since 4 + 6 = 10, doubled.",
+])
+def test_the_equals_rule_stays_inside_the_first_clause(text: str) -> None:
+    assert extract_answer(text) == Answer("number", "20")
+
+
+def test_a_reason_after_a_text_answer_is_not_part_of_it() -> None:
+    assert extract_answer("The answer is Paris, because it is the capital.") == Answer("text", "paris")
+
+
+@pytest.mark.parametrize("text, hint, letter", [
+    ("(b)", None, "B"), ("The answer is (b).", None, "B"), ("b)", None, "B"), ("option d", None, "D"),
+    ("The answer is b.", "choice", "B"), ("Not (a), it must be (c).", "choice", "C"),
+    ("The answer is (H).", None, "H"), ("The answer is J.", None, "J"), ("I think it is (F).", "choice", "F"),
+])
+def test_option_letters_a_to_j_in_either_case(text: str, hint: str | None, letter: str) -> None:
+    assert extract_answer(text, hint) == Answer("choice", letter)
+
+
+def test_a_lower_case_letter_or_the_word_i_is_a_word_unless_marked_as_an_option() -> None:
+    assert extract_answer("The answer is b.") == Answer("text", "b")
+    assert extract_answer("The answer is I think 42") == Answer("number", "42")
+    assert extract_answer("f(a) = 3", "choice") == Answer("number", "3")  # an argument, not option (a)
+
+
+FRUIT = {"A": "Pear", "B": "Plum", "C": "Apple", "D": "none of the above"}
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("Apple.", "C"), ("The answer is Apple.", "C"), ("The answer is an apple, as it is red.", "C"),
+    ("The answer is a green apple.", "C"), ("The answer is none of the above.", "D"),
+    ("The answer is (B) Apple.", "B"),  # the letter it names wins over the text
+])
+def test_an_options_text_is_its_letter_when_the_options_are_known(text: str, letter: str) -> None:
+    assert extract_answer(text, options=FRUIT) == Answer("choice", letter)
+    assert extract_answer(text, "choice", FRUIT) == Answer("choice", letter)
+
+
+def test_an_option_named_ambiguously_or_negated_is_no_option() -> None:
+    options = {"A": "plausible", "B": "implausible", "C": "apple pie", "D": "apple tart"}
+    assert extract_answer("The answer is implausible.", options=options) == Answer("choice", "B")
+    assert extract_answer("The answer is apple.", options=options) == Answer("text", "apple")  # in both C and D
+    assert extract_answer("The answer is not plausible.", options=options) is None
+    assert extract_answer("The answer is it is not plausible.", options=options) is None
+    assert extract_answer("Apple, plainly.", options=options) is None  # unmarked: only a whole-reply match
+
+
+def test_options_compare_their_numbers_by_value() -> None:
+    assert extract_answer("The answer is 1000", options={"A": "$1,000", "B": "$2,000"}) == Answer("choice", "A")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("The answer is 50%.", "0.5"), ("The answer is 0.5.", "0.5"), ("The answer is 50 percent.", "0.5"),
+    ("$\\boxed{12.5\\%}$", "0.125"), ("The answer is 50.", "50"),
+])
+def test_a_percent_is_a_number_over_100(text: str, value: str) -> None:
+    assert extract_answer(text) == Answer("number", value)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("The answer is 1.5e3.", "1500"), ("The answer is 2E-2", "0.02"), ("The answer is 1.5 x 10^3.", "1500"),
+    ("The answer is $1.5 \\times 10^{-3}$.", "0.0015"), ("\\tfrac{1}{2}", "0.5"), ("$\\dfrac{3}{4}$", "0.75"),
+])
+def test_scientific_notation_and_display_fractions(text: str, value: str) -> None:
+    assert extract_answer(text) == Answer("number", value)
+
+
+def test_a_number_in_parentheses_is_an_aside_when_the_reply_has_no_marker() -> None:
+    assert extract_answer("300 (3 x 100)") == Answer("number", "300")
+    assert extract_answer("The total is 300 (that is, 3 x 100).", "number") == Answer("number", "300")
+    assert extract_answer("(3 x 100)") == Answer("number", "100")  # nothing outside: the aside is all there is
+    assert extract_answer("So \\(x = 4\\)") == Answer("number", "4")  # LaTeX's \\( \\) is maths, not an aside
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is X.", "The answer is x", "The answer is [answer].", "The answer is <answer>.",
+    "The answer is your answer.", "The answer is ___.", "The answer is $\\boxed{X}$.", "Answer: [your number]",
+])
+def test_placeholders_are_not_answers(text: str) -> None:
+    assert extract_answer(text) is None
+
+
+def test_after_a_placeholder_the_earlier_span_or_the_unmarked_reading_is_tried() -> None:
+    assert extract_answer("5 + 7 = 12. The answer is X.") == Answer("number", "12")
+    assert extract_answer("The answer is 12. End with: The answer is [answer].") == Answer("number", "12")
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is not clear from the text.", "The answer is unclear.", "The answer is unknown",
+    "The answer cannot be determined.", "Answer: cannot be determined", "The answer is: it depends.",
+    "The answer is none of the above.", "Answer: I don't know.",
+    "The answer is it's not possible to say.", "The answer is not 5.", "The answer is: no idea, since it is vague.",
+])
+def test_hedges_and_refusals_are_not_answers(text: str) -> None:
+    assert extract_answer(text) is None
+
+
+def test_a_hedge_is_the_conclusion_so_an_earlier_number_is_not_taken() -> None:
+    assert extract_answer("We have 3 apples and 5 pears. The answer is not clear from the text.") is None
+    assert extract_answer("The answer is 12. On reflection, the answer is unknown.") is None
+
+
+def test_question_options_reads_the_listing() -> None:
+    assert question_options("Which is larger?\n(A) 3\n(B) 5") == {"A": "3", "B": "5"}
+    assert question_options("Pick one:\nA. red\nB) blue\nC: green") == {"A": "red", "B": "blue", "C": "green"}
+    assert question_options("Is it (a) a cat, or (b) a dog?") == {"A": "a cat", "B": "a dog"}
+    assert question_options("a) cat\nb) dog") == {"A": "cat", "B": "dog"}
+    ten = "Pick:\n" + "\n".join(f"{letter}) option {i}" for i, letter in enumerate("ABCDEFGHIJ"))
+    assert list(question_options(ten)) == list("ABCDEFGHIJ")
+    # The question's own parts (a), (b) are not its options; the last listing is.
+    assert question_options("Parts (a) and (b). Choose: (A) yes, (B) no, or (C) maybe.") == {
+        "A": "yes", "B": "no", "C": "maybe"}
+    assert question_options("What is 2 + 2?") == {} == question_options("Is (A) right?")
+
+
+def test_question_kind_recognises_a_to_j_and_lower_case_listings() -> None:
+    assert question_kind("Is it (a) a cat or (b) a dog?") == "choice"
+    assert question_kind("Q\nF. no\nA. yes\nB. maybe") == "choice"
+    assert question_kind("Which is it? (A) one") is None
+
+
+def test_normalise_text_is_the_text_answers_value() -> None:
+    assert normalise_text("The Eiffel Tower!") == "eiffel tower"
+    assert normalise_text("  It\u2019s   **blue**.") == "its blue"
+
+
+def test_parse_answer_takes_options_too() -> None:
+    assert parse_answer(" Apple, since it is red.", options=FRUIT) == Answer("choice", "C")
+    assert parse_answer(" X.") is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Paris.", Answer("text", "paris")), ("**Paris**", Answer("text", "paris")),
+    ("Paris, the capital.", Answer("text", "paris")), ("Paris.\n\nIt is the capital.", None),
+    ("Not clear from the text.", None), ("42", Answer("text", "42")),
+])
+def test_a_text_question_takes_a_one_sentence_reply_as_its_answer(text: str, expected: Answer | None) -> None:
+    assert extract_answer(text, "text") == expected
+    assert extract_answer(text) != Answer("text", "paris")  # without the hint, unmarked text is no answer
+
+
+def test_marked_only_skips_the_unmarked_reading() -> None:
+    assert extract_answer("3 + 4 = 7", marked_only=True) is None
+    assert extract_answer("3 + 4 = 7. The answer is 7.", marked_only=True) == Answer("number", "7")
+    assert extract_answer("3 + 4 = 7. The answer is X.", marked_only=True) is None
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("A: A\n\nAdam Thielen performed a slide tackle.", "A"), ("B: The statement is implausible.", "B"),
+    ("A: A", "A"), ("b. it is not", "B"),
+])
+def test_a_reply_that_opens_with_an_option_chose_it(text: str, letter: str) -> None:
+    assert extract_answer(text, "choice", options={"A": "plausible", "B": "implausible"}) == Answer("choice", letter)

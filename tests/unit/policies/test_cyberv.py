@@ -29,7 +29,7 @@ from tests.conftest import MODEL, policy_call
 from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _response
 
 
-FINAL_SUFFIX = "\nTherefore, the final answer is"
+FINAL_MARK = "\nTo conclude, I state the final answer"
 
 
 # ---- a scripted backend ------------------------------------------------------------------------------------------------
@@ -37,33 +37,36 @@ FINAL_SUFFIX = "\nTherefore, the final answer is"
 class ScriptedBackend:
     """Answers cyberv's engine calls as vLLM's chat endpoint would, from a script; records every call.
 
-    `finals` maps a candidate's text to its final-answer step: (continuation, probability of its first token).
+    Reasoning samples are handed out in script order, as many per call as the call's `n`. `finals` maps a
+    candidate's text to its final-answer step: (continuation, probability of its first token).
     """
 
     def __init__(self, direct: str, reasoning: list[str], finals: dict[str, tuple[str, float]], feedback: str = ""):
         self.direct, self.reasoning, self.finals, self.feedback = direct, reasoning, finals, feedback
         self.calls: list[dict[str, Any]] = []
+        self.drawn = 0
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
         assert (path, endpoint) == ("/v1/chat/completions", "chat")
         self.calls.append(body)
         last = body["messages"][-1]["content"]
         if body.get("continue_final_message"):
-            continuation, prob = self.finals[last.removesuffix(FINAL_SUFFIX)]
+            continuation, prob = self.finals[last.split(FINAL_MARK)[0]]
             return _response([_choice(continuation, first_prob=prob)])
         if "Recheck" in last:
             return _response([_choice(self.feedback)])
-        if body.get("n", 1) > 1:
-            return _response([_choice(t, i) for i, t in enumerate(self.reasoning[: body["n"]])])
+        if "step by step" in last:
+            batch = self.reasoning[self.drawn:self.drawn + body.get("n", 1)]
+            self.drawn += len(batch)
+            return _response([_choice(t, i) for i, t in enumerate(batch)])
         return _response([_choice(self.direct)])
 
     def kinds(self) -> list[str]:
         def kind(body: dict[str, Any]) -> str:
             if body.get("continue_final_message"):
                 return "final"
-            if "Recheck" in body["messages"][-1]["content"]:
-                return "feedback"
-            return "reasoning" if body.get("n", 1) > 1 else "direct"
+            last = body["messages"][-1]["content"]
+            return "feedback" if "Recheck" in last else "reasoning" if "step by step" in last else "direct"
         return [kind(b) for b in self.calls]
 
 
@@ -102,7 +105,8 @@ def test_params_and_limits() -> None:
     _, params = registry.resolve("cyberv", {})
     assert params.model_dump() == {
         "n": 8, "theta": 0.3, "reasoning_temperature": 1.0, "reasoning_top_p": 0.5, "reasoning_top_k": 5,
-        "max_reasoning_tokens": 256, "feedback_temperature": 0.01, "max_feedback_tokens": 256, "progress": False,
+        "max_reasoning_tokens": 256, "feedback_temperature": 0.01, "max_feedback_tokens": 256, "adaptive": True,
+        "batch_size": 2, "progress": False,
     }
     with pytest.raises(LimitExceeded):
         registry.resolve("cyberv", {"n": 17})
@@ -114,7 +118,7 @@ def test_params_and_limits() -> None:
 
 # ---- the policy against a scripted backend ---------------------------------------------------------------
 
-async def test_unanimous_request_is_answered_in_one_round() -> None:
+async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once_settled() -> None:
     backend = _unanimous()
     call = _call(backend, seed=7, max_tokens=100)
     body = await CyberVPolicy().complete(call, CyberVParams())
@@ -130,23 +134,64 @@ async def test_unanimous_request_is_answered_in_one_round() -> None:
     assert body["model"] == MODEL and body["choices"][0]["finish_reason"] == "stop"
     assert _reported(call)["extra_tokens"] > 0
 
-    # Round 1: the direct answer, ONE call for the 7 samples, a final-answer step per candidate.
-    assert sorted(backend.kinds()) == ["direct"] + ["final"] * 8 + ["reasoning"]
-    assert trace["rounds"] == {"round1": {"engine_calls": 10, "prompt_tokens": 100,
+    # Adaptive round 1: the direct answer with a first batch of 2 samples, then 2 more; five agreeing
+    # candidates cannot be outvoted by the three left, so it stops. Every answer is marked in its own text,
+    # so no final-answer step runs.
+    assert backend.kinds() == ["direct", "reasoning", "reasoning"]
+    assert trace["round1"] == {"planned": 8, "drawn": 5, "adaptive": True, "stopped_early": True,
+                               "stop_reason": trace["round1"]["stop_reason"]}
+    assert trace["round1"]["stop_reason"].startswith("after 5 of 8 candidates, answer 4 has")
+    assert [c["answer_source"] for c in trace["candidates"]] == ["own_text"] * 5
+    assert trace["rounds"] == {"round1": {"engine_calls": 3, "prompt_tokens": 30,
                                           "completion_tokens": body["usage"]["completion_tokens"],
                                           "total_tokens": body["usage"]["total_tokens"]}}
-    assert body["usage"]["prompt_tokens"] == 100
-    direct, reasoning = (next(b for b, k in zip(backend.calls, backend.kinds()) if k == kind)
-                         for kind in ("direct", "reasoning"))
+    direct, first, second = backend.calls
     assert direct["temperature"] == 0 and direct["logprobs"] and direct["top_logprobs"] == 5
     assert "Answer directly" in direct["messages"][-1]["content"]
-    assert {k: reasoning[k] for k in ("n", "temperature", "top_p", "top_k", "top_logprobs", "max_tokens")} == \
-        {"n": 7, "temperature": 1.0, "top_p": 0.5, "top_k": 5, "top_logprobs": 5, "max_tokens": 100}
-    assert "step by step" in reasoning["messages"][-1]["content"]
+    assert {k: first[k] for k in ("n", "temperature", "top_p", "top_k", "top_logprobs", "max_tokens")} == \
+        {"n": 2, "temperature": 1.0, "top_p": 0.5, "top_k": 5, "top_logprobs": 5, "max_tokens": 100}
+    assert "step by step" in first["messages"][-1]["content"] and second["n"] == 2
+    # Each batch is seeded: distinct seeds derived from the client's, so batches are not copies of each other.
+    assert direct["seed"] == 7 and len({direct["seed"], first["seed"], second["seed"]}) == 3
+    assert all(b["model"] == MODEL for b in backend.calls)
+
+
+async def test_without_adaptive_all_n_candidates_are_drawn_in_one_call() -> None:
+    backend = _unanimous()
+    call = _call(backend)
+    await CyberVPolicy().complete(call, CyberVParams(adaptive=False))
+    assert backend.kinds() == ["direct", "reasoning"] and backend.calls[1]["n"] == 7
+    assert call.trace.data["round1"]["drawn"] == 8 and not call.trace.data["round1"]["stopped_early"]
+
+
+async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_states_the_chosen_one() -> None:
+    reasoning = [f"Two plus two makes four, sample {i}." for i in range(1, 4)]
+    finals = {text: (" 4.\nThat is all.", 0.95) for text in reasoning}
+    finals["Hmm, I would say it is four."] = (" 4.", 0.95)
+    backend = ScriptedBackend("Hmm, I would say it is four.", reasoning, finals)
+    call = _call(backend)
+    body = await CyberVPolicy().complete(call, CyberVParams(n=4, adaptive=False))
+
+    trace = call.trace.data
+    assert sorted(backend.kinds()) == ["direct", "final", "final", "final", "final", "reasoning"]
+    assert [c["answer_source"] for c in trace["candidates"]] == ["final_step"] * 4
     final = next(b for b, k in zip(backend.calls, backend.kinds()) if k == "final")
     assert final["add_generation_prompt"] is False and final["continue_final_message"] is True
     assert final["temperature"] == 0 and final["messages"][-1]["role"] == "assistant"
-    assert all(b["seed"] == 7 and b["model"] == MODEL for b in backend.calls)
+    assert final["messages"][-1]["content"].endswith("Therefore, the final answer is:")
+    text = body["choices"][0]["message"]["content"]
+    chosen = trace["candidates"][trace["chosen"]["candidate"]]
+    source = backend.direct if chosen["index"] == 0 else reasoning[chosen["index"] - 1]
+    assert text == f"{source}\n\nTherefore, the final answer is: 4."
+
+
+async def test_an_answer_nobody_marked_or_stated_falls_back_to_the_text() -> None:
+    backend = ScriptedBackend("I think 2 + 2 is 4 here", ["First 3, then 9 in the end"],
+                              {"I think 2 + 2 is 4 here": (" unclear", 0.5), "First 3, then 9 in the end": (" unclear", 0.5)})
+    call = _call(backend)
+    await CyberVPolicy().complete(call, CyberVParams(n=2))
+    candidates = call.trace.data["candidates"]
+    assert [(c["answer"], c["answer_source"]) for c in candidates] == [("4", "unmarked_text"), ("9", "unmarked_text")]
 
 
 async def test_split_request_gets_a_feedback_round_whose_known_answer_is_accepted() -> None:
@@ -185,13 +230,14 @@ async def test_feedback_answer_not_among_round1_answers_is_rejected() -> None:
 
 async def test_no_extractable_answer_returns_the_direct_answer_without_feedback() -> None:
     vague = " no idea, since the question could mean many different things really"
-    backend = ScriptedBackend("Hmm.", ["Let me think."] * 3, {"Hmm.": (vague, 0.5), "Let me think.": (vague, 0.5)})
+    unsure = "Hmm, I am not sure about this one."
+    backend = ScriptedBackend(unsure, ["Let me think."] * 3, {unsure: (vague, 0.5), "Let me think.": (vague, 0.5)})
     call = _call(backend)
     body = await CyberVPolicy().complete(call, CyberVParams(n=4))
 
     assert call.trace.data["decision"] == "no_answer" and "feedback" not in backend.kinds()
     assert all(c["answer"] is None for c in call.trace.data["candidates"])
-    assert body["choices"][0]["message"]["content"] == "Hmm."
+    assert body["choices"][0]["message"]["content"] == unsure
 
 
 async def test_completions_endpoint_uses_the_chat_backend_and_answers_as_a_completion() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answers import Answer
+from refine_server.policies.answers import Answer, parse_answer
 from refine_server.policies.cyberv_sensor import (
     Candidate,
     confidence_signal,
     decide,
     has_repetition,
     judge_feedback,
+    outlook,
     quote_span,
     rank_ascending,
     sense,
@@ -19,14 +20,17 @@ from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _gen
 
 
 def _candidate(index: int, text: str, final: str, p: float) -> Candidate:
+    """A candidate whose answer its final-answer step stated (`final`, first token with probability p)."""
     candidate = Candidate(index, "direct" if index == 0 else "reasoning", _gen(text), _gen(final, p))
-    candidate.read_answer(None)
+    stated = parse_answer(candidate.final.text)
+    if stated is not None:
+        candidate.take_answer(stated, "final_step")
     return candidate
 
 
 def test_unanimous_confident_candidates_are_accepted() -> None:
     candidates = [_candidate(i, f"Step {i}. The answer is 4.", " 4.", 0.95) for i in range(8)]
-    sense(candidates)
+    sense(candidates, 8)
     assert candidates[3].signals == pytest.approx({"s1": 0.95, "s2": 1, "s3": 1, "s4": 1, "s5": 4 / 8})
     assert candidates[3].score == pytest.approx(0.2 * (0.95 + 3 + 0.5))
     decision = decide(candidates, 8 * 0.3)
@@ -37,7 +41,7 @@ def test_unanimous_confident_candidates_are_accepted() -> None:
 
 def test_split_answers_trigger_feedback() -> None:
     candidates = [_candidate(i, f"The answer is {i % 4}.", f" {i % 4}.", 0.4) for i in range(8)]
-    sense(candidates)
+    sense(candidates, len(candidates))
     decision = decide(candidates, 8 * 0.3)
     assert decision.action == "feedback"
     assert len(decision.tallies) == 4 and all(t.score <= 2.4 for t in decision.tallies)
@@ -47,7 +51,7 @@ def test_split_answers_trigger_feedback() -> None:
 def test_candidates_without_an_answer_do_not_vote() -> None:
     candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9),
                   _candidate(1, "I cannot tell.", " something I really cannot put into a few short words here", 0.9)]
-    sense(candidates)
+    sense(candidates, len(candidates))
     assert candidates[1].answer is None and candidates[1].trace()["reason"] == "no extractable answer"
     assert [c.index for c in decide(candidates, 0.0).tallies[0].candidates] == [0]
 
@@ -55,15 +59,75 @@ def test_candidates_without_an_answer_do_not_vote() -> None:
 def test_no_answer_anywhere_returns_the_direct_answer() -> None:
     candidates = [_candidate(i, "Hmm.", " unclear, as the question does not say what it is asking", 0.9)
                   for i in range(3)]
-    sense(candidates)
+    sense(candidates, len(candidates))
     decision = decide(candidates, 0.0)
     assert decision.action == "no_answer" and decision.best is candidates[0]
 
 
-def test_answer_falls_back_to_the_candidate_text_at_its_last_occurrence() -> None:
-    candidate = _candidate(1, "First 3, then the answer is 9.", " something long that is not an answer at all ok", 0.5)
-    assert candidate.answer == Answer("number", "9") and candidate.answer_source == "candidate_text"
-    assert candidate.answer_tokens[0].text == " 9."
+def test_scores_of_a_partial_round_are_lower_bounds_of_the_full_rounds() -> None:
+    """s5 over the planned n: a candidate's rank among those drawn is the least its rank among all n can be."""
+    full = [_candidate(i, "x", f" {k}.", p) for i, (k, p) in enumerate([(4, 0.9), (4, 0.5), (5, 0.7), (4, 0.95)])]
+    sense(full, 4)
+    partial = [_candidate(i, "x", f" {k}.", p) for i, (k, p) in enumerate([(4, 0.9), (4, 0.5)])]
+    sense(partial, 4)
+    assert [c.signals["s5"] for c in partial] == [2 / 4, 1 / 4]
+    assert all(p.score <= f.score for p, f in zip(partial, full))
+
+
+@pytest.mark.parametrize("answers, settled", [
+    ([4, 4, 4, 4, 4], "accepted"),  # 5 of 8 agree: 3 more cannot outvote them
+    ([4, 4, 4, 4], None),  # 4 of 8 agree: 4 more agreeing on something else could win
+    ([4, 4, 4, 5, 5], None),
+])
+def test_outlook_accepts_only_when_no_remaining_candidates_could_change_the_answer(answers, settled) -> None:
+    candidates = [_candidate(i, "x", f" {k}.", 0.95) for i, k in enumerate(answers)]
+    sense(candidates, 8)
+    assert outlook(candidates, 8, 8 * 0.3).settled == settled
+
+
+def test_outlook_goes_straight_to_feedback_when_no_answer_can_pass_the_gate() -> None:
+    # Seven candidates, seven answers (each below 1): the last one (at most 1) cannot lift any above 2.4.
+    candidates = [_candidate(i, "x", f" {k}.", 0.05) for i, k in enumerate(range(7))]
+    sense(candidates, 8)
+    result = outlook(candidates, 8, 8 * 0.3)
+    assert result.settled == "feedback" and "no answer can exceed n*theta" in result.reason
+    sense(candidates[:5], 8)
+    assert outlook(candidates[:5], 8, 8 * 0.3).settled is None  # three more could still lift one of them
+
+
+def test_outlook_is_unsettled_without_any_answer_or_with_nothing_left_to_draw() -> None:
+    silent = [_candidate(i, "x", " unclear", 0.9) for i in range(6)]
+    sense(silent, 8)
+    assert outlook(silent, 8, 2.4).settled is None  # a later answer would decide between feedback and none
+    full = [_candidate(i, "x", " 4.", 0.95) for i in range(8)]
+    sense(full, 8)
+    assert outlook(full, 8, 2.4).settled is None  # round 1 is over: decide() takes it from here
+
+
+def test_outlook_agrees_with_the_full_round_on_random_rounds() -> None:
+    """Whenever the rule stops early, the gate over all n decides the same action and answer."""
+    import random
+
+    rng = random.Random(0)
+    stopped = 0
+    for _ in range(400):
+        n = rng.choice([4, 6, 8])
+        answers = [rng.choice([1, 1, 1, 2, 3]) for _ in range(n)]
+        probs = [rng.choice([0.05, 0.3, 0.6, 0.95]) for _ in range(n)]
+        full = [_candidate(i, "x", f" {a}.", p) for i, (a, p) in enumerate(zip(answers, probs))]
+        sense(full, n)
+        final = decide(full, n * 0.3)
+        for m in range(2, n):
+            drawn = full[:m]
+            sense(drawn, n)
+            early = outlook(drawn, n, n * 0.3)
+            if early.settled:
+                stopped += 1
+                assert early.settled == final.action
+                if final.action == "accepted":
+                    assert decide(drawn, n * 0.3).tallies[0].answer == final.tallies[0].answer
+                break
+    assert stopped > 50
 
 
 def test_confidence_drop_signal() -> None:
@@ -79,7 +143,7 @@ def test_rank_signal_gives_the_most_probable_answer_rank_n() -> None:
 def test_uncertainty_signal_compares_answer_margins_with_the_direct_answer() -> None:
     candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9), _candidate(1, "The answer is 4.", " 4.", 0.45),
                   _candidate(2, "The answer is 4.", " 4.", 0.8)]
-    sense(candidates)
+    sense(candidates, len(candidates))
     # margins: 0.9 - 0.08 = 0.82 for the direct answer; 0.45 - 0.44 = 0.01 and 0.8 - 0.16 = 0.64
     assert [c.signals["s4"] for c in candidates] == [1.0, 0.0, 1.0]
 
@@ -95,7 +159,7 @@ def test_repetition_signal() -> None:
 def test_feedback_quotes_the_text_around_the_uncertainty_spike() -> None:
     text = "x" * 200 + f" {SPIKE_WORD} " + "y" * 200
     candidate = _candidate(1, text, " 4.", 0.9)
-    sense([_candidate(0, DIRECT, " 4.", 0.9), candidate])
+    sense([_candidate(0, DIRECT, " 4.", 0.9), candidate], 2)
     assert candidate.spike.token == f" {SPIKE_WORD}"
     span = quote_span(candidate)
     assert span.startswith("...") and span.endswith("...") and SPIKE_WORD in span

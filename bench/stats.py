@@ -1,0 +1,70 @@
+"""Intervals and paired comparisons for benchmark accuracies.
+
+- `wilson(k, n)`: the 95% Wilson interval of one arm's accuracy (sound at small n and near 0 or 1, where
+  the normal approximation is not).
+- `mcnemar(a, b)`: whether two arms graded on the same items differ, from the items they disagree on; the
+  exact binomial test, since benchmark runs have few discordant items.
+- `paired_bootstrap(a, b)`: the mean difference b - a with a 95% percentile interval, resampling items.
+  Its inputs may be per-item averages over seeds (a sampled policy run with several seeds), where McNemar's
+  test, which needs one right/wrong per item and arm, does not apply.
+
+Both paired comparisons take the arms item by item in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class McNemar:
+    p_value: float
+    b_only: int  # items b gets right and a gets wrong
+    a_only: int  # items a gets right and b gets wrong
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    diff: float  # mean of b - a over the items
+    low: float
+    high: float
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval for k successes in n trials; (0, 1) when there are no trials."""
+    if n == 0:
+        return 0.0, 1.0
+    interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
+    """McNemar's exact test: two-sided p-value that a and b are equally often right where they disagree."""
+    _check_paired(a, b)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    discordant = b_only + a_only
+    p_value = stats.binomtest(b_only, discordant, 0.5).pvalue if discordant else 1.0
+    return McNemar(float(p_value), b_only, a_only)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], reps: int = 10_000, seed: int = 0) -> Bootstrap:
+    """Mean of b - a and its 95% percentile bootstrap interval, resampling items (at least two).
+
+    Each item is a score in [0, 1]: right/wrong, or the fraction of seeds an arm got it right.
+    """
+    _check_paired(a, b)
+    diffs = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    result = stats.bootstrap((diffs,), np.mean, n_resamples=reps, method="percentile",
+                             rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return Bootstrap(float(diffs.mean()), float(interval.low), float(interval.high))
+
+
+def _check_paired(a: Sequence[float], b: Sequence[float]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"paired arms must grade the same items: {len(a)} against {len(b)}")
