@@ -3,7 +3,8 @@
 A ValueError here becomes an HTTP 400 with its message, before the request reaches the engine. Requests that
 name no refine policy pass untouched. For the others, in order: the handshake is answered (and refused, so
 nothing is generated); the policy must be known; the request must be signed by the proxy; its parameters
-must be valid and within the caps this engine was given; and the engine must be one SRGen can run on.
+must be valid and within the caps this engine was given; and the engine must be one the policy (SRGen, or the
+token-statistics sensor) can run on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from refine_server.engine_plugin.params import enforce_limits
+from refine_server.engine_plugin.params import PolicyParams, enforce_limits
 from refine_server.engine_plugin.protocol import (
     ALLOW_FAULTS_ENV,
     FAULT_ARG,
@@ -26,6 +27,7 @@ from refine_server.engine_plugin.protocol import (
     PROTOCOL_VERSION,
     REQUEST_KEY_ARG,
     SRGEN_ENGINE_ENV,
+    TOKEN_STATS,
     Handshake,
     append_event,
     check_signature,
@@ -38,7 +40,7 @@ from refine_server.engine_plugin.protocol import (
 from refine_server.engine_plugin.srgen_params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
 from refine_server.engine_plugin.tap import read_facts
 
-IN_ENGINE_POLICIES = (SRGEN,)
+IN_ENGINE_POLICIES = (SRGEN, TOKEN_STATS)
 
 
 def plugin_version() -> str:
@@ -62,10 +64,11 @@ def faults_allowed() -> bool:
     return os.environ.get(ALLOW_FAULTS_ENV) == "1"
 
 
-def unsupported() -> list[str]:
-    """Why this engine cannot run SRGen correctly, as its worker found when the model loaded."""
+def unsupported(fact: str = "unsupported") -> list[str]:
+    """Why this engine cannot run SRGen correctly (`token_stats_unsupported`: cannot report token statistics),
+    as its worker found when the model loaded."""
     facts = read_facts(events_dir())
-    return list(facts.get("unsupported", [])) if facts else []
+    return list(facts.get(fact, [])) if facts else []
 
 
 def validate(sampling_params: Any) -> None:
@@ -85,6 +88,22 @@ def validate(sampling_params: Any) -> None:
                          f"({signed}); send them through refine")
     if FAULT_ARG in args and not faults_allowed():
         raise ValueError(f"{PLUGIN_MARKER}: {FAULT_ARG} is for test engines only")
+    if policy == TOKEN_STATS:
+        _validate_token_stats(args)
+    else:
+        _validate_srgen(args)
+
+
+def _validate_token_stats(args: dict[str, Any]) -> None:
+    try:
+        PolicyParams.model_validate_json(str(args.get(PARAMS_ARG, "{}")))  # the sensor takes no parameters
+    except ValidationError as exc:
+        raise ValueError(f"{PLUGIN_MARKER}: bad {PARAMS_ARG}: {exc.errors()[0]['msg']}") from None
+    if reasons := unsupported("token_stats_unsupported"):
+        raise ValueError(f"{PLUGIN_MARKER}: this engine cannot report token statistics: {'; '.join(reasons)}")
+
+
+def _validate_srgen(args: dict[str, Any]) -> None:
     try:
         params = SRGenParams.model_validate_json(str(args.get(PARAMS_ARG, "{}")))
         enforce_limits(params, srgen_limits())
@@ -101,6 +120,8 @@ def _answer_handshake(args: dict[str, Any], signed: str) -> None:
     key = args.get(REQUEST_KEY_ARG)
     if signed == "ok" and is_request_key(key):
         append_event(events_dir(), key, {"event": "handshake"})
-    report = Handshake(protocol=PROTOCOL_VERSION, version=plugin_version(), policies=list(IN_ENGINE_POLICIES),
+    # The sensor is offered only where it can report: that one check is how a proxy tells whether to fall back.
+    offered = [p for p in IN_ENGINE_POLICIES if p != TOKEN_STATS or not unsupported("token_stats_unsupported")]
+    report = Handshake(protocol=PROTOCOL_VERSION, version=plugin_version(), policies=offered,
                        signature=signed, limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
     raise ValueError(handshake_reply(report))

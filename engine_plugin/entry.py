@@ -3,11 +3,11 @@ where refine is installed.
 
 - `register` (`vllm.general_plugins`): attaches the hidden-state tap to every model vLLM loads, and records
   what the worker found out about the engine for the API server's admission check.
-- `RefineLogitsProcessor` (`vllm.logits_processors`): SRGen for the rows that ask for it. vLLM has two
-  model runners with two logits-processor interfaces, and both load every class of that entry-point group:
-  V2 refuses a class that is not a V2 processor, V1 constructs it with V1's arguments. This class is a
-  subclass of both, and builds the implementation for the runner that constructs it (V1 passes
-  `(vllm_config, device, is_pin_memory)`, V2 `(vllm_config, req_states)`). So vLLM starts with refine
+- `RefineLogitsProcessor` (`vllm.logits_processors`): SRGen, and the token-statistics sensor, for the rows
+  that ask for them. vLLM has two model runners with two logits-processor interfaces, and both load every
+  class of that entry-point group: V2 refuses a class that is not a V2 processor, V1 constructs it with V1's
+  arguments. This class is a subclass of both, and builds the implementation for the runner that constructs
+  it (V1 passes `(vllm_config, device, is_pin_memory)`, V2 `(vllm_config, req_states)`). So vLLM starts with refine
   installed whichever runner it picks.
 """
 
@@ -31,12 +31,14 @@ def register() -> None:
     def load_model_with_tap(self, vllm_config, model_config, prefix: str = ""):
         from refine_server.engine_plugin.protocol import events_dir
         from refine_server.engine_plugin.tap import HIDDEN_STATES, write_facts
+        from refine_server.engine_plugin.token_stats import token_stats_unsupported
 
         model = original(self, vllm_config, model_config, prefix=prefix)
         if hasattr(model, "lm_head"):
             HIDDEN_STATES.attach(model, vllm_config)
             write_facts(events_dir(), {"version": admission.plugin_version(),
-                                       "unsupported": HIDDEN_STATES.unsupported})
+                                       "unsupported": HIDDEN_STATES.unsupported,
+                                       "token_stats_unsupported": token_stats_unsupported(vllm_config)})
         return model
 
     load_model_with_tap._refine_tap = True  # type: ignore[attr-defined]

@@ -18,7 +18,8 @@ argument and generates; a server that refuses the request without that reply has
 (`REFINE_ENGINE_EVENTS_DIR`): one `admitted` line when a sequence enters the engine, then one line per event;
 the proxy reads the file when the response ends and deletes it. A missing file therefore means "the engine
 could not report" (another host, no shared folder), never "nothing happened"; the handshake says in advance
-whether the folder is shared.
+whether the folder is shared. Token statistics use a binary file per request key in the same folder
+(`stats_file.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ FAULT_ARG = "refine_fault"
 
 PLUGIN_MARKER = "refine engine plugin"  # starts every message the plugin sends through vLLM
 HANDSHAKE_POLICY = "__handshake__"
+# Not a policy but a sensor: the engine reports per-token statistics of the request's own distribution
+# (engine_plugin/token_stats.py; the proxy reads them with policies/token_stats.py). A plugin that offers it
+# lists it among its handshake's `policies`.
+TOKEN_STATS = "token_stats"
 HANDSHAKE_REPLY = f"{PLUGIN_MARKER} handshake reply: "
 # Bumped when a field of this contract changes meaning: a proxy refuses a plugin of another protocol version.
 PROTOCOL_VERSION = 1
@@ -54,6 +59,7 @@ SECRET_ENV = "REFINE_ENGINE_SECRET"
 LIMITS_ENV = "REFINE_ENGINE_POLICY_LIMITS"
 EVENTS_DIR_ENV = "REFINE_ENGINE_EVENTS_DIR"
 SRGEN_ENGINE_ENV = "REFINE_ENGINE_SRGEN"  # JSON of SRGenEngineSettings
+TOKEN_STATS_ENGINE_ENV = "REFINE_ENGINE_TOKEN_STATS"  # JSON of TokenStatsEngineSettings
 ALLOW_FAULTS_ENV = "REFINE_ENGINE_ALLOW_FAULTS"
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 
@@ -63,7 +69,7 @@ class Handshake(BaseModel):
 
     protocol: int  # PROTOCOL_VERSION of the plugin's side
     version: str  # the refine package version installed in the engine
-    policies: list[str]
+    policies: list[str]  # the in-engine policies it runs; TOKEN_STATS only where this engine can report them
     signature: str  # "ok", "no secret" (the engine has none set) or "mismatch" (not the proxy's secret)
     limits: dict[str, dict[str, Any]]  # the caps the plugin enforces, by policy
     unsupported: list[str]  # why this engine cannot run in-engine policies correctly (empty: it can)

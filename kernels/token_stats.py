@@ -8,6 +8,8 @@ For p = softmax(logits / T) over one row:
     entropy     H = -sum p log p                 (nats)
     varentropy  V = sum p (log p + H)^2          (variance of the surprisal -log p)
     margin        = p_top1 - p_top2              (gap between the two most likely tokens)
+and, on request (`lse_out`), the log normaliser log sum exp(logits / T): with it, the probability of a token
+chosen later (the one the sampler draws) is exp(logit / T - lse) without keeping a softmaxed copy of the row.
 """
 
 from __future__ import annotations
@@ -30,22 +32,27 @@ TokenStats = tuple[Tensor, Tensor, Tensor]
 _MAX_BLOCK = 4096
 
 
-def token_stats(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+def token_stats(logits: Tensor, temperature: Tensor | float = 1.0, *, lse_out: Tensor | None = None) -> TokenStats:
     """Entropy, varentropy and top-2 margin of softmax(logits / temperature), row by row.
 
     logits: [R, V], any float dtype; -inf marks a masked token (each row needs one finite entry).
     temperature: one float for all rows, or a [R] tensor; must be > 0 (pass 1.0 for greedy rows).
+    lse_out: a float32 [R] tensor on the logits' device that receives log sum exp(logits / temperature).
     Runs the Triton kernel for CUDA tensors when triton is installed, the PyTorch fallback otherwise.
     """
     if logits.is_cuda and triton is not None:
-        return token_stats_triton(logits, temperature)
-    return token_stats_torch(logits, temperature)
+        return token_stats_triton(logits, temperature, lse_out=lse_out)
+    return token_stats_torch(logits, temperature, lse_out=lse_out)
 
 
-def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0, *,
+                      lse_out: Tensor | None = None) -> TokenStats:
     """PyTorch version of token_stats(): works on any device, materialises a few [R, V] float32 tensors."""
     temps = _temperature_per_row(temperature, logits.shape[0], logits.device)
-    log_p = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+    scaled = logits.float() / temps[:, None]
+    if lse_out is not None:
+        torch.logsumexp(scaled, dim=-1, out=lse_out)
+    log_p = torch.log_softmax(scaled, dim=-1)
     p = log_p.exp()
     # Masked tokens have p = 0 and log p = -inf; they add nothing, so keep 0 * inf from turning the sums into NaN.
     surprisal = torch.where(p > 0, -log_p, 0.0)
@@ -54,7 +61,8 @@ def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0) -> Toke
     return entropy, varentropy, _top2_margin(p)
 
 
-def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0) -> TokenStats:
+def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0, *,
+                       lse_out: Tensor | None = None) -> TokenStats:
     """Triton version of token_stats(): one program per row, two streaming passes over the vocabulary.
 
     Meant for CUDA tensors; also runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
@@ -69,7 +77,8 @@ def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0) -> Tok
     if rows > 0:  # a launch with an empty grid is an error
         _token_stats_kernel[(rows,)](
             logits, logits.stride(0), temps, vocab, entropy, varentropy, margin,
-            BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK),
+            entropy if lse_out is None else lse_out,  # a placeholder pointer when WRITE_LSE is off
+            BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK), WRITE_LSE=lse_out is not None,
         )
     return entropy, varentropy, margin
 
@@ -92,8 +101,8 @@ if triton is not None:
 
     @triton.jit
     def _token_stats_kernel(
-        logits_ptr, row_stride, temperature_ptr, vocab, entropy_ptr, varentropy_ptr, margin_ptr,
-        BLOCK: tl.constexpr,
+        logits_ptr, row_stride, temperature_ptr, vocab, entropy_ptr, varentropy_ptr, margin_ptr, lse_ptr,
+        BLOCK: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):
         """One row: pass 1 finds max, normaliser, entropy and the top two; pass 2 needs H for the varentropy.
 
@@ -142,3 +151,5 @@ if triton is not None:
         tl.store(entropy_ptr + row, tl.log(z) - mean_shifted)
         tl.store(varentropy_ptr + row, varentropy)
         tl.store(margin_ptr + row, (tl.exp(top1 - m) - tl.exp(top2 - m)) / z)
+        if WRITE_LSE:
+            tl.store(lse_ptr + row, m + tl.log(z))

@@ -4,6 +4,8 @@ optional budget, and concurrent calls that cancel together.
 Policies never build URLs or read HTTP statuses: they call `chat`, `completions`, `stream_completions`,
 the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the backend's errors,
 which the route turns into the client's; a spent budget is `BudgetExhausted`, which the policy handles.
+`chat_with_token_stats` / `completions_with_token_stats` / `relay_with_token_stats` also return per-token
+statistics measured in the engine (`policies/token_stats.py`), where `token_stats_unavailable()` is None.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from refine_server.policies.relayed import RelayedChunk
 from refine_server.policies.request import PATHS, ClientRequest
+from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
 
 if TYPE_CHECKING:
-    from refine_server.backend import Backend, EngineLink
+    from refine_server.backend import Backend, EngineLink, PluginInfo
 
 T = TypeVar("T")
 
@@ -123,6 +126,10 @@ class EngineClient:
         """How to reach refine's plugin inside the engine (for policies that run there)."""
         return self._backend.link
 
+    async def plugin(self) -> PluginInfo | None:
+        """refine's engine plugin in this backend, as its (remembered) handshake says; None: no plugin."""
+        return await self._backend.plugin(self.model)
+
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -171,18 +178,44 @@ class EngineClient:
         self._seed_counter += 1
         return (self.seed * 1_000_003 + self._seed_counter) % (2**63)
 
+    # ---- generation with per-token statistics from the engine (policies/token_stats.py) -------------------
+
+    async def token_stats_unavailable(self) -> str | None:
+        """Why this backend cannot report token statistics (fall back to top_logprobs), or None when it can."""
+        return await unavailable_reason(self)
+
+    async def chat_with_token_stats(self, purpose: str, messages: list[dict[str, Any]],
+                                    **fields: Any) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
+        """`chat`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
+        return await measure(self, fields, lambda body: self.chat(purpose, messages, **body))
+
+    async def completions_with_token_stats(self, purpose: str, prompt: list[int] | list[list[int]] | str,
+                                           **fields: Any) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
+        """`completions`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
+        return await measure(self, fields, lambda body: self.completions(purpose, prompt, **body))
+
+    async def relay_with_token_stats(self, body: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                          dict[int, ChoiceTokenStats]]:
+        """`relay`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
+        return await measure(self, body, self.relay)
+
     # ---- the tokenizer -----------------------------------------------------------------------------------
 
-    async def tokenize(self, text: str, *, special_tokens: bool = False) -> list[int]:
-        body = {"prompt": text, "add_special_tokens": special_tokens}
+    async def tokenize(self, text: str, *, special_tokens: bool = False, model: str | None = None) -> list[int]:
+        """`model`: another served model's tokenizer (a policy may call a second model); default the client's."""
+        body = {"prompt": text, "add_special_tokens": special_tokens, "model": model or self.model}
         return (await self._tokenizer("/tokenize", body))["tokens"]
 
     async def tokenize_chat(self, messages: list[dict[str, Any]], template_fields: dict[str, Any]) -> list[int]:
         body = {"messages": messages, "add_generation_prompt": True, **template_fields}
         return (await self._tokenizer("/tokenize", body))["tokens"]
 
-    async def detokenize(self, tokens: list[int]) -> str:
-        return (await self._tokenizer("/detokenize", {"tokens": tokens}))["prompt"]
+    async def detokenize(self, tokens: list[int], model: str | None = None) -> str:
+        return (await self._tokenizer("/detokenize", {"tokens": tokens, "model": model or self.model}))["prompt"]
+
+    async def served_models(self) -> list[dict[str, Any]]:
+        """The upstream's /v1/models entries (id, and root: where the engine loaded the model from)."""
+        return (await self._backend.get_json("/v1/models"))["data"]
 
     # ---- what it cost ------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The engine's secret for the engine plugin's unit tests, and SRGen requests signed as refine's proxy signs them."""
+"""The engine's secret for the engine plugin's unit tests, and SRGen and token-statistics requests signed as
+refine's proxy signs them."""
 
 from __future__ import annotations
 
@@ -14,3 +15,7 @@ SECRET = "s" * 64
 
 def _srgen(temperature: float = 0.6, secret: str = SECRET, **params) -> SamplingParams:
     return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "srgen", json.dumps(params)))
+
+
+def _stats(temperature: float = 0.0, secret: str = SECRET) -> SamplingParams:
+    return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "token_stats", "{}"))

@@ -17,7 +17,7 @@ from refine_server.engine_plugin.protocol import (
     read_events,
     signed_xargs,
 )
-from tests.unit.engine_plugin.helpers import SECRET, _srgen
+from tests.unit.engine_plugin.helpers import SECRET, _srgen, _stats
 
 
 @pytest.mark.parametrize(
@@ -30,6 +30,8 @@ from tests.unit.engine_plugin.helpers import SECRET, _srgen
         (signed_xargs(SECRET, "srgen", '{"steps": 0}'), "bad refine_params"),
         (signed_xargs(SECRET, "srgen", '{"steps": 9}'), "steps=9 exceeds this server's limit of 4"),
         ({**signed_xargs(SECRET, "srgen", "{}"), FAULT_ARG: INJECTED_FAULT}, "test engines only"),
+        (signed_xargs("wrong secret", "token_stats", "{}"), r"signed \(mismatch\)"),
+        (signed_xargs(SECRET, "token_stats", '{"window": 3}'), "bad refine_params"),
     ],
 )
 def test_admission_refuses_what_the_proxy_would_not_send(extra_args: dict, message: str) -> None:
@@ -39,6 +41,7 @@ def test_admission_refuses_what_the_proxy_would_not_send(extra_args: dict, messa
 
 def test_admission_accepts_a_signed_request_within_the_caps_and_ignores_others() -> None:
     admission.validate(_srgen(steps=4))
+    admission.validate(_stats())
     admission.validate(SamplingParams(extra_args={"other_plugin": 1}))
 
 
@@ -48,7 +51,7 @@ def test_handshake_reports_the_plugin_and_proves_the_events_folder(engine_env) -
         admission.validate(SamplingParams(extra_args=xargs))
     report = parse_handshake_reply(str(err.value)).model_dump()
     assert report["protocol"] == PROTOCOL_VERSION
-    assert report["signature"] == "ok" and report["policies"] == ["srgen"]
+    assert report["signature"] == "ok" and report["policies"] == ["srgen", "token_stats"]
     assert report["limits"]["srgen"]["steps"] == 4 and report["unsupported"] == []
     assert read_events(engine_env, xargs["refine_request_key"]) == [{"event": "handshake"}]
 
@@ -57,3 +60,14 @@ def test_unsupported_engines_refuse_srgen_at_admission(engine_env) -> None:
     (engine_env / "engine-facts.json").write_text(json.dumps({"unsupported": ["speculative decoding"]}))
     with pytest.raises(ValueError, match="cannot run correctly on this engine: speculative decoding"):
         admission.validate(_srgen())
+
+
+def test_an_engine_that_cannot_report_token_stats_refuses_them_and_does_not_offer_them(engine_env) -> None:
+    (engine_env / "engine-facts.json").write_text(json.dumps({"unsupported": [],
+                                                              "token_stats_unsupported": ["speculative decoding"]}))
+    with pytest.raises(ValueError, match="cannot report token statistics: speculative decoding"):
+        admission.validate(_stats())
+    admission.validate(_srgen())  # SRGen's own facts say nothing against it
+    with pytest.raises(ValueError) as err:
+        admission.validate(SamplingParams(extra_args=signed_xargs(SECRET, HANDSHAKE_POLICY, "{}")))
+    assert parse_handshake_reply(str(err.value)).policies == ["srgen"]

@@ -39,3 +39,17 @@ def test_token_stats_one_row_of_the_real_vocabulary() -> None:
 def test_token_stats_reads_bfloat16_logits() -> None:
     logits = (torch.randn(4, 3000, generator=torch.Generator().manual_seed(2)) * 2).bfloat16()
     assert_token_stats_match(logits, torch.tensor([0.5, 1.0, 1.0, 1.7]))
+
+
+def test_token_stats_writes_the_log_normaliser_on_request() -> None:
+    """With it, a token drawn later has probability exp(logit / T - lse): what the engine's sensor reports."""
+    logits = torch.randn(3, 2000, generator=torch.Generator().manual_seed(3)) * 3
+    logits[1, :1500] = float("-inf")
+    temps = torch.tensor([0.5, 1.0, 1.8])
+    lse = torch.full((3,), float("nan"))
+    token_stats(logits, temps, lse_out=lse)
+    p = torch.softmax(logits.double() / temps.double()[:, None], dim=-1)
+    tokens = torch.tensor([7, 1999, 0])
+    expected = p[torch.arange(3), tokens]
+    got = torch.exp(logits[torch.arange(3), tokens] / temps - lse)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)

@@ -26,8 +26,11 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 
     def check_token_stats(logits, temperature):
-        for got, expected in zip(token_stats_triton(logits, temperature), token_stats_torch(logits, temperature)):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        lse_got, lse_expected = (torch.empty(logits.shape[0]) for _ in range(2))
+        got = token_stats_triton(logits, temperature, lse_out=lse_got)
+        expected = token_stats_torch(logits, temperature, lse_out=lse_expected)
+        for g, e in zip((*got, lse_got), (*expected, lse_expected)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +90,8 @@ def test_triton_kernels_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> N
     signatures = {
         _token_stats_kernel: {
             "logits_ptr": "*bf16", "row_stride": "i32", "temperature_ptr": "*fp32", "vocab": "i32",
-            "entropy_ptr": "*fp32", "varentropy_ptr": "*fp32", "margin_ptr": "*fp32", "BLOCK": "constexpr",
+            "entropy_ptr": "*fp32", "varentropy_ptr": "*fp32", "margin_ptr": "*fp32", "lse_ptr": "*fp32",
+            "BLOCK": "constexpr", "WRITE_LSE": "constexpr",
         },
         _ce_residual_kernel: {
             "logits_ptr": "*fp32", "row_stride": "i32", "targets_ptr": "*i64", "vocab": "i32", "ce_ptr": "*fp32",
@@ -97,6 +101,8 @@ def test_triton_kernels_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> N
     for kernel, signature in signatures.items():
         if not isinstance(kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET was set when it was decorated
             kernel = triton.runtime.JITFunction(kernel.fn)
-        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": 4096})
+        constexprs = {name: 4096 if name == "BLOCK" else True  # WRITE_LSE on: the kernel's every store
+                      for name, kind in signature.items() if kind == "constexpr"}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.__name__

@@ -1,0 +1,230 @@
+"""The token-statistics sensor: per-token statistics of a request's own next-token distribution, measured in
+the engine, for the rows that asked, whichever model runner delivered them.
+
+A request asks with signed `vllm_xargs` naming `TOKEN_STATS` (the proxy's `policies/token_stats.py`). For each
+token such a sequence samples, the engine reports the entropy and varentropy of the distribution at the
+request's temperature (T = 1 for greedy requests), its top-2 margin, and the probability of the drawn token
+under it: over the whole vocabulary, after the engine's bias, bad words, grammar (and, on V2, penalties) and
+any SRGen correction, before top-k / top-p.
+
+Per step, on the device: `observe` (inside `apply`) copies the asking rows of the logits into a buffer kept
+until sampling, and runs the token_stats kernel on them (entropy, varentropy, margin and the log normaliser);
+`sampled` (right after the sampler, see `sampler_hook.py`) gathers each drawn token's logit from that buffer,
+so its probability is exp(logit / T - lse), and hands the [rows, 5] result to the writer, which copies it to
+the host once and writes it off the sampler's thread (`stats_writer.py`, format in `stats_file.py`).
+
+Sequences are kept by their SamplingParams object (as SRGen's are): n > 1 choices each get their own, so they
+are separate sequences of one request key, numbered in admission order; a preempted or re-added request finds
+its number again. Its tokens are numbered by the runner (`output_index`), so a recomputed token overwrites its
+record rather than adding one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from refine_server.engine_plugin.protocol import (
+    POLICY_ARG,
+    REQUEST_KEY_ARG,
+    TOKEN_STATS,
+    TOKEN_STATS_ENGINE_ENV,
+    events_dir,
+)
+from refine_server.engine_plugin.stats_writer import COLUMNS, RecordPlace, StatsWriter
+from refine_server.kernels.token_stats import token_stats
+
+log = logging.getLogger(__name__)
+
+
+class TokenStatsEngineSettings(BaseModel):
+    """Set by the operator (`REFINE_ENGINE_TOKEN_STATS`, JSON), read by the plugin."""
+
+    max_rows_per_step: int = Field(64, ge=1, description=(
+        "rows measured in one engine step. Each keeps a float32 copy of its logits row until the sampler has "
+        "drawn (max_rows_per_step * vocabulary * 4 bytes, allocated on first use, outside vLLM's memory "
+        "profile); rows over it get no record that step, and the proxy reports those tokens as missing"))
+
+
+@cache
+def token_stats_engine_settings() -> TokenStatsEngineSettings:
+    return TokenStatsEngineSettings.model_validate_json(os.environ.get(TOKEN_STATS_ENGINE_ENV) or "{}")
+
+
+def token_stats_unsupported(vllm_config: Any) -> list[str]:
+    """Why this engine cannot report token statistics (worked out once, when the model loads)."""
+    reasons = []
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding: vLLM does not run plugin logits processors with it")
+    if getattr(vllm_config.parallel_config, "enable_batch_sharded_sampling", False):
+        reasons.append("batch-sharded sampling: each rank samples only some requests")
+    return reasons
+
+
+@dataclass
+class StatsSequence:
+    key: str  # the request key: names the statistics file; n > 1 choices share it
+    ordinal: int  # which of the request's sequences this is, in order of admission
+    temperature: float  # the distribution is measured at the request's temperature (1.0 for greedy requests)
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One logits row of this step that belongs to a sequence asking for statistics."""
+
+    row: int  # index into this step's logits
+    seq: StatsSequence
+    output_index: int  # the sampled token's position in the sequence's completion
+
+
+@dataclass
+class _Family:
+    admitted: int = 0  # sequences of the request admitted so far: the next one's ordinal
+    alive: int = 0
+
+
+@dataclass
+class _Pending:
+    """What `observe` measured this step, waiting for the sampler's draw."""
+
+    index: torch.Tensor  # [k] logits rows, on the device
+    temperatures: torch.Tensor  # [k] on the device
+    places: list[RecordPlace]
+    rows_needed: int  # the sampler's output must have at least this many rows
+
+
+def make_sensor(vllm_config: Any) -> TokenStatsSensor:
+    """The sensor a logits processor of either runner drives, set up from the engine's config."""
+    return TokenStatsSensor(events_dir(), vocab_size=vllm_config.model_config.get_vocab_size(),
+                            capacity=token_stats_engine_settings().max_rows_per_step, reports=_reporting_rank())
+
+
+def _reporting_rank() -> bool:
+    """Tensor-parallel ranks all sample the same tokens (vLLM gathers the logits to each): rank 0 reports."""
+    from vllm.distributed import parallel_state
+
+    return not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+class TokenStatsSensor:
+    def __init__(self, folder: Path, *, vocab_size: int, capacity: int, reports: bool = True):
+        self.folder = folder
+        self.vocab_size = vocab_size
+        self.capacity = capacity
+        self.reports = reports
+        self._sequences: dict[int, StatsSequence] = {}  # by id() of the SamplingParams object
+        self._families: dict[str, _Family] = {}
+        self._pending: _Pending | None = None
+        self._overflow_logged = False
+        # Allocated on the first step that measures anything (most engines never do).
+        self._kept: torch.Tensor | None = None  # [capacity, V] float32: the rows' logits until the draw
+        self._lse: torch.Tensor | None = None  # [capacity] log normalisers at each row's temperature
+        self._values: torch.Tensor | None = None  # [capacity, COLUMNS]: what the writer copies to the host
+        self._writer: StatsWriter | None = None
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    # ---- sequences -------------------------------------------------------------------------------------
+
+    def admit(self, sampling_params: Any) -> StatsSequence | None:
+        """The sequence of a request entering the batch: the one it had (re-added after leaving the batch or
+        being preempted), a new one, or None when the request does not ask for statistics."""
+        args = sampling_params.extra_args or {}
+        if args.get(POLICY_ARG) != TOKEN_STATS:
+            return None
+        ident = id(sampling_params)
+        seq = self._sequences.get(ident)
+        if seq is not None:
+            return seq
+        # Admission checked the signature and key in the API server.
+        key = args[REQUEST_KEY_ARG]
+        family = self._families.setdefault(key, _Family())
+        temperature = sampling_params.temperature if (sampling_params.temperature or 0) > 1e-5 else 1.0
+        seq = StatsSequence(key, family.admitted, temperature)
+        family.admitted += 1
+        family.alive += 1
+        self._sequences[ident] = seq
+        weakref.finalize(sampling_params, self._forget, ident, seq)  # vLLM dropped the request
+        return seq
+
+    def _forget(self, ident: int, seq: StatsSequence) -> None:
+        if self._sequences.get(ident) is seq:
+            del self._sequences[ident]
+        family = self._families.get(seq.key)
+        if family is not None:
+            family.alive -= 1
+            if family.alive <= 0:
+                del self._families[seq.key]
+
+    # ---- one step --------------------------------------------------------------------------------------
+
+    def observe(self, logits: torch.Tensor, rows: list[StatsRow]) -> None:
+        """From `apply`, every step (an empty `rows` clears what an interrupted step left): measure the rows'
+        distributions and keep their logits for the sampler's draw. `logits` is float32 in both runners."""
+        self._pending = None
+        if not rows or not self.reports:
+            return
+        try:
+            self._pending = self._measure(logits, rows)
+        except Exception:  # statistics must never take the engine down: this step goes unreported
+            log.exception("refine: token statistics failed for a step")
+
+    def _measure(self, logits: torch.Tensor, rows: list[StatsRow]) -> _Pending:
+        if len(rows) > self.capacity:
+            if not self._overflow_logged:
+                log.warning("refine token statistics: %d rows asked in one step, %d measured "
+                            "(max_rows_per_step); the rest are reported missing", len(rows), self.capacity)
+                self._overflow_logged = True
+            rows = rows[: self.capacity]
+        kept, lse, values = self._buffers(logits.device)
+        k = len(rows)
+        index = torch.tensor([r.row for r in rows], dtype=torch.long, device=logits.device)
+        temperatures = torch.tensor([r.seq.temperature for r in rows], dtype=torch.float32, device=logits.device)
+        torch.index_select(logits[:, : self.vocab_size], 0, index, out=kept[:k])
+        entropy, varentropy, margin = token_stats(kept[:k], temperatures, lse_out=lse[:k])
+        values[:k, 1] = entropy
+        values[:k, 2] = varentropy
+        values[:k, 3] = margin
+        places = [RecordPlace(r.seq.key, r.seq.ordinal, r.output_index) for r in rows]
+        return _Pending(index, temperatures, places, rows_needed=max(r.row for r in rows) + 1)
+
+    def sampled(self, token_ids: torch.Tensor) -> None:
+        """Right after the sampler: the drawn tokens ([rows, 1], one per logits row) complete the step's records."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if token_ids.shape[0] < pending.rows_needed:  # not the draw `observe` measured for: drop the step
+            log.warning("refine token statistics: the sampler drew %d rows, the step had %d; step dropped",
+                        token_ids.shape[0], pending.rows_needed)
+            return
+        assert self._kept is not None and self._lse is not None and self._values is not None and self._writer
+        k = len(pending.places)
+        tokens = token_ids.reshape(-1)[pending.index].long()
+        logit = self._kept[:k].gather(1, tokens[:, None]).squeeze(1)
+        values = self._values[:k]
+        values[:, 0] = tokens.float()
+        values[:, 4] = torch.exp(logit / pending.temperatures - self._lse[:k])
+        self._writer.submit(values, pending.places)
+
+    def flush(self) -> None:
+        """Block until every record so far is on disk (tests)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._kept is None:
+            self._kept = torch.empty((self.capacity, self.vocab_size), dtype=torch.float32, device=device)
+            self._lse = torch.empty(self.capacity, dtype=torch.float32, device=device)
+            self._values = torch.empty((self.capacity, COLUMNS), dtype=torch.float32, device=device)
+            self._writer = StatsWriter(self.folder, self.capacity, device)
+        assert self._lse is not None and self._values is not None
+        return self._kept, self._lse, self._values
