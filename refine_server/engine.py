@@ -85,6 +85,11 @@ class EngineSpec:
             # Prefix-cache blocks of 32 tokens rather than the CPU default of 128: searches (RAIN) reuse prompts
             # that differ after a few dozen tokens, and a partly filled block is never reused.
             cmd += ["--block-size", "32"]
+            # vLLM 0.32's CPU runner kills the engine ("CPU Generator does not use offset") when the prefill of a
+            # seeded, sampled request is split over steps: it rewinds the request's generator, which a CPU
+            # generator cannot do. Any client can send seed + temperature, so every prompt is prefilled in one
+            # step instead (measured: a burst of 40 such requests crashed the engine before, none after).
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(self.max_model_len, 2048))]
             if not cpu_has_fast_bf16():
                 # Without AVX512-BF16/AMX, bf16 matmuls are emulated: float32 measured 5-6x faster here.
                 cmd += ["--dtype", "float32"]

@@ -3,6 +3,8 @@ through refine to the real engine: a clear OpenAI error with the right status, n
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from openai import OpenAI
@@ -148,3 +150,26 @@ def test_max_tokens_beyond_the_context_is_a_400(refine_server) -> None:
 def test_unknown_route_and_method_answer_in_openai_format(refine_server) -> None:
     assert httpx.get(f"{refine_server.url}/v1/nothing").json()["error"]["type"] == "not_found_error"
     assert httpx.get(f"{refine_server.url}/v1/completions").status_code == 405
+
+
+def test_a_burst_of_seeded_sampled_requests_does_not_kill_the_engine(refine_server) -> None:
+    """vLLM 0.32's CPU runner dies when a seeded, sampled request's prefill is split over steps; refine starts
+    the embedded engine so that no prefill is split (refine_server/engine.py). 40 prompts of ~80 tokens at
+    once exceed one step's 2048-token budget, which split them before."""
+    from openai import AsyncOpenAI
+
+    async def burst() -> list[object]:
+        client = AsyncOpenAI(base_url=f"{refine_server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        question = "Tell me about the history of the number seven and its many uses. " * 6
+
+        async def one(i: int) -> int:
+            resp = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Question {i}: {question}"}], n=7,
+                temperature=1.0, seed=i, max_tokens=4)
+            return len(resp.choices)
+
+        return await asyncio.gather(*(one(i) for i in range(40)), return_exceptions=True)
+
+    restarts = metric_total(httpx.get(f"{refine_server.url}/metrics").text, "refine_engine_restarts_total")
+    assert asyncio.run(burst()) == [7] * 40
+    assert metric_total(httpx.get(f"{refine_server.url}/metrics").text, "refine_engine_restarts_total") == restarts
