@@ -7,20 +7,32 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
 - Same: token sets of 1, 2, 4, then 10 tokens by depth; top-10 single tokens, or the greedy set plus up to 9
   distinct sets sampled from the top-15 distribution; priors from the engine's probabilities (greedy clamped,
   root smoothed 0.75 p + 0.25 uniform); selection q_hat + 2 p sqrt(N) / (1 + n) with q normalised over
-  [-1, 1]; rollouts sampled from the full distribution to the next `, . ? : ;` or newline; the swapped-order
-  self-evaluation v = ((a + b) / 2 - 0.5) * 2 cached per text; backup with the 0.2-weighted similarity update
-  at cosine >= 0.95 (all-MiniLM-L6-v2); widening; max(50 - visits, 15) iterations per commit, early stop
-  when the most-visited child has more than 6 (harmless) / 16 (truthful) visits and q > 0.8; commit the
-  most-visited child and keep its subtree.
+  [-1, 1]; rollouts sampled from the full distribution, to the next `, . ? : ;` or newline (harmless,
+  custom) or to the end of the answer and cut after the last period (truthful), none for an empty response
+  (the official prompt ends at "Assistant:", where its rollout stops at once); the swapped-order
+  self-evaluation v = ((a + b) / 2 - 0.5) * 2 cached per text; backup with the 0.2-weighted similarity
+  update at cosine >= 0.95 (all-MiniLM-L6-v2); widening when the children's embedding variance (N - 1, as
+  torch.var) is below 0.03 per token of the level's set length and every child's q < 0; max(50 - visits,
+  15) iterations per commit, early stop when the most-visited child has more than 6 (harmless) / 16
+  (truthful) visits and q > 0.8; commit the most-visited child and keep its subtree.
+- Same visits and choices, less work: a leaf is expanded on its second visit, when its children are first
+  read, not on its first (`defer_expansion`; False expands on the first visit, beside the evaluation, as the
+  official code). Only the order of the engine calls changes, so a seeded search samples other sets.
 - Different: the self-evaluation prompts are new few-shot prompts in the same A/B format (prompts/), and the
   truthful criterion also asks both orders (the official TruthfulQA script asks once, with Yes/No). The
-  option ids come from the serving tokenizer, not LLaMA's. The prompt is the client's conversation through
+  option ids come from the judging tokenizer, not LLaMA's. The prompt is the client's conversation through
   the model's chat template, and the evaluation reads its last user message and the answer so far (the
   official scripts wrap raw text in their own few-shot dialogue). A rollout stops after
-  `max_rollout_tokens` even without punctuation. Widening a multi-token level samples one new set (the
-  official code asks for a greedy and a sampled set; the greedy one is always present already).
-- Optional, off by default: `parallel_leaves` > 1 searches several leaves at once (virtual loss, as in
-  parallel MCTS), so vLLM batches their calls; each leaf still counts as one iteration.
+  `max_rollout_tokens` (default 64 to punctuation; truthful: the rest of the answer, which is where the
+  official one stops too). Widening a multi-token level samples one new set (the official code asks for a
+  greedy and a sampled set; the greedy one is always present already).
+- Beyond the paper, on by default: the judge guard (`judge_guard`, see rain_search.py): when the first
+  `judge_guard_evaluations` (4) evaluations of a commit are all 0, the judge answered by position in every
+  one, and the most-visited child is committed at once. `judge_guard: false` is the paper's search.
+- Beyond the paper, optional: `judge_model` lets another model on the same upstream answer the
+  self-evaluation (a small generator with a stronger judge); `parallel_leaves` > 1 searches several leaves
+  at once (virtual loss, as in parallel MCTS), so vLLM batches their calls; each leaf still counts as one
+  iteration.
 - Added for serving: budgets (engine calls, search tokens, wall time, per-commit iterations) with server
   caps; when one runs out the best child is committed and the rest of the answer is decoded plainly with the
   client's sampling, and the trace says so. The client's `max_tokens` (default 256) and `stop` apply.
@@ -49,11 +61,12 @@ from refine_server.policies.base import (
     PolicyParams,
     PolicyRequestError,
 )
-from refine_server.policies.engine_client import Budget
+from refine_server.policies.engine_client import Budget, EngineClient
 from refine_server.policies.rain_embeddings import TextEmbedder
-from refine_server.policies.rain_engine import SearchEngine
+from refine_server.policies.rain_engine import SearchEngine, Tokenizer, load_local_tokenizer
 from refine_server.policies.rain_search import (
     CommitRecord,
+    JudgeStats,
     RainSearch,
     SelfEvaluator,
     load_criterion,
@@ -94,9 +107,22 @@ class RainParams(PolicyParams):
     similarity_threshold: float = Field(0.95, ge=-1, le=1)
     similarity_weight: float = Field(0.2, ge=0)
     widen: bool = Field(True, description="dynamic widening of alike, badly judged children")
-    max_rollout_tokens: int = Field(64, ge=1, description="a rollout stops here if no punctuation came")
+    max_rollout_tokens: int | None = Field(
+        None, ge=1, description="a rollout stops here (default: 64 tokens for a rollout to the next punctuation; "
+        "the rest of the answer for truthful's rollout to the end)")
+    defer_expansion: bool = Field(
+        True, description="expand a leaf on its second visit, when its children are first needed (same visits and "
+        "choices as the official first-visit expansion, without expanding leaves never revisited)")
     parallel_leaves: int = Field(
         1, ge=1, le=64, description="leaves searched at once, with virtual loss (1: the paper's sequential search)")
+    judge_model: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="another model on the same upstream answers the self-evaluation (default: the client's model)")
+    judge_guard: bool = Field(
+        True, description="commit the most-visited child at once when the judge gives no signal (False: the "
+        "paper's search, every iteration run)")
+    judge_guard_evaluations: int = Field(
+        4, ge=1, description="the judge guard fires when this many first evaluations of a commit are all 0")
     max_engine_calls: int = Field(5000, ge=1, description="budget: generation calls of the whole search")
     max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
     max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")
@@ -168,10 +194,12 @@ class RainRun:
         self.request = read_request(call.request)
         self.criterion = load_criterion(params.criterion, params.question)
         call.engine.budget = Budget(params.max_engine_calls, params.max_search_tokens, params.max_seconds)
-        self.engine = SearchEngine(call.engine)
         self._policy = policy
+        # Its tokenizer is the engine's /tokenize until `_start` knows whether the model's files are readable here.
+        self.engine = SearchEngine(call.engine, Tokenizer(call.engine, call.request.model))
+        self.judge: Tokenizer | None = None  # the judging model's tokenizer
         self.search: RainSearch | None = None
-        self.options: tuple[int, int] | None = None  # the serving tokenizer's ids of "A" and "B"
+        self.options: tuple[int, int] | None = None  # the judging model's ids of "A" and "B"
         self.commits: list[CommitRecord] = []
         self.text = ""  # the answer as sent so far
         self.plain_tokens = 0  # tokens decoded plainly after a budget ran out
@@ -201,6 +229,9 @@ class RainRun:
 
     async def _start(self) -> RainSearch:
         r = self.request
+        model = self.call.request.model
+        generator, judge = await self._policy.tokenizers(self.call.engine, model, self.params.judge_model or model)
+        self.engine.tokenizer, self.judge = generator, judge
         if r.messages is not None:
             body = self.call.request.body
             fields = {k: body[k] for k in ("chat_template_kwargs",) if k in body}
@@ -212,10 +243,10 @@ class RainRun:
         else:
             prompt_ids = list(r.prompt or [])
             question = await self.engine.text(prompt_ids)
-        options = self.options = await self._policy.options_for(self.call.request.model, self.engine)
-        evaluator = SelfEvaluator(self.engine, self.criterion, question, options)
-        self.search = RainSearch(self.engine, evaluator, self._policy.embedder, self.params, prompt_ids,
-                                 r.max_tokens)
+        options = self.options = await self._policy.options_for(judge)
+        evaluator = SelfEvaluator(self.engine, judge, self.criterion, question, options)
+        self.search = RainSearch(self.engine, evaluator, self.criterion, self._policy.embedder, self.params,
+                                 prompt_ids, r.max_tokens)
         return self.search
 
     async def _new_text(self, answer: list[int]) -> tuple[str, bool]:
@@ -254,14 +285,21 @@ class RainRun:
     # ---- the response ------------------------------------------------------------------------------------
 
     def fill_trace(self) -> None:
-        s = self.engine.spend
+        s = self.call.engine.spend
         search = self.search
         answer_tokens = (len(search.answer) if search else 0) + self.plain_tokens
         iterations = sum(c.iterations for c in self.commits)
         rewinds = sum(c.rewinds for c in self.commits)
+        judged = JudgeStats()
+        for c in self.commits:
+            judged.merge(c.judge)
         self.call.trace.data = {
             "criterion": self.criterion.name,
             "option_token_ids": list(self.options) if self.options else None,
+            "judge": {"model": self.judge.model if self.judge else None,
+                      "guard": self.params.judge_guard, **judged.as_dict(),
+                      "no_signal_commits": sum(c.stopped == "no_signal" for c in self.commits)},
+            "tokenizer": self.engine.tokenizer.where,
             "commits": [_commit_trace(c) for c in self.commits],
             "iterations": iterations,
             "rewinds": rewinds,
@@ -285,8 +323,8 @@ class RainRun:
 def _commit_trace(c: CommitRecord) -> dict[str, Any]:
     return {"tokens": list(c.tokens), "greedy": c.greedy, "ends_answer": c.ends_answer,
             "iterations": c.iterations, "rewinds": c.rewinds, "stopped": c.stopped, "nodes": c.nodes,
-            "widened": c.widened, "evaluations": c.evaluations, "cached_evaluations": c.cached_evaluations,
-            "seconds": round(c.seconds, 3), "children": c.children}
+            "widened": c.widened, "evaluations": len(c.judge.values), "cached_evaluations": c.judge.cached,
+            "judge": c.judge.as_dict(), "seconds": round(c.seconds, 3), "children": c.children}
 
 
 class RainPolicy(Policy):
@@ -294,19 +332,37 @@ class RainPolicy(Policy):
     Params = RainParams
     Limits = RainLimits
     metrics = (*Policy.metrics, CORRECTIONS, EXTRA_TOKENS, SEARCH_ITERATIONS, REWINDS, ENGINE_CALLS)
+    refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
 
     def __init__(self) -> None:
         self.embedder = TextEmbedder()
-        self._options: dict[str, tuple[int, int]] = {}  # served model -> ids of "A" and "B"
+        self._options: dict[str, tuple[int, int]] = {}  # judging model -> ids of "A" and "B"
+        self._local_tokenizers: dict[str, Any] = {}  # a model's folder -> its tokenizer (None: not readable here)
 
-    async def options_for(self, model: str, engine: SearchEngine) -> tuple[int, int]:
-        if model not in self._options:
+    async def tokenizers(self, engine: EngineClient, model: str, judge_model: str) -> tuple[Tokenizer, Tokenizer]:
+        """The tokenizers of the generating and the judging model; the judging model must be served."""
+        roots = {m["id"]: m.get("root") for m in await engine.served_models()}
+        if judge_model not in roots:
+            raise PolicyRequestError(f"policy rain: judge_model {judge_model!r} is not served by this upstream "
+                                     f"(it serves {', '.join(sorted(roots))})", "refine.judge_model")
+        return (Tokenizer(engine, model, await self._local_tokenizer(roots.get(model))),
+                Tokenizer(engine, judge_model, await self._local_tokenizer(roots[judge_model])))
+
+    async def _local_tokenizer(self, root: str | None) -> Any:
+        if root is None:
+            return None
+        if root not in self._local_tokenizers:
+            self._local_tokenizers[root] = await load_local_tokenizer(root)
+        return self._local_tokenizers[root]
+
+    async def options_for(self, judge: Tokenizer) -> tuple[int, int]:
+        if judge.model not in self._options:
             try:
-                self._options[model] = await option_tokens(engine)
+                self._options[judge.model] = await option_tokens(judge)
             except LookupError as exc:
-                raise PolicyRequestError(f"policy rain cannot run on model {model!r}: {exc}", "model",
+                raise PolicyRequestError(f"policy rain cannot judge with model {judge.model!r}: {exc}", "model",
                                          code="policy_unavailable") from None
-        return self._options[model]
+        return self._options[judge.model]
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         run = RainRun(self, call, params)

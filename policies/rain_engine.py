@@ -3,14 +3,17 @@
 Every generation goes to vLLM's /v1/completions with a token-id prompt (the committed prefix plus the path
 being explored), so nothing is re-tokenised between steps and vLLM's prefix cache sees the same ids every
 time. Texts exist only where the method needs words: the self-evaluation prompt and the embeddings, made
-with the serving model's own tokenizer (/tokenize, /detokenize).
+with the serving model's own tokenizer (`Tokenizer`: its files read locally when refine can see them,
+vLLM's /tokenize and /detokenize otherwise).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from refine_server.policies.engine_client import Budget, EngineClient, Spend
@@ -20,12 +23,51 @@ ROLLOUT_STOPS = [",", ".", "?", ":", ";", "\n"]  # a rollout runs to the next pu
 MAX_LOGPROBS = 20  # vLLM's default cap on top logprobs per token
 
 
+class Tokenizer:
+    """One served model's tokenizer, for one request. A search encodes and decodes hundreds of texts per
+    answer token; with the model's own tokenizer files (`local`, see `load_local_tokenizer`) that costs no
+    round trip, otherwise each is a /tokenize or /detokenize call to vLLM."""
+
+    def __init__(self, client: EngineClient, model: str, local: Any = None):
+        self.client = client
+        self.model = model
+        self.local = local
+
+    @property
+    def where(self) -> str:
+        return "local" if self.local is not None else "engine"
+
+    async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        if self.local is not None:
+            return self.local.encode(text, add_special_tokens=special_tokens)
+        return await self.client.tokenize(text, special_tokens=special_tokens, model=self.model)
+
+    async def decode(self, tokens: list[int]) -> str:
+        if self.local is not None:
+            return self.local.decode(tokens)  # as vLLM's /detokenize: special tokens kept
+        return await self.client.detokenize(tokens, model=self.model)
+
+
+async def load_local_tokenizer(root: str | None) -> Any:
+    """The tokenizer in the folder vLLM loaded a model from (its /v1/models `root`), if this machine has that
+    folder: the embedded engine's model always, a separate backend's when it runs here on a local path.
+    None when it is not a local folder with tokenizer files (a hub name, another machine)."""
+    if not root or not (Path(root) / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    return await asyncio.to_thread(AutoTokenizer.from_pretrained, root, local_files_only=True)
+
+
 class SearchEngine:
     """The engine calls RAIN's search makes, in token ids, through the request's `EngineClient` (which
     counts their cost by purpose and enforces the search budget)."""
 
-    def __init__(self, client: EngineClient):
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer):
         self.client = client
+        self.tokenizer = tokenizer
         self._texts: dict[tuple[int, ...], str] = {}
 
     @property
@@ -39,7 +81,7 @@ class SearchEngine:
     # ---- the tokenizer -----------------------------------------------------------------------------------
 
     async def tokenize(self, text: str, *, special_tokens: bool = False) -> list[int]:
-        return await self.client.tokenize(text, special_tokens=special_tokens)
+        return await self.tokenizer.encode(text, special_tokens=special_tokens)
 
     async def tokenize_chat(self, messages: list[dict[str, Any]], template_fields: dict[str, Any]) -> list[int]:
         return await self.client.tokenize_chat(messages, template_fields)
@@ -50,7 +92,7 @@ class SearchEngine:
         if not key:
             return ""
         if key not in self._texts:
-            self._texts[key] = await self.client.detokenize(list(key))
+            self._texts[key] = await self.tokenizer.decode(list(key))
         return self._texts[key]
 
     # ---- generation --------------------------------------------------------------------------------------
@@ -75,8 +117,9 @@ class SearchEngine:
                                        logprobs=top_k, n=n, seed=self.client.next_seed())
         return [_token_set(c, top_k) for c in choices]
 
-    async def rollout(self, prompt: list[int], max_tokens: int) -> list[int]:
-        """Sample from the full distribution until the text ends at punctuation (or the answer ends).
+    async def rollout(self, prompt: list[int], max_tokens: int, *, to_end: bool = False) -> list[int]:
+        """Sample from the full distribution until the text ends at punctuation (or the answer ends), or with
+        `to_end` until the answer ends (the official truthful script's rollout).
 
         Streamed so it can stop where the official code does, at the first token after which the text ends
         in one of ROLLOUT_STOPS (vLLM's own stop strings allow only four, and match anywhere in a token);
@@ -94,14 +137,15 @@ class SearchEngine:
                     text += choice.get("text") or ""
                     if choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None and tokens:
                         tokens.pop()  # the end-of-sequence token
-                if text.endswith(tuple(ROLLOUT_STOPS)):
+                if not to_end and text.endswith(tuple(ROLLOUT_STOPS)):
                     break
         return tokens
 
-    async def judge(self, prompts: list[list[int]], options: tuple[int, int]) -> list[tuple[float, float]]:
-        """log P(first option), log P(second option) as the next token of each prompt, in one call."""
+    async def judge(self, prompts: list[list[int]], options: tuple[int, int], model: str) -> list[tuple[float, float]]:
+        """log P(first option), log P(second option) as the next token of each prompt, in one call to the
+        judging model (the client's, or the request's `judge_model`)."""
         choices = await self._complete("evaluate", prompts, max_tokens=1, temperature=0.0, logprobs=1,
-                                       logprob_token_ids=list(options))
+                                       logprob_token_ids=list(options), model=model)
         result = []
         for choice in sorted(choices, key=lambda c: c["index"]):
             top = _token_logprobs(choice["logprobs"]["top_logprobs"][0])

@@ -5,11 +5,20 @@ One search iteration (the paper's inner loop):
    on the way where all children look alike and were judged bad;
 2. evaluate the leaf: roll out to the next punctuation, then ask the model about the response so far, in
    both option orders (`SelfEvaluator`);
-3. expand the leaf at the same time as 2: its children are the next token sets (`expand`);
+3. expand: a leaf's children (the next token sets) are made when the search comes back to it, on its second
+   visit, and the search goes on into them (the official code expands on the first visit, beside the
+   evaluation; nothing reads those children before the second visit, and many leaves never get one, so
+   deferring changes no visit and no choice, and saves their expansion: `defer_expansion`);
 4. back the value up the path, sharing it with near-identical siblings (`SearchTree.backup`).
 The outer loop runs iterations until the most-visited child is both well visited and well judged, or the
 per-commit iteration count is spent, then commits that child; the next iteration starts from the new
 prefix (the rewind), keeping the committed child's subtree.
+
+The judge guard (refine's, on by default, `judge_guard`): a model that answers the self-evaluation by option
+position, not by content, picks the same letter in both orders, so every value is 0. Then no value tells
+children apart, the early stop (q > 0.8) can never fire, and a commit's iterations only follow the priors.
+When the first `judge_guard_evaluations` evaluations of a commit are all 0, the most-visited child is
+committed at once (`stopped: "no_signal"`). The trace's `judge` counts what the judge said, per commit.
 """
 
 from __future__ import annotations
@@ -18,12 +27,12 @@ import asyncio
 import functools
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.policies.engine_client import BudgetExhausted, run_together
-from refine_server.policies.rain_engine import ROLLOUT_STOPS, SearchEngine
+from refine_server.policies.rain_engine import ROLLOUT_STOPS, SearchEngine, Tokenizer
 from refine_server.policies.rain_tree import Node, SearchTree, TokenSet
 
 if TYPE_CHECKING:
@@ -31,6 +40,7 @@ if TYPE_CHECKING:
     from refine_server.policies.rain_embeddings import TextEmbedder
 
 ANSWER_LINE = "The answer is: ("  # every criterion prompt ends here; the next token names an option
+PUNCTUATION_ROLLOUT_TOKENS = 64  # default cap of a rollout to the next punctuation, which rarely needs more
 
 
 # ---- the self-evaluation ---------------------------------------------------------------------------------
@@ -45,11 +55,21 @@ class Criterion:
     template: str
     acceptable: str
     unacceptable: str
+    # What is judged, as in the official scripts: the text through a rollout to the next punctuation (HH), or
+    # through a rollout to the end of the answer, cut after its last period (TruthfulQA).
+    rollout: Literal["punctuation", "to_end"]
 
     def prompt(self, question: str, response: str, acceptable_first: bool) -> str:
         first, second = ((self.acceptable, self.unacceptable) if acceptable_first
                          else (self.unacceptable, self.acceptable))
         return self.template.format(question=question, response=response, first=first, second=second)
+
+    def judged_text(self, text: str) -> str:
+        """The part of the rolled-out text that is judged."""
+        if self.rollout == "to_end":
+            head, period, _ = text.rpartition(".")
+            return head + period if period else text
+        return text
 
 
 @functools.cache
@@ -64,14 +84,14 @@ def load_criterion(name: str, custom_question: str | None) -> Criterion:
         # The caller's question goes in as text: braces in it must not be read as template fields.
         template = template.replace("{criterion}", (custom_question or "").replace("{", "{{").replace("}", "}}"))
     assert template.endswith(ANSWER_LINE), f"rain_{name}.toml must end with {ANSWER_LINE!r}"
-    return Criterion(name, template, spec["acceptable"], spec["unacceptable"])
+    return Criterion(name, template, spec["acceptable"], spec["unacceptable"], spec["rollout"])
 
 
-async def option_tokens(engine: SearchEngine) -> tuple[int, int]:
-    """The serving tokenizer's ids for "A" and "B" right after the answer line: the tokens whose
-    probabilities the self-evaluation compares. Fails loudly if the tokenizer merges them with "("."""
+async def option_tokens(tokenizer: Tokenizer) -> tuple[int, int]:
+    """The judging model's ids for "A" and "B" right after the answer line: the tokens whose probabilities
+    the self-evaluation compares. Fails loudly if the tokenizer merges them with "("."""
     base, with_a, with_b = await run_together(
-        engine.tokenize(ANSWER_LINE), engine.tokenize(ANSWER_LINE + "A"), engine.tokenize(ANSWER_LINE + "B"))
+        tokenizer.encode(ANSWER_LINE), tokenizer.encode(ANSWER_LINE + "A"), tokenizer.encode(ANSWER_LINE + "B"))
     ids = []
     for letter, tokens in (("A", with_a), ("B", with_b)):
         if len(tokens) != len(base) + 1 or tokens[:-1] != base:
@@ -81,38 +101,78 @@ async def option_tokens(engine: SearchEngine) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Judgement:
     value: float  # ((a + b) / 2 - 0.5) * 2: 1 acceptable in both orders, 0 split, -1 unacceptable in both
-    cached: bool
+    letters: tuple[str, str]  # the option letter preferred with the acceptable option first, then second
+    cached: bool = False
+
+
+@dataclass
+class JudgeStats:
+    """What the self-evaluation said during one commit (merged: a whole answer): how much signal the search
+    had to work with."""
+
+    values: list[float] = field(default_factory=list)  # in order, cached evaluations included
+    cached: int = 0
+    same_letter: dict[str, int] = field(default_factory=lambda: {"A": 0, "B": 0})  # both orders, one letter
+
+    def add(self, judgement: Judgement) -> None:
+        self.values.append(judgement.value)
+        self.cached += judgement.cached
+        first, second = judgement.letters
+        if first == second:  # the same position in both orders: the answer ignored the content
+            self.same_letter[first] += 1
+
+    def merge(self, other: JudgeStats) -> None:
+        self.values += other.values
+        self.cached += other.cached
+        for letter, count in other.same_letter.items():
+            self.same_letter[letter] += count
+
+    def no_signal(self, first: int) -> bool:
+        """The first `first` values are all 0: each is a split between the orders, so none tells texts apart."""
+        return len(self.values) >= first and not any(self.values[:first])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"evaluations": len(self.values), "cached": self.cached,
+                "values": {str(v): self.values.count(v) for v in (-1, 0, 1)},
+                "orders_agree": sum(1 for v in self.values if v != 0), "same_letter_both_orders": self.same_letter}
 
 
 class SelfEvaluator:
-    """Asks the model whether the response so far meets the criterion, twice with the options swapped
-    (cancelling a preference for the first or second position), in one engine call. Values are cached per
-    response text, as in the paper."""
+    """Asks the judging model (the client's own, or the request's `judge_model`) whether the response so far
+    meets the criterion, twice with the options swapped (cancelling a preference for the first or second
+    position), in one engine call. Values are cached per response text, as in the paper."""
 
-    def __init__(self, engine: SearchEngine, criterion: Criterion, question: str, options: tuple[int, int]):
+    def __init__(self, engine: SearchEngine, tokenizer: Tokenizer, criterion: Criterion, question: str,
+                 options: tuple[int, int]):
         self._engine = engine
+        self._tokenizer = tokenizer  # the judging model's: its prompt is in its own token ids
         self._criterion = criterion
         self._question = question
         self._options = options
-        self._values: dict[str, float] = {}
+        self._judged: dict[str, Judgement] = {}
+
+    @property
+    def model(self) -> str:
+        return self._tokenizer.model
 
     async def judge(self, response: str) -> Judgement:
-        if response in self._values:
-            return Judgement(self._values[response], cached=True)
+        if response in self._judged:
+            return Judgement(self._judged[response].value, self._judged[response].letters, cached=True)
         c = self._criterion
         prompts = await run_together(
-            self._engine.tokenize(c.prompt(self._question, response, acceptable_first=True), special_tokens=True),
-            self._engine.tokenize(c.prompt(self._question, response, acceptable_first=False), special_tokens=True),
+            self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=True), special_tokens=True),
+            self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=False), special_tokens=True),
         )
-        (a_first, b_first), (a_second, b_second) = await self._engine.judge(prompts, self._options)
+        (a_first, b_first), (a_second, b_second) = await self._engine.judge(prompts, self._options, self.model)
         acceptable_when_first = 1 if a_first > b_first else 0
         acceptable_when_second = 1 if b_second > a_second else 0
         value = ((acceptable_when_first + acceptable_when_second) / 2 - 0.5) * 2
-        self._values[response] = value
-        return Judgement(value, cached=False)
+        judgement = Judgement(value, ("A" if a_first > b_first else "B", "B" if b_second > a_second else "A"))
+        self._judged[response] = judgement
+        return judgement
 
 
 # ---- the search ------------------------------------------------------------------------------------------
@@ -126,22 +186,22 @@ class CommitRecord:
     greedy: bool
     iterations: int
     rewinds: int  # iterations whose path went through a sibling that was not committed: work rewound for good
-    stopped: str  # "confident", "iterations", or the name of the exhausted budget
+    stopped: str  # "confident", "iterations", "no_signal" (the judge guard), or the name of the exhausted budget
     children: list[dict[str, Any]]
     nodes: int
     widened: int
-    evaluations: int
-    cached_evaluations: int
+    judge: JudgeStats
     seconds: float
 
 
 class RainSearch:
     """The search for one request. `answer` holds the committed token ids (never an end-of-sequence id)."""
 
-    def __init__(self, engine: SearchEngine, evaluator: SelfEvaluator, embedder: TextEmbedder,
+    def __init__(self, engine: SearchEngine, evaluator: SelfEvaluator, criterion: Criterion, embedder: TextEmbedder,
                  params: RainParams, prompt: list[int], max_tokens: int):
         self.engine = engine
         self.evaluator = evaluator
+        self.criterion = criterion
         self.embedder = embedder
         self.params = params
         self.prompt = prompt
@@ -150,9 +210,9 @@ class RainSearch:
         self.answer: list[int] = []
         self.answer_ended = False
         self.budget_exhausted: str | None = None
+        self._embeddings: dict[str, Any] = {}  # text -> its embedding: paths share their tails' texts
         self._widened = 0
-        self._evaluations = 0
-        self._cached_evaluations = 0
+        self._judge = JudgeStats()
 
     @property
     def done(self) -> bool:
@@ -165,7 +225,8 @@ class RainSearch:
         started = time.monotonic()
         root = self.tree.root
         visits_before = {id(c): c.true_visits for c in root.children}
-        self._widened = self._evaluations = self._cached_evaluations = 0
+        self._widened = 0
+        self._judge = JudgeStats()
         planned = max(p.max_iterations_per_commit - root.true_visits, p.min_iterations_per_commit)
         iterations, stopped = 0, "iterations"
         while iterations < planned:
@@ -178,6 +239,9 @@ class RainSearch:
             if best is not None and best.true_visits > p.early_stop_visits and best.q > p.early_stop_value:
                 stopped = "confident"
                 break
+            if p.judge_guard and root.children and self._judge.no_signal(p.judge_guard_evaluations):
+                stopped = "no_signal"
+                break
         chosen = root.most_visited_child()
         if chosen is None:
             return None
@@ -185,8 +249,8 @@ class RainSearch:
         record = CommitRecord(
             tokens=chosen.tokens, ends_answer=chosen.ends_answer, greedy=chosen.greedy, iterations=iterations,
             rewinds=iterations - gained, stopped=stopped, children=[_child_summary(c) for c in root.children],
-            nodes=self.tree.count_nodes(), widened=self._widened, evaluations=self._evaluations,
-            cached_evaluations=self._cached_evaluations, seconds=time.monotonic() - started,
+            nodes=self.tree.count_nodes(), widened=self._widened, judge=self._judge,
+            seconds=time.monotonic() - started,
         )
         self.tree.commit(chosen)
         self.answer.extend(chosen.tokens)
@@ -225,45 +289,64 @@ class RainSearch:
         return len(selected)
 
     async def _select_leaf(self) -> Node:
+        """Follow the selection rule down to the node to evaluate: a leaf on its first visit (or one that ends
+        the answer). A leaf visited before is expanded here, on its second visit, and the search goes on into
+        its children, as it would have if it had been expanded at its first visit."""
         tree = self.tree
         node = tree.root
-        while not node.is_leaf:
-            if self.params.widen and tree.wants_widening(node):
+        while True:
+            if node.is_leaf:
+                if not self.params.defer_expansion or node.true_visits == 0 or self._terminal(node):
+                    return node
+                await self._expand(node)
+            if self.params.widen and tree.wants_widening(node, self._set_length(node)):
                 await self._widen(node)
             node = tree.select_child(node)
-        return node
+
+    def _terminal(self, node: Node) -> bool:
+        """The answer ends with this node: nothing follows it to expand or roll out."""
+        return node.ends_answer or len(self.answer) + len(node.tokens_from(self.tree.root)) >= self.max_tokens
+
+    def _set_length(self, node: Node) -> int:
+        """The length of the token sets below `node`: by depth, cut to what is left of max_tokens."""
+        lengths = self.params.set_lengths
+        room = self.max_tokens - len(self.answer) - len(node.tokens_from(self.tree.root))
+        return min(lengths[min(node.depth, len(lengths) - 1)], room)
 
     async def _search_leaf(self, node: Node) -> tuple[float, list[Any]]:
-        """Evaluate a leaf while expanding it; returns its value and the embeddings its backup needs."""
+        """Evaluate a leaf (and, without deferred expansion, expand it at the same time); returns its value and
+        the embeddings its backup needs."""
         path = node.path_from(self.tree.root)
         explored = node.tokens_from(self.tree.root)
-        terminal = node.ends_answer or len(self.answer) + len(explored) >= self.max_tokens
+        terminal = self._terminal(node)
+        expand_now = not self.params.defer_expansion and not terminal
         (value, rollout), _ = await run_together(
             self._evaluate(explored, terminal),
-            self._expand(node, explored) if not terminal else _nothing(),
+            self._expand(node) if expand_now else _nothing(),
         )
         return value, await self._path_embeddings(path, explored + rollout)
 
     async def _evaluate(self, explored: list[int], terminal: bool) -> tuple[float, list[int]]:
-        """Roll out to the next punctuation (unless the text already ends there), then self-evaluate."""
+        """Roll out (see `Criterion.rollout`), then self-evaluate. No rollout for an empty response: the
+        official code's rollout stops at once there, as its prompt ends at "Assistant:" (a chat template's
+        ends at a newline)."""
         response_ids = self.answer + explored
         rollout: list[int] = []
         text = await self.engine.text(response_ids)
         room = self.max_tokens - len(response_ids)
-        if not terminal and room > 0 and not _ends_at_punctuation(text):
-            rollout = await self.engine.rollout(self.prompt + response_ids,
-                                                    min(self.params.max_rollout_tokens, room))
+        to_end = self.criterion.rollout == "to_end"
+        if response_ids and not terminal and room > 0 and (to_end or not _ends_at_punctuation(text)):
+            cap = self.params.max_rollout_tokens or (room if to_end else PUNCTUATION_ROLLOUT_TOKENS)
+            rollout = await self.engine.rollout(self.prompt + response_ids, min(cap, room), to_end=to_end)
             text = await self.engine.text(response_ids + rollout)
-        judgement = await self.evaluator.judge(text)
-        self._evaluations += 1
-        self._cached_evaluations += judgement.cached
+        judgement = await self.evaluator.judge(self.criterion.judged_text(text))
+        self._judge.add(judgement)
         return judgement.value, rollout
 
-    async def _expand(self, node: Node, explored: list[int]) -> None:
+    async def _expand(self, node: Node) -> None:
         p = self.params
-        prefix = self.prompt + self.answer + explored
-        length = min(p.set_lengths[min(node.depth, len(p.set_lengths) - 1)],
-                     self.max_tokens - len(self.answer) - len(explored))
+        prefix = self.prompt + self.answer + node.tokens_from(self.tree.root)
+        length = self._set_length(node)
         if length == 1:
             ranked = await self.engine.top_tokens(prefix, MAX_WIDENED_TOKENS)
             self.tree.expand(node, ranked[:p.token_choices], keep_for_widening=ranked[p.token_choices:])
@@ -275,14 +358,15 @@ class RainSearch:
         self.tree.expand(node, distinct_sets(greedy, samples))
 
     async def _widen(self, node: Node) -> None:
-        """Add one more child: the next-ranked token kept from the expansion, or a new sampled set."""
+        """Add one more child: the next-ranked token kept from the expansion, or a new sampled set of the
+        level's length."""
         if node.unused_sets:
             added = self.tree.add_children(node, [node.unused_sets.pop(0)])
         else:
             prefix = self.prompt + self.answer + node.tokens_from(self.tree.root)
-            length = len(node.children[0].tokens) or 1
-            added = self.tree.add_children(
-                node, await self.engine.sampled_sets(prefix, length, self.params.set_top_k, 1, purpose="widen"))
+            sets = await self.engine.sampled_sets(prefix, self._set_length(node), self.params.set_top_k, 1,
+                                                  purpose="widen")
+            added = self.tree.add_children(node, sets)
         self._widened += added
 
     async def _path_embeddings(self, path: list[Node], evaluated: list[int]) -> list[Any]:
@@ -294,7 +378,10 @@ class RainSearch:
             starts.append(offset)
             offset += len(n.tokens)
         texts = await run_together(*(self.engine.text(evaluated[s:]) for s in starts))
-        return list(await self.embedder.embed(texts))
+        new = list(dict.fromkeys(t for t in texts if t not in self._embeddings))
+        if new:
+            self._embeddings.update(zip(new, await self.embedder.embed(new), strict=True))
+        return [self._embeddings[t] for t in texts]
 
 
 MAX_WIDENED_TOKENS = 20  # single-token expansions keep this many ranked tokens, so widening needs no new call
@@ -328,4 +415,3 @@ def _child_summary(node: Node) -> dict[str, Any]:
     return {"tokens": list(node.tokens), "visits": round(node.visits, 3), "true_visits": node.true_visits,
             "q": round(node.q, 4), "prior": round(node.prior, 4), "greedy": node.greedy,
             "ends_answer": node.ends_answer, "children": len(node.children)}
-

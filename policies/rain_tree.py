@@ -108,16 +108,17 @@ class SearchTree:
         node.children = [self._child(node, s, p) for s, p in zip(sets, self._priors(node, sets), strict=True)]
         node.unused_sets = list(keep_for_widening)
 
-    def wants_widening(self, node: Node) -> bool:
-        """Widen when the children look alike (low embedding variance) and all are judged bad (best q < 0)."""
+    def wants_widening(self, node: Node, set_length: int) -> bool:
+        """Widen when the children look alike (low embedding variance) and all are judged bad (best q < 0).
+        The variance is the sample variance (N - 1), as torch.var in the official code; "alike" scales with
+        the level's set length, not with a child that ended the answer early (its set is shorter)."""
         s = self.settings
-        if node.is_leaf or len(node.children) >= s.widen_max_children:
-            return False
+        if len(node.children) < 2 or len(node.children) >= s.widen_max_children:
+            return False  # one child has no variance (the official code's is NaN, which never widens)
         embeddings = [c.embedding for c in node.children]
         if any(e is None for e in embeddings):
             return False
-        spread = float(np.linalg.norm(np.var(np.stack(embeddings), axis=0)))
-        set_length = len(node.children[0].tokens) or 1
+        spread = float(np.linalg.norm(np.var(np.stack(embeddings), axis=0, ddof=1)))
         return spread < s.widen_variance_per_token * set_length and max(c.q for c in node.children) < 0
 
     def add_children(self, node: Node, sets: Sequence[TokenSet]) -> int:

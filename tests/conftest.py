@@ -28,6 +28,8 @@ from refine_server.policies.engine_client import EngineClient
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
 MODEL = DEFAULT_MODEL_NAME
+# The test engine serves its model under a second name too: a stand-in for a second model (RAIN's judge_model).
+SECOND_MODEL_NAME = "second-name-of-the-test-model"
 REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
 ENGINE_PORT = int(os.environ.get("REFINE_TEST_ENGINE_PORT", "18100"))
 LOG_DIR = Path(os.environ.get("REFINE_TEST_LOG_DIR", "/tmp/refine-test-logs"))
@@ -116,7 +118,8 @@ def metric_total(exposition: str, name: str) -> float:
 def refine_server() -> Iterator[RunningServer]:
     server = start_refine("embedded", REFINE_PORT, "--engine-port", str(ENGINE_PORT),
                           "--engine-max-model-len", "2048", "--max-tokens-limit", "3000",
-                          "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
+                          "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS),
+                                                       "--served-model-name", MODEL, SECOND_MODEL_NAME]),
                           env=ENGINE_ENV)
     yield server
     stop_refine(server)

@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from refine_server.policies.rain_search import ANSWER_LINE
-from tests.conftest import MODEL, metric_total
+from tests.conftest import MODEL, SECOND_MODEL_NAME, metric_total
 
 
 def _rain(**params: Any) -> dict[str, Any]:
@@ -39,6 +39,51 @@ def test_self_evaluation_rejects_the_greedy_token_and_the_search_commits_another
     assert commit["rewinds"] > 0
     assert resp.choices[0].message.content != plain.choices[0].message.content
     assert resp.choices[0].finish_reason == "length"
+
+
+@pytest.mark.engine
+def test_the_judge_guard_commits_at_once_when_the_model_answers_by_position(client: OpenAI) -> None:
+    """The bundled model prefers option "(B)" in both orders for this conversation (see the README), so each value
+    is 0: the guard commits after the first 4 evaluations of each commit and the trace says why. Paper-exact
+    (judge_guard false), the same commit runs all its iterations."""
+    messages = [{"role": "user", "content": "How do I make my coffee less bitter?"}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, seed=0,
+                                          extra_body=_rain(max_iterations_per_commit=12, min_iterations_per_commit=12))
+    trace = resp.model_extra["refine"]["trace"]
+    assert [c["stopped"] for c in trace["commits"]] == ["no_signal", "no_signal"]  # sets of 1 and 2 tokens
+    for commit in trace["commits"]:
+        assert commit["iterations"] == 4 and commit["judge"]["values"] == {"-1": 0, "0": 4, "1": 0}
+        assert commit["judge"]["orders_agree"] == 0 and commit["judge"]["same_letter_both_orders"]["B"] > 0
+        assert commit["tokens"] == max(commit["children"], key=lambda c: (c["visits"], c["q"]))["tokens"]
+    judge = trace["judge"]
+    assert judge["model"] == MODEL and judge["guard"] and judge["no_signal_commits"] == 2
+    assert judge["evaluations"] == 8 and judge["values"]["0"] == 8
+    assert trace["tokenizer"] == "local" and trace["tokenizer_calls"] <= 1  # only the chat template's
+
+    exact = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, seed=0,
+        extra_body=_rain(judge_guard=False, max_iterations_per_commit=12, min_iterations_per_commit=12))
+    (commit,) = exact.model_extra["refine"]["trace"]["commits"]
+    assert commit["stopped"] == "iterations" and commit["iterations"] == 12
+    assert exact.model_extra["refine"]["trace"]["judge"]["guard"] is False
+
+
+@pytest.mark.engine
+def test_a_separate_judge_model_answers_the_self_evaluation(client: OpenAI) -> None:
+    """The test engine serves its model under a second name: the evaluation calls go to that name (vLLM refuses
+    an unknown model, so the answer proves the wiring), and an unserved judge is a 400 naming the parameter."""
+    import openai
+
+    resp = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=2, seed=0,
+        extra_body=_rain(judge_model=SECOND_MODEL_NAME, max_iterations_per_commit=3, min_iterations_per_commit=3))
+    trace = resp.model_extra["refine"]["trace"]
+    assert trace["judge"]["model"] == SECOND_MODEL_NAME and trace["judge"]["evaluations"] > 0
+    assert trace["engine"]["evaluate"]["calls"] > 0 and resp.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1,
+                                  extra_body=_rain(judge_model="no-such-model"))
+    assert err.value.body["param"] == "refine.judge_model" and "no-such-model" in err.value.body["message"]
 
 
 @pytest.mark.engine
@@ -115,7 +160,8 @@ def test_a_stop_string_ends_the_answer_where_it_appears(client: OpenAI) -> None:
 def test_parallel_leaves_search_on_the_real_engine(client: OpenAI) -> None:
     resp = client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=3, seed=1,
-        extra_body=_rain(parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8))
+        extra_body=_rain(parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8,
+                         judge_guard=False))
     trace = resp.model_extra["refine"]["trace"]
     assert [c["iterations"] for c in trace["commits"]] == [8, 8]  # sets of 1 and 2 tokens
     assert trace["answer_tokens"] == 3 and resp.choices[0].text

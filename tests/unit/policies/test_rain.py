@@ -50,3 +50,11 @@ def test_the_embedder_narrows_torch_threads_only_while_it_encodes() -> None:
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+async def test_a_model_folder_this_machine_cannot_read_falls_back_to_the_engines_tokenizer(tmp_path) -> None:
+    from refine_server.policies.rain_engine import load_local_tokenizer
+
+    assert await load_local_tokenizer(None) is None
+    assert await load_local_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub name, not a folder
+    assert await load_local_tokenizer(str(tmp_path)) is None  # a folder without tokenizer files

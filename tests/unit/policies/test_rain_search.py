@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from typing import Any
@@ -56,6 +57,8 @@ class ScriptedEngine:
     ranks token 1 first (the greedy choice), then 2, 3, ...; its judge rejects any response containing
     `rejected`. Counts engine calls against the budget like the real one."""
 
+    model = "scripted"
+
     def __init__(self, rejected: str | None = None, budget: Budget | None = None):
         self.rejected = rejected
         self.budget = budget or Budget(None, None, None)
@@ -70,7 +73,8 @@ class ScriptedEngine:
     async def text(self, tokens) -> str:
         return " ".join(f"t{t}" for t in tokens)
 
-    async def tokenize(self, text: str, *, special_tokens: bool = False) -> list[int]:
+    async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        """The judge's tokenizer: a judge prompt becomes [0] if its response is rejected, else [1]."""
         response = text.rsplit("Options:", 1)[0]
         return [0 if self.rejected and re.search(rf"\b{self.rejected}\b", response) else 1]
 
@@ -87,11 +91,11 @@ class ScriptedEngine:
         self._call(purpose)
         return [TokenSet(tuple([i + 2] * length), 0.1) for i in range(n)]
 
-    async def rollout(self, prompt, max_tokens) -> list[int]:
+    async def rollout(self, prompt, max_tokens, *, to_end=False) -> list[int]:
         self._call("rollout")
         return [99]
 
-    async def judge(self, prompts, options) -> list[tuple[float, float]]:
+    async def judge(self, prompts, options, model) -> list[tuple[float, float]]:
         """The prompt "ids" are [0] for a rejected response, [1] otherwise; option A comes first in the first
         prompt (acceptable first) and second in the other."""
         self._call("evaluate")
@@ -114,8 +118,9 @@ class DistinctEmbedder:
 
 def _search(engine: ScriptedEngine, max_tokens: int = 6, **params: Any) -> RainSearch:
     p = RainParams(**params)
-    evaluator = SelfEvaluator(engine, load_criterion(p.criterion, p.question), "question?", (65, 66))
-    return RainSearch(engine, evaluator, DistinctEmbedder(), p, prompt=[100, 101], max_tokens=max_tokens)
+    criterion = load_criterion(p.criterion, p.question)
+    evaluator = SelfEvaluator(engine, engine, criterion, "question?", (65, 66))
+    return RainSearch(engine, evaluator, criterion, DistinctEmbedder(), p, prompt=[100, 101], max_tokens=max_tokens)
 
 
 async def test_without_a_rejection_the_search_commits_the_greedy_token() -> None:
@@ -155,9 +160,9 @@ async def test_a_budget_gone_before_the_first_expansion_commits_nothing() -> Non
 
 async def test_the_wall_time_budget_stops_a_slow_search() -> None:
     class SlowEngine(ScriptedEngine):
-        async def rollout(self, prompt, max_tokens):
+        async def judge(self, prompts, options, model):
             await asyncio.sleep(0.2)
-            return await super().rollout(prompt, max_tokens)
+            return await super().judge(prompts, options, model)
 
     search = _search(SlowEngine(budget=Budget(None, None, seconds=0.5)), max_iterations_per_commit=50)
     started = time.monotonic()
@@ -170,7 +175,7 @@ async def test_parallel_leaves_search_distinct_leaves_concurrently() -> None:
     class CountingEngine(ScriptedEngine):
         in_flight = most_in_flight = 0
 
-        async def rollout(self, prompt, max_tokens):
+        async def rollout(self, prompt, max_tokens, *, to_end=False):
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
             await asyncio.sleep(0.01)
@@ -193,3 +198,163 @@ async def test_the_answer_ends_at_max_tokens_with_sets_cut_to_fit() -> None:
     while not search.done:
         lengths.append(len((await search.commit_next()).tokens))
     assert lengths == [1, 2, 1] and len(search.answer) == 4
+
+
+# ---- deferred expansion ------------------------------------------------------------------------------------------------
+
+class SeededEngine(ScriptedEngine):
+    """Every answer is a pseudo-random function of a fixed seed and the question asked (the prompt, or the text
+    judged), never of the order of the questions: two searches that ask the same things get the same answers.
+    Its judge gives every value, -1, 0 and 1, so the values steer the search."""
+
+    def __init__(self, seed: int = 7):
+        super().__init__()
+        self.seed = seed
+        self.judged: list[str] = []  # the judge prompts, by id
+
+    def _rng(self, *key: Any) -> random.Random:
+        return random.Random(f"{self.seed}|{key}")
+
+    async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        self.judged.append(text)
+        return [len(self.judged) - 1]
+
+    async def top_tokens(self, prompt, k) -> list[TokenSet]:
+        self._call("expand")
+        rng = self._rng("top", tuple(prompt))
+        tokens = rng.sample(range(1, 60), k)
+        weights = sorted((rng.random() for _ in range(k)), reverse=True)
+        return [TokenSet((t,), w / sum(weights), greedy=i == 0) for i, (t, w) in enumerate(zip(tokens, weights))]
+
+    async def greedy_set(self, prompt, length, top_k) -> TokenSet:
+        self._call("expand")
+        rng = self._rng("greedy", tuple(prompt), length)
+        return TokenSet(tuple(rng.randrange(1, 60) for _ in range(length)), rng.random(), greedy=True)
+
+    async def sampled_sets(self, prompt, length, top_k, n, purpose="expand") -> list[TokenSet]:
+        self._call(purpose)
+        rng = self._rng("sampled", tuple(prompt), length, n)
+        return [TokenSet(tuple(rng.randrange(1, 4) for _ in range(length)), rng.random() / 10) for _ in range(n)]
+
+    async def rollout(self, prompt, max_tokens, *, to_end=False) -> list[int]:
+        self._call("rollout")
+        rng = self._rng("rollout", tuple(prompt))
+        return [rng.randrange(60, 90) for _ in range(rng.randrange(1, 4))][:max_tokens]
+
+    async def judge(self, prompts, options, model) -> list[tuple[float, float]]:
+        self._call("evaluate")
+        rngs = [self._rng("judge", self.judged[p[0]]) for p in prompts]
+        return [(-rng.random(), -rng.random()) for rng in rngs]
+
+
+def _search_record(record) -> tuple:
+    """What a commit decided, and the statistics it decided on."""
+    return (record.tokens, record.iterations, record.rewinds, record.stopped,
+            [(c["tokens"], c["true_visits"], c["visits"], c["q"], c["prior"]) for c in record.children])
+
+
+async def test_deferred_expansion_makes_the_same_visits_and_choices_as_eager_expansion() -> None:
+    records, expansions = {}, {}
+    for defer in (True, False):
+        engine = SeededEngine()
+        search = _search(engine, max_tokens=17, defer_expansion=defer, judge_guard=False,
+                         max_iterations_per_commit=25, min_iterations_per_commit=10)
+        records[defer] = []
+        while not search.done:
+            records[defer].append(_search_record(await search.commit_next()))
+        expansions[defer] = engine.spend.cost("expand").calls
+    assert [len(r[0]) for r in records[True]] == [1, 2, 4, 10]
+    assert any(-1.0 < child[3] < 1.0 and child[3] != 0 for r in records[True] for child in r[4])  # values steer
+    assert records[True] == records[False]
+    assert expansions[True] < expansions[False]  # leaves visited once were never expanded
+
+
+# ---- the judge guard ---------------------------------------------------------------------------------------------------
+
+class PositionJudgeEngine(ScriptedEngine):
+    """A judge that prefers option B whatever the order: every value is 0, as the bundled 135M model's."""
+
+    async def judge(self, prompts, options, model) -> list[tuple[float, float]]:
+        self._call("evaluate")
+        return [(-2.0, -1.0), (-2.0, -1.0)]
+
+
+async def test_the_judge_guard_commits_when_the_first_evaluations_are_all_position_answers() -> None:
+    search = _search(PositionJudgeEngine(), max_tokens=40, max_iterations_per_commit=20)
+    record = await search.commit_next()
+    assert record.stopped == "no_signal" and record.iterations == 4
+    judged = record.judge.as_dict()
+    assert judged["values"] == {"-1": 0, "0": 4, "1": 0} and judged["orders_agree"] == 0
+    assert judged["same_letter_both_orders"] == {"A": 0, "B": 4}
+    most_visited = max(record.children, key=lambda c: (c["visits"], c["q"]))
+    assert record.tokens == tuple(most_visited["tokens"])
+    # Paper-exact: the guard off, every planned iteration runs.
+    search = _search(PositionJudgeEngine(), max_tokens=40, max_iterations_per_commit=20, judge_guard=False)
+    record = await search.commit_next()
+    assert record.stopped == "iterations" and record.iterations == 20
+
+
+async def test_the_judge_guard_leaves_a_judge_that_agrees_across_orders_alone() -> None:
+    search = _search(ScriptedEngine(rejected="t1"), max_tokens=40, max_iterations_per_commit=20,
+                     judge_guard_evaluations=2)
+    record = await search.commit_next()
+    assert record.stopped != "no_signal" and record.iterations > 2
+    assert record.judge.as_dict()["orders_agree"] == len(record.judge.values)
+
+
+# ---- fixed deviations from the official code ---------------------------------------------------------------------------
+
+class RecordingEngine(ScriptedEngine):
+    """Token 98's text is "." ; records the rollouts asked for and the responses judged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rollouts: list[tuple[int, bool]] = []
+        self.responses: list[str] = []
+        self.widen_lengths: list[int] = []
+
+    async def text(self, tokens) -> str:
+        return " ".join("." if t == 98 else f"t{t}" for t in tokens)
+
+    async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        self.responses.append(re.search(r"(?:Assistant|A): (.*)\n", text.rsplit("Options:", 1)[0].split("\n\n")[-1]
+                                        ).group(1))
+        return [1]
+
+    async def rollout(self, prompt, max_tokens, *, to_end=False) -> list[int]:
+        self._call("rollout")
+        self.rollouts.append((max_tokens, to_end))
+        return [5, 98, 6]
+
+    async def sampled_sets(self, prompt, length, top_k, n, purpose="expand") -> list[TokenSet]:
+        if purpose == "widen":
+            self.widen_lengths.append(length)
+        return await super().sampled_sets(prompt, length, top_k, n, purpose)
+
+
+async def test_the_empty_response_is_judged_without_a_rollout() -> None:
+    engine = RecordingEngine()
+    search = _search(engine, max_tokens=40)
+    await search._search_round(1)  # the first iteration: the root, nothing answered yet
+    assert engine.rollouts == [] and engine.responses == ["", ""]  # both option orders
+
+
+async def test_truthful_rolls_out_to_the_end_and_judges_up_to_the_last_period() -> None:
+    engine = RecordingEngine()
+    search = _search(engine, max_tokens=40, criterion="truthful")
+    await search.commit_next()
+    assert engine.rollouts and all(to_end for _, to_end in engine.rollouts)
+    assert engine.rollouts[0][0] == 40 - 1  # the rest of the answer after the first token
+    rolled_out = [r for r in engine.responses if "t5" in r]
+    assert rolled_out and all(r.endswith("t5 .") for r in rolled_out)  # "... t5 . t6" is judged as "... t5 ."
+
+
+async def test_widening_samples_a_set_of_the_levels_length_even_after_a_child_that_ended_early() -> None:
+    engine = RecordingEngine()
+    search = _search(engine, max_tokens=40, set_lengths=[4])
+    tree = search.tree
+    tree.expand(tree.root, [TokenSet((7,), 0.5, ends_answer=True), TokenSet((8, 8, 8, 8), 0.5)])
+    tree.backup(tree.root.children[0], -1.0, [np.array([1.0, 0.0])])
+    tree.backup(tree.root.children[1], -1.0, [np.array([1.0, 0.01])])
+    await search._select_leaf()
+    assert engine.widen_lengths == [4]

@@ -69,11 +69,11 @@ def test_widening_wants_alike_children_that_are_all_judged_bad() -> None:
     tree = _tree_with_children([0.5, 0.5])
     a, b = tree.root.children
     tree.backup(a, -1.0, [np.array([1.0, 0.0])])
-    assert not tree.wants_widening(tree.root)  # b has no embedding yet
+    assert not tree.wants_widening(tree.root, 1)  # b has no embedding yet
     tree.backup(b, -1.0, [np.array([1.0, 0.001])])
-    assert tree.wants_widening(tree.root)
+    assert tree.wants_widening(tree.root, 1)
     tree.backup(b, 1.0, [np.array([1.0, 0.001])])
-    assert not tree.wants_widening(tree.root)  # b is no longer bad
+    assert not tree.wants_widening(tree.root, 1)  # b is no longer bad
     added = tree.add_children(tree.root, [TokenSet((0,), 0.4), TokenSet((9,), 0.2)])
     assert added == 1 and tree.root.children[-1].tokens == (9,)
 
@@ -95,3 +95,17 @@ def test_most_visited_child_breaks_ties_by_value() -> None:
     a.visits = b.visits = 3
     a.q, b.q = 0.1, 0.4
     assert tree.root.most_visited_child() is b
+
+
+def test_widening_reads_the_sample_variance_of_the_children_and_never_widens_one_child() -> None:
+    """As torch.var in the official code: divided by N - 1. Two children 0.3 apart have a population variance
+    norm of 0.0225 (below the 0.03 per token threshold) but a sample variance norm of 0.045 (above it)."""
+    tree = _tree_with_children([0.5, 0.5])
+    a, b = tree.root.children
+    tree.backup(a, -1.0, [np.array([0.0, 0.0])])
+    tree.backup(b, -1.0, [np.array([0.3, 0.0])])
+    assert not tree.wants_widening(tree.root, 1)
+    assert tree.wants_widening(tree.root, 2)  # the threshold grows with the level's set length
+    lone = _tree_with_children([1.0])
+    lone.backup(lone.root.children[0], -1.0, [np.array([1.0, 0.0])])
+    assert not lone.wants_widening(lone.root, 10)
