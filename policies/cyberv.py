@@ -2,7 +2,8 @@
 
 Method: "CyberV: Cybernetics for Test-time Scaling in Video Understanding" (arXiv 2506.07971); the controller
 follows the official code (github.com/marinero4972/CyberV, utils.py `select_output`). The paper reads video
-attention; here the sensor reads token-level uncertainty from the engine's top logprobs.
+attention; here the sensor reads token-level uncertainty: measured inside vLLM over the whole vocabulary by
+refine's engine plugin where the upstream has it (`policies/token_stats.py`), else from the API's top logprobs.
 
 **Round 1.** Candidates are drawn in batches that run concurrently in vLLM and share the prompt's prefix:
 - candidate 0, the direct answer: greedy, prompt `prompts/cyberv_direct.txt` (the answer only);
@@ -36,8 +37,11 @@ read (its own text, else the final step); 0 when unknown.
 - s5 = rank of p_i among the candidates / n: the highest p_i of all n ranks n (s5 = 1), the lowest 1, ties
   in candidate order, as in the official code. Before all n are drawn, the rank among those drawn: the
   least it can become.
-The sensor also finds each candidate's strongest uncertainty spike: its token of highest entropy over the
-top-5 alternatives, renormalised. That is where the feedback round looks.
+The sensor also finds each candidate's strongest uncertainty spike: its token of highest entropy. That is where
+the feedback round looks. Where the statistics come from is the trace's `sensor_source`: `engine` (entropy
+over the whole vocabulary at the sampling temperature, the drawn token's probability and the top-2 margin,
+measured on the device; the API only adds each token's text) or `top_logprobs` (an upstream without refine's
+plugin: the entropy of the top 5 alternatives, renormalised, is all the API shows).
 
 **Controller** (official): score_i = 0.2 * (s1 + ... + s5), summed per distinct answer (`answers.Answer`:
 kind and normalised value). If the best sum exceeds n * theta, the best-scoring candidate of that answer is
@@ -218,6 +222,7 @@ class CyberVRun:
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
         self.stop: Outlook | None = None  # why round 1 stopped before drawing all n
+        self.sensor_source = "top_logprobs"  # or "engine": where the per-token statistics come from
         self.feedback: Feedback | None = None
         self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
 
@@ -227,6 +232,8 @@ class CyberVRun:
         p = self.params
         threshold = p.n * p.theta
         batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
+        if await self.engine.token_stats_unavailable() is None:
+            self.sensor_source = "engine"
         direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
         self.candidates = [direct, *first]
         for size in batches[1:]:
@@ -240,14 +247,24 @@ class CyberVRun:
         self.decision = decide(self.candidates, threshold)
         return self.decision
 
-    def _sampling(self) -> dict[str, Any]:
-        return {"max_tokens": self.question.cap(self.params.max_reasoning_tokens),
-                "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+    async def _generations(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> list[Generation]:
+        """The choices of one engine call, each token with the sensor's statistics: measured in the engine over
+        the whole vocabulary where the upstream has refine's plugin, else read from `top_logprobs`."""
+        if self.sensor_source == "engine":
+            # The API still gives each token's text (its offsets in the answer); no alternatives are needed.
+            result, stats = await self.engine.chat_with_token_stats(purpose, messages, logprobs=True, top_logprobs=0,
+                                                                    **fields)
+        else:
+            result = await self.engine.chat(purpose, messages, logprobs=True, top_logprobs=TOP_LOGPROBS, **fields)
+            stats = {}
+        choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
+        return [Generation.from_choice(c, stats.get(c.get("index", 0))) for c in choices]
 
     async def _direct(self) -> Candidate:
         prompt = self.question.messages(_prompt("cyberv_direct.txt", question=self.question.text))
-        result = await self.engine.chat("round1", prompt, temperature=0.0, **self._sampling())
-        candidate = Candidate(0, "direct", Generation.from_choice(result["choices"][0]))
+        (generation,) = await self._generations(
+            "round1", prompt, temperature=0.0, max_tokens=self.question.cap(self.params.max_reasoning_tokens))
+        candidate = Candidate(0, "direct", generation)
         text = candidate.generation.text
         # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
         own = self.question.read(text) or (
@@ -259,13 +276,11 @@ class CyberVRun:
     async def _reasoning(self, count: int, start: int) -> list[Candidate]:
         p = self.params
         prompt = self.question.messages(_prompt("cyberv_reason.txt", question=self.question.text))
-        result = await self.engine.chat(
+        generations = await self._generations(
             "round1", prompt, n=count, temperature=p.reasoning_temperature, top_p=p.reasoning_top_p,
-            top_k=p.reasoning_top_k, seed=self.engine.next_seed(), **self._sampling(),
+            top_k=p.reasoning_top_k, seed=self.engine.next_seed(), max_tokens=self.question.cap(p.max_reasoning_tokens),
         )
-        choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
-        candidates = [Candidate(i, "reasoning", Generation.from_choice(choice))
-                      for i, choice in enumerate(choices, start=start)]
+        candidates = [Candidate(i, "reasoning", g) for i, g in enumerate(generations, start=start)]
         await run_together(*(self._read_answer("round1", c, prompt, self.question.read(c.generation.text))
                              for c in candidates))
         return candidates
@@ -289,11 +304,11 @@ class CyberVRun:
         """Let the model state the answer of what it wrote, greedily, after the official format instruction."""
         written = {"role": "assistant",
                    "content": _prompt("cyberv_final.txt", candidate=text, form=self.question.answer_form)}
-        result = await self.engine.chat(
+        (generation,) = await self._generations(
             purpose, [*prompt, written], add_generation_prompt=False, continue_final_message=True,
-            temperature=0.0, max_tokens=FINAL_STEP_TOKENS, logprobs=True, top_logprobs=TOP_LOGPROBS,
+            temperature=0.0, max_tokens=FINAL_STEP_TOKENS,
         )
-        return Generation.from_choice(result["choices"][0])
+        return generation
 
     # -- feedback round --
 
@@ -347,6 +362,7 @@ class CyberVRun:
                 for t in d.tallies
             ],
             "threshold": round4(d.threshold),
+            "sensor_source": self.sensor_source,
             "round1": {"planned": self.params.n, "drawn": len(self.candidates), "adaptive": self.params.adaptive,
                        "stopped_early": self.stop is not None,
                        "stop_reason": self.stop.reason if self.stop else None},

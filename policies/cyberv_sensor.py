@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.policies.answers import Answer
+
+if TYPE_CHECKING:
+    from refine_server.policies.token_stats import ChoiceTokenStats
 
 SIGNAL_WEIGHT = 0.2  # official: every beta_i is 0.2
 CONFIDENCE_DROP = -0.5  # s2: relative drop of p_i against p_0 that zeroes the signal
@@ -29,26 +32,34 @@ MAX_CANDIDATE_SCORE = SIGNAL_WEIGHT * 5
 @dataclass(frozen=True)
 class Token:
     text: str
-    logprob: float
-    top: tuple[float, ...]  # logprobs of the top alternatives, best first
+    prob: float  # of the token drawn
+    entropy: float  # nats: over the whole vocabulary (engine sensor) or the top alternatives, renormalised (API)
+    margin: float  # p(top 1) - p(top 2): small where the model hesitated between two tokens
     nbytes: int  # UTF-8 length: maps tokens to text offsets even where a token ends inside a character
 
-    @property
-    def prob(self) -> float:
-        return math.exp(self.logprob)
-
-    @property
-    def entropy(self) -> float:
-        """Entropy (nats) of the top alternatives, renormalised: all the API shows of the distribution."""
-        probs = [math.exp(lp) for lp in self.top]
+    @classmethod
+    def from_logprobs(cls, item: dict[str, Any]) -> Token:
+        """A token as the API's `top_logprobs` show it: the entropy of the top alternatives, renormalised,
+        is all the API shows of the distribution."""
+        top = sorted((alt["logprob"] for alt in item.get("top_logprobs") or ()), reverse=True) or [item["logprob"]]
+        probs = [math.exp(lp) for lp in top]
         total = sum(probs)
-        return -sum(p / total * math.log(p / total) for p in probs if p > 0) if total > 0 else 0.0
+        entropy = -sum(p / total * math.log(p / total) for p in probs if p > 0) if total > 0 else 0.0
+        margin = probs[0] - (probs[1] if len(probs) > 1 else 0.0)
+        return cls(item["token"], math.exp(item["logprob"]), entropy, margin, _nbytes(item))
 
-    @property
-    def margin(self) -> float:
-        """p(top 1) - p(top 2): small where the model hesitated between two tokens."""
-        probs = [math.exp(lp) for lp in self.top[:2]]
-        return probs[0] - (probs[1] if len(probs) > 1 else 0.0)
+    @classmethod
+    def from_engine(cls, item: dict[str, Any], stats: ChoiceTokenStats, j: int) -> Token:
+        """A token with the statistics the engine measured over the whole vocabulary (the API still gives its
+        text). A token the engine reported nothing for falls back to what the API shows."""
+        if math.isnan(stats.entropy[j]):
+            return cls.from_logprobs(item)
+        return cls(item["token"], stats.prob[j], stats.entropy[j], stats.margin[j], _nbytes(item))
+
+
+def _nbytes(item: dict[str, Any]) -> int:
+    raw = item.get("bytes")
+    return len(raw) if raw is not None else len(item["token"].encode())
 
 
 @dataclass(frozen=True)
@@ -58,14 +69,13 @@ class Generation:
     finish_reason: str | None
 
     @classmethod
-    def from_choice(cls, choice: dict[str, Any]) -> Generation:
-        """A vLLM chat choice, its logprobs (`top_logprobs` asked for) included when present."""
-        tokens = []
-        for item in (choice.get("logprobs") or {}).get("content") or ():
-            raw = item.get("bytes")
-            top = sorted((alt["logprob"] for alt in item.get("top_logprobs") or ()), reverse=True)
-            tokens.append(Token(item["token"], item["logprob"], tuple(top) or (item["logprob"],),
-                                len(raw) if raw is not None else len(item["token"].encode())))
+    def from_choice(cls, choice: dict[str, Any], stats: ChoiceTokenStats | None = None) -> Generation:
+        """A vLLM chat choice with its logprobs; with `stats`, each token carries the engine's measurements."""
+        items = (choice.get("logprobs") or {}).get("content") or ()
+        if stats is not None and len(stats.entropy) == len(items):
+            tokens = [Token.from_engine(item, stats, j) for j, item in enumerate(items)]
+        else:
+            tokens = [Token.from_logprobs(item) for item in items]
         return cls((choice.get("message") or {}).get("content") or "", tokens, choice.get("finish_reason"))
 
     def tokens_between(self, start: int, end: int) -> list[Token]:
@@ -98,7 +108,7 @@ class Spike:
 
 
 def find_spike(generation: Generation) -> Spike | None:
-    """The token of highest entropy, where the text is; None without logprobs."""
+    """The token of highest entropy, where the text is; None without per-token statistics."""
     if not generation.tokens:
         return None
     index = max(range(len(generation.tokens)), key=lambda i: generation.tokens[i].entropy)

@@ -10,7 +10,7 @@ from refine_server.policies.answers import extract_answer, question_kind, questi
 from tests.conftest import MODEL
 
 
-EASY = [{"role": "user", "content": "What is 2 + 2?"}]
+EASY = [{"role": "user", "content": "What is 1 + 1?"}]
 
 
 # The official defaults (n=8, theta=0.3, T=1.0 / top_p 0.5 / top_k 5), a fixed seed and shorter generations.
@@ -25,17 +25,19 @@ def assert_text_states_the_chosen_answer(question: str, text: str, trace: dict) 
 
 @pytest.mark.engine
 def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI) -> None:
-    # Probed on the bundled model: "2 + 2" is the one sum it answers 4 to in every sample. If this stops
-    # holding (another engine dtype, another model build), the assertion below fails and prints the trace.
+    # Probed on the bundled model: it answers "1 + 1" with 2 in every sample at seed 0 ("2 + 2" splits between
+    # 4 and 8). If that stops holding (another engine dtype, another model build), the first assertion fails
+    # and prints the trace: re-probe, don't loosen it.
     resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
     trace = resp.model_extra["refine"]["trace"]
-    assert trace["decision"] == "accepted" and trace["answers"][0]["answer"] == "4", trace
+    assert trace["decision"] == "accepted" and trace["answers"][0]["answer"] == "2", trace
     assert trace["answers"][0]["score"] > trace["threshold"] == 2.4
     assert trace["feedback"] is None and set(trace["rounds"]) == {"round1"}
+    assert trace["sensor_source"] == "engine"  # the embedded engine has refine's plugin
     # Adaptive round 1 stopped once no remaining candidate could change the decision, and says so.
     round1 = trace["round1"]
     assert round1["stopped_early"] and round1["drawn"] == len(trace["candidates"]) < 8, round1
-    assert round1["stop_reason"].startswith(f"after {round1['drawn']} of 8 candidates, answer 4 has"), round1
+    assert round1["stop_reason"].startswith(f"after {round1['drawn']} of 8 candidates, answer 2 has"), round1
     assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
     assert_text_states_the_chosen_answer(EASY[0]["content"], resp.choices[0].message.content, trace)
 
@@ -53,10 +55,11 @@ def test_engine_answer_text_states_the_voted_answer_on_a_multiple_choice_questio
 
 @pytest.mark.engine
 def test_engine_completions_endpoint(client: OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt="What is 2 + 2?", seed=0, extra_body={"refine": DEFAULTS})
+    resp = client.completions.create(model=MODEL, prompt="What is 1 + 1?", seed=0, extra_body={"refine": DEFAULTS})
     trace = resp.model_extra["refine"]["trace"]
     assert resp.object == "text_completion" and resp.choices[0].text.strip()
-    assert trace["decision"] == "accepted" and trace["chosen"]["answer"] == "4", trace
+    assert trace["decision"] == "accepted" and trace["chosen"]["answer"] == "2", trace  # probed, as above
+    assert_text_states_the_chosen_answer("What is 1 + 1?", resp.choices[0].text, trace)
 
 
 @pytest.mark.engine
@@ -71,7 +74,8 @@ def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None
     assert len(trace["answers"]) >= 3, trace["answers"]
     assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"], trace
     feedback = trace["feedback"]
-    assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1
+    # The feedback generation, and the final-answer step when it marked no answer of its own.
+    assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1 + (feedback["answer_source"] != "own_text")
     assert trace["chosen"]["source"] == ("feedback" if feedback["accepted"] else "candidate")
     if feedback["accepted"]:
         assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}

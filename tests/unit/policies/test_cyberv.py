@@ -61,6 +61,9 @@ class ScriptedBackend:
             return _response([_choice(t, i) for i, t in enumerate(batch)])
         return _response([_choice(self.direct)])
 
+    async def plugin(self, model: str) -> None:
+        return None  # a plain vLLM: cyberv reads its sensor from top_logprobs
+
     def kinds(self) -> list[str]:
         def kind(body: dict[str, Any]) -> str:
             if body.get("continue_final_message"):
@@ -357,3 +360,43 @@ async def test_a_failing_engine_call_fails_the_request_with_its_error() -> None:
     failing = Failing(backend.direct, backend.reasoning, backend.finals)
     with pytest.raises(APIError, match="top_k"):
         await CyberVPolicy().complete(_call(failing), CyberVParams())
+
+
+async def test_the_engine_sensor_is_used_where_the_upstream_reports_token_statistics() -> None:
+    """With refine's plugin upstream, each token's entropy and margin are the engine's (whole vocabulary), and
+    the API is asked for no alternatives; the spike is where the engine measured the highest entropy."""
+    from refine_server.policies.token_stats import ChoiceTokenStats
+
+    backend = _split("Rechecking the count, it is 5. The answer is 5.")
+    call = _call(backend)
+    engine = call.engine
+
+    async def reports() -> None:
+        return None
+
+    async def chat_with_token_stats(purpose: str, messages: list[dict[str, Any]], **fields: Any):
+        result = await engine.chat(purpose, messages, **fields)
+        stats = {}
+        for choice in result["choices"]:
+            n = len(choice["logprobs"]["content"])
+            # The engine's highest entropy is on each choice's first token, not on the scripted SPIKE_WORD.
+            entropy = [3.0] + [0.1] * (n - 1)
+            stats[choice["index"]] = ChoiceTokenStats([0] * n, entropy, [0.0] * n, [0.9] * n, [0.9] * n, 0)
+        return result, stats
+
+    engine.token_stats_unavailable = reports
+    engine.chat_with_token_stats = chat_with_token_stats
+    await CyberVPolicy().complete(call, CyberVParams())
+
+    trace = call.trace.data
+    assert trace["sensor_source"] == "engine"
+    assert all(b["top_logprobs"] == 0 for b, k in zip(backend.calls, backend.kinds()) if k != "feedback")
+    assert all(c["spike"]["offset"] == 0 and c["spike"]["entropy"] == 3.0 for c in trace["candidates"])
+
+
+async def test_without_the_plugin_the_sensor_reads_top_logprobs() -> None:
+    call = _call(_split("The answer is 5."))
+    await CyberVPolicy().complete(call, CyberVParams())
+    trace = call.trace.data
+    assert trace["sensor_source"] == "top_logprobs"
+    assert all(SPIKE_WORD in c["spike"]["token"] for c in trace["candidates"][1:])
