@@ -83,13 +83,14 @@ Choices where the spec leaves room, made for production use:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -106,7 +107,9 @@ from refine_server.policies.base import (
     PolicyParams,
     PolicyRequestError,
 )
+from refine_server.engine_plugin.srgen_params import SRGEN, SRGenParams
 from refine_server.policies.engine_client import run_together
+from refine_server.policies.srgen import srgen_fields, srgen_report
 from refine_server.policies.cyberv_sensor import (
     Candidate,
     Decision,
@@ -130,6 +133,15 @@ WORDS_PER_CHUNK = 4  # streaming: words per content chunk
 BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
+class SRGenDecode(SRGenParams):
+    """SRGen's parameters, for decoding cyberv's engine calls with it."""
+
+    policy: Literal["srgen"] = Field(description="the in-engine policy that decodes cyberv's generations")
+
+    def srgen(self) -> SRGenParams:
+        return SRGenParams(**self.model_dump(exclude={"policy"}))
+
+
 class CyberVParams(PolicyParams):
     """Defaults are the official VideoMMMU script's (n, theta) and sampling (top_p, top_k) values."""
 
@@ -143,6 +155,12 @@ class CyberVParams(PolicyParams):
     max_feedback_tokens: int = Field(256, ge=1, description="tokens of the feedback round's answer at most")
     adaptive: bool = Field(True, description="draw round 1 in batches and stop once the decision cannot change")
     batch_size: int = Field(2, ge=1, description="reasoning samples per engine call when adaptive")
+    decode: SRGenDecode | None = Field(
+        None, description="decode every engine call of cyberv with an in-engine policy: {\"policy\": \"srgen\", "
+                          "...SRGen's parameters}; needs refine's engine plugin upstream")
+    sensor: Literal["auto", "top_logprobs"] = Field(
+        "auto", description="auto: the engine's token statistics where the upstream has refine's plugin, else "
+                            "top_logprobs; top_logprobs: always the API's (to compare the two)")
     progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
 
 
@@ -232,7 +250,11 @@ class CyberVRun:
         p = self.params
         threshold = p.n * p.theta
         batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
-        if await self.engine.token_stats_unavailable() is None:
+        if p.decode is not None:
+            await self._require_srgen()
+        elif p.sensor == "auto" and await self.engine.token_stats_unavailable() is None:
+            # (A decoded call carries SRGen's signed request to the plugin, which names one policy per request:
+            # the sensor reads top_logprobs then.)
             self.sensor_source = "engine"
         direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
         self.candidates = [direct, *first]
@@ -250,6 +272,8 @@ class CyberVRun:
     async def _generations(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> list[Generation]:
         """The choices of one engine call, each token with the sensor's statistics: measured in the engine over
         the whole vocabulary where the upstream has refine's plugin, else read from `top_logprobs`."""
+        if self.params.decode is not None:
+            return await self._decoded_generations(purpose, messages, **fields)
         if self.sensor_source == "engine":
             # The API still gives each token's text (its offsets in the answer); no alternatives are needed.
             result, stats = await self.engine.chat_with_token_stats(purpose, messages, logprobs=True, top_logprobs=0,
@@ -259,6 +283,28 @@ class CyberVRun:
             stats = {}
         choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
         return [Generation.from_choice(c, stats.get(c.get("index", 0))) for c in choices]
+
+    async def _decoded_generations(self, purpose: str, messages: list[dict[str, Any]], *, n: int = 1,
+                                   **fields: Any) -> list[Generation]:
+        """Generations decoded by SRGen inside the engine: one request per generation (SRGen reports per
+        request, so each candidate gets its own corrections), each with its own seed when sampled."""
+        async def one(seed: Any) -> Generation:
+            decoded = srgen_fields(self.engine, self.params.decode.srgen())
+            body = {**fields, **decoded, **({"seed": seed} if n > 1 else {})}
+            result = await self.engine.chat(purpose, messages, logprobs=True, top_logprobs=TOP_LOGPROBS, **body)
+            generation = Generation.from_choice(result["choices"][0])
+            return dataclasses.replace(generation, decoded=srgen_report(self.engine, decoded))
+
+        seeds = [self.engine.next_seed() for _ in range(n)] if n > 1 else [None]
+        return await run_together(*(one(seed) for seed in seeds))
+
+    async def _require_srgen(self) -> None:
+        """A 400 where the upstream cannot decode with SRGen: it runs inside vLLM, in refine's plugin."""
+        plugin = await self.engine.plugin()
+        if plugin is None or SRGEN not in plugin.handshake.policies or plugin.handshake.signature != "ok":
+            raise PolicyRequestError("refine.decode runs SRGen inside vLLM, which needs refine's engine plugin with "
+                                     "srgen and this proxy's engine secret in the upstream: this one has not",
+                                     "refine.decode")
 
     async def _direct(self) -> Candidate:
         prompt = self.question.messages(_prompt("cyberv_direct.txt", question=self.question.text))
@@ -363,6 +409,7 @@ class CyberVRun:
             ],
             "threshold": round4(d.threshold),
             "sensor_source": self.sensor_source,
+            **({"decode": self.decode_summary()} if self.params.decode is not None else {}),
             "round1": {"planned": self.params.n, "drawn": len(self.candidates), "adaptive": self.params.adaptive,
                        "stopped_early": self.stop is not None,
                        "stop_reason": self.stop.reason if self.stop else None},
@@ -387,6 +434,15 @@ class CyberVRun:
         returned = (self.engine.spend.by_purpose["feedback"].completion_tokens if chosen_feedback
                     else self.chosen.completion_tokens)
         trace.record(EXTRA_TOKENS, self.engine.spend.completion_tokens - returned)
+
+    def decode_summary(self) -> dict[str, Any]:
+        """SRGen's work over every decoded generation (each candidate's own is in its trace entry)."""
+        rechecked = [self.feedback.rechecked] if self.feedback else []
+        reports = [g.decoded for c in [*self.candidates, *rechecked] for g in (c.generation, c.final)
+                   if g is not None and g.decoded is not None]
+        counts = [r["num_corrections"] for r in reports]
+        return {"policy": "srgen", "generations": len(reports),
+                "num_corrections": None if None in counts else sum(counts)}
 
     def response(self) -> dict[str, Any]:
         return self.shapes.response(self.chosen_text, self.chosen.generation.finish_reason, self.engine.usage())

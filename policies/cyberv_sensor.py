@@ -67,6 +67,7 @@ class Generation:
     text: str
     tokens: list[Token]
     finish_reason: str | None
+    decoded: dict[str, Any] | None = None  # what an in-engine policy reported for it (cyberv's `decode`)
 
     @classmethod
     def from_choice(cls, choice: dict[str, Any], stats: ChoiceTokenStats | None = None) -> Generation:
@@ -167,6 +168,9 @@ class Candidate:
             "finish_reason": self.generation.finish_reason,
             "completion_tokens": self.completion_tokens,
         }
+        if self.generation.decoded is not None:
+            entry["decoded"] = {"generation": self.generation.decoded,
+                                "final_step": self.final.decoded if self.final else None}
         if self.answer is None:
             entry["reason"] = "no extractable answer"
         return entry
@@ -350,6 +354,7 @@ class Feedback:
             "accepted": self.accepted,
             "reason": self.reason,
             "seconds": round4(self.seconds),
+            **({"decoded": self.rechecked.generation.decoded} if self.rechecked.generation.decoded is not None else {}),
         }
 
 

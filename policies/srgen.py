@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.engine_plugin.srgen_params import SRGEN, SRGenLimits, SRGenParams
 from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall, PolicyParams
 from refine_server.policies.relayed import RelayedChunk, may_finish
+
+if TYPE_CHECKING:
+    from refine_server.policies.engine_client import EngineClient
 
 
 class SRGenPolicy(Policy):
@@ -53,37 +56,52 @@ class SRGenPolicy(Policy):
 
 def _engine_body(call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
     # The client's own vllm_xargs (only keys the operator opened) travel alongside refine's.
-    xargs = {**(call.request.body.get("vllm_xargs") or {}),
-             **signed_xargs(call.engine.link.secret or "", SRGEN, params.model_dump_json())}
-    # A unique cache salt keeps vLLM from reusing a cached prompt prefix: SRGen needs the hidden state of
-    # every context position, and a cached prefix is never recomputed.
-    return {**call.request.body, "vllm_xargs": xargs, "cache_salt": xargs[REQUEST_KEY_ARG]}
+    fields = srgen_fields(call.engine, params)
+    return {**call.request.body, **fields,
+            "vllm_xargs": {**(call.request.body.get("vllm_xargs") or {}), **fields["vllm_xargs"]}}
+
+
+def srgen_fields(engine: EngineClient, params: SRGenParams) -> dict[str, Any]:
+    """The request fields that switch SRGen on for one engine request: signed `vllm_xargs` naming it, and a
+    unique cache salt, because SRGen needs the hidden state of every context position and a cached prefix is
+    never recomputed. Any policy's engine call can carry them (CyberV's `decode`)."""
+    xargs = signed_xargs(engine.link.secret or "", SRGEN, params.model_dump_json())
+    return {"vllm_xargs": xargs, "cache_salt": xargs[REQUEST_KEY_ARG]}
+
+
+def srgen_report(engine: EngineClient, fields: dict[str, Any]) -> dict[str, Any]:
+    """What SRGen did in the engine request made with `fields` (its events, read once and discarded)."""
+    folder, key = engine.link.events_dir, fields["vllm_xargs"][REQUEST_KEY_ARG]
+    try:
+        return _report(read_events(folder, key))
+    finally:
+        discard_events(folder, key)
 
 
 def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
-    events = read_events(folder, key)
+    report = call.trace.data = _report(read_events(folder, key))
+    corrections = report["corrections"]
+    call.trace.record(CORRECTIONS, None if corrections is None else len(corrections))
+    if corrections is not None:
+        call.trace.record(CORRECTION_SECONDS, sum(c["seconds"] for c in corrections))
+
+
+def _report(events: list[dict[str, Any]] | None) -> dict[str, Any]:
     if events is None:
-        call.trace.data = {
-            "engine_events": "unavailable: the engine's event file was not found (do refine and vLLM share "
-                             "engine_events_dir? corrections, if any, were made but cannot be listed)",
-            "num_corrections": None,
-            "corrections": None,
-        }
-        call.trace.record(CORRECTIONS, None)
-        return
+        return {"engine_events": "unavailable: the engine's event file was not found (do refine and vLLM share "
+                                 "engine_events_dir? corrections, if any, were made but cannot be listed)",
+                "num_corrections": None, "corrections": None}
     corrections = _of_kind(events, "correction")
     # Triggers the engine's per-step limit left uncorrected (the token was decoded as the engine had it).
     skipped = _of_kind(events, "skipped")
     problems = sorted({e["reason"] for e in events if e["event"] in ("unavailable", "failed")})
-    call.trace.data = {
+    return {
         "engine_events": "reported" if not problems else "SRGen stopped early: " + "; ".join(problems),
         "sequences": sum(1 for e in events if e["event"] == "admitted"),
         "num_corrections": len(corrections),
         "corrections": corrections,
         **({"skipped": skipped} if skipped else {}),
     }
-    call.trace.record(CORRECTIONS, len(corrections))
-    call.trace.record(CORRECTION_SECONDS, sum(c["seconds"] for c in corrections))
 
 
 def _of_kind(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -98,3 +98,30 @@ def test_engine_stream_with_progress(client: OpenAI) -> None:
     trace = blocks[0]["trace"]
     assert ("feedback_started" in progress) == (trace["feedback"] is not None)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+@pytest.mark.engine
+def test_engine_cyberv_decoded_by_srgen_lists_srgen_corrections_per_candidate(client: OpenAI) -> None:
+    # Thresholds of 0 make every token a trigger, so each generation is corrected up to max_corrections.
+    decode = {"policy": "srgen", "warmup_threshold": 0.0, "min_threshold": 0.0, "max_corrections": 2}
+    resp = client.chat.completions.create(
+        model=MODEL, messages=EASY, seed=0,
+        extra_body={"refine": {**DEFAULTS, "n": 3, "adaptive": False, "max_reasoning_tokens": 24, "decode": decode}})
+    trace = resp.model_extra["refine"]["trace"]
+    assert trace["decode"] == {"policy": "srgen", "generations": trace["decode"]["generations"],
+                               "num_corrections": trace["decode"]["num_corrections"]}
+    for candidate in trace["candidates"]:
+        generation = candidate["decoded"]["generation"]
+        assert generation["engine_events"] == "reported" and generation["num_corrections"] == 2, candidate
+        assert all("token_after" in c and "token_before" in c for c in generation["corrections"])
+    assert trace["decode"]["num_corrections"] >= 2 * len(trace["candidates"])
+
+
+@pytest.mark.engine
+def test_engine_decode_with_a_plain_policy_is_a_400(client: OpenAI) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=EASY,
+                                       extra_body={"refine": {**DEFAULTS, "decode": {"policy": "cyberv"}}})
+    assert "decode" in str(err.value)

@@ -109,7 +109,7 @@ def test_params_and_limits() -> None:
     assert params.model_dump() == {
         "n": 8, "theta": 0.3, "reasoning_temperature": 1.0, "reasoning_top_p": 0.5, "reasoning_top_k": 5,
         "max_reasoning_tokens": 256, "feedback_temperature": 0.01, "max_feedback_tokens": 256, "adaptive": True,
-        "batch_size": 2, "progress": False,
+        "batch_size": 2, "decode": None, "sensor": "auto", "progress": False,
     }
     with pytest.raises(LimitExceeded):
         registry.resolve("cyberv", {"n": 17})
@@ -400,3 +400,59 @@ async def test_without_the_plugin_the_sensor_reads_top_logprobs() -> None:
     trace = call.trace.data
     assert trace["sensor_source"] == "top_logprobs"
     assert all(SPIKE_WORD in c["spike"]["token"] for c in trace["candidates"][1:])
+
+
+# ---- decoding cyberv's engine calls with SRGen ---------------------------------------------------------------------------
+
+class PluginBackend(ScriptedBackend):
+    """A scripted upstream with refine's plugin: each request that carries SRGen's signed xargs gets one
+    correction event in its event file, as the plugin would write it."""
+
+    def __init__(self, *args: Any, events_dir: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from refine_server.backend import EngineLink
+
+        self.link = EngineLink(secret="s", events_dir=events_dir)
+
+    async def plugin(self, model: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(handshake=SimpleNamespace(policies=["srgen"], signature="ok"))
+
+    async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
+        from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, append_event
+
+        key = (body.get("vllm_xargs") or {}).get(REQUEST_KEY_ARG)
+        if key:
+            assert body["cache_salt"] == key  # SRGen needs every position recomputed
+            append_event(self.link.events_dir, key, {"event": "correction", "step": 1, "seconds": 0.01})
+        return await super().post_json(path, body, endpoint=endpoint)
+
+
+async def test_decode_with_srgen_runs_every_generation_in_its_own_srgen_request_and_traces_it(tmp_path) -> None:
+    plain = _unanimous(n=4)
+    backend = PluginBackend(plain.direct, plain.reasoning, plain.finals, events_dir=tmp_path)
+    call = _call(backend, seed=3)
+    params = CyberVParams(n=4, adaptive=False, decode={"policy": "srgen", "max_corrections": 2})
+    await CyberVPolicy().complete(call, params)
+
+    trace = call.trace.data
+    # One request per candidate (a 3-sample batch became 3 requests), each with its own seed and key.
+    assert backend.kinds() == ["direct", "reasoning", "reasoning", "reasoning"]
+    assert all(b.get("n", 1) == 1 for b in backend.calls)
+    assert len({b["seed"] for b in backend.calls[1:]}) == 3
+    assert len({b["vllm_xargs"]["refine_request_key"] for b in backend.calls}) == 4
+    assert json.loads(backend.calls[0]["vllm_xargs"]["refine_params"])["max_corrections"] == 2
+    assert [c["decoded"]["generation"]["num_corrections"] for c in trace["candidates"]] == [1, 1, 1, 1]
+    assert trace["decode"] == {"policy": "srgen", "generations": 4, "num_corrections": 4}
+    assert trace["sensor_source"] == "top_logprobs"
+    assert list(tmp_path.iterdir()) == []  # every event file read and removed
+
+
+async def test_decode_is_a_400_where_the_upstream_cannot_run_srgen() -> None:
+    call = _call(_unanimous())
+    with pytest.raises(PolicyRequestError) as err:
+        await CyberVPolicy().complete(call, CyberVParams(decode={"policy": "srgen"}))
+    assert err.value.param == "refine.decode"
+    with pytest.raises(ValueError):
+        CyberVParams(decode={"policy": "rain"})  # only an in-engine policy can decode
