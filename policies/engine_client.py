@@ -23,6 +23,7 @@ from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavai
 
 if TYPE_CHECKING:
     from refine_server.backend import Backend, EngineLink, PluginInfo
+    from refine_server.tracing import RequestSpan
 
 T = TypeVar("T")
 
@@ -120,6 +121,9 @@ class EngineClient:
         self.budget = budget
         self.spend = Spend()
         self._seed_counter = 0
+        # Tracing's hook (refine_server/tracing.py), set by the route when tracing is on: a span per engine call.
+        # None when off, and then a call costs nothing more than this test.
+        self.tracer: RequestSpan | None = None
 
     @property
     def link(self) -> EngineLink:
@@ -133,11 +137,15 @@ class EngineClient:
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
+        if self.tracer is None:
+            return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
+        return await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
+            self.request.path, body, endpoint=self.request.endpoint))
 
     def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
-        return self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
+        chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
+        return chunks if self.tracer is None else self.tracer.stream("relay", self.request.endpoint, body, chunks)
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -164,7 +172,10 @@ class EngineClient:
                                   **(fields.get("stream_options") or {})}
         usage: dict[str, Any] = {}
         try:
-            async with aclosing(self._backend.stream_json(PATHS["completions"], body, endpoint="completions")) as chunks:
+            chunks = self._backend.stream_json(PATHS["completions"], body, endpoint="completions")
+            if self.tracer is not None:
+                chunks = self.tracer.stream(purpose, "completions", body, chunks)
+            async with aclosing(chunks) as chunks:
                 async for chunk in chunks:
                     usage = chunk.get("usage") or usage
                     yield chunk
@@ -234,7 +245,12 @@ class EngineClient:
                         observed_prompt_tokens: int | None = None) -> dict[str, Any]:
         self._check_budget()
         cost = self._charge(purpose)
-        result = await self._backend.post_json(PATHS[endpoint], self._body(fields), endpoint=endpoint)
+        body = self._body(fields)
+        if self.tracer is None:
+            result = await self._backend.post_json(PATHS[endpoint], body, endpoint=endpoint)
+        else:
+            result = await self.tracer.call(purpose, endpoint, body, lambda: self._backend.post_json(
+                PATHS[endpoint], body, endpoint=endpoint))
         cost.add(result.get("usage") or {}, observed_prompt_tokens)
         return result
 

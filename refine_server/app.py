@@ -6,11 +6,13 @@ The OpenAI endpoints live in `openai_api.py`, the API's description (/openapi.js
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +32,11 @@ from refine_server.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TOOL_PAR
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.runtime import Runtime, get_runtime
+from refine_server.tracing import Tracing
 from refine_server.upstreams import Upstreams
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,9 @@ def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLi
     return EmbeddedEngine(spec, metrics, start_timeout_s=settings.engine_start_timeout_s)
 
 
-def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
+               span_exporter: SpanExporter | None = None) -> FastAPI:
+    """`span_exporter`: trace into it (tests: the SDK's InMemorySpanExporter) whatever the settings say."""
     registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits)
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
     keys = KeyRing(settings.api_keys, registry)
@@ -79,6 +87,8 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Tracing's provider is per process: each --workers worker sets up its own here. None: tracing off.
+        tracing = app.state.tracing = Tracing.start(settings, span_exporter)
         engine = None if settings.backend_url else embedded_engine(settings, registry, link, metrics)
         if engine:
             engine.start()
@@ -98,8 +108,12 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None) -> Fa
             await upstreams.aclose()
             if engine:
                 await engine.stop()
+            if tracing is not None:
+                app.state.tracing = None
+                await asyncio.to_thread(tracing.shutdown)  # exports what is left
 
     app = FastAPI(title="refine", version="0.1.0", lifespan=lifespan)
+    app.state.tracing = None
     install_handlers(app)
     app.include_router(openai_router)
     app.include_router(discovery_router)

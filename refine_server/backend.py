@@ -29,6 +29,7 @@ from refine_server.engine_plugin.protocol import (
 )
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
+from refine_server.tracing import outgoing_headers
 
 # How long a handshake's answer (plugin or none) is trusted: an external vLLM can be redeployed with or
 # without the plugin, and asking again costs one rejected request.
@@ -153,7 +154,7 @@ class Backend:
     async def get_json(self, path: str) -> dict[str, Any]:
         self._require_ready()
         try:
-            async with self._http().get(self.base_url + path) as resp:
+            async with self._http().get(self.base_url + path, headers=outgoing_headers()) as resp:
                 content = await resp.read()
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, "models") from exc
@@ -219,7 +220,9 @@ class Backend:
                 yield msgspec.json.decode(payload)
 
     def _post(self, path: str, body: dict[str, Any]) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        return self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=_JSON)
+        trace = outgoing_headers()  # W3C traceparent for vLLM while tracing is on; None when off
+        headers = _JSON if trace is None else {**_JSON, **trace}
+        return self._http().post(self.base_url + path, data=msgspec.json.encode(body), headers=headers)
 
     def _count_error(self, endpoint: str, status: int | str) -> None:
         self._metrics.upstream_errors.labels(endpoint, str(status)).inc()

@@ -103,6 +103,16 @@ class Settings(BaseSettings):
         "containers). Unset: a folder under the system temp dir.",
     )
     upstream_timeout_s: float = Field(600.0, description="longest wait for the backend to answer one call")
+    otel_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry tracing: the OTLP/HTTP collector to send spans to (e.g. http://collector:4318; "
+        "/v1/traces is appended unless given). Unset: tracing is off, unless the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SDK_DISABLED=true turns "
+        "it off). Each request is a span, each engine call a child span; vLLM receives the W3C traceparent.",
+    )
+    otel_service_name: str = Field(
+        "refine", description="tracing: the service.name of refine's spans (OTEL_SERVICE_NAME wins when set)"
+    )
     log_level: str = Field("info", description="log level (debug, info, warning, error)")
 
     @field_validator("backend_url", mode="before")

@@ -28,6 +28,7 @@ from refine_server.policies.request import ClientRequest, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest, RefineSpec
 from refine_server.streaming import SSE_HEADERS, ChunkRelay
+from refine_server.tracing import RequestSpan
 from refine_server.upstreams import Route
 
 router = APIRouter()
@@ -55,6 +56,15 @@ async def completions(request: Request, rt: Runtime = Depends(get_runtime),
 
 
 async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant) -> Response:
+    tracing = request.app.state.tracing
+    if tracing is None:  # tracing off: nothing more than this test
+        return await _serve(request, endpoint, rt, grant, None)
+    span = tracing.request_span(endpoint, request.url.path, request.headers)
+    with span.active():
+        return await _serve(request, endpoint, rt, grant, span)
+
+
+async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant, span: RequestSpan | None) -> Response:
     started = time.perf_counter()
     policy_label = "other"
     route = Route(rt.upstreams)
@@ -63,11 +73,15 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
         route.finish()
         rt.metrics.requests.labels(endpoint, policy_label, str(status)).inc()
         rt.metrics.e2e_latency.labels(endpoint, policy_label).observe(time.perf_counter() - started)
+        if span is not None:
+            span.finished(status)
 
     try:
         client_request, spec = await _read_request(request, endpoint, rt)
         policy, params = _choose_policy(rt, spec, grant)
         policy_label = rt.metrics.policy_label(policy.name)
+        if span is not None:
+            span.started(client_request, policy.name)
         _refuse_unhonoured_fields(policy, client_request)
         # An in-engine policy goes only to a backend whose plugin can run it.
         suits = (lambda backend: _require_engine_plugin(policy, backend, client_request.model)
@@ -79,8 +93,11 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
 
         if client_request.stream:
             async def open_stream(backend: Backend):
-                call = PolicyCall(client_request, EngineClient(backend, client_request))
+                call = PolicyCall(client_request, _engine_client(backend, client_request, span))
                 chunks = policy.stream(call, params)
+                if span is not None:
+                    span.policy_call = call
+                    chunks = span.watch_stream(chunks)
                 # Wait for the first chunk before answering, so a backend that refuses the request yields a real
                 # HTTP error status instead of a 200 stream that carries an error (and may be retried elsewhere).
                 try:
@@ -99,10 +116,14 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
                                      headers={**SSE_HEADERS, POLICY_HEADER: policy.name})
 
         async def answer(backend: Backend) -> tuple[PolicyCall, dict[str, Any]]:
-            call = PolicyCall(client_request, EngineClient(backend, client_request))
+            call = PolicyCall(client_request, _engine_client(backend, client_request, span))
+            if span is not None:
+                span.policy_call = call
             return call, await cancel_on_disconnect(request, policy.complete(call, params))
 
         call, result = await route.run(answer, suits)
+        if span is not None:
+            span.answered(result)
         result["refine"] = refine_block(call)
         record(200)
         return Response(msgspec.json.encode(result), media_type="application/json",
@@ -119,6 +140,14 @@ async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Gr
     except Exception:
         record(500)  # the app's handler answers with an OpenAI-style 500
         raise
+
+
+def _engine_client(backend: Backend, request: ClientRequest, span: RequestSpan | None) -> EngineClient:
+    engine = EngineClient(backend, request)
+    if span is not None:
+        engine.tracer = span  # a span per engine call
+        span.routed(backend.base_url)
+    return engine
 
 
 async def _read_request(request: Request, endpoint: Endpoint, rt: Runtime) -> tuple[ClientRequest, RefineSpec | None]:

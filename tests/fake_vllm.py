@@ -4,7 +4,8 @@ It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per
 `vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
 told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
 "DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s. "LONG_STREAM" streams
-50 tokens, 0.1 s apart.
+50 tokens, 0.1 s apart. `GET /fake/traceparents` lists the `traceparent` header of each completion request
+(null where none came).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ async def _completions(request: Request):
     prompt = body.get("prompt")
     stats = request.app.state.stats
     stats["completions"] += 1
+    request.app.state.traceparents.append(request.headers.get("traceparent"))
     if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
         stats["refine_xargs_requests"] += 1
     if prompt == "SLOW":
@@ -81,6 +83,10 @@ async def _stats(request: Request):
     return JSONResponse(request.app.state.stats)
 
 
+async def _traceparents(request: Request):
+    return JSONResponse(request.app.state.traceparents)
+
+
 def make_app() -> Starlette:
     """A fake vLLM with its own request counts (`GET /fake/stats`)."""
     fake = Starlette(routes=[
@@ -88,8 +94,10 @@ def make_app() -> Starlette:
         Route("/v1/models", _models),
         Route("/health", _health),
         Route("/fake/stats", _stats),
+        Route("/fake/traceparents", _traceparents),
     ])
     fake.state.stats = {"completions": 0, "refine_xargs_requests": 0}
+    fake.state.traceparents = []
     return fake
 
 
