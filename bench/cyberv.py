@@ -1,12 +1,14 @@
 """CyberV's two sensor sources on the same samples: the engine's token statistics (refine's plugin) against the
 API's top_logprobs.
 
-    .venv/bin/python bench/cyberv.py --limit 40          # against `make serve` (embedded: it has the plugin)
+    .venv/bin/python bench/cyberv.py --limit 16          # against `make serve` (embedded: it has the plugin)
 
 Each item runs twice with the same seed and all n candidates drawn (`adaptive: false`), once with the default
-sensor (the engine's) and once with `sensor: top_logprobs`. The candidates are the same samples both times
-(same seeds; the sensor changes what is measured, not what is drawn), so every difference is the sensor's:
-the signals (s1, s4: probability and margin of the answer's tokens), the spike the feedback round quotes (the
+sensor (the engine's) and once with `sensor: top_logprobs`, one request at a time (`--concurrency 1`): the
+sensor changes what is measured, not what is drawn, but a CPU engine's bf16 numerics depend on what else is
+in the batch, so concurrent runs would draw other samples. Agreement is counted over the items whose candidates
+gave the same answers both times (the same samples), so every difference there is the sensor's: the signals
+(s1, s4: probability and margin of the answer's tokens), the spike the feedback round quotes (the
 highest-entropy token: over the whole vocabulary, or over the top 5 renormalised) and through them the
 decision. Reported: how often the decision and the chosen answer agree, how often the spikes agree, the
 feedback rate and the median latency of each source. Results: bench/results/cyberv-sensor.json.
@@ -49,7 +51,7 @@ async def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=1)
     args = ap.parse_args()
 
     items = [json.loads(line) for line in (HERE / "tasks" / f"suite-{args.split}.jsonl").read_text().splitlines()]
@@ -68,7 +70,8 @@ async def main() -> None:
     same_samples = [r for r in rows if r["engine"]["answers"] == r["top_logprobs"]["answers"]]
     spikes = [(a, b) for r in same_samples for a, b in zip(r["engine"]["spikes"], r["top_logprobs"]["spikes"])]
     summary = {
-        "command": f"bench/cyberv.py --split {args.split} --limit {args.limit} --n {args.n}",
+        "command": f"bench/cyberv.py --split {args.split} --limit {args.limit} --n {args.n} "
+                   f"--concurrency {args.concurrency}",
         "items": len(rows),
         "items_with_identical_candidate_answers": len(same_samples),
         "same_decision_and_answer": statistics.mean(

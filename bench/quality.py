@@ -236,6 +236,15 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
             "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"],
             "same_decision_as_full_n": statistics.mean(_same_decision(rep["decision"], rep["full"]) for rep in replays)}
     summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc, "stopping_by_batch": stopping}
+    # CyberV's controller against plain voting over exactly its candidates, item run by item run.
+    voted = [float(grade_answer(item, _vote(r["trace"]["candidates"])).correct) for item, r in rows]
+    controlled = [float(r["correct"]) for _, r in rows]
+    boot = paired_bootstrap(voted, controlled)
+    summary["cyberv_samples"]["cyberv_vs_self_consistency_n"] = {"difference": boot.diff, "ci95": [boot.low, boot.high]}
+    sc_lines.append(f"| cyberv-full's own answer (the controller) | {statistics.mean(controlled):.1%} | "
+                    f"{statistics.mean(r['completion_tokens'] for _, r in rows):.0f} (all its calls) |")
+    sc_lines += ["", f"CyberV's controller against the majority of the same {n} candidates, paired over {len(rows)} "
+                 f"item runs: {boot.diff:+.1%} (95% CI {boot.low:+.1%} to {boot.high:+.1%})."]
     lines = [*sc_lines, "", "| stopping rule replayed over the same candidates | candidates drawn (of 8) | "
              "completion tokens / item | vs self-consistency at n=8 | same decision as all 8 |", "|---|---|---|---|---|"]
     for batch, st in stopping.items():

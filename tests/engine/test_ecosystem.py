@@ -69,7 +69,8 @@ def test_headers_summarise_a_real_response(client: OpenAI) -> None:
 # ---- LangChain ---------------------------------------------------------------------------------------------
 
 def _chat_openai(refine_server: RunningServer, **kwargs):
-    langchain_openai = pytest.importorskip("langchain_openai")
+    import langchain_openai  # in the test extra: a missing one is a failure, not a skip
+
     settings = {"temperature": 0, "max_tokens": 16, "max_retries": 0, "timeout": 120, **kwargs}
     return langchain_openai.ChatOpenAI(base_url=f"{refine_server.url}/v1", api_key="unused", model=MODEL,
                                        include_response_headers=True, **settings)
@@ -91,3 +92,16 @@ def test_langchain_bind_tools_gets_tool_calls(refine_server: RunningServer) -> N
     message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What is the weather in Paris?")
     [call] = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"], dict)
+
+
+def test_langchain_structured_output_through_refine(refine_server: RunningServer) -> None:
+    """vLLM's guided decoding answers in the schema, with refine in between (`none` relays response_format)."""
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        country: str
+
+    llm = _chat_openai(refine_server, max_tokens=60, extra_body={"refine": {"policy": "none"}})
+    place = llm.with_structured_output(Place, method="json_schema").invoke("Name a city in France and its country.")
+    assert isinstance(place, Place) and place.city and place.country
