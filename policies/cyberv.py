@@ -251,10 +251,10 @@ class CyberVRun:
         threshold = p.n * p.theta
         batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
         if p.decode is not None:
+            # A decoded call carries SRGen's signed request, and the plugin runs one policy per request: the
+            # sensor reads top_logprobs then.
             await self._require_srgen()
         elif p.sensor == "auto" and await self.engine.token_stats_unavailable() is None:
-            # (A decoded call carries SRGen's signed request to the plugin, which names one policy per request:
-            # the sensor reads top_logprobs then.)
             self.sensor_source = "engine"
         direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
         self.candidates = [direct, *first]
