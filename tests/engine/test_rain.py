@@ -45,12 +45,15 @@ def test_self_evaluation_rejects_the_greedy_token_and_the_search_commits_another
 def test_the_judge_guard_commits_at_once_when_the_model_answers_by_position(client: OpenAI) -> None:
     """The bundled model prefers option "(B)" in both orders for this conversation (see the README), so each value
     is 0: the guard commits after the first 4 evaluations of each commit and the trace says why. Paper-exact
-    (judge_guard false), the same commit runs all its iterations."""
+    (judge_guard false), the same commit runs all its iterations.
+
+    Probed on the bundled model (no request field can force the judge's letters): if its behaviour moves, the
+    first assertion fails and prints the judge's counts. Re-probe, don't loosen it."""
     messages = [{"role": "user", "content": "How do I make my coffee less bitter?"}]
     resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, seed=0,
                                           extra_body=_rain(max_iterations_per_commit=12, min_iterations_per_commit=12))
     trace = resp.model_extra["refine"]["trace"]
-    assert [c["stopped"] for c in trace["commits"]] == ["no_signal", "no_signal"]  # sets of 1 and 2 tokens
+    assert [c["stopped"] for c in trace["commits"]] == ["no_signal", "no_signal"], trace["judge"]  # 1 and 2 tokens
     for commit in trace["commits"]:
         assert commit["iterations"] == 4 and commit["judge"]["values"] == {"-1": 0, "0": 4, "1": 0}
         assert commit["judge"]["orders_agree"] == 0 and commit["judge"]["same_letter_both_orders"]["B"] > 0
