@@ -95,7 +95,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from refine_server.policies.answer_shapes import AnswerShapes
-from refine_server.policies.answers import Answer, AnswerKind, extract_answer, parse_answer, question_kind, question_options
+from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_options
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -189,17 +189,27 @@ class Question:
     history: list[dict[str, Any]]  # chat messages before the question
     text: str
     max_tokens: int | None
-    kind_hint: AnswerKind | None
-    options: dict[str, str]  # the options a multiple-choice question lists, by letter
+    options: dict[str, str]  # the options a multiple-choice question lists, by letter (empty: none)
 
     @property
     def answer_form(self) -> str:
         """How the final-answer step asks for the answer, by the question's kind."""
-        return "the letter of the option I chose" if self.kind_hint == "choice" else "as briefly as possible"
+        return "the letter of the option I chose" if self.options else "as briefly as possible"
+
+    # The answers of texts about this question; its options (if any) make them choices, and an option's text
+    # reads as its letter.
 
     def read(self, text: str) -> Answer | None:
         """A candidate text's own marked answer ("the answer is 7", "\\boxed{7}")."""
-        return extract_answer(text, self.kind_hint, options=self.options, marked_only=True)
+        return extract_answer(text, options=self.options, marked_only=True)
+
+    def parse(self, text: str) -> Answer | None:
+        """The answer a text starts with (a bare direct answer, the final step's continuation)."""
+        return parse_answer(text, options=self.options)
+
+    def extract(self, text: str) -> Answer | None:
+        """A text's answer, marked or not (the last resort)."""
+        return extract_answer(text, options=self.options)
 
     def messages(self, content: str) -> list[dict[str, Any]]:
         """The conversation with `content` (a prompt built around the question) as its last user message."""
@@ -223,8 +233,7 @@ def read_question(request: ClientRequest) -> Question:
     if not text.strip():
         raise PolicyRequestError("policy cyberv needs a question, and this one has no text",
                                  "messages" if request.endpoint == "chat" else "prompt")
-    return Question(history=history, text=text, max_tokens=request.max_tokens, kind_hint=question_kind(text),
-                    options=question_options(text))
+    return Question(history=history, text=text, max_tokens=request.max_tokens, options=question_options(text))
 
 
 # ---- one request -----------------------------------------------------------------------------------------
@@ -314,8 +323,7 @@ class CyberVRun:
         text = candidate.generation.text
         # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
         own = self.question.read(text) or (
-            parse_answer(text, self.question.kind_hint, options=self.question.options)
-            if len(text.split()) <= BARE_ANSWER_WORDS else None)
+            self.question.parse(text) if len(text.split()) <= BARE_ANSWER_WORDS else None)
         await self._read_answer("round1", candidate, prompt, own)
         return candidate
 
@@ -338,11 +346,11 @@ class CyberVRun:
             candidate.take_answer(own, "own_text")
             return
         candidate.final = await self._final_step(purpose, prompt, candidate.generation.text)
-        stated = parse_answer(candidate.final.text, self.question.kind_hint, options=self.question.options)
+        stated = self.question.parse(candidate.final.text)
         if stated is not None:
             candidate.take_answer(stated, "final_step")
             return
-        unmarked = extract_answer(candidate.generation.text, self.question.kind_hint, options=self.question.options)
+        unmarked = self.question.extract(candidate.generation.text)
         if unmarked is not None:
             candidate.take_answer(unmarked, "unmarked_text")
 
@@ -393,7 +401,7 @@ class CyberVRun:
             return text
         stated = chosen.final.text.strip().split("\n", 1)[0]
         ending = f"Therefore, the final answer is: {stated}"
-        if extract_answer(f"{text}\n\n{ending}", self.question.kind_hint, options=self.question.options) != chosen.answer:
+        if self.question.extract(f"{text}\n\n{ending}") != chosen.answer:
             ending = f"Therefore, the final answer is: {chosen.answer.value}"
         return f"{text.rstrip()}\n\n{ending}"
 
