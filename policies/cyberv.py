@@ -309,11 +309,9 @@ class CyberVRun:
 
     async def _require_srgen(self) -> None:
         """A 400 where the upstream cannot decode with SRGen: it runs inside vLLM, in refine's plugin."""
-        plugin = await self.engine.plugin()
-        if plugin is None or SRGEN not in plugin.handshake.policies or plugin.handshake.signature != "ok":
-            raise PolicyRequestError("refine.decode runs SRGen inside vLLM, which needs refine's engine plugin with "
-                                     "srgen and this proxy's engine secret in the upstream: this one has not",
-                                     "refine.decode")
+        problem = await self.engine.plugin_problem(SRGEN)
+        if problem is not None:
+            raise PolicyRequestError(f"refine.decode runs SRGen inside vLLM, but {problem}", "refine.decode")
 
     async def _direct(self) -> Candidate:
         prompt = self.question.messages(_prompt("cyberv_direct.txt", question=self.question.text))

@@ -134,6 +134,19 @@ class EngineClient:
         """refine's engine plugin in this backend, as its (remembered) handshake says; None: no plugin."""
         return await self._backend.plugin(self.model)
 
+    async def plugin_problem(self, policy: str, what: str | None = None) -> str | None:
+        """Why this backend's plugin cannot run `policy` (an in-engine policy, or the token-statistics sensor)
+        for this proxy, or None when it can; `what` names it in the message (default: "offer <policy>").
+        The handshake is remembered: cheap to ask before every call."""
+        plugin = await self.plugin()
+        if plugin is None:
+            return "the backend does not have refine's engine plugin"
+        if policy not in plugin.handshake.policies:
+            return f"the backend's refine engine plugin {plugin.handshake.version} does not {what or 'offer ' + policy}"
+        if plugin.handshake.signature != "ok":
+            return "the backend's refine engine plugin does not share this proxy's engine secret"
+        return None
+
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:

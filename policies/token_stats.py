@@ -72,16 +72,10 @@ class ChoiceTokenStats:
 async def unavailable_reason(engine: EngineClient) -> str | None:
     """Why the engine behind `engine` cannot report token statistics to this proxy, or None when it can.
     Uses the backend's handshake, which is remembered for a while: cheap to ask before every call."""
-    plugin = await engine.plugin()
-    if plugin is None:
-        return "the backend does not have refine's engine plugin"
-    if TOKEN_STATS not in plugin.handshake.policies:
-        return f"the backend's refine engine plugin {plugin.handshake.version} does not report token statistics"
-    if plugin.handshake.signature != "ok":
-        return "the backend's refine engine plugin does not share this proxy's engine secret"
-    if not plugin.events_shared:
-        return "the engine's files do not reach this proxy (do refine and vLLM share engine_events_dir?)"
-    return None
+    problem = await engine.plugin_problem(TOKEN_STATS, "report token statistics")
+    if problem is None and not (await engine.plugin()).events_shared:
+        problem = "the engine's files do not reach this proxy (do refine and vLLM share engine_events_dir?)"
+    return problem
 
 
 async def measure(engine: EngineClient, body: dict[str, Any],
