@@ -30,7 +30,9 @@ option letter; an option's text; a non-answer; a number among the first words (a
 "x = 7" is 7); short text. A bare "A" or "I" followed by a word is a word ("the answer is A dog", "I think"),
 and a bare lower-case letter is a letter only when it stands alone ("b."), unless the question lists options.
 `kind_hint` narrows the reading: "choice" (the question lists options, see `question_kind`; implied by
-`options`) takes a leading capital letter and the last option mentioned; "number" never reads a letter;
+`options`) takes a leading capital letter and the last option mentioned, and only an option: a number or a
+phrase that names none is no answer (it cannot be right, and two such replies agreeing says nothing, so they
+must not vote); "number" never reads a letter;
 "text" reads neither letters nor numbers. `parse_answer` reads a text that starts with the answer itself,
 such as the continuation of "Therefore, the final answer is".
 
@@ -257,6 +259,8 @@ def _parse_span(text: str, start: int, end: int, kind_hint: AnswerKind | None,
         return Answer("choice", letter, s_start, s_end)
     if choice and _is_option(choice, kind_hint, leading=True):
         return Answer("choice", choice["letter"], start + choice.start("letter"), start + choice.end("letter"))
+    if kind_hint == "choice":  # a multiple-choice question is answered by an option, and this span names none
+        return None
     if kind_hint != "text":
         number = _leading_number(span)
         if number is not None:
@@ -324,6 +328,8 @@ def _unmarked_answer(text: str, kind_hint: AnswerKind | None, options: Mapping[s
         if opening and _is_option(opening, kind_hint, leading=True):
             return Answer("choice", opening["letter"].upper(), offset + opening.start("letter"),
                           offset + opening.end("letter"))
+    if kind_hint == "choice":
+        return None
     if kind_hint == "text":
         end = _sentence_end(text, offset)
         one_sentence = not text[end:].strip(" \t\n.!?*") and not _marked_spans(text)

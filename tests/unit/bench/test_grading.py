@@ -93,6 +93,6 @@ def test_grade_answer_grades_an_extracted_answer() -> None:
 
 
 def test_an_answer_of_another_kind_is_wrong() -> None:
-    assert grade(CHOICE, "The answer is 300.") == Graded(False, "300", "300 is not C")
+    assert grade(CHOICE, "The answer is 300.") == Graded(False, None, "no answer")  # names no option
     assert grade(NUMBER, "The answer is three hundred.") == Graded(False, "three hundred", "three hundred is not 300")
     assert grade({**NUMBER, "aliases": ["three hundred"]}, "The answer is three hundred.").correct

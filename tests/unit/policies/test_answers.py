@@ -116,7 +116,8 @@ def test_option_letters_a_to_j_in_either_case(text: str, hint: str | None, lette
 def test_a_lower_case_letter_or_the_word_i_is_a_word_unless_marked_as_an_option() -> None:
     assert extract_answer("The answer is b.") == Answer("text", "b")
     assert extract_answer("The answer is I think 42") == Answer("number", "42")
-    assert extract_answer("f(a) = 3", "choice") == Answer("number", "3")  # an argument, not option (a)
+    assert extract_answer("f(a) = 3") == Answer("number", "3")  # an argument, not option (a)
+    assert extract_answer("f(a) = 3", "choice") is None  # and a number names no option
 
 
 FRUIT = {"A": "Pear", "B": "Plum", "C": "Apple", "D": "none of the above"}
@@ -135,10 +136,22 @@ def test_an_options_text_is_its_letter_when_the_options_are_known(text: str, let
 def test_an_option_named_ambiguously_or_negated_is_no_option() -> None:
     options = {"A": "plausible", "B": "implausible", "C": "apple pie", "D": "apple tart"}
     assert extract_answer("The answer is implausible.", options=options) == Answer("choice", "B")
-    assert extract_answer("The answer is apple.", options=options) == Answer("text", "apple")  # in both C and D
+    assert extract_answer("The answer is apple.", options=options) is None  # in both C and D
     assert extract_answer("The answer is not plausible.", options=options) is None
     assert extract_answer("The answer is it is not plausible.", options=options) is None
     assert extract_answer("Apple, plainly.", options=options) is None  # unmarked: only a whole-reply match
+
+
+def test_a_multiple_choice_question_is_answered_by_an_option_or_not_at_all() -> None:
+    """Phrases the bundled model wrote for two-option questions: they name no option, so they cannot vote."""
+    options = {"A": "plausible", "B": "implausible"}
+    for text in ("The answer is answer is.", "The final answer is: either true or false.",
+                 "The answer is Sergio Ramos hit nothing.", "The answer is 7.", "So it is 7 in the end."):
+        assert extract_answer(text, options=options) is None, text
+        assert parse_answer(text.removeprefix("The answer is").removeprefix("The final answer is:"),
+                            options=options) is None, text
+    assert extract_answer("(B) I think. The answer is Sergio Ramos hit nothing.", options=options) == \
+        Answer("choice", "B")  # the marked span names no option; the option the reply gave still counts
 
 
 def test_options_compare_their_numbers_by_value() -> None:
