@@ -19,7 +19,8 @@ the README's quality section (between its `quality:start` / `quality:end` marker
   resampled; a sampled arm's item score is its mean over seeds) and, for single runs, McNemar's exact p;
 - from cyberv-full's own samples (the same candidates, no new engine calls): self-consistency (majority of
   the first k candidates' answers, k = 1..n), and the adaptive stopping rule replayed over them
-  (`cyberv_sensor.outlook`): the tokens it would have drawn, and how often it decides as full n does.
+  (`cyberv_sensor.outlook`, certain and at the default `stop_risk`): the tokens it would have drawn, and how
+  often it decides as full n does.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from stats import mcnemar, paired_bootstrap, wilson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refine_server.policies.answers import Answer  # noqa: E402
-from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, decide, outlook  # noqa: E402
+from refine_server.policies.cyberv_sensor import (  # noqa: E402
+    SIGNAL_WEIGHT, Candidate, Generation, Outlook, outlook, rank_ascending, settle)
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quality"
@@ -55,6 +57,7 @@ ARMS: dict[str, dict] = {
     "rain": {"policy": "rain"},
 }
 SAMPLED = {"cyberv", "cyberv-full"}  # arms whose answers depend on the seed
+STOP_RISKS = (0.0, 0.05, 0.1)  # the adaptive rule replayed certain (0), at the default slack and at twice it
 
 
 def load_items(split: str) -> list[dict]:
@@ -109,22 +112,22 @@ def _vote(candidates: list[dict]) -> str | None:
 
 def _ballots(candidates: list[dict], n: int) -> list[Candidate]:
     """The first m traced candidates as the sensor scored them with m drawn: s1..s4 as traced (they do not
-    depend on later candidates), s5 the rank among the m by p (= s1) over n."""
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i]["signals"]["s1"])
-    rank = {i: r for r, i in enumerate(order, start=1)}
+    depend on later candidates), s5 the rank among the m by p over n. The traced s5 orders them: it is their
+    rank by the unrounded p (traced s1 is rounded, which would reorder near-ties)."""
+    ranks = rank_ascending([c["signals"]["s5"] for c in candidates])
     ballots = []
-    for i, c in enumerate(candidates):
-        s = c["signals"]
+    for c, rank in zip(candidates, ranks):
         ballot = Candidate(c["index"], c["kind"], Generation("", [], None))
         ballot.answer = Answer(c["answer_kind"], c["answer"]) if c["answer"] is not None else None
-        ballot.score = SIGNAL_WEIGHT * (s["s1"] + s["s2"] + s["s3"] + s["s4"] + rank[i] / n)
+        ballot.signals = {**{s: c["signals"][s] for s in ("s1", "s2", "s3", "s4")}, "s5": rank / n}
+        ballot.score = SIGNAL_WEIGHT * sum(ballot.signals.values())
         ballots.append(ballot)
     return ballots
 
 
-def _decision(ballots: list[Candidate], n: int, theta: float) -> tuple[str, str | None]:
-    decision = decide(ballots, n * theta)
-    return decision.action, decision.tallies[0].answer.value if decision.tallies else None
+def _decision(ballots: list[Candidate], n: int, theta: float, stop: Outlook | None = None) -> tuple[str, str | None]:
+    decision = settle(ballots, n * theta, stop)
+    return decision.action, decision.best.answer.value if decision.best.answer else None
 
 
 def _same_decision(early: tuple[str, str | None], full: tuple[str, str | None]) -> bool:
@@ -133,17 +136,29 @@ def _same_decision(early: tuple[str, str | None], full: tuple[str, str | None]) 
     return early[0] == full[0] and (full[0] != "accepted" or early[1] == full[1])
 
 
-def replay_stopping(trace: dict, n: int, theta: float, batch: int) -> dict:
+def replay_stopping(trace: dict, n: int, theta: float, batch: int, stop_risk: float) -> dict:
     """Where the adaptive rule would have stopped over these candidates, what it decides then, what all n
     decide (both from the traced signals, so the two are compared on equal terms) and what it cost."""
     candidates = trace["candidates"]
     full = _decision(_ballots(candidates, n), n, theta)
     for m in [*range(1 + batch, n, batch), n]:
         ballots = _ballots(candidates[:m], n)
-        if outlook(ballots, n, n * theta).settled or m == n:
-            return {"drawn": m, "decision": _decision(ballots, n, theta), "full": full,
+        stop = outlook(ballots, n, n * theta, stop_risk)
+        if m == n or stop.settled:
+            return {"drawn": m, "decision": _decision(ballots, n, theta, stop if stop.settled else None), "full": full,
                     "tokens": sum(c["completion_tokens"] for c in candidates[:m])}
     raise AssertionError("unreachable")
+
+
+def earliest_same_decision(trace: dict, n: int, theta: float, batch: int) -> int:
+    """Tokens up to the first batch where the drawn candidates' own decision is already that of all n: what a
+    rule that knew the full round's decision, and stopped on a decision only once the drawn candidates make
+    it, would spend. A bound for comparison, not a rule anyone can run."""
+    candidates = trace["candidates"]
+    full = _decision(_ballots(candidates, n), n, theta)
+    m = next(m for m in [*range(1 + batch, n, batch), n]
+             if _same_decision(_decision(_ballots(candidates[:m], n), n, theta), full))
+    return sum(c["completion_tokens"] for c in candidates[:m])
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -228,14 +243,23 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
         sc[k] = {"accuracy": statistics.mean(correct), "tokens_per_item": tokens}
         sc_lines.append(f"| majority of the first {k} | {sc[k]['accuracy']:.1%} | {tokens:.0f} |")
     stopping = {}
+    for stop_risk in STOP_RISKS:
+        for batch in (1, 2):
+            replays = [replay_stopping(r["trace"], n, theta, batch, stop_risk) for _, r in rows]
+            tokens = statistics.mean(rep["tokens"] for rep in replays)
+            same = [_same_decision(rep["decision"], rep["full"]) for rep in replays]
+            lo, hi = wilson(sum(same), len(same))
+            stopping[f"stop_risk {stop_risk}, batches of {batch}"] = {
+                "stop_risk": stop_risk, "batch_size": batch,
+                "mean_drawn": statistics.mean(rep["drawn"] for rep in replays), "tokens_per_item": tokens,
+                "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"],
+                "same_decision_as_full_n": statistics.mean(same), "same_decision_ci95": [lo, hi]}
     for batch in (1, 2):
-        replays = [replay_stopping(r["trace"], n, theta, batch) for _, r in rows]
-        tokens = statistics.mean(rep["tokens"] for rep in replays)
-        stopping[batch] = {
-            "mean_drawn": statistics.mean(rep["drawn"] for rep in replays), "tokens_per_item": tokens,
-            "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"],
-            "same_decision_as_full_n": statistics.mean(_same_decision(rep["decision"], rep["full"]) for rep in replays)}
-    summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc, "stopping_by_batch": stopping}
+        tokens = statistics.mean(earliest_same_decision(r["trace"], n, theta, batch) for _, r in rows)
+        stopping[f"bound: knowing all 8's decision, batches of {batch}"] = {
+            "stop_risk": None, "batch_size": batch, "tokens_per_item": tokens,
+            "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"]}
+    summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc, "stopping": stopping}
     # CyberV's controller against plain voting over exactly its candidates, item run by item run.
     voted = [float(grade_answer(item, _vote(r["trace"]["candidates"])).correct) for item, r in rows]
     controlled = [float(r["correct"]) for _, r in rows]
@@ -246,10 +270,15 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
     sc_lines += ["", f"CyberV's controller against the majority of the same {n} candidates, paired over {len(rows)} "
                  f"item runs: {boot.diff:+.1%} (95% CI {boot.low:+.1%} to {boot.high:+.1%})."]
     lines = [*sc_lines, "", "| stopping rule replayed over the same candidates | candidates drawn (of 8) | "
-             "completion tokens / item | vs self-consistency at n=8 | same decision as all 8 |", "|---|---|---|---|---|"]
-    for batch, st in stopping.items():
-        lines.append(f"| batches of {batch} | {st['mean_drawn']:.1f} | {st['tokens_per_item']:.0f} | "
-                     f"{st['tokens_vs_sc_n']:.2f}x | {st['same_decision_as_full_n']:.1%} |")
+             "completion tokens / item | vs self-consistency at n=8 | same decision as all 8 (95% CI) |",
+             "|---|---|---|---|---|"]
+    for name, st in stopping.items():
+        if st["stop_risk"] is None:
+            lines.append(f"| {name} | - | {st['tokens_per_item']:.0f} | {st['tokens_vs_sc_n']:.2f}x | 100% |")
+            continue
+        lo, hi = st["same_decision_ci95"]
+        lines.append(f"| {name} | {st['mean_drawn']:.1f} | {st['tokens_per_item']:.0f} | "
+                     f"{st['tokens_vs_sc_n']:.2f}x | {st['same_decision_as_full_n']:.1%} ({lo:.1%}-{hi:.1%}) |")
     return lines
 
 

@@ -20,8 +20,12 @@ refine's engine plugin where the upstream has it (`policies/token_stats.py`), el
 - **Adaptive** (`adaptive`, on by default; refine's addition): after each batch the sensor scores what has
   been drawn, and round 1 stops as soon as the gate's decision can no longer change whatever the remaining
   candidates say (`cyberv_sensor.outlook`): the best answer already above n * theta and out of reach of every
-  other answer, or no answer able to reach n * theta (straight to feedback). The trace says after how many
-  candidates and why. With `adaptive` off, all n are drawn in one batch, as the official code does.
+  other answer, or no answer able to reach n * theta (straight to feedback). With `stop_risk` > 0 (default
+  0.05) it also stops when the decision is not certain but likely: one decision of the gate over all n comes
+  out of at least 1 - stop_risk of random completions of round 1 (`cyberv_sensor.forecast`), and that is the
+  decision taken. The trace says after how
+  many candidates, why, and whether the decision was certain. With `adaptive` off, all n are drawn in one
+  batch, as the official code does.
 
 **Sensor**, per candidate i. p_i is the probability of the first token of i's answer where that answer was
 read (its own text, else the final step); 0 when unknown.
@@ -116,12 +120,12 @@ from refine_server.policies.cyberv_sensor import (
     Feedback,
     Generation,
     Outlook,
-    decide,
     judge_feedback,
     outlook,
     quote_span,
     round4,
     sense,
+    settle,
 )
 
 if TYPE_CHECKING:
@@ -155,6 +159,9 @@ class CyberVParams(PolicyParams):
     max_feedback_tokens: int = Field(256, ge=1, description="tokens of the feedback round's answer at most")
     adaptive: bool = Field(True, description="draw round 1 in batches and stop once the decision cannot change")
     batch_size: int = Field(2, ge=1, description="reasoning samples per engine call when adaptive")
+    stop_risk: float = Field(
+        0.05, ge=0, le=0.5, description="adaptive: also stop when one decision of all n comes out of at least "
+                                        "1 - stop_risk of random completions of round 1; 0: only when certain")
     decode: SRGenDecode | None = Field(
         None, description="decode every engine call of cyberv with an in-engine policy: {\"policy\": \"srgen\", "
                           "...SRGen's parameters}; needs refine's engine plugin upstream")
@@ -269,13 +276,13 @@ class CyberVRun:
         self.candidates = [direct, *first]
         for size in batches[1:]:
             sense(self.candidates, p.n)
-            settled = outlook(self.candidates, p.n, threshold)
+            settled = outlook(self.candidates, p.n, threshold, p.stop_risk)
             if settled.settled:
                 self.stop = settled
                 break
             self.candidates += await self._reasoning(size, start=len(self.candidates))
         sense(self.candidates, p.n)
-        self.decision = decide(self.candidates, threshold)
+        self.decision = settle(self.candidates, threshold, self.stop)
         return self.decision
 
     async def _generations(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> list[Generation]:
@@ -418,6 +425,7 @@ class CyberVRun:
             **({"decode": self.decode_summary()} if self.params.decode is not None else {}),
             "round1": {"planned": self.params.n, "drawn": len(self.candidates), "adaptive": self.params.adaptive,
                        "stopped_early": self.stop is not None,
+                       "stop_certain": self.stop.certain if self.stop else None,
                        "stop_reason": self.stop.reason if self.stop else None},
             "decision": d.action,
             "reason": d.reason,

@@ -109,7 +109,7 @@ def test_params_and_limits() -> None:
     assert params.model_dump() == {
         "n": 8, "theta": 0.3, "reasoning_temperature": 1.0, "reasoning_top_p": 0.5, "reasoning_top_k": 5,
         "max_reasoning_tokens": 256, "feedback_temperature": 0.01, "max_feedback_tokens": 256, "adaptive": True,
-        "batch_size": 2, "decode": None, "sensor": "auto", "progress": False,
+        "batch_size": 2, "stop_risk": 0.05, "decode": None, "sensor": "auto", "progress": False,
     }
     with pytest.raises(LimitExceeded):
         registry.resolve("cyberv", {"n": 17})
@@ -124,7 +124,7 @@ def test_params_and_limits() -> None:
 async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once_settled() -> None:
     backend = _unanimous()
     call = _call(backend, seed=7, max_tokens=100)
-    body = await CyberVPolicy().complete(call, CyberVParams())
+    body = await CyberVPolicy().complete(call, CyberVParams(stop_risk=0))
 
     ChatCompletion.model_validate(body)
     trace = call.trace.data
@@ -137,12 +137,12 @@ async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once
     assert body["model"] == MODEL and body["choices"][0]["finish_reason"] == "stop"
     assert _reported(call)["extra_tokens"] > 0
 
-    # Adaptive round 1: the direct answer with a first batch of 2 samples, then 2 more; five agreeing
-    # candidates cannot be outvoted by the three left, so it stops. Every answer is marked in its own text,
-    # so no final-answer step runs.
+    # Adaptive round 1, stopping only when certain: the direct answer with a first batch of 2 samples, then 2
+    # more; five agreeing candidates cannot be outvoted by the three left, so it stops. Every answer is marked
+    # in its own text, so no final-answer step runs.
     assert backend.kinds() == ["direct", "reasoning", "reasoning"]
     assert trace["round1"] == {"planned": 8, "drawn": 5, "adaptive": True, "stopped_early": True,
-                               "stop_reason": trace["round1"]["stop_reason"]}
+                               "stop_certain": True, "stop_reason": trace["round1"]["stop_reason"]}
     assert trace["round1"]["stop_reason"].startswith("after 5 of 8 candidates, answer 4 has")
     assert [c["answer_source"] for c in trace["candidates"]] == ["own_text"] * 5
     assert trace["rounds"] == {"round1": {"engine_calls": 3, "prompt_tokens": 30,
@@ -157,6 +157,17 @@ async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once
     # Each batch is seeded: distinct seeds derived from the client's, so batches are not copies of each other.
     assert direct["seed"] == 7 and len({direct["seed"], first["seed"], second["seed"]}) == 3
     assert all(b["model"] == MODEL for b in backend.calls)
+
+
+async def test_by_default_round1_stops_on_a_forecast_and_says_it_was_not_certain() -> None:
+    backend = _unanimous()
+    call = _call(backend)
+    await CyberVPolicy().complete(call, CyberVParams())
+    round1 = call.trace.data["round1"]
+    # Three agreeing candidates: five more could still outvote them, but in no forecast completion do they.
+    assert backend.kinds() == ["direct", "reasoning"] and round1["drawn"] == 3 and round1["stop_certain"] is False
+    assert "forecast completions of the other 5 (stop_risk 0.05)" in round1["stop_reason"], round1
+    assert call.trace.data["decision"] == "accepted" and call.trace.data["chosen"]["answer"] == "4"
 
 
 async def test_without_adaptive_all_n_candidates_are_drawn_in_one_call() -> None:

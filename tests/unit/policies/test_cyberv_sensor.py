@@ -15,6 +15,7 @@ from refine_server.policies.cyberv_sensor import (
     quote_span,
     rank_ascending,
     sense,
+    settle,
 )
 from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _gen
 
@@ -128,6 +129,76 @@ def test_outlook_agrees_with_the_full_round_on_random_rounds() -> None:
                     assert decide(drawn, n * 0.3).tallies[0].answer == final.tallies[0].answer
                 break
     assert stopped > 50
+
+
+def test_forecast_accepts_a_unanimous_start_that_the_certain_rule_must_wait_on() -> None:
+    candidates = [_candidate(i, "x", " 4.", 0.95) for i in range(4)]
+    sense(candidates, 8)
+    assert outlook(candidates, 8, 2.4).settled is None  # four more could still agree on another answer
+    likely = outlook(candidates, 8, 2.4, stop_risk=0.05)
+    assert likely.settled == "accepted" and not likely.certain
+    assert likely.reason.startswith("after 4 of 8 candidates, answer 4 has") and "forecast completions" in likely.reason
+    assert outlook(candidates, 8, 2.4, stop_risk=0.05) == likely  # seeded by the draw: the same stop every time
+
+
+def test_forecast_sends_scattered_answers_to_feedback_early() -> None:
+    candidates = [_candidate(i, "x", f" {k}.", 0.3) for i, k in enumerate([1, 2, 3, 4, 5, 6])]
+    sense(candidates, 8)
+    assert outlook(candidates, 8, 2.4).settled is None  # two more agreeing with one could still pass the gate
+    likely = outlook(candidates, 8, 2.4, stop_risk=0.05)
+    assert likely.settled == "feedback" and "no answer exceeds n*theta" in likely.reason
+
+
+def test_a_forecast_may_accept_an_answer_the_drawn_scores_have_not_passed_yet() -> None:
+    # Three agreeing, confident candidates of ten: their sum (2.49) is below the gate (3.0), and with all ten
+    # it passes in most completions.
+    candidates = [_candidate(i, "x", " 4.", 0.95) for i in range(3)]
+    sense(candidates, 10)
+    assert decide(candidates, 3.0).action == "feedback"
+    likely = outlook(candidates, 10, 3.0, stop_risk=0.1)
+    assert likely.settled == "accepted" and likely.answer == Answer("number", "4") and not likely.certain
+    assert likely.reason.startswith("after 3 of 10 candidates, answer 4 has 2.490; with all 10 it exceeds")
+    decision = settle(candidates, 3.0, likely)
+    assert decision.action == "accepted" and decision.best is candidates[2] and decision.reason == likely.reason
+    assert outlook(candidates, 10, 3.0, stop_risk=0.05).settled is None  # 92% of the completions: not enough
+    assert settle(candidates, 3.0, None) == decide(candidates, 3.0)
+
+
+def test_no_forecast_from_a_single_sample() -> None:
+    candidates = [_candidate(0, "x", " 4.", 0.95), _candidate(1, "x", " 4.", 0.95)]
+    sense(candidates, 8)
+    assert outlook(candidates, 8, 2.4, stop_risk=0.5).settled is None
+
+
+def test_forecast_decides_as_the_full_round_on_nearly_all_random_rounds_and_stops_sooner() -> None:
+    """Rounds drawn from a fixed answer distribution: the forecast may disagree with all n (that is its slack)
+    but rarely, and it must stop earlier than the certain rule on average."""
+    import random
+
+    rng = random.Random(1)
+    agree, drawn_certain, drawn_likely, rounds = 0, 0, 0, 300
+    for _ in range(rounds):
+        weights = rng.choice([[6, 1, 1], [3, 2, 2], [1, 1, 1, 1, 1]])
+        answers = rng.choices(range(len(weights)), weights, k=8)
+        probs = [rng.uniform(0.2, 1.0) for _ in range(8)]
+        full = [_candidate(i, "x", f" {a}.", p) for i, (a, p) in enumerate(zip(answers, probs))]
+        sense(full, 8)
+        final = decide(full, 2.4)
+        for risk in (0.0, 0.05):
+            for m in (3, 5, 7, 8):
+                drawn = full[:m]
+                sense(drawn, 8)
+                if m == 8 or outlook(drawn, 8, 2.4, risk).settled:
+                    break
+            early = settle(drawn, 2.4, outlook(drawn, 8, 2.4, risk) if m < 8 else None)
+            if risk == 0.0:
+                drawn_certain += m
+            else:
+                drawn_likely += m
+                agree += early.action == final.action and (
+                    final.action != "accepted" or early.tallies[0].answer == final.tallies[0].answer)
+    assert agree / rounds >= 0.9
+    assert drawn_likely < 0.9 * drawn_certain
 
 
 def test_confidence_drop_signal() -> None:
