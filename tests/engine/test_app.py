@@ -43,14 +43,23 @@ def _engine_counters(engine_url: str) -> tuple[float, float]:
     return metric_total(text, "vllm:generation_tokens_total"), metric_total(text, "vllm:num_requests_running")
 
 
-def _assert_generation_stopped(engine_url: str, tokens_before: float, max_tokens: int) -> None:
-    deadline = time.monotonic() + 10
-    while _engine_counters(engine_url)[1] > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    tokens, running = _engine_counters(engine_url)
-    assert running == 0
-    time.sleep(1.0)
-    assert _engine_counters(engine_url)[0] == tokens, "the engine kept generating after the client left"
+def _refine_disconnects(refine_url: str) -> float:
+    return sum(float(v) for v in re.findall(r'^refine_requests_total{[^}]*status="499"[^}]*} (\S+)$',
+                                            httpx.get(f"{refine_url}/metrics").text, re.M))
+
+
+def _assert_generation_stopped(refine_url: str, engine_url: str, tokens_before: float,
+                               disconnects_before: float, max_tokens: int) -> None:
+    """refine records the 499 only after the request's engine calls were cancelled and awaited, so once it is
+    counted no new generation can start for it; once the engine runs nothing, the token count is final."""
+    deadline = time.monotonic() + 30  # guards against waiting forever; no assertion depends on the clock
+    while _refine_disconnects(refine_url) <= disconnects_before:
+        assert time.monotonic() < deadline, "refine never recorded the client's disconnect (499)"
+        time.sleep(0.1)
+    while _engine_counters(engine_url)[1] > 0:
+        assert time.monotonic() < deadline, "the engine kept running a request after refine cancelled it"
+        time.sleep(0.1)
+    tokens = _engine_counters(engine_url)[0]
     assert 0 < tokens - tokens_before < max_tokens / 2
 
 
@@ -67,6 +76,7 @@ def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str
     body = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": stream, "refine": refine}
     before, _ = _engine_counters(engine_url)
+    disconnects = _refine_disconnects(refine_server.url)
     if stream:
         with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=60) as resp:
             assert resp.status_code == 200
@@ -75,7 +85,7 @@ def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str
                     break
     else:
         asyncio.run(_leave_once_generating(f"{refine_server.url}/v1/completions", body, engine_url, before))
-    _assert_generation_stopped(engine_url, before, max_tokens)
+    _assert_generation_stopped(refine_server.url, engine_url, before, disconnects, max_tokens)
 
 
 async def _leave_once_generating(url: str, body: dict, engine_url: str, tokens_before: float) -> None:

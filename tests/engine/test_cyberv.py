@@ -27,8 +27,10 @@ def assert_text_states_the_chosen_answer(question: str, text: str, trace: dict) 
 def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI) -> None:
     # Probed on the bundled model: it answers "1 + 1" with 2 in every sample at seed 0 ("2 + 2" splits between
     # 4 and 8). If that stops holding (another engine dtype, another model build), the first assertion fails
-    # and prints the trace: re-probe, don't loosen it.
-    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": DEFAULTS})
+    # and prints the trace: re-probe, don't loosen it. stop_risk 0: round 1 stops only when certain (the
+    # forecast's stops are unit-tested in tests/unit/policies/test_cyberv_sensor.py).
+    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0,
+                                          extra_body={"refine": {**DEFAULTS, "stop_risk": 0}})
     trace = resp.model_extra["refine"]["trace"]
     assert trace["decision"] == "accepted" and trace["answers"][0]["answer"] == "2", trace
     assert trace["answers"][0]["score"] > trace["threshold"] == 2.4
@@ -36,7 +38,7 @@ def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI)
     assert trace["sensor_source"] == "engine"  # the embedded engine has refine's plugin
     # Adaptive round 1 stopped once no remaining candidate could change the decision, and says so.
     round1 = trace["round1"]
-    assert round1["stopped_early"] and round1["drawn"] == len(trace["candidates"]) < 8, round1
+    assert round1["stopped_early"] and round1["stop_certain"] and round1["drawn"] == len(trace["candidates"]) < 8
     assert round1["stop_reason"].startswith(f"after {round1['drawn']} of 8 candidates, answer 2 has"), round1
     assert resp.usage.total_tokens == trace["rounds"]["round1"]["total_tokens"]
     assert_text_states_the_chosen_answer(EASY[0]["content"], resp.choices[0].message.content, trace)
@@ -63,16 +65,15 @@ def test_engine_completions_endpoint(client: OpenAI) -> None:
 
 
 @pytest.mark.engine
-def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None:
-    # A multi-step word problem is beyond a 135M model: its sampled candidates scatter over many answers, so no
-    # answer's summed score reaches n * theta = 2.4 (each candidate scores at most 1).
-    question = ("A shop sells pens at 7 for $3. Maria buys 45 pens, pays with a $50 note and then spends half "
-                "of her change on pencils at 35 cents each. How many pencils does she buy?")
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
-                                          extra_body={"refine": DEFAULTS})
+def test_engine_unreachable_gate_runs_the_feedback_round(client: OpenAI) -> None:
+    # Constructed, not probed: with theta = 1 the gate needs a sum above n, and no answer can reach it (each
+    # candidate scores at most 1 and the ranks in s5 sum to (n + 1) / 2), so round 1 must end in feedback.
+    refine = {**DEFAULTS, "theta": 1.0}
+    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0, extra_body={"refine": refine})
     trace = resp.model_extra["refine"]["trace"]
-    assert len(trace["answers"]) >= 3, trace["answers"]
-    assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"], trace
+    assert trace["decision"] == "feedback" and trace["answers"][0]["score"] <= trace["threshold"] == 8, trace
+    # Adaptive round 1 sees that early: no answer can exceed n * theta any more.
+    assert trace["round1"]["stopped_early"] and "n*theta = 8.000" in trace["round1"]["stop_reason"], trace["round1"]
     feedback = trace["feedback"]
     # The feedback generation, and the final-answer step when it marked no answer of its own.
     assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1 + (feedback["answer_source"] != "own_text")
@@ -80,7 +81,7 @@ def test_engine_split_question_triggers_a_feedback_round(client: OpenAI) -> None
     if feedback["accepted"]:
         assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}
     assert resp.usage.total_tokens == sum(r["total_tokens"] for r in trace["rounds"].values())
-    assert_text_states_the_chosen_answer(question, resp.choices[0].message.content, trace)
+    assert_text_states_the_chosen_answer(EASY[0]["content"], resp.choices[0].message.content, trace)
 
 
 @pytest.mark.engine

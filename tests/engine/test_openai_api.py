@@ -27,9 +27,21 @@ def test_chat_matches_the_engine_and_carries_the_refine_block(client: OpenAI, en
         model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
     )
     assert resp.choices[0].message.content == direct.choices[0].message.content
-    assert "Paris" in resp.choices[0].message.content
     assert resp.usage.completion_tokens == direct.usage.completion_tokens
     assert resp.model_extra["refine"] == {"policy": "none", "params": {"token_stats": False}, "trace": {}}
+
+
+def test_chat_forwards_sampling_fields_to_the_engine(client: OpenAI) -> None:
+    """A constructed answer, not a probed one: logit_bias forces one token whatever the model prefers."""
+    from transformers import AutoTokenizer
+
+    model_dir = next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    (forced,) = tokenizer.encode(" Paris", add_special_tokens=False)
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0,
+                                          logit_bias={str(forced): 100})
+    assert resp.choices[0].message.content == tokenizer.decode([forced] * 3)
+    assert resp.choices[0].finish_reason == "length"
 
 
 def test_chat_stream_equals_non_stream_and_reports_usage(client: OpenAI) -> None:
