@@ -19,7 +19,7 @@ the README's quality section (between its `quality:start` / `quality:end` marker
   resampled; a sampled arm's item score is its mean over seeds) and, for single runs, McNemar's exact p;
 - from cyberv-full's own samples (the same candidates, no new engine calls): self-consistency (majority of
   the first k candidates' answers, k = 1..n), and the adaptive stopping rule replayed over them
-  (`cyberv_sensor.outlook`, certain and at the default `stop_risk`): the tokens it would have drawn, and how
+  (`cyberv_stopping.outlook`, certain and at the default `stop_risk`): the tokens it would have drawn, and how
   often it decides as full n does.
 """
 
@@ -41,8 +41,8 @@ from stats import mcnemar, paired_bootstrap, wilson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refine_server.policies.answers import Answer  # noqa: E402
-from refine_server.policies.cyberv_sensor import (  # noqa: E402
-    SIGNAL_WEIGHT, Candidate, Generation, Outlook, outlook, rank_ascending, settle)
+from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
+from refine_server.policies.cyberv_stopping import Outlook, outlook, settle  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quality"

@@ -19,10 +19,10 @@ refine's engine plugin where the upstream has it (`policies/token_stats.py`), el
   ("X", "not clear") are no answer: such a candidate never votes.
 - **Adaptive** (`adaptive`, on by default; refine's addition): after each batch the sensor scores what has
   been drawn, and round 1 stops as soon as the gate's decision can no longer change whatever the remaining
-  candidates say (`cyberv_sensor.outlook`): the best answer already above n * theta and out of reach of every
+  candidates say (`cyberv_stopping.outlook`): the best answer already above n * theta and out of reach of every
   other answer, or no answer able to reach n * theta (straight to feedback). With `stop_risk` > 0 (default
   0.05) it also stops when the decision is not certain but likely: one decision of the gate over all n comes
-  out of at least 1 - stop_risk of random completions of round 1 (`cyberv_sensor.forecast`), and that is the
+  out of at least 1 - stop_risk of random completions of round 1 (`cyberv_stopping.forecast`), and that is the
   decision taken. The trace says after how
   many candidates, why, and whether the decision was certain. With `adaptive` off, all n are drawn in one
   batch, as the official code does.
@@ -119,14 +119,12 @@ from refine_server.policies.cyberv_sensor import (
     Decision,
     Feedback,
     Generation,
-    Outlook,
     judge_feedback,
-    outlook,
     quote_span,
     round4,
     sense,
-    settle,
 )
+from refine_server.policies.cyberv_stopping import Outlook, outlook, settle
 
 if TYPE_CHECKING:
     from refine_server.policies.request import ClientRequest
