@@ -10,8 +10,12 @@ state; each round sends `--requests` streaming completions (default max(4 * conc
 tokens, one every `--interval-ms`. Reported per level, medians over rounds: delivered tokens/s (chunks with
 non-empty text) direct and via refine and their ratio; the TTFT refine adds (p50 and p99, refine minus
 direct); and refine's CPU seconds per relayed token (utime + stime of refine's whole process tree, from psutil,
-before and after each refine round). Then non-streaming chat completions at concurrency 16: refine's CPU per
-request and the latency it adds. Results go to bench/results/proxy.json, with the git commit measured and
+before and after each refine round). Then the TTFT refine adds at one stream, measured in pairs: a request
+to the stand-in and one through refine back to back, in alternating order, `--ttft-pairs` times (4-token
+answers: the first token is what counts); reported as the median of the pairs' differences with its 95%
+interval, which a sub-millisecond difference needs (the per-level figure above subtracts medians of separate
+rounds and moves by +-0.3 ms from run to run). Then non-streaming chat completions at concurrency 16: refine's
+CPU per request and the latency it adds. Results go to bench/results/proxy.json, with the git commit measured and
 whether the tree had uncommitted changes.
 
 The bench client, the stand-in and refine share the machine's cores, so on a small machine the absolute
@@ -192,6 +196,28 @@ def median(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
+def median_interval(ordered: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval for the median of sorted values, from order statistics (no assumption on their shape)."""
+    n = len(ordered)
+    half = z * n ** 0.5 / 2
+    return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(n / 2 + half))]
+
+
+async def paired_ttft(client: httpx.AsyncClient, direct: str, refine: str, body: dict[str, Any],
+                      pairs: int) -> dict[str, Any]:
+    """The TTFT refine adds at one stream: each pair is one request direct and one through refine, back to
+    back, the order alternating, so both see the same moment of a noisy machine."""
+    differences = []
+    for i in range(pairs):
+        order = (direct, refine) if i % 2 == 0 else (refine, direct)
+        ttft = {url: (await stream_one(client, url, body))[0] for url in order}
+        differences.append(ttft[refine] - ttft[direct])
+    differences.sort()
+    low, high = median_interval(differences)
+    return {"pairs": pairs, "added_ttft_p50_ms": statistics.median(differences) * 1e3,
+            "interval_95_ms": [low * 1e3, high * 1e3]}
+
+
 # ---- bench ------------------------------------------------------------------------------------------------
 
 async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Server, proxy: Server) -> dict:
@@ -202,7 +228,7 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
     top = max(args.streams + [args.chat_concurrency])
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under the client's feet.
     limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8, keepalive_expiry=2.0)
-    report: dict[str, Any] = {"streams": [], "chat": None}
+    report: dict[str, Any] = {"streams": [], "ttft_one_stream": None, "chat": None}
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for url, server in ((direct, standin), (refine, proxy)):  # warm-up: connections, imports, caches
             await run_round(client, url, stream_one, stream_body, 4, 8, server)
@@ -230,6 +256,13 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
                   f"+ttft p50 {level['added_ttft_p50_ms']:6.1f} ms p99 {level['added_ttft_p99_ms']:6.1f} ms  "
                   f"refine cpu {level['refine_cpu_us_per_token']:6.1f} us/tok  "
                   f"(stand-in {level['standin_cpu_us_per_token']:.1f})", flush=True)
+
+        if args.ttft_pairs:
+            report["ttft_one_stream"] = paired = await paired_ttft(
+                client, direct, refine, {**stream_body, "max_tokens": 4}, args.ttft_pairs)
+            low, high = paired["interval_95_ms"]
+            print(f"added ttft at 1 stream, {args.ttft_pairs} pairs: median {paired['added_ttft_p50_ms']:.2f} ms "
+                  f"(95% interval {low:.2f} to {high:.2f})", flush=True)
 
         c = args.chat_concurrency
         requests = args.requests or max(4 * c, 32)
@@ -267,6 +300,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=0, help="requests per round (0: max(4 * concurrency, 32))")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     ap.add_argument("--interval-ms", type=float, default=5.0, help="the stand-in's time between two tokens")
+    ap.add_argument("--ttft-pairs", type=int, default=400, help="paired requests for the added TTFT at 1 stream")
     ap.add_argument("--chat-concurrency", type=int, default=16, help="concurrency of the non-streaming part")
     ap.add_argument("--workers", type=int, default=None, help="passed to refine as --workers N when given")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")

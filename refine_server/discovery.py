@@ -3,8 +3,9 @@ fields plus `refine`, one schema per policy) and GET /v1/refine/policies (each p
 and this server's caps).
 
 The models here only describe. Requests are still read by `schemas.py`'s models, which check only what refine
-itself needs (vLLM checks the rest), so documenting costs the hot path nothing; and since no route declares a
-body, FastAPI's own 422 never answers: every error stays OpenAI's (`errors.py`).
+itself needs (vLLM checks the rest), so documenting costs the hot path nothing; and since the generation
+endpoints are plain Starlette routes, FastAPI never reads their bodies and its own 422 never answers: every
+error stays OpenAI's (`errors.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic_core import to_jsonable_python
 
 from refine_server.auth import Grant
 from refine_server.policies import Policy, PolicyRegistry
+from refine_server.policies.request import PATHS, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -185,28 +187,44 @@ def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[
     return {"200": ok, **errors}
 
 
+# The generation endpoints are plain Starlette routes (openai_api.py), which FastAPI leaves out of its schema,
+# so their operations are written here, under the operation ids of OpenAI's own API description: a client
+# generated from either names them alike.
+_OPERATIONS: dict[Endpoint, tuple[str, str]] = {
+    "chat": ("createChatCompletion", "A chat completion, under the policy the request's `refine` names"),
+    "completions": ("createCompletion", "A (legacy) text completion, under the policy the request's `refine` names"),
+}
+
+
 def install_openapi(app: FastAPI, registry: PolicyRegistry) -> None:
-    """/openapi.json with the generation endpoints' request bodies and responses, built on first request."""
+    """/openapi.json: FastAPI's schema of its own routes, plus the generation endpoints' operations with their
+    request bodies (one `refine` schema per policy) and responses; built on first request."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            chat, completion = request_models(registry)
-            keys = [(chat, "validation"), (completion, "validation"), (ErrorResponse, "serialization"),
-                    (GenerationResponse, "serialization")]
-            refs, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-            responses = _responses(refs[(ErrorResponse, "serialization")], refs[(GenerationResponse, "serialization")])
-            for path, model in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
-                operation = schema["paths"][path]["post"]
-                operation["requestBody"] = {
-                    "required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}},
-                }
-                operation["responses"] = responses
+            schema["paths"] = {**_generation_operations(schema, registry), **schema.get("paths", {})}
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> dict[str, Any]:
+    """The paths of the generation endpoints; their models' schemas go into the schema's components."""
+    chat, completion = request_models(registry)
+    keys = [(chat, "validation"), (completion, "validation"), (ErrorResponse, "serialization"),
+            (GenerationResponse, "serialization")]
+    refs, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    responses = _responses(refs[(ErrorResponse, "serialization")], refs[(GenerationResponse, "serialization")])
+    paths = {}
+    for endpoint, model in (("chat", chat), ("completions", completion)):
+        operation_id, summary = _OPERATIONS[endpoint]
+        body = {"required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
+        paths[PATHS[endpoint]] = {"post": {"operationId": operation_id, "summary": summary, "requestBody": body,
+                                           "responses": responses}}
+    return paths
 
 
 # ---- GET /v1/refine/policies -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from refine_server.auth import Grant
@@ -24,10 +24,10 @@ from refine_server.errors import APIError, from_policy_error, from_validation_er
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
-from refine_server.policies.request import ClientRequest, Endpoint
-from refine_server.runtime import Runtime, get_grant, get_runtime
+from refine_server.policies.request import PATHS, ClientRequest, Endpoint
+from refine_server.runtime import Runtime, get_grant, get_runtime, runtime_of
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest, RefineSpec
-from refine_server.streaming import SSE_HEADERS, ChunkRelay
+from refine_server.streaming import SSE_HEADERS, ChunkRelay, EventStreamResponse
 from refine_server.tracing import RequestSpan
 from refine_server.upstreams import Route
 
@@ -43,19 +43,25 @@ async def list_models(rt: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     return await rt.upstreams.best().backend.get_json("/v1/models")
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, rt: Runtime = Depends(get_runtime),
-                           grant: Grant = Depends(get_grant)) -> Response:
-    return await _generate(request, "chat", rt, grant)
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
 
 
-@router.post("/v1/completions")
-async def completions(request: Request, rt: Runtime = Depends(get_runtime),
-                      grant: Grant = Depends(get_grant)) -> Response:
-    return await _generate(request, "completions", rt, grant)
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completions")
 
 
-async def _generate(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant) -> Response:
+# The generation endpoints are plain Starlette routes, not FastAPI's: they read and check their own body
+# (schemas.py) and find the runtime and the caller's key themselves, so FastAPI's work per request (solving
+# dependencies, parsing parameters, an exit stack) would only delay the first token (bench/proxy.py).
+# discovery.py writes their OpenAPI operations.
+router.add_route(PATHS["chat"], chat_completions, methods=["POST"])
+router.add_route(PATHS["completions"], completions, methods=["POST"])
+
+
+async def _generate(request: Request, endpoint: Endpoint) -> Response:
+    rt = runtime_of(request)
+    grant = rt.keys.authenticate(request)  # as get_grant: a 401 before anything is counted or traced
     tracing = request.app.state.tracing
     if tracing is None:  # tracing off: nothing more than this test
         return await _serve(request, endpoint, rt, grant, None)
@@ -101,7 +107,7 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
                 # Wait for the first chunk before answering, so a backend that refuses the request yields a real
                 # HTTP error status instead of a 200 stream that carries an error (and may be retried elsewhere).
                 try:
-                    return call, chunks, await cancel_on_disconnect(request, anext(chunks, None))
+                    return call, chunks, await cancel_on_disconnect(request.receive, anext(chunks, None))
                 except BaseException:
                     await chunks.aclose()
                     raise
@@ -112,14 +118,13 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
                 metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record,
             )
             # Headers go out before the policy's work is done: only the policy's name is known by then.
-            return StreamingResponse(relay, media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, POLICY_HEADER: policy.name})
+            return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: policy.name})
 
         async def answer(backend: Backend) -> tuple[PolicyCall, dict[str, Any]]:
             call = PolicyCall(client_request, _engine_client(backend, client_request, span))
             if span is not None:
                 span.policy_call = call
-            return call, await cancel_on_disconnect(request, policy.complete(call, params))
+            return call, await cancel_on_disconnect(request.receive, policy.complete(call, params))
 
         call, result = await route.run(answer, suits)
         if span is not None:

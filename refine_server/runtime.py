@@ -1,7 +1,7 @@
 """What the routes share, built once per server start: settings, policies, metrics, the backends, API keys.
 
 The app's lifespan puts one `Runtime` on `app.state`; routes receive it (and the caller's `Grant`) as FastAPI
-dependencies.
+dependencies, except the generation routes, which ask `runtime_of` and the key ring themselves (openai_api.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ class Runtime:
     stopping: bool = False  # set when shutdown begins: readiness answers 503 from then on
 
 
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
 # Dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency on a worker
 # thread, a thread hop per dependency per request.
 async def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+    return runtime_of(request)
 
 
 async def get_grant(request: Request, runtime: Runtime = Depends(get_runtime)) -> Grant:

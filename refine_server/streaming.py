@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.errors import APIError, from_policy_error
 from refine_server.metrics import Metrics
 from refine_server.policies import PolicyError, relayed
@@ -31,6 +35,40 @@ def carries_tokens(chunk: dict[str, Any]) -> bool:
         if choice.get("text") or (choice.get("delta") or {}).get("content"):
             return True
     return False
+
+
+class EventStreamResponse(Response):
+    """A `text/event-stream` response that streams in the request's own task and stops for a client that
+    has gone away.
+
+    Starlette's StreamingResponse, on an ASGI server before spec 2.4 (uvicorn included), streams beside a
+    disconnect listener in an anyio task group: a task group and a task switch before the first byte of
+    every stream. Here the stream is the request's own work, raced against the disconnect as the wait for
+    the first chunk was (`cancel_on_disconnect`), and the events are closed on the way out whatever the
+    outcome, so the relay behind them counts the request (a 499 for a client that left) before this returns.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None], headers: Mapping[str, str]):
+        self.status_code = 200
+        self._events = events
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await cancel_on_disconnect(receive, self._stream(send))
+        except ClientDisconnected:
+            pass  # nothing more can reach the client; the relay has counted the request
+
+    async def _stream(self, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for event in self._events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._events.aclose()  # a cancel that lands in `send` leaves the generator open otherwise
 
 
 class ChunkRelay:
@@ -65,7 +103,8 @@ class ChunkRelay:
         self._on_finish = on_finish
         self._finished: set[int] = set()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        """The SSE events, ended by `[DONE]`; the request is counted (`on_finish`) when they end or are closed."""
         status = 200
         last_token_at: float | None = None
         try:

@@ -318,7 +318,7 @@ async def _relay(call: PolicyCall, params: CyberVParams) -> list[dict[str, Any]]
         refine_block=lambda: {"policy": "cyberv", "trace": call.trace.data},
         started=time.perf_counter(), on_finish=lambda status: None,
     )
-    events = [line.decode().removeprefix("data: ").strip() async for line in relay]
+    events = [line.decode().removeprefix("data: ").strip() async for line in relay.events()]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 

@@ -60,6 +60,25 @@ def test_the_documented_schema_accepts_what_refine_accepts_and_rejects_what_it_r
         assert not chat.is_valid(bad), bad
 
 
+def test_openapi_documents_exactly_the_served_operations(proxy: str) -> None:
+    """The generation endpoints are plain Starlette routes whose operations discovery.py writes by hand: each
+    documented operation must be served, each served route documented, once, under OpenAI's operation ids."""
+    doc = _openapi(proxy)
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
+    app = create_app(Settings(backend_url=["http://127.0.0.1:9"]))
+    served = {(route.path, method) for route in app.routes if getattr(route, "include_in_schema", False)
+              for method in route.methods or () if method != "HEAD"}
+    assert documented == served
+    operation_ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids))
+    assert doc["paths"]["/v1/chat/completions"]["post"]["operationId"] == "createChatCompletion"
+    assert doc["paths"]["/v1/completions"]["post"]["operationId"] == "createCompletion"
+
+    wrong_method = httpx.get(f"{proxy}/v1/chat/completions")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_openapi_has_no_fastapi_validation_error(proxy: str) -> None:
     text = json.dumps(_openapi(proxy))
     assert '"422"' not in text and "HTTPValidationError" not in text
