@@ -15,6 +15,11 @@ import msgspec
 
 RelayedChunk = bytes  # one SSE event's data, as the engine sent it
 
+# The first chunk of every relayed stream, before the engine's first event: the engine has answered 200, so
+# the stream is open. refine sends the client its response headers then, as vLLM itself does, rather than
+# with the first token, where the client's work on them would delay that token.
+ACCEPTED: RelayedChunk = b""
+
 _FINISH = b'"finish_reason"'
 _NOT_FINISHED = b'"finish_reason":null'
 _NO_CHOICES = b'"choices":[]'

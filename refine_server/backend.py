@@ -29,6 +29,7 @@ from refine_server.engine_plugin.protocol import (
 )
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
+from refine_server.policies.relayed import ACCEPTED
 from refine_server.tracing import outgoing_headers
 
 # How long a handshake's answer (plugin or none) is trusted: an external vLLM can be redeployed with or
@@ -181,6 +182,8 @@ class Backend:
     async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[bytes]:
         """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
         it) as it arrives: relaying it unchanged costs no decoding. An error event is raised as APIError.
+        The first item is `ACCEPTED` (empty): the backend has answered 200 and the stream is open, though no
+        event may have come yet (vLLM answers at once and streams once prefill is done).
 
         Leaving the loop early (a client that went away, a policy that has seen enough) closes the
         connection, which makes vLLM abort the generation.
@@ -193,6 +196,7 @@ class Backend:
                     self._count_error(endpoint, resp.status)
                     raise _error_from_response(resp.status, await resp.read())
                 self._metrics.upstream_latency.labels(endpoint).observe(time.perf_counter() - started)
+                yield ACCEPTED
                 pending = b""
                 async for data in resp.content.iter_any():
                     if b"\r" in data:  # SSE allows CRLF line ends; vLLM sends LF
@@ -217,7 +221,8 @@ class Backend:
         """`stream_events`, each event's JSON decoded: for policies that read the stream."""
         async with aclosing(self.stream_events(path, body, endpoint=endpoint)) as events:
             async for payload in events:
-                yield msgspec.json.decode(payload)
+                if payload != ACCEPTED:
+                    yield msgspec.json.decode(payload)
 
     def _post(self, path: str, body: dict[str, Any]) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         trace = outgoing_headers()  # W3C traceparent for vLLM while tracing is on; None when off

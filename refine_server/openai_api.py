@@ -9,6 +9,7 @@ request. The route knows no policy's fields: a policy declares its metrics and f
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -27,7 +28,7 @@ from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.request import PATHS, ClientRequest, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime, runtime_of
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest, RefineSpec
-from refine_server.streaming import SSE_HEADERS, ChunkRelay, EventStreamResponse
+from refine_server.streaming import SSE_HEADERS, Chunk, ChunkRelay, EventStreamResponse
 from refine_server.tracing import RequestSpan
 from refine_server.upstreams import Route
 
@@ -98,24 +99,33 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
             return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
 
         if client_request.stream:
-            async def open_stream(backend: Backend):
+            calls: list[PolicyCall] = []  # one per replica tried: the last one answers
+
+            async def open_stream(backend: Backend) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
                 call = PolicyCall(client_request, _engine_client(backend, client_request, span))
+                calls.append(call)
                 chunks = policy.stream(call, params)
                 if span is not None:
                     span.policy_call = call
                     chunks = span.watch_stream(chunks)
-                # Wait for the first chunk before answering, so a backend that refuses the request yields a real
-                # HTTP error status instead of a 200 stream that carries an error (and may be retried elsewhere).
                 try:
-                    return call, chunks, await cancel_on_disconnect(request.receive, anext(chunks, None))
+                    return await anext(chunks, None), chunks
                 except BaseException:
                     await chunks.aclose()
                     raise
 
-            call, chunks, first = await route.run(open_stream, suits)
+            async def reopen(failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
+                route.leave(failure)
+                return await route.run(open_stream, suits)
+
+            # Answer once the stream is open: at the engine's 200 for a relayed stream (`relayed.ACCEPTED`), at
+            # the first chunk for a policy that writes its own. A backend that refuses the request so yields a
+            # real HTTP error status, and one that cannot be reached is replaced by another before the client
+            # has seen anything (and, for a relayed stream, until its first event: `reopen`).
+            first, chunks = await cancel_on_disconnect(request.receive, route.run(open_stream, suits))
             relay = ChunkRelay(
-                first, chunks, n_choices=client_request.num_choices, refine_block=lambda: refine_block(call),
-                metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record,
+                first, chunks, n_choices=client_request.num_choices, refine_block=lambda: refine_block(calls[-1]),
+                metrics=rt.metrics, policy_label=policy_label, started=started, on_finish=record, reopen=reopen,
             )
             # Headers go out before the policy's work is done: only the policy's name is known by then.
             return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: policy.name})

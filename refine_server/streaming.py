@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import Response
@@ -17,6 +17,10 @@ from refine_server.metrics import Metrics
 from refine_server.policies import PolicyError, relayed
 
 log = logging.getLogger(__name__)
+
+Chunk = bytes | dict[str, Any]  # the engine's JSON bytes, relayed as they came, or a chunk the policy wrote
+# Starts a stream again on another replica after the failure given: the stream's first chunk and the rest.
+Reopen = Callable[[APIError], Awaitable[tuple[Chunk | None, AsyncGenerator[Chunk, None]]]]
 
 SSE_HEADERS = {
     # Proxies in front of refine must not buffer the stream: that would destroy time-to-first-token.
@@ -75,16 +79,17 @@ class ChunkRelay:
     """Turns a policy's chunks into SSE bytes.
 
     A chunk is either the engine's own JSON bytes (a policy that relays the stream unchanged: they go out
-    as they came, and only a chunk that may finish a choice is decoded) or a dict the policy wrote.
-    The `refine` block goes, once, on the chunk that finishes the last of the request's choices (n per
+    as they came, and only a chunk that may finish a choice is decoded) or a dict the policy wrote; a
+    relayed stream starts with `relayed.ACCEPTED`, which sends nothing. The `refine` block goes, once, on the chunk that finishes the last of the request's choices (n per
     prompt), so a client reading the stream finds it without waiting for anything extra. A failure
-    mid-stream becomes a `data: {"error": ...}` line, which the official openai client raises as an APIError.
+    mid-stream becomes a `data: {"error": ...}` line, which the official openai client raises as an APIError;
+    a failure before the first event is retried on another replica instead, where `reopen` allows it.
     """
 
     def __init__(
         self,
-        first: bytes | dict[str, Any] | None,
-        rest: AsyncGenerator[bytes | dict[str, Any], None],
+        first: Chunk | None,
+        rest: AsyncGenerator[Chunk, None],
         *,
         n_choices: int,
         refine_block: Callable[[], dict[str, Any]],
@@ -92,6 +97,7 @@ class ChunkRelay:
         policy_label: str,
         started: float,
         on_finish: Callable[[int], None],
+        reopen: Reopen | None = None,
     ):
         self._first = first
         self._rest = rest
@@ -101,31 +107,35 @@ class ChunkRelay:
         self._itl = metrics.itl.labels(policy_label)
         self._started = started
         self._on_finish = on_finish
+        self._reopen = reopen
         self._finished: set[int] = set()
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE events, ended by `[DONE]`; the request is counted (`on_finish`) when they end or are closed."""
         status = 200
         last_token_at: float | None = None
+        sent_any = False
         try:
             chunk = self._first
             while chunk is not None:
-                if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
-                    now = time.perf_counter()
-                    if last_token_at is None:
-                        self._ttft.observe(now - self._started)
-                    else:
-                        self._itl.observe(now - last_token_at)
-                    last_token_at = now
-                yield sse(self._with_refine_block(chunk))
-                chunk = await anext(self._rest, None)
+                if chunk != relayed.ACCEPTED:
+                    if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
+                        now = time.perf_counter()
+                        if last_token_at is None:
+                            self._ttft.observe(now - self._started)
+                        else:
+                            self._itl.observe(now - last_token_at)
+                        last_token_at = now
+                    yield sse(self._with_refine_block(chunk))
+                    sent_any = True
+                chunk = await self._next(sent_any)
             yield _DONE
         except (APIError, PolicyError) as exc:
             error = from_policy_error(exc) if isinstance(exc, PolicyError) else exc
             status = error.status
             yield sse(relayed.encode(error.body()))
         except asyncio.CancelledError:
-            status = 499  # the client went away; Starlette cancelled the stream
+            status = 499  # the client went away; the response cancelled the stream
             raise
         except Exception:
             log.exception("policy stream failed")
@@ -134,6 +144,18 @@ class ChunkRelay:
         finally:
             await self._rest.aclose()
             self._on_finish(status)
+
+    async def _next(self, sent_any: bool) -> Chunk | None:
+        """The next chunk. A backend that fails after accepting the request but before its first event has
+        sent the client nothing but headers, so the request starts again on another replica (`reopen`)."""
+        try:
+            return await anext(self._rest, None)
+        except APIError as exc:
+            if sent_any or self._reopen is None:
+                raise
+            await self._rest.aclose()
+            first, self._rest = await self._reopen(exc)
+            return first
 
     def _with_refine_block(self, chunk: bytes | dict[str, Any]) -> bytes:
         """The chunk's JSON, with the refine block when it finishes the last choice still open."""

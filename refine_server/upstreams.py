@@ -143,10 +143,16 @@ class Route:
             try:
                 return await attempt(replica.backend)
             except APIError as exc:
-                if exc.code != "backend_unavailable" or len(self._upstreams.replicas) == 1:
-                    raise
-                self.finish()
-                self._upstreams.fail_over(replica, exc.message)
+                self.leave(exc)
+
+    def leave(self, failure: APIError) -> None:
+        """The replica failed this request before any of the answer reached the client: take it out and let the
+        next `run` pick another; or raise `failure` when the failure is not the replica's or none is left."""
+        if failure.code != "backend_unavailable" or len(self._upstreams.replicas) == 1 or self.replica is None:
+            raise failure
+        replica = self.replica
+        self.finish()
+        self._upstreams.fail_over(replica, failure.message)
 
     def finish(self) -> None:
         """The request is over (answered, failed or abandoned): its replica carries one request less."""

@@ -4,7 +4,8 @@ It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per
 `vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
 told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
 "DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s. "LONG_STREAM" streams
-50 tokens, 0.1 s apart. `GET /fake/traceparents` lists the `traceparent` header of each completion request
+50 tokens, 0.1 s apart; "HOLD_FIRST" streams its first token once the test sets `app.state.release_first`. A fake
+made with `drops_streams=True` answers every stream 200 and drops the connection before its first event. `GET /fake/traceparents` lists the `traceparent` header of each completion request
 (null where none came).
 """
 
@@ -50,6 +51,11 @@ async def _completions(request: Request):
     choices = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
 
     async def events():
+        if request.app.state.drops_streams:
+            raise ConnectionResetError("the engine went away")  # after the 200: uvicorn drops the connection
+        if prompt == "HOLD_FIRST":
+            while not request.app.state.release_first.is_set():
+                await asyncio.sleep(0.01)
         for i, word in enumerate(words):
             if prompt == "DROP_MIDSTREAM" and i == 1:
                 raise ConnectionResetError("the engine went away")  # uvicorn drops the connection mid-body
@@ -87,7 +93,7 @@ async def _traceparents(request: Request):
     return JSONResponse(request.app.state.traceparents)
 
 
-def make_app() -> Starlette:
+def make_app(drops_streams: bool = False) -> Starlette:
     """A fake vLLM with its own request counts (`GET /fake/stats`)."""
     fake = Starlette(routes=[
         Route("/v1/completions", _completions, methods=["POST"]),
@@ -98,6 +104,8 @@ def make_app() -> Starlette:
     ])
     fake.state.stats = {"completions": 0, "refine_xargs_requests": 0}
     fake.state.traceparents = []
+    fake.state.drops_streams = drops_streams
+    fake.state.release_first = threading.Event()
     return fake
 
 

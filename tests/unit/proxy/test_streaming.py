@@ -12,6 +12,7 @@ from openai import OpenAI
 
 from refine_server.config import Settings
 from tests.fake_vllm import MODEL
+from tests.fake_vllm import app as fake_vllm_app
 from tests.unit.proxy.helpers import _serve
 
 
@@ -29,6 +30,22 @@ def test_a_relayed_stream_is_the_backends_byte_for_byte_but_the_refine_block(pro
     upstream, ours = (json.loads(event.removeprefix(b"data: ")) for event in differing[0])
     assert ours.pop("refine")["policy"] == "none"
     assert ours == upstream
+
+
+def test_a_relayed_streams_headers_come_when_the_engine_accepts_it_not_with_its_first_token(proxy: str) -> None:
+    """vLLM answers 200 at once and streams after prefill; refine's headers follow its 200, so a client has
+    them before the first token. The fake holds its first token until the headers have come (a refine that
+    waited for that token would leave this test to the client's timeout)."""
+    body = {"model": MODEL, "prompt": "HOLD_FIRST", "stream": True}
+    fake_vllm_app.state.release_first.clear()
+    try:
+        with httpx.stream("POST", f"{proxy}/v1/completions", json=body, timeout=10) as resp:
+            assert resp.status_code == 200 and resp.headers["x-refine-policy"] == "none"
+            fake_vllm_app.state.release_first.set()
+            events = [event for event in resp.read().split(b"\n\n") if event]
+    finally:
+        fake_vllm_app.state.release_first.set()
+    assert b'"text":"alpha"' in events[0] and events[-1] == b"data: [DONE]"
 
 
 def test_a_backend_that_drops_the_stream_ends_it_with_an_openai_error(proxy: str) -> None:

@@ -110,6 +110,26 @@ def test_when_every_backend_is_down_the_client_gets_a_503() -> None:
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "backend_unavailable"
 
 
+def test_a_stream_whose_backend_fails_after_accepting_it_moves_to_another_unseen_by_the_client() -> None:
+    """refine answers a relayed stream's headers when the engine accepts it (its 200), before the first token;
+    a backend that fails after that but before its first event is replaced, as if it had refused outright."""
+    with serve_in_thread(make_app(drops_streams=True)) as failing, serve_in_thread(make_app()) as working, \
+            _refine([failing, working]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(2):  # ties are taken in turn: one of the two starts on the failing backend
+            stream = client.completions.create(model=MODEL, prompt="hi", stream=True)
+            assert "".join(c.choices[0].text for c in stream if c.choices) == "alpha beta gamma"
+        assert (_served(failing), _served(working)) == (1, 2)
+
+
+def test_with_one_backend_a_stream_it_drops_before_its_first_event_ends_with_an_error_event() -> None:
+    with serve_in_thread(make_app(drops_streams=True)) as failing, _refine([failing]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(model=MODEL, prompt="hi", stream=True)  # the 200 came
+        with pytest.raises(openai.APIError, match="backend unavailable"):
+            list(stream)
+
+
 def test_a_backend_killed_under_load_ends_its_streams_with_an_error_and_loses_no_new_request() -> None:
     port = free_port()
     killed = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning"))
