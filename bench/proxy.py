@@ -290,7 +290,9 @@ def revision() -> dict[str, Any]:
         # --no-optional-locks: reading the state must not rewrite the index under the other work in this tree.
         cmd = ["git", "--no-optional-locks", *argv]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # Results of earlier runs (bench/results) do not make the code measured differ from the commit.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
 def main() -> None:

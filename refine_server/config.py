@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     workers: int | None = Field(
         None, ge=1,
         description="HTTP worker processes sharing the port. Unset: 1 in embedded mode on a CPU (the engine "
-        "needs the cores), else min(4, CPUs). With several, the embedded engine is still started once.",
+        "needs the cores), else one per 4 CPUs, 1 to 4. With several, the embedded engine is still started once.",
     )
     backend_metrics: bool = Field(
         False, description="append the backend's own /metrics (vLLM's) to refine's (always on in embedded mode)"

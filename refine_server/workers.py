@@ -26,12 +26,19 @@ from refine_server.engine import EmbeddedEngine, running_on_cpu
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+CORES_PER_WORKER = 4
+
+
 def worker_count(settings: Settings) -> int:
+    """The operator's count, else one worker per CORES_PER_WORKER cores (1 to 4), and 1 beside an embedded CPU
+    engine, which needs every core it can get. One worker relays about 25k tokens/s (~40 us each, bench/proxy.py),
+    more than one vLLM streams; each more one costs every token a write to the multiprocess metrics files (with
+    two workers on 2 cores: 66 against 42 us per token at 16 streams)."""
     if settings.workers is not None:
         return settings.workers
     if not settings.backend_url and running_on_cpu():
-        return 1  # the embedded CPU engine needs every core it can get
-    return min(4, os.cpu_count() or 1)
+        return 1
+    return min(4, max(1, (os.cpu_count() or 1) // CORES_PER_WORKER))
 
 
 def serve_workers(settings: Settings, workers: int) -> None:

@@ -14,9 +14,15 @@ def test_the_operator_sets_the_worker_count() -> None:
     assert workers.worker_count(Settings(workers=3)) == 3
 
 
-def test_an_embedded_cpu_engine_keeps_the_cores_and_a_proxy_alone_uses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_embedded_cpu_engine_keeps_the_cores_and_a_proxy_takes_a_worker_per_four(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers, "running_on_cpu", lambda: True)
     assert workers.worker_count(Settings()) == 1
-    assert workers.worker_count(Settings(backend_url="http://gpu-host:8000")) == min(4, os.cpu_count() or 1)
+    external = Settings(backend_url="http://gpu-host:8000")
+    for cores, expected in ((1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(workers.os, "cpu_count", lambda cores=cores: cores)
+        assert workers.worker_count(external) == expected, cores
     monkeypatch.setattr(workers, "running_on_cpu", lambda: False)
-    assert workers.worker_count(Settings()) == min(4, os.cpu_count() or 1)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    assert workers.worker_count(Settings()) == 4  # an embedded GPU engine: the cores are the proxy's
+
+
