@@ -28,7 +28,9 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
   greedy and a sampled set; the greedy one is always present already).
 - Beyond the paper, on by default: the judge guard (`judge_guard`, see rain_search.py): when the first
   `judge_guard_evaluations` (4) evaluations of a commit are all 0, the judge answered by position in every
-  one, and the most-visited child is committed at once. `judge_guard: false` is the paper's search.
+  one, and the most-visited child is committed at once; once a request's judge has done so, with no other
+  value yet, a later commit needs only its first evaluation to be 0 too. `judge_guard: false` is the paper's
+  search.
 - Beyond the paper, optional: `judge_model` lets another model on the same upstream answer the
   self-evaluation (a small generator with a stronger judge); `parallel_leaves` > 1 searches several leaves
   at once (virtual loss, as in parallel MCTS), so vLLM batches their calls; each leaf still counts as one
@@ -122,7 +124,8 @@ class RainParams(PolicyParams):
         True, description="commit the most-visited child at once when the judge gives no signal (False: the "
         "paper's search, every iteration run)")
     judge_guard_evaluations: int = Field(
-        4, ge=1, description="the judge guard fires when this many first evaluations of a commit are all 0")
+        4, ge=1, description="the judge guard fires when this many first evaluations of a commit are all 0 (after "
+        "that many zeros and nothing else in the request: when the first of a commit is 0)")
     max_engine_calls: int = Field(5000, ge=1, description="budget: generation calls of the whole search")
     max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
     max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")

@@ -18,7 +18,11 @@ The judge guard (refine's, on by default, `judge_guard`): a model that answers t
 position, not by content, picks the same letter in both orders, so every value is 0. Then no value tells
 children apart, the early stop (q > 0.8) can never fire, and a commit's iterations only follow the priors.
 When the first `judge_guard_evaluations` evaluations of a commit are all 0, the most-visited child is
-committed at once (`stopped: "no_signal"`). The trace's `judge` counts what the judge said, per commit.
+committed at once (`stopped: "no_signal"`). The evidence is kept for the request: once that many of its
+evaluations were 0 and none was not, a later commit stops after its first evaluation if that one is 0 too
+(a judge that answered by position k times in a row is not waited for k more times per commit); any value
+that is not 0 brings back the full count for the rest of the request. The trace's `judge` counts what the
+judge said, per commit.
 """
 
 from __future__ import annotations
@@ -212,7 +216,8 @@ class RainSearch:
         self.budget_exhausted: str | None = None
         self._embeddings: dict[str, Any] = {}  # text -> its embedding: paths share their tails' texts
         self._widened = 0
-        self._judge = JudgeStats()
+        self._judge = JudgeStats()  # this commit's evaluations
+        self._judged_before = JudgeStats()  # the earlier commits' evaluations of this request
 
     @property
     def done(self) -> bool:
@@ -239,7 +244,7 @@ class RainSearch:
             if best is not None and best.true_visits > p.early_stop_visits and best.q > p.early_stop_value:
                 stopped = "confident"
                 break
-            if p.judge_guard and root.children and self._judge.no_signal(p.judge_guard_evaluations):
+            if p.judge_guard and root.children and self._no_signal():
                 stopped = "no_signal"
                 break
         chosen = root.most_visited_child()
@@ -252,10 +257,18 @@ class RainSearch:
             nodes=self.tree.count_nodes(), widened=self._widened, judge=self._judge,
             seconds=time.monotonic() - started,
         )
+        self._judged_before.merge(self._judge)
         self.tree.commit(chosen)
         self.answer.extend(chosen.tokens)
         self.answer_ended = chosen.ends_answer
         return record
+
+    def _no_signal(self) -> bool:
+        """The judge guard's test (see the module's docstring)."""
+        first = self.params.judge_guard_evaluations
+        earlier = self._judged_before
+        silent_so_far = len(earlier.values) >= first and earlier.no_signal(len(earlier.values))
+        return self._judge.no_signal(1 if silent_so_far else first)
 
     async def _round_within_time_budget(self, leaves: int) -> int:
         left = self.engine.budget.seconds_left()

@@ -294,6 +294,33 @@ async def test_the_judge_guard_commits_when_the_first_evaluations_are_all_positi
     assert record.stopped == "iterations" and record.iterations == 20
 
 
+async def test_the_judge_guard_keeps_its_evidence_for_the_request() -> None:
+    """After k position answers in a row a later commit waits for one more, not k; a judge that gave a signal
+    once gets the full count again at every commit."""
+    search = _search(PositionJudgeEngine(), max_tokens=40, max_iterations_per_commit=20)
+    first, second, third = [await search.commit_next() for _ in range(3)]
+    assert [(r.stopped, r.iterations) for r in (first, second, third)] == [("no_signal", 4), ("no_signal", 1),
+                                                                           ("no_signal", 1)]
+
+    search = _search(SignalOnceEngine(), max_tokens=40, max_iterations_per_commit=20)
+    first, second = await search.commit_next(), await search.commit_next()
+    assert first.judge.values[0] == -1 and (first.stopped, first.iterations) == ("iterations", 20)
+    assert (second.stopped, second.iterations) == ("no_signal", 4)
+
+
+class SignalOnceEngine(PositionJudgeEngine):
+    """Its first self-evaluation rejects the text in both orders (-1); every later one answers by position (0)."""
+
+    judged = 0
+
+    async def judge(self, prompts, options, model) -> list[tuple[float, float]]:
+        self.judged += 1
+        if self.judged == 1:
+            self._call("evaluate")
+            return [(-2.0, -1.0), (-1.0, -2.0)]
+        return await super().judge(prompts, options, model)
+
+
 async def test_the_judge_guard_leaves_a_judge_that_agrees_across_orders_alone() -> None:
     search = _search(ScriptedEngine(rejected="t1"), max_tokens=40, max_iterations_per_commit=20,
                      judge_guard_evaluations=2)
