@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import uvicorn
 from openai import OpenAI
 
 from tests.conftest import ENGINE_ENV, MODEL, metric_total, start_refine, stop_refine
@@ -163,3 +165,62 @@ def test_srgen_goes_only_to_the_backend_whose_plugin_runs_it(engine_url: str) ->
             assert httpx.get(f"{fake}/fake/stats").json()["completions"] == 2 + 1  # + the one handshake
         finally:
             stop_refine(server)
+
+
+def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_probed_back_in(engine_url: str) -> None:
+    """The real engine and a fake vLLM behind one refine: requests spread over both; with the fake gone none is
+    lost, streamed or not (the real engine answers them); once the fake is back on its port, the probe returns
+    it to the rotation."""
+    port = free_port()
+    fake_url = f"http://127.0.0.1:{port}"
+    fake = _start_fake(port)
+    server = start_refine("failover", free_port(), "--backend-url", f"{fake_url},{engine_url}", "--workers", "1",
+                          ready_timeout_s=60, env=ENGINE_ENV)
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+        def texts(count: int, stream: bool = False) -> set[str]:
+            found = set()
+            for _ in range(count):
+                if stream:
+                    chunks = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0,
+                                                       stream=True)
+                    found.add("".join(c.choices[0].text for c in chunks if c.choices))
+                else:
+                    found.add(client.completions.create(model=MODEL, prompt="hi", max_tokens=3,
+                                                        temperature=0).choices[0].text)
+            return found
+
+        spread = texts(4)
+        assert FAKE_TEXT in spread and len(spread) == 2  # ties taken in turn: both replicas answer
+        real = (spread - {FAKE_TEXT}).pop()
+
+        _stop_fake(fake)
+        assert texts(4) == texts(4, stream=True) == {real}  # nothing lost, nothing from the fake
+        assert metric_total(httpx.get(f"{server.url}/metrics").text, "refine_upstream_failovers_total") >= 1
+
+        fake = _start_fake(port)
+        deadline = time.monotonic() + 30  # probes run every 2 s
+        while FAKE_TEXT not in texts(2):
+            assert time.monotonic() < deadline, "the replica that came back was never probed back in"
+    finally:
+        _stop_fake(fake)
+        stop_refine(server)
+
+
+FAKE_TEXT = "alpha beta gamma"  # what tests/fake_vllm.py answers
+
+
+def _start_fake(port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread
+
+
+def _stop_fake(fake: tuple[uvicorn.Server, threading.Thread]) -> None:
+    server, thread = fake
+    server.should_exit = True
+    thread.join(10)
