@@ -80,10 +80,11 @@ class ChunkRelay:
 
     A chunk is either the engine's own JSON bytes (a policy that relays the stream unchanged: they go out
     as they came, and only a chunk that may finish a choice is decoded) or a dict the policy wrote; a
-    relayed stream starts with `relayed.ACCEPTED`, which sends nothing. The `refine` block goes, once, on the chunk that finishes the last of the request's choices (n per
-    prompt), so a client reading the stream finds it without waiting for anything extra. A failure
-    mid-stream becomes a `data: {"error": ...}` line, which the official openai client raises as an APIError;
-    a failure before the first event is retried on another replica instead, where `reopen` allows it.
+    relayed stream starts with `relayed.ACCEPTED`, which sends nothing. The `refine` block goes, once, on the
+    chunk that finishes the last of the request's choices (n per prompt), so a client reading the stream
+    finds it without waiting for anything extra. A failure mid-stream becomes a `data: {"error": ...}` line,
+    which the official openai client raises as an APIError; a failure before the first event is retried on
+    another replica instead, where `reopen` allows it.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ def test_the_operator_sets_the_worker_count() -> None:
     assert workers.worker_count(Settings(workers=3)) == 3
 
 
-def test_an_embedded_cpu_engine_keeps_the_cores_and_a_proxy_takes_a_worker_per_four(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cpu_engine_keeps_the_cores_and_a_proxy_takes_a_worker_per_four(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers, "running_on_cpu", lambda: True)
     assert workers.worker_count(Settings()) == 1
     external = Settings(backend_url="http://gpu-host:8000")
