@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 import psutil
+from stats import median_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -194,13 +195,6 @@ def percentile(ordered: list[float], q: float) -> float:
 
 def median(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
-
-
-def median_interval(ordered: list[float], z: float = 1.96) -> tuple[float, float]:
-    """A 95% interval for the median of sorted values, from order statistics (no assumption on their shape)."""
-    n = len(ordered)
-    half = z * n ** 0.5 / 2
-    return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(n / 2 + half))]
 
 
 async def paired_ttft(client: httpx.AsyncClient, direct: str, refine: str, body: dict[str, Any],

@@ -7,6 +7,8 @@
 - `paired_bootstrap(a, b)`: the mean difference b - a with a 95% percentile interval, resampling items.
   Its inputs may be per-item averages over seeds (a sampled policy run with several seeds), where McNemar's
   test, which needs one right/wrong per item and arm, does not apply.
+- `median_interval(values)`: a 95% interval for a median, from order statistics (bench/proxy.py's paired
+  latency differences, whose shape is unknown).
 
 Both paired comparisons take the arms item by item in the same order.
 """
@@ -63,6 +65,13 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], reps: int = 10_000,
                              rng=np.random.default_rng(seed))
     interval = result.confidence_interval
     return Bootstrap(float(diffs.mean()), float(interval.low), float(interval.high))
+
+
+def median_interval(ordered: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval for the median of sorted values, from order statistics (no assumption on their shape)."""
+    n = len(ordered)
+    half = z * n ** 0.5 / 2
+    return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(n / 2 + half))]
 
 
 def _check_paired(a: Sequence[float], b: Sequence[float]) -> None:

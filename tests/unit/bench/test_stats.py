@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from stats import Bootstrap, McNemar, mcnemar, paired_bootstrap, wilson
+from stats import Bootstrap, McNemar, mcnemar, median_interval, paired_bootstrap, wilson
 
 
 def test_wilson_interval() -> None:
@@ -53,3 +53,11 @@ def test_arms_must_be_paired() -> None:
         mcnemar([True], [True, False])
     with pytest.raises(ValueError, match="same items"):
         paired_bootstrap([1.0, 0.0], [1.0])
+
+
+def test_median_interval_brackets_the_median_by_order_statistics() -> None:
+    values = [float(i) for i in range(400)]
+    low, high = median_interval(values)
+    assert low < 199.5 < high
+    assert (low, high) == (180.0, 219.0)  # ranks n/2 -+ 1.96 sqrt(n) / 2
+    assert median_interval([3.0]) == (3.0, 3.0)
