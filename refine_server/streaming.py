@@ -110,23 +110,17 @@ class ChunkRelay:
         self._on_finish = on_finish
         self._reopen = reopen
         self._finished: set[int] = set()
+        self._last_token_at: float | None = None
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE events, ended by `[DONE]`; the request is counted (`on_finish`) when they end or are closed."""
         status = 200
-        last_token_at: float | None = None
         sent_any = False
         try:
             chunk = self._first
             while chunk is not None:
                 if chunk != relayed.ACCEPTED:
-                    if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
-                        now = time.perf_counter()
-                        if last_token_at is None:
-                            self._ttft.observe(now - self._started)
-                        else:
-                            self._itl.observe(now - last_token_at)
-                        last_token_at = now
+                    self._observe_latency(chunk)
                     yield sse(self._with_refine_block(chunk))
                     sent_any = True
                 chunk = await self._next(sent_any)
@@ -145,6 +139,17 @@ class ChunkRelay:
         finally:
             await self._rest.aclose()
             self._on_finish(status)
+
+    def _observe_latency(self, chunk: Chunk) -> None:
+        """Time to the first token, then between tokens, for chunks that carry tokens."""
+        if not (relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk)):
+            return
+        now = time.perf_counter()
+        if self._last_token_at is None:
+            self._ttft.observe(now - self._started)
+        else:
+            self._itl.observe(now - self._last_token_at)
+        self._last_token_at = now
 
     async def _next(self, sent_any: bool) -> Chunk | None:
         """The next chunk. A backend that fails after accepting the request but before its first event has

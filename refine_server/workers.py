@@ -32,8 +32,8 @@ CORES_PER_WORKER = 4
 def worker_count(settings: Settings) -> int:
     """The operator's count, else one worker per CORES_PER_WORKER cores (1 to 4), and 1 beside an embedded CPU
     engine, which needs every core it can get. One worker relays about 25k tokens/s (~40 us each, bench/proxy.py),
-    more than one vLLM streams; each more one costs every token a write to the multiprocess metrics files (with
-    two workers on 2 cores: 66 against 42 us per token at 16 streams)."""
+    more than one vLLM streams; with more than one, every token is written to the multiprocess metrics files
+    (two workers on 2 cores: 66 against 42 us per token at 16 streams)."""
     if settings.workers is not None:
         return settings.workers
     if not settings.backend_url and running_on_cpu():
