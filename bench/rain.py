@@ -122,6 +122,7 @@ def rain_run(client: OpenAI, model: str, query: str, endpoint: str, max_tokens: 
     return {"seconds": seconds, "answer_tokens": answer_tokens, "seconds_per_token": seconds / answer_tokens,
             "generated_tokens": trace["engine"]["total"]["completion_tokens"],
             "generated_per_answer_token": trace["engine"]["total"]["completion_tokens"] / answer_tokens,
+            "set_tokens": trace["set_tokens"],
             "engine_calls": trace["engine"]["total"]["calls"], "tokenizer_calls": trace["tokenizer_calls"],
             "tokenizer": trace["tokenizer"], "commits": len(commits), "iterations": trace["iterations"],
             "stopped": stopped, "overrode_greedy": sum(not c["greedy"] for c in commits),
@@ -203,6 +204,9 @@ def write_results(args: argparse.Namespace, modes: dict[str, Any], rows: list[di
             "median_seconds": median(lambda r, m=mode: r[m]["seconds"]),
             "median_answer_tokens": median(lambda r, m=mode: r[m]["answer_tokens"]),
             "median_generated_per_answer_token": median(lambda r, m=mode: r[m]["generated_per_answer_token"]),
+            # What drawing the sets together saved: expansion tokens generated per token of the sets made.
+            "expansion_tokens_per_set_token": (sum(r[mode]["by_purpose"]["expand"]["completion_tokens"] for r in rows)
+                                               / max(sum(r[mode]["set_tokens"] for r in rows), 1)),
             "median_engine_calls": median(lambda r, m=mode: r[m]["engine_calls"]),
             "median_iterations": median(lambda r, m=mode: r[m]["iterations"]),
             "commits": sum(r[mode]["commits"] for r in rows),

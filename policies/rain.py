@@ -18,6 +18,10 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
 - Same visits and choices, less work: a leaf is expanded on its second visit, when its children are first
   read, not on its first (`defer_expansion`; False expands on the first visit, beside the evaluation, as the
   official code). Only the order of the engine calls changes, so a seeded search samples other sets.
+- Same sets, less work: a level's greedy set and samples are drawn together from the distributions a streamed
+  greedy path reports, so samples that begin alike compute their beginning once, as with the official code's
+  logits cache (`draw_together`, `rain_sets.py`; it needs the served model's end-of-sequence ids, so only where
+  its files are readable here: elsewhere, or with `draw_together: false`, the samples are vLLM's `n`).
 - Different: the self-evaluation prompts are new few-shot prompts in the same A/B format (prompts/), and the
   truthful criterion also asks both orders (the official TruthfulQA script asks once, with Yes/No). The
   option ids come from the judging tokenizer, not LLaMA's. The prompt is the client's conversation through
@@ -115,6 +119,10 @@ class RainParams(PolicyParams):
     defer_expansion: bool = Field(
         True, description="expand a leaf on its second visit, when its children are first needed (same visits and "
         "choices as the official first-visit expansion, without expanding leaves never revisited)")
+    draw_together: bool = Field(
+        True, description="draw a level's sets together, so samples that begin alike compute that once (fewer "
+        "engine tokens, an engine step or two more per expansion; needs the model's files on this machine); "
+        "false: the samples are vLLM's `n`")
     parallel_leaves: int = Field(
         1, ge=1, le=64, description="leaves searched at once, with virtual loss (1: the paper's sequential search)")
     judge_model: str | None = Field(
@@ -126,7 +134,7 @@ class RainParams(PolicyParams):
     judge_guard_evaluations: int = Field(
         4, ge=1, description="the judge guard fires when this many first evaluations of a commit are all 0 (after "
         "that many zeros and nothing else in the request: when the first of a commit is 0)")
-    max_engine_calls: int = Field(5000, ge=1, description="budget: generation calls of the whole search")
+    max_engine_calls: int = Field(20_000, ge=1, description="budget: generation calls of the whole search")
     max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
     max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")
 
@@ -154,7 +162,7 @@ class RainLimits(PolicyLimits):
     min_iterations_per_commit: int | None = 200
     max_rollout_tokens: int | None = 512
     parallel_leaves: int | None = 16
-    max_engine_calls: int | None = 20_000
+    max_engine_calls: int | None = 50_000
     max_search_tokens: int | None = 1_000_000
     max_seconds: float | None = 1800.0
 
@@ -312,6 +320,9 @@ class RainRun:
             "engine": {"total": s.total().as_dict(),
                        **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()}},
             "tokenizer_calls": s.tokenizer_calls,
+            # The expansions' multi-token sets, in tokens: against `expand` completion tokens, what drawing them
+            # together saved (rain_sets.py).
+            "set_tokens": self.engine.set_tokens,
             "seconds": round(time.monotonic() - self.started, 3),
         }
         t = self.call.trace

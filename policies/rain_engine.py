@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refine_server.policies.engine_client import Budget, EngineClient, Spend
+from refine_server.policies.engine_client import Budget, EngineClient, Spend, run_together
+from refine_server.policies.rain_sets import draw_sets
 from refine_server.policies.rain_tree import TokenSet
 
 ROLLOUT_STOPS = [",", ".", "?", ":", ";", "\n"]  # a rollout runs to the next punctuation
 MAX_LOGPROBS = 20  # vLLM's default cap on top logprobs per token
+
+
+@dataclass(frozen=True)
+class LocalTokenizer:
+    """A served model's tokenizer, read from its own files on this machine."""
+
+    tokenizer: Any  # transformers' tokenizer
+    end_ids: frozenset[int]  # where vLLM ends an answer: the tokenizer's end-of-sequence id, the generation config's
 
 
 class Tokenizer:
@@ -28,7 +39,7 @@ class Tokenizer:
     answer token; with the model's own tokenizer files (`local`, see `load_local_tokenizer`) that costs no
     round trip, otherwise each is a /tokenize or /detokenize call to vLLM."""
 
-    def __init__(self, client: EngineClient, model: str, local: Any = None):
+    def __init__(self, client: EngineClient, model: str, local: LocalTokenizer | None = None):
         self.client = client
         self.model = model
         self.local = local
@@ -39,26 +50,35 @@ class Tokenizer:
 
     async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
         if self.local is not None:
-            return self.local.encode(text, add_special_tokens=special_tokens)
+            return self.local.tokenizer.encode(text, add_special_tokens=special_tokens)
         return await self.client.tokenize(text, special_tokens=special_tokens, model=self.model)
 
     async def decode(self, tokens: list[int]) -> str:
         if self.local is not None:
-            return self.local.decode(tokens)  # as vLLM's /detokenize: special tokens kept
+            return self.local.tokenizer.decode(tokens)  # as vLLM's /detokenize: special tokens kept
         return await self.client.detokenize(tokens, model=self.model)
 
 
-async def load_local_tokenizer(root: str | None) -> Any:
+async def load_local_tokenizer(root: str | None) -> LocalTokenizer | None:
     """The tokenizer in the folder vLLM loaded a model from (its /v1/models `root`), if this machine has that
     folder: the embedded engine's model always, a separate backend's when it runs here on a local path.
     None when it is not a local folder with tokenizer files (a hub name, another machine)."""
     if not root or not (Path(root) / "tokenizer_config.json").is_file():
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, GenerationConfig
     except ImportError:
         return None
-    return await asyncio.to_thread(AutoTokenizer.from_pretrained, root, local_files_only=True)
+
+    def load() -> LocalTokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        ends = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+        if (Path(root) / "generation_config.json").is_file():
+            configured = GenerationConfig.from_pretrained(root, local_files_only=True).eos_token_id
+            ends.update(configured if isinstance(configured, list) else [] if configured is None else [configured])
+        return LocalTokenizer(tokenizer, frozenset(ends))
+
+    return await asyncio.to_thread(load)
 
 
 class SearchEngine:
@@ -69,6 +89,7 @@ class SearchEngine:
         self.client = client
         self.tokenizer = tokenizer
         self._texts: dict[tuple[int, ...], str] = {}
+        self.set_tokens = 0  # the tokens of the multi-token sets expansions made: what vLLM's `n` would generate
 
     @property
     def budget(self) -> Budget:
@@ -105,6 +126,40 @@ class SearchEngine:
         ranked = sorted(top.items(), key=lambda kv: -kv[1])[:k]
         total = sum(math.exp(lp) for _, lp in ranked)
         return [TokenSet((token,), math.exp(lp) / total, greedy=(i == 0)) for i, (token, lp) in enumerate(ranked)]
+
+    async def expansion_sets(self, prompt: list[int], length: int, top_k: int, samples: int,
+                             together: bool) -> tuple[TokenSet, list[TokenSet]]:
+        """A multi-token level's children: the greedy set and `samples` sets sampled from the top-k distribution
+        (duplicates kept). `together`: drawn together (`rain_sets.draw_sets`), where the model's end-of-sequence
+        ids are known here; otherwise in two calls, the samples as vLLM's `n`."""
+        if not together or self.tokenizer.local is None:
+            greedy, sampled = await run_together(self.greedy_set(prompt, length, top_k),
+                                                 self.sampled_sets(prompt, length, top_k, samples))
+        else:
+            greedy, sampled = await draw_sets(self, prompt, length, top_k, samples,
+                                              random.Random(self.client.next_seed()))
+        self.set_tokens += sum(len(s.tokens) + s.ends_answer for s in (greedy, *sampled))
+        return greedy, sampled
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        return self.tokenizer.local.end_ids if self.tokenizer.local is not None else frozenset()
+
+    async def greedy_path(self, prompt: list[int], length: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
+        """The greedy continuation of `prompt`, `length` tokens at most, streamed: each token with the top
+        log-probabilities at the state before it. Leaving early aborts the rest in vLLM."""
+        chunks = self.client.stream_completions("expand", prompt, max_tokens=length, temperature=0.0,
+                                                logprobs=MAX_LOGPROBS, return_token_ids=True,
+                                                return_tokens_as_token_ids=True)
+        async with aclosing(chunks):
+            async for event in chunks:
+                for choice in event.get("choices") or ():
+                    tops = (choice.get("logprobs") or {}).get("top_logprobs") or ()
+                    for token, top in zip(choice.get("token_ids") or (), tops, strict=True):
+                        yield token, _token_logprobs(top)
+
+    async def finish_sample(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
+        return (await self.sampled_sets(prompt, length, top_k, 1))[0]
 
     async def greedy_set(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
         choice = (await self._complete("expand", prompt, max_tokens=length, temperature=0.0, logprobs=top_k))[0]

@@ -329,20 +329,18 @@ class RainSearch:
     async def _search_leaf(self, node: Node) -> tuple[float, list[Any]]:
         """Evaluate a leaf (and, without deferred expansion, expand it at the same time); returns its value and
         the embeddings its backup needs."""
-        path = node.path_from(self.tree.root)
-        explored = node.tokens_from(self.tree.root)
         terminal = self._terminal(node)
         expand_now = not self.params.defer_expansion and not terminal
-        (value, rollout), _ = await run_together(
-            self._evaluate(explored, terminal),
+        evaluated, _ = await run_together(
+            self._evaluate(node.path_from(self.tree.root), node.tokens_from(self.tree.root), terminal),
             self._expand(node) if expand_now else _nothing(),
         )
-        return value, await self._path_embeddings(path, explored + rollout)
+        return evaluated
 
-    async def _evaluate(self, explored: list[int], terminal: bool) -> tuple[float, list[int]]:
-        """Roll out (see `Criterion.rollout`), then self-evaluate. No rollout for an empty response: the
-        official code's rollout stops at once there, as its prompt ends at "Assistant:" (a chat template's
-        ends at a newline)."""
+    async def _evaluate(self, path: list[Node], explored: list[int], terminal: bool) -> tuple[float, list[Any]]:
+        """Roll out (see `Criterion.rollout`), then self-evaluate, and embed the path's texts meanwhile (both
+        need only the rollout). No rollout for an empty response: the official code's rollout stops at once
+        there, as its prompt ends at "Assistant:" (a chat template's ends at a newline)."""
         response_ids = self.answer + explored
         rollout: list[int] = []
         text = await self.engine.text(response_ids)
@@ -352,9 +350,10 @@ class RainSearch:
             cap = self.params.max_rollout_tokens or (room if to_end else PUNCTUATION_ROLLOUT_TOKENS)
             rollout = await self.engine.rollout(self.prompt + response_ids, min(cap, room), to_end=to_end)
             text = await self.engine.text(response_ids + rollout)
-        judgement = await self.evaluator.judge(self.criterion.judged_text(text))
+        judgement, embeddings = await run_together(self.evaluator.judge(self.criterion.judged_text(text)),
+                                                   self._path_embeddings(path, explored + rollout))
         self._judge.add(judgement)
-        return judgement.value, rollout
+        return judgement.value, embeddings
 
     async def _expand(self, node: Node) -> None:
         p = self.params
@@ -364,10 +363,8 @@ class RainSearch:
             ranked = await self.engine.top_tokens(prefix, MAX_WIDENED_TOKENS)
             self.tree.expand(node, ranked[:p.token_choices], keep_for_widening=ranked[p.token_choices:])
             return
-        greedy, samples = await run_together(
-            self.engine.greedy_set(prefix, length, p.set_top_k),
-            self.engine.sampled_sets(prefix, length, p.set_top_k, p.set_choices - 1),
-        )
+        greedy, samples = await self.engine.expansion_sets(prefix, length, p.set_top_k, p.set_choices - 1,
+                                                           together=p.draw_together)
         self.tree.expand(node, distinct_sets(greedy, samples))
 
     async def _widen(self, node: Node) -> None:

@@ -128,6 +128,28 @@ def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, e
     assert _engine_tokens(engine_url) > generated_at_first_piece
 
 
+@pytest.mark.engine
+def test_a_levels_sets_are_drawn_together_and_the_greedy_one_is_the_engines_greedy_decoding(
+        client: OpenAI, engine_url: str) -> None:
+    """The bundled model's files are readable here, so an expansion's greedy set and 9 samples are drawn together
+    (policies/rain_sets.py). One expansion of the root into 4-token sets: the greedy child is what the engine
+    decodes greedily, every set has the level's length, and the engine generated fewer tokens than the sets
+    hold (their common beginnings once; vLLM's `n` would have generated all 40)."""
+    prompt = "Once upon a time"
+    resp = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=4, seed=3,
+        extra_body=_rain(set_lengths=[4], max_iterations_per_commit=2, min_iterations_per_commit=2,
+                         judge_guard=False))
+    trace = resp.model_extra["refine"]["trace"]
+    (commit,) = trace["commits"]
+    plain = httpx.post(f"{engine_url}/v1/completions", json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True}).json()
+    greedy = next(c for c in commit["children"] if c["greedy"])
+    assert greedy["tokens"] == plain["choices"][0]["token_ids"]
+    assert all(len(c["tokens"]) == 4 for c in commit["children"]) and trace["set_tokens"] == 40
+    assert trace["engine"]["expand"]["completion_tokens"] < 40
+
+
 def _engine_tokens(engine_url: str) -> float:
     return metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:generation_tokens_total")
 

@@ -91,6 +91,9 @@ class ScriptedEngine:
         self._call(purpose)
         return [TokenSet(tuple([i + 2] * length), 0.1) for i in range(n)]
 
+    async def expansion_sets(self, prompt, length, top_k, samples, together) -> tuple[TokenSet, list[TokenSet]]:
+        return await self.greedy_set(prompt, length, top_k), await self.sampled_sets(prompt, length, top_k, samples)
+
     async def rollout(self, prompt, max_tokens, *, to_end=False) -> list[int]:
         self._call("rollout")
         return [99]
