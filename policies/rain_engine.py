@@ -75,7 +75,8 @@ async def load_local_tokenizer(root: str | None) -> LocalTokenizer | None:
         ends = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
         if (Path(root) / "generation_config.json").is_file():
             configured = GenerationConfig.from_pretrained(root, local_files_only=True).eos_token_id
-            ends.update(configured if isinstance(configured, list) else [] if configured is None else [configured])
+            if configured is not None:
+                ends.update(configured if isinstance(configured, list) else [configured])
         return LocalTokenizer(tokenizer, frozenset(ends))
 
     return await asyncio.to_thread(load)

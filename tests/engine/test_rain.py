@@ -129,17 +129,19 @@ def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, e
 
 
 @pytest.mark.engine
-def test_a_levels_sets_are_drawn_together_and_the_greedy_one_is_the_engines_greedy_decoding(
-        client: OpenAI, engine_url: str) -> None:
-    """The bundled model's files are readable here, so an expansion's greedy set and 9 samples are drawn together
-    (policies/rain_sets.py). One expansion of the root into 4-token sets: the greedy child is what the engine
-    decodes greedily, every set has the level's length, and the engine generated fewer tokens than the sets
-    hold (their common beginnings once; vLLM's `n` would have generated all 40)."""
+@pytest.mark.parametrize("together", [True, False])
+def test_a_levels_sets_drawn_together_generate_fewer_tokens_and_the_same_greedy_set(
+        client: OpenAI, engine_url: str, together: bool) -> None:
+    """The bundled model's files are readable here, so by default an expansion's greedy set and 9 samples are
+    drawn together (policies/rain_sets.py); `draw_together: false` asks vLLM for `n=9` samples. One expansion of
+    the root into 4-token sets: either way the greedy child is what the engine decodes greedily and every set has
+    the level's length; drawn together, the engine generated fewer tokens than the sets hold (their common
+    beginnings once), where `n` generates all 40."""
     prompt = "Once upon a time"
     resp = client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=4, seed=3,
         extra_body=_rain(set_lengths=[4], max_iterations_per_commit=2, min_iterations_per_commit=2,
-                         judge_guard=False))
+                         judge_guard=False, draw_together=together))
     trace = resp.model_extra["refine"]["trace"]
     (commit,) = trace["commits"]
     plain = httpx.post(f"{engine_url}/v1/completions", json={
@@ -147,7 +149,8 @@ def test_a_levels_sets_are_drawn_together_and_the_greedy_one_is_the_engines_gree
     greedy = next(c for c in commit["children"] if c["greedy"])
     assert greedy["tokens"] == plain["choices"][0]["token_ids"]
     assert all(len(c["tokens"]) == 4 for c in commit["children"]) and trace["set_tokens"] == 40
-    assert trace["engine"]["expand"]["completion_tokens"] < 40
+    generated = trace["engine"]["expand"]["completion_tokens"]
+    assert generated < 40 if together else generated == 40
 
 
 def _engine_tokens(engine_url: str) -> float:

@@ -58,3 +58,24 @@ async def test_a_model_folder_this_machine_cannot_read_falls_back_to_the_engines
     assert await load_local_tokenizer(None) is None
     assert await load_local_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub name, not a folder
     assert await load_local_tokenizer(str(tmp_path)) is None  # a folder without tokenizer files
+
+
+async def test_a_readable_model_folder_gives_its_tokenizer_and_every_id_vllm_ends_an_answer_at(tmp_path) -> None:
+    """vLLM stops at the tokenizer's end-of-sequence id and at every id of the generation config's: RAIN's drawn
+    sets (rain_sets.py) end a sample at the same ids."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from refine_server.policies.rain_engine import load_local_tokenizer
+
+    raw = RawTokenizer(WordLevel({"<unk>": 0, "<end>": 1, "<turn>": 2, "hello": 3}, unk_token="<unk>"))
+    raw.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<end>", unk_token="<unk>").save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[1, 2]).save_pretrained(tmp_path)
+    local = await load_local_tokenizer(str(tmp_path))
+    assert local is not None and local.tokenizer.encode("hello", add_special_tokens=False) == [3]
+    assert local.end_ids == {1, 2}
+    (tmp_path / "generation_config.json").unlink()
+    assert (await load_local_tokenizer(str(tmp_path))).end_ids == {1}
