@@ -146,11 +146,12 @@ class SearchEngine:
     def end_ids(self) -> frozenset[int]:
         return self.tokenizer.local.end_ids if self.tokenizer.local is not None else frozenset()
 
-    async def greedy_path(self, prompt: list[int], length: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
-        """The greedy continuation of `prompt`, `length` tokens at most, streamed: each token with the top
+    async def greedy_path(self, prompt: list[int], length: int,
+                          top_k: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
+        """The greedy continuation of `prompt`, `length` tokens at most, streamed: each token with the top-k
         log-probabilities at the state before it. Leaving early aborts the rest in vLLM."""
         chunks = self.client.stream_completions("expand", prompt, max_tokens=length, temperature=0.0,
-                                                logprobs=MAX_LOGPROBS, return_token_ids=True,
+                                                logprobs=top_k, return_token_ids=True,
                                                 return_tokens_as_token_ids=True)
         async with aclosing(chunks):
             async for event in chunks:

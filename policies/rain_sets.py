@@ -36,8 +36,9 @@ class PathEngine(Protocol):
 
     end_ids: frozenset[int]  # the ids that end the answer, as the engine stops on them
 
-    def greedy_path(self, prompt: list[int], length: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
-        """The greedy continuation, streamed: each token with the top log-probabilities at the state before it."""
+    def greedy_path(self, prompt: list[int], length: int,
+                    top_k: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
+        """The greedy continuation, streamed: each token with the top-k log-probabilities at the state before it."""
 
     async def finish_sample(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
         """The rest of one sampled set, `length` tokens at most, generated in one call."""
@@ -70,7 +71,7 @@ async def draw_sets(engine: PathEngine, prompt: list[int], length: int, top_k: i
 async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int], start: list[int],
                   drafts: list[_Draft], length: int, top_k: int, rng: random.Random) -> None:
     """Drafts that all stand at `prompt + start` follow the greedy path from there, as long as they stay on it."""
-    async with aclosing(engine.greedy_path(prompt + start, length - len(start))) as path:
+    async with aclosing(engine.greedy_path(prompt + start, length - len(start), top_k)) as path:
         async for path_token, top in path:
             ranked = sorted(top.items(), key=lambda kv: -kv[1])[:top_k]
             log_norm = math.log(sum(math.exp(lp) for _, lp in ranked))

@@ -34,7 +34,7 @@ class ToyModel:
     def distribution(self, state: list[int]) -> dict[int, float]:
         return {t: math.log(p) for t, p in enumerate(self.table[state[-1]]) if p > 0}
 
-    async def greedy_path(self, prompt, length):
+    async def greedy_path(self, prompt, length, top_k):
         state, given = list(prompt), 0
         try:
             for _ in range(length):
