@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -137,8 +136,7 @@ class SearchEngine:
             greedy, sampled = await run_together(self.greedy_set(prompt, length, top_k),
                                                  self.sampled_sets(prompt, length, top_k, samples))
         else:
-            greedy, sampled = await draw_sets(self, prompt, length, top_k, samples,
-                                              random.Random(self.client.next_seed()))
+            greedy, sampled = await draw_sets(self, prompt, length, top_k, samples, self.client.next_seed())
         self.set_tokens += sum(len(s.tokens) + s.ends_answer for s in (greedy, *sampled))
         return greedy, sampled
 
@@ -160,18 +158,19 @@ class SearchEngine:
                     for token, top in zip(choice.get("token_ids") or (), tops, strict=True):
                         yield token, _token_logprobs(top)
 
-    async def finish_sample(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
-        return (await self.sampled_sets(prompt, length, top_k, 1))[0]
+    async def finish_sample(self, prompt: list[int], length: int, top_k: int, seed: int | None) -> TokenSet:
+        return (await self.sampled_sets(prompt, length, top_k, 1, seed=seed))[0]
 
     async def greedy_set(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
         choice = (await self._complete("expand", prompt, max_tokens=length, temperature=0.0, logprobs=top_k))[0]
         return _token_set(choice, top_k, greedy=True)
 
-    async def sampled_sets(self, prompt: list[int], length: int, top_k: int, n: int,
-                           purpose: str = "expand") -> list[TokenSet]:
-        """n sets sampled from the top-k truncated distribution (duplicates kept: the caller dedupes)."""
+    async def sampled_sets(self, prompt: list[int], length: int, top_k: int, n: int, purpose: str = "expand",
+                           seed: int | None = None) -> list[TokenSet]:
+        """n sets sampled from the top-k truncated distribution (duplicates kept: the caller dedupes); seeded with
+        `seed`, or the request's next seed."""
         choices = await self._complete(purpose, prompt, max_tokens=length, temperature=1.0, top_k=top_k,
-                                       logprobs=top_k, n=n, seed=self.client.next_seed())
+                                       logprobs=top_k, n=n, seed=self.client.next_seed() if seed is None else seed)
         return [_token_set(c, top_k) for c in choices]
 
     async def rollout(self, prompt: list[int], max_tokens: int, *, to_end: bool = False) -> list[int]:

@@ -13,7 +13,9 @@ drawn from the top k renormalised, which is what the engine's sampler would do. 
   `n` would have generated it (`finish_sample`);
 - with other samples at the same state: they follow a new greedy stream from there, by the same rule.
 The streams and calls run at once, so the drawing takes about as many engine steps as one set; a stream that no
-draft follows any more is closed, which aborts it in vLLM.
+draft follows any more is closed, which aborts it in vLLM. Each draft samples from a random stream of its own (and
+seeds its finishing call from it), so a seeded request draws the same sets whatever order the engine's answers
+arrive in.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ class PathEngine(Protocol):
                     top_k: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
         """The greedy continuation, streamed: each token with the top-k log-probabilities at the state before it."""
 
-    async def finish_sample(self, prompt: list[int], length: int, top_k: int) -> TokenSet:
+    async def finish_sample(self, prompt: list[int], length: int, top_k: int, seed: int | None) -> TokenSet:
         """The rest of one sampled set, `length` tokens at most, generated in one call."""
 
 
 @dataclass
 class _Draft:
     greedy: bool
+    rng: random.Random
+    seeded: bool
     tokens: list[int] = field(default_factory=list)
     log_p: float = 0.0  # under the top-k truncated distribution, as the official code's set prior
     ended: bool = False
@@ -54,14 +58,15 @@ class _Draft:
 
 
 async def draw_sets(engine: PathEngine, prompt: list[int], length: int, top_k: int, samples: int,
-                    rng: random.Random) -> tuple[TokenSet, list[TokenSet]]:
+                    seed: int | None) -> tuple[TokenSet, list[TokenSet]]:
     """The greedy set and `samples` sets sampled from the top-k distribution (duplicates kept: the caller
     dedupes), `length` tokens each or fewer where the answer ends, drawn together from `prompt` (see the module's
-    docstring)."""
-    drafts = [_Draft(greedy=True)] + [_Draft(greedy=False) for _ in range(samples)]
+    docstring). The same `seed` draws the same sets; None draws at random."""
+    drafts = [_Draft(greedy=i == 0, rng=random.Random(None if seed is None else f"{seed}/{i}"),
+                     seeded=seed is not None) for i in range(samples + 1)]
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(_follow(engine, group, prompt, [], drafts, length, top_k, rng))
+            group.create_task(_follow(engine, group, prompt, [], drafts, length, top_k))
     except BaseExceptionGroup as failures:
         raise failures.exceptions[0] from None  # a budget or an engine error, as itself
     sets = [_as_set(d) for d in drafts]
@@ -69,7 +74,7 @@ async def draw_sets(engine: PathEngine, prompt: list[int], length: int, top_k: i
 
 
 async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int], start: list[int],
-                  drafts: list[_Draft], length: int, top_k: int, rng: random.Random) -> None:
+                  drafts: list[_Draft], length: int, top_k: int) -> None:
     """Drafts that all stand at `prompt + start` follow the greedy path from there, as long as they stay on it."""
     async with aclosing(engine.greedy_path(prompt + start, length - len(start), top_k)) as path:
         async for path_token, top in path:
@@ -77,7 +82,7 @@ async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int
             log_norm = math.log(sum(math.exp(lp) for _, lp in ranked))
             left: dict[tuple[int, ...], list[_Draft]] = defaultdict(list)
             for d in drafts:
-                token, log_p = (path_token, top.get(path_token, ranked[0][1])) if d.greedy else _sample(ranked, rng)
+                token, log_p = (path_token, top.get(path_token, ranked[0][1])) if d.greedy else _sample(ranked, d.rng)
                 d.log_p += log_p - log_norm
                 if token in engine.end_ids:
                     d.ended = True
@@ -90,10 +95,11 @@ async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int
                 if len(state) == length:
                     continue
                 if len(together) == 1:
-                    together[0].rest = group.create_task(
-                        engine.finish_sample(prompt + list(state), length - len(state), top_k))
+                    d = together[0]
+                    d.rest = group.create_task(engine.finish_sample(
+                        prompt + list(state), length - len(state), top_k, d.rng.getrandbits(63) if d.seeded else None))
                 else:
-                    group.create_task(_follow(engine, group, prompt, list(state), together, length, top_k, rng))
+                    group.create_task(_follow(engine, group, prompt, list(state), together, length, top_k))
             if not drafts:
                 return
 

@@ -11,6 +11,7 @@ from itertools import product
 import pytest
 
 from refine_server.policies.engine_client import BudgetExhausted
+from refine_server.policies import rain_sets
 from refine_server.policies.rain_sets import draw_sets
 from refine_server.policies.rain_tree import TokenSet
 
@@ -23,10 +24,10 @@ class ToyModel:
 
     end_ids = frozenset({END})
 
-    def __init__(self, table: dict[int, list[float]], seed: int = 0, fail_finishes: bool = False):
+    def __init__(self, table: dict[int, list[float]], fail_finishes: bool = False, jitter: random.Random | None = None):
         self.table = table
-        self.rng = random.Random(seed)
         self.fail_finishes = fail_finishes
+        self.jitter = jitter  # answers arrive after random delays: in another order from run to run
         self.generated = 0
         self.finishes: list[tuple[tuple[int, ...], int]] = []  # (prompt, length) of each finishing call
         self.paths_closed_early = 0
@@ -46,18 +47,24 @@ class ToyModel:
                 if token in self.end_ids:
                     return
                 state.append(token)
-                await asyncio.sleep(0)  # a real stream gives way between tokens
+                await self._wait()
         finally:
             self.paths_closed_early += given < length and token not in self.end_ids
 
-    async def finish_sample(self, prompt, length, top_k) -> TokenSet:
+    async def _wait(self) -> None:
+        await asyncio.sleep(self.jitter.random() / 1000 if self.jitter else 0)  # a real stream gives way
+
+    async def finish_sample(self, prompt, length, top_k, seed) -> TokenSet:
+        """Sampled as the engine samples: from its own generator, seeded by the request when it has a seed."""
         if self.fail_finishes:
             raise BudgetExhausted("max_engine_calls")
+        await self._wait()
         self.finishes.append((tuple(prompt), length))
+        rng = random.Random(seed)
         state, tokens, p = list(prompt), [], 1.0
         for _ in range(length):
             ranked = sorted(self.distribution(state).items(), key=lambda kv: -kv[1])[:top_k]
-            token, lp = self.rng.choices(ranked, weights=[math.exp(v) for _, v in ranked])[0]
+            token, lp = rng.choices(ranked, weights=[math.exp(v) for _, v in ranked])[0]
             self.generated += 1
             p *= math.exp(lp) / sum(math.exp(v) for _, v in ranked)
             if token in self.end_ids:
@@ -88,10 +95,10 @@ TABLE = {  # a likeliest token per state, a spread behind it, and an end that ge
 
 async def test_drawn_samples_follow_the_top_k_distribution_of_the_model() -> None:
     """What vLLM's `n` samples would be: each set's frequency over many draws is its truncated probability."""
-    model, rng, counts = ToyModel(TABLE, seed=1), random.Random(2), Counter()
+    model, counts = ToyModel(TABLE), Counter()
     draws = 3000
-    for _ in range(draws):
-        _, samples = await draw_sets(model, [1], 2, 3, 3, rng)
+    for seed in range(draws):
+        _, samples = await draw_sets(model, [1], 2, 3, 3, seed)
         counts.update((s.tokens, s.ends_answer) for s in samples)
     possible = [((a, b), False) for a, b in product(range(1, 5), repeat=2)] + [((), True)]
     possible += [((a,), True) for a in range(1, 5)]
@@ -103,8 +110,8 @@ async def test_drawn_samples_follow_the_top_k_distribution_of_the_model() -> Non
 
 
 async def test_each_set_carries_its_truncated_probability_and_the_greedy_set_is_the_greedy_path() -> None:
-    model = ToyModel(TABLE, seed=3)
-    greedy, samples = await draw_sets(model, [1], 4, 3, 9, random.Random(4))
+    model = ToyModel(TABLE)
+    greedy, samples = await draw_sets(model, [1], 4, 3, 9, 4)
     assert greedy.greedy and greedy.tokens == (1, 1, 1, 1) and not greedy.ends_answer
     for s in (greedy, *samples):
         assert s.probability == pytest.approx(_exact(TABLE, 1, s.tokens, s.ends_answer, 3))
@@ -114,7 +121,7 @@ async def test_each_set_carries_its_truncated_probability_and_the_greedy_set_is_
 async def test_samples_that_share_a_beginning_compute_it_once() -> None:
     peaked = {t: [0.0, 0.94, 0.02, 0.02, 0.02] for t in range(1, 5)}
     model = ToyModel(peaked)
-    greedy, samples = await draw_sets(model, [1], 10, 15, 9, random.Random(5))
+    greedy, samples = await draw_sets(model, [1], 10, 15, 9, 5)
     drawn = sum(len(s.tokens) for s in (greedy, *samples))
     assert drawn == 100
     assert model.generated < 50  # vLLM's `n`: 100
@@ -125,34 +132,39 @@ async def test_samples_that_share_a_beginning_compute_it_once() -> None:
 async def test_a_sample_that_draws_the_end_id_ends_its_set_without_it() -> None:
     ending = {**TABLE, 1: [0.5, 0.4, 0.1, 0.0, 0.0]}  # greedy ends at once; samples end half the time
     model = ToyModel(ending)
-    greedy, samples = await draw_sets(model, [1], 3, 3, 9, random.Random(6))
+    greedy, samples = await draw_sets(model, [1], 3, 3, 9, 6)
     assert greedy.tokens == () and greedy.ends_answer
     assert any(s.ends_answer and s.tokens == () for s in samples)
     assert all(END not in s.tokens for s in samples)
 
 
-class ScriptedPicks(random.Random):
-    """Samples pick these tokens, in order."""
-
-    def __init__(self, picks: list[int]):
-        super().__init__(0)
-        self.picks = picks
-
-    def choices(self, population, weights=None, *, cum_weights=None, k=1):
-        token = self.picks.pop(0)
-        return [next(entry for entry in population if entry[0] == token)]
-
-
-async def test_samples_that_leave_together_follow_a_path_of_their_own_which_closes_when_they_leave_it() -> None:
+async def test_samples_that_leave_together_follow_a_path_of_their_own_which_closes_when_they_leave_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     split = {1: [0.0, 0.5, 0.5, 0.0, 0.0], 2: [0.0, 0.0, 0.0, 0.5, 0.5], 4: [0.0, 0.0, 0.0, 0.5, 0.5]}
     model = ToyModel(split)
     # Both samples leave the greedy path (1, 1, 1) for 2, then the path from (2,) (greedy: 3) for 4, then end on 3.
-    greedy, samples = await draw_sets(model, [1], 3, 3, 2, ScriptedPicks([2, 2, 4, 4, 3, 3]))
+    picks = [2, 2, 4, 4, 3, 3]
+
+    def scripted(ranked, rng):
+        token = picks.pop(0)
+        return next(entry for entry in ranked if entry[0] == token)
+
+    monkeypatch.setattr(rain_sets, "_sample", scripted)
+    greedy, samples = await draw_sets(model, [1], 3, 3, 2, 0)
     assert greedy.tokens == (1, 1, 1) and [s.tokens for s in samples] == [(2, 4, 3), (2, 4, 3)]
     assert model.generated == 3 + 1 + 1  # the greedy path, one token of the path from (2,), one from (2, 4)
     assert model.paths_closed_early == 1 and model.finishes == []
 
 
+async def test_a_seed_draws_the_same_sets_whatever_order_the_engine_answers_in() -> None:
+    def draw(seed: int, jitter: int):
+        return draw_sets(ToyModel(TABLE, jitter=random.Random(jitter)), [1], 4, 3, 9, seed)
+
+    first, again, other = await draw(11, jitter=1), await draw(11, jitter=2), await draw(12, jitter=1)
+    assert first == again
+    assert first != other
+
+
 async def test_a_failing_call_fails_the_drawing_as_itself() -> None:
     with pytest.raises(BudgetExhausted):
-        await draw_sets(ToyModel(TABLE, fail_finishes=True), [1], 10, 3, 9, random.Random(8))
+        await draw_sets(ToyModel(TABLE, fail_finishes=True), [1], 10, 3, 9, 8)
