@@ -5,8 +5,8 @@ It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per
 told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
 "DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s. "LONG_STREAM" streams
 50 tokens, 0.1 s apart; "HOLD_FIRST" streams its first token once the test sets `app.state.release_first`. A fake
-made with `drops_streams=True` answers every stream 200 and drops the connection before its first event. `GET /fake/traceparents` lists the `traceparent` header of each completion request
-(null where none came).
+made with `drops_streams=True` answers every stream 200 and drops the connection before its first event.
+`GET /fake/traceparents` lists the `traceparent` header of each completion request (null where none came).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +13,6 @@ import httpx
 import openai
 import psutil
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from tests.conftest import ENGINE_ENV, MODEL, metric_total, start_refine, stop_refine
@@ -172,8 +170,8 @@ def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_pro
     lost, streamed or not (the real engine answers them); once the fake is back on its port, the probe returns
     it to the rotation."""
     port = free_port()
-    fake_url = f"http://127.0.0.1:{port}"
-    fake = _start_fake(port)
+    fake = serve_in_thread(make_app(), port)
+    fake_url = fake.__enter__()
     server = start_refine("failover", free_port(), "--backend-url", f"{fake_url},{engine_url}", "--workers", "1",
                           ready_timeout_s=60, env=ENGINE_ENV)
     try:
@@ -195,32 +193,18 @@ def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_pro
         assert FAKE_TEXT in spread and len(spread) == 2  # ties taken in turn: both replicas answer
         real = (spread - {FAKE_TEXT}).pop()
 
-        _stop_fake(fake)
+        fake.__exit__(None, None, None)  # the replica goes away
         assert texts(4) == texts(4, stream=True) == {real}  # nothing lost, nothing from the fake
         assert metric_total(httpx.get(f"{server.url}/metrics").text, "refine_upstream_failovers_total") >= 1
 
-        fake = _start_fake(port)
-        deadline = time.monotonic() + 30  # probes run every 2 s
-        while FAKE_TEXT not in texts(2):
-            assert time.monotonic() < deadline, "the replica that came back was never probed back in"
+        with serve_in_thread(make_app(), port):  # and comes back on its port
+            deadline = time.monotonic() + 30  # probes run every 2 s
+            while FAKE_TEXT not in texts(2):
+                assert time.monotonic() < deadline, "the replica that came back was never probed back in"
     finally:
-        _stop_fake(fake)
+        fake.__exit__(None, None, None)  # a no-op once it has stopped
         stop_refine(server)
 
 
 FAKE_TEXT = "alpha beta gamma"  # what tests/fake_vllm.py answers
 
-
-def _start_fake(port: int) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread
-
-
-def _stop_fake(fake: tuple[uvicorn.Server, threading.Thread]) -> None:
-    server, thread = fake
-    server.should_exit = True
-    thread.join(10)

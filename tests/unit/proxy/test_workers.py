@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from refine_server import workers
@@ -23,5 +22,3 @@ def test_a_cpu_engine_keeps_the_cores_and_a_proxy_takes_a_worker_per_four(monkey
     monkeypatch.setattr(workers, "running_on_cpu", lambda: False)
     monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
     assert workers.worker_count(Settings()) == 4  # an embedded GPU engine: the cores are the proxy's
-
-
