@@ -19,8 +19,10 @@ the README's quality section (between its `quality:start` / `quality:end` marker
   resampled; a sampled arm's item score is its mean over seeds) and, for single runs, McNemar's exact p;
 - from cyberv-full's own samples (the same candidates, no new engine calls): self-consistency (majority of
   the first k candidates' answers, k = 1..n), and the adaptive stopping rule replayed over them
-  (`cyberv_stopping.outlook`, certain and at the default `stop_risk`): the tokens it would have drawn, and how
-  often it decides as full n does.
+  (`stopping.py`: certain, and at several `stop_risk`s): the tokens it would have drawn, and how often it
+  decides as all n do; the same at n = 12 and 16 over rounds pooled from the seeds' candidates; and, for each
+  n, the cheapest thresholds on the forecast that reach 95% the same decision when fitted to the outcomes
+  themselves (a bound on this forecast, not a rule: `stopping.fit_thresholds`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,11 +39,7 @@ from openai import AsyncOpenAI
 
 from grading import grade, grade_answer
 from stats import mcnemar, paired_bootstrap, wilson
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from refine_server.policies.answers import Answer  # noqa: E402
-from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
-from refine_server.policies.cyberv_stopping import Outlook, outlook, settle  # noqa: E402
+from stopping import Replayed, fit_thresholds, forecast_round, pooled_rounds, replay, stop_risk_rule
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quality"
@@ -57,7 +54,10 @@ ARMS: dict[str, dict] = {
     "rain": {"policy": "rain"},
 }
 SAMPLED = {"cyberv", "cyberv-full"}  # arms whose answers depend on the seed
-STOP_RISKS = (0.0, 0.05, 0.1)  # the adaptive rule replayed certain (0), at the default slack and at twice it
+THETA = 0.3  # cyberv's default gate
+STOP_RISKS = (0.0, 0.02, 0.05, 0.1)  # the adaptive rule replayed certain (0), below, at and above the default
+POOLED_N = (12, 16)  # rounds larger than the runs' n = 8, joined from the seeds' candidates
+SAME_DECISION_TARGET = 0.95  # issue 12's: round 1 decides as all n do on at least this share of item runs
 
 
 def load_items(split: str) -> list[dict]:
@@ -108,57 +108,6 @@ def _vote(candidates: list[dict]) -> str | None:
     """Self-consistency: the most common answer (the first seen wins a tie), None when nobody answered."""
     answers = [c["answer"] for c in candidates if c["answer"] is not None]
     return Counter(answers).most_common(1)[0][0] if answers else None
-
-
-def _ballots(candidates: list[dict], n: int) -> list[Candidate]:
-    """The first m traced candidates as the sensor scored them with m drawn: s1..s4 as traced (they do not
-    depend on later candidates), s5 the rank among the m by p over n. The traced s5 orders them: it is their
-    rank by the unrounded p (traced s1 is rounded, which would reorder near-ties)."""
-    ranks = rank_ascending([c["signals"]["s5"] for c in candidates])
-    ballots = []
-    for c, rank in zip(candidates, ranks):
-        ballot = Candidate(c["index"], c["kind"], Generation("", [], None))
-        ballot.answer = Answer(c["answer_kind"], c["answer"]) if c["answer"] is not None else None
-        ballot.signals = {**{s: c["signals"][s] for s in ("s1", "s2", "s3", "s4")}, "s5": rank / n}
-        ballot.score = SIGNAL_WEIGHT * sum(ballot.signals.values())
-        ballots.append(ballot)
-    return ballots
-
-
-def _decision(ballots: list[Candidate], n: int, theta: float, stop: Outlook | None = None) -> tuple[str, str | None]:
-    decision = settle(ballots, n * theta, stop)
-    return decision.action, decision.best.answer.value if decision.best.answer else None
-
-
-def _same_decision(early: tuple[str, str | None], full: tuple[str, str | None]) -> bool:
-    """The gate decided alike: the same answer accepted, or the feedback round both times (which candidate's
-    spike it quotes may differ: the rule stops once no answer can pass the gate, not once the best is known)."""
-    return early[0] == full[0] and (full[0] != "accepted" or early[1] == full[1])
-
-
-def replay_stopping(trace: dict, n: int, theta: float, batch: int, stop_risk: float) -> dict:
-    """Where the adaptive rule would have stopped over these candidates, what it decides then, what all n
-    decide (both from the traced signals, so the two are compared on equal terms) and what it cost."""
-    candidates = trace["candidates"]
-    full = _decision(_ballots(candidates, n), n, theta)
-    for m in [*range(1 + batch, n, batch), n]:
-        ballots = _ballots(candidates[:m], n)
-        stop = outlook(ballots, n, n * theta, stop_risk)
-        if m == n or stop.settled:
-            return {"drawn": m, "decision": _decision(ballots, n, theta, stop if stop.settled else None), "full": full,
-                    "tokens": sum(c["completion_tokens"] for c in candidates[:m])}
-    raise AssertionError("unreachable")
-
-
-def earliest_same_decision(trace: dict, n: int, theta: float, batch: int) -> int:
-    """Tokens up to the first batch where the drawn candidates' own decision is already that of all n: what a
-    rule that knew the full round's decision, and stopped on a decision only once the drawn candidates make
-    it, would spend. A bound for comparison, not a rule anyone can run."""
-    candidates = trace["candidates"]
-    full = _decision(_ballots(candidates, n), n, theta)
-    m = next(m for m in [*range(1 + batch, n, batch), n]
-             if _same_decision(_decision(_ballots(candidates[:m], n), n, theta), full))
-    return sum(c["completion_tokens"] for c in candidates[:m])
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -232,7 +181,7 @@ def report(args: argparse.Namespace) -> None:
 
 def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], summary: dict) -> list[str]:
     """Self-consistency at k = 1..n and the stopping rule, replayed over cyberv-full's traced candidates."""
-    n, theta = ARMS["cyberv-full"]["n"], 0.3
+    n = ARMS["cyberv-full"]["n"]
     rows = [(items[i], r) for seeds in full.values() for i, r in seeds.items()]
     sc_lines = ["| self-consistency over cyberv-full's candidates | accuracy | completion tokens / item |",
                 "|---|---|---|"]
@@ -242,24 +191,7 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
         tokens = statistics.mean(sum(c["completion_tokens"] for c in r["trace"]["candidates"][:k]) for _, r in rows)
         sc[k] = {"accuracy": statistics.mean(correct), "tokens_per_item": tokens}
         sc_lines.append(f"| majority of the first {k} | {sc[k]['accuracy']:.1%} | {tokens:.0f} |")
-    stopping = {}
-    for stop_risk in STOP_RISKS:
-        for batch in (1, 2):
-            replays = [replay_stopping(r["trace"], n, theta, batch, stop_risk) for _, r in rows]
-            tokens = statistics.mean(rep["tokens"] for rep in replays)
-            same = [_same_decision(rep["decision"], rep["full"]) for rep in replays]
-            lo, hi = wilson(sum(same), len(same))
-            stopping[f"stop_risk {stop_risk}, batches of {batch}"] = {
-                "stop_risk": stop_risk, "batch_size": batch,
-                "mean_drawn": statistics.mean(rep["drawn"] for rep in replays), "tokens_per_item": tokens,
-                "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"],
-                "same_decision_as_full_n": statistics.mean(same), "same_decision_ci95": [lo, hi]}
-    for batch in (1, 2):
-        tokens = statistics.mean(earliest_same_decision(r["trace"], n, theta, batch) for _, r in rows)
-        stopping[f"bound: knowing all 8's decision, batches of {batch}"] = {
-            "stop_risk": None, "batch_size": batch, "tokens_per_item": tokens,
-            "tokens_vs_sc_n": tokens / sc[n]["tokens_per_item"]}
-    summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc, "stopping": stopping}
+    summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc}
     # CyberV's controller against plain voting over exactly its candidates, item run by item run.
     voted = [float(grade_answer(item, _vote(r["trace"]["candidates"])).correct) for item, r in rows]
     controlled = [float(r["correct"]) for _, r in rows]
@@ -269,16 +201,36 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
                     f"{statistics.mean(r['completion_tokens'] for _, r in rows):.0f} (all its calls) |")
     sc_lines += ["", f"CyberV's controller against the majority of the same {n} candidates, paired over {len(rows)} "
                  f"item runs: {boot.diff:+.1%} (95% CI {boot.low:+.1%} to {boot.high:+.1%})."]
-    lines = [*sc_lines, "", "| stopping rule replayed over the same candidates | candidates drawn (of 8) | "
-             "completion tokens / item | vs self-consistency at n=8 | same decision as all 8 (95% CI) |",
-             "|---|---|---|---|---|"]
-    for name, st in stopping.items():
-        if st["stop_risk"] is None:
-            lines.append(f"| {name} | - | {st['tokens_per_item']:.0f} | {st['tokens_vs_sc_n']:.2f}x | 100% |")
-            continue
-        lo, hi = st["same_decision_ci95"]
-        lines.append(f"| {name} | {st['mean_drawn']:.1f} | {st['tokens_per_item']:.0f} | "
-                     f"{st['tokens_vs_sc_n']:.2f}x | {st['same_decision_as_full_n']:.1%} ({lo:.1%}-{hi:.1%}) |")
+    return [*sc_lines, "", *stopping_table(full, summary)]
+
+
+def stopping_table(full: dict[int, dict[str, dict]], summary: dict) -> list[str]:
+    """The adaptive round 1's stopping rule replayed over cyberv-full's candidates (`stopping.py`): at n = 8 on
+    the rounds as run, and at larger n on rounds pooled from the seeds' candidates."""
+    n = ARMS["cyberv-full"]["n"]
+    stored = [r["trace"] for seeds in full.values() for r in seeds.values()]
+    lines = ["| n | stopping rule replayed over the same candidates | candidates drawn | completion tokens / round | "
+             "vs self-consistency at n | same decision as all n (95% CI) |", "|---|---|---|---|---|---|"]
+    results = summary["cyberv_samples"]["stopping"] = {}
+
+    def add(size: int, name: str, replayed: Replayed, thresholds: dict[int, float] | None = None) -> None:
+        lo, hi = wilson(replayed.agreed, replayed.rounds)
+        results.setdefault(f"n={size}", {})[name] = {
+            "rounds": replayed.rounds, "mean_drawn": replayed.drawn, "tokens_per_round": replayed.tokens,
+            "tokens_vs_sc_n": replayed.ratio, "same_decision_as_full_n": replayed.same,
+            "same_decision_ci95": [lo, hi], **({"thresholds": thresholds} if thresholds else {})}
+        lines.append(f"| {size} | {name} | {replayed.drawn:.1f} | {replayed.tokens:.0f} | {replayed.ratio:.3f}x | "
+                     f"{replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |")
+
+    for size, traces in [(n, stored), *((m, pooled_rounds(full, m)) for m in POOLED_N)]:
+        rounds = [forecast_round(trace, size, THETA) for trace in traces]
+        for stop_risk in STOP_RISKS:
+            for batch in (1, 2):
+                add(size, f"stop_risk {stop_risk}, batches of {batch}",
+                    replay(rounds, stop_risk_rule(size, batch, stop_risk)))
+        thresholds, fitted = fit_thresholds(rounds, SAME_DECISION_TARGET)
+        add(size, "in-sample best: a share threshold per draw fitted to these very outcomes, batches of 1",
+            fitted, thresholds)
     return lines
 
 

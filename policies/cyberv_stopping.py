@@ -45,6 +45,7 @@ class Outlook:
     reason: str
     answer: Answer | None = None  # the answer accepted
     certain: bool = True
+    share: float = 1.0  # of the forecast completions that decide so (1.0 when certain)
 
 
 def outlook(candidates: list[Candidate], n: int, threshold: float, stop_risk: float = 0.0) -> Outlook:
@@ -128,9 +129,9 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
     if action == "accepted":
         now = next(t.score for t in tally(candidates) if t.answer == answer)
         return Outlook("accepted", f"{drawn}, answer {answer} has {now:.3f}; with all {n} it exceeds n*theta = "
-                                   f"{threshold:.3f} as the best answer {held}", answer, certain=False)
+                                   f"{threshold:.3f} as the best answer {held}", answer, certain=False, share=share)
     return Outlook("feedback", f"{drawn}, no answer exceeds n*theta = {threshold:.3f} {held}: the feedback round "
-                               f"runs", certain=False)
+                               f"runs", certain=False, share=share)
 
 
 def _concentration_posterior(samples: int, distinct: int) -> list[float]:

@@ -71,8 +71,9 @@ def test_forecast_accepts_a_unanimous_start_that_the_certain_rule_must_wait_on()
     sense(candidates, 8)
     assert outlook(candidates, 8, 2.4).settled is None  # four more could still agree on another answer
     likely = outlook(candidates, 8, 2.4, stop_risk=0.05)
-    assert likely.settled == "accepted" and not likely.certain
+    assert likely.settled == "accepted" and not likely.certain and likely.share >= 0.95
     assert likely.reason.startswith("after 4 of 8 candidates, answer 4 has") and "forecast completions" in likely.reason
+    assert f"in {likely.share:.0%} of 400 forecast completions" in likely.reason
     assert outlook(candidates, 8, 2.4, stop_risk=0.05) == likely  # seeded by the draw: the same stop every time
 
 
@@ -95,6 +96,7 @@ def test_a_forecast_may_accept_an_answer_the_drawn_scores_have_not_passed_yet() 
     assert likely.reason.startswith("after 3 of 10 candidates, answer 4 has 2.490; with all 10 it exceeds")
     decision = settle(candidates, 3.0, likely)
     assert decision.action == "accepted" and decision.best is candidates[2] and decision.reason == likely.reason
+    assert 0.9 <= likely.share < 0.95
     assert outlook(candidates, 10, 3.0, stop_risk=0.05).settled is None  # 92% of the completions: not enough
     assert settle(candidates, 3.0, None) == decide(candidates, 3.0)
 
