@@ -9,11 +9,15 @@ stopping tables from these.
 - `fit_thresholds`: the thresholds that would have spent the fewest tokens at a required agreement, chosen on
   the very outcomes they are scored on. Not a rule anyone can run (it is fitted in-sample); it shows how far
   any threshold on this forecast could go;
-- `pooled_rounds`: rounds of more than the stored n, the reasoning candidates of several seeds' runs joined.
+- `pooled_rounds`: rounds of more than the stored n, the reasoning candidates of several seeds' runs joined;
+- `concentration_prior`: a prior over the forecast urn's concentration fitted to stored rounds (empirical
+  Bayes); `python bench/stopping.py` prints it for the dev split over a grid wider than the forecast's, which
+  is why `cyberv_stopping.CONCENTRATIONS` ends where it does.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refine_server.policies.answers import Answer  # noqa: E402
 from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
-from refine_server.policies.cyberv_stopping import Outlook, outlook, settle  # noqa: E402
+from refine_server.policies.cyberv_stopping import Outlook, concentration_likelihood, outlook, settle  # noqa: E402
 
 NEVER = 2.0  # a threshold no share reaches: at that draw only the certain rule stops
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0, NEVER)
@@ -174,3 +178,38 @@ def fit_thresholds(rounds: list[Round], target: float) -> tuple[dict[int, float]
                 if current == before:
                     break
     return best
+
+
+WIDE_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # concentrations up to 100: samples nearly all distinct
+
+
+def concentration_prior(traces: list[dict], grid: tuple[float, ...], iterations: int = 500) -> tuple[float, ...]:
+    """Empirical Bayes for the forecast's urn: the weights over `grid` that maximise the likelihood of how many
+    distinct answers each round's reasoning samples gave (Ewens' formula, the statistic the forecast reads),
+    found by EM from equal weights, rounded to 3 places."""
+    counts = []
+    for trace in traces:
+        samples = [b for b in ballots(trace["candidates"], len(trace["candidates"])) if b.kind == "reasoning"]
+        counts.append((len(samples), len({b.answer for b in samples})))
+    prior = [1 / len(grid)] * len(grid)
+    for _ in range(iterations):
+        expected = [0.0] * len(grid)
+        for samples, distinct in counts:
+            joint = [p * like for p, like in zip(prior, concentration_likelihood(samples, distinct, grid))]
+            expected = [e + j / sum(joint) for e, j in zip(expected, joint)]
+        prior = [e / len(counts) for e in expected]
+    return tuple(round(p, 3) for p in prior)
+
+
+def dev_rounds() -> list[dict]:
+    dev = Path(__file__).parent / "results" / "quality" / "dev"
+    return [json.loads(line)["trace"] for path in sorted(dev.glob("cyberv-full-s*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    rounds = dev_rounds()
+    fitted = concentration_prior(rounds, WIDE_GRID)
+    print(f"{len(rounds)} dev rounds; concentration: fitted prior weight")
+    for concentration, weight in zip(WIDE_GRID, fitted):
+        print(f"{concentration:6g}: {weight:.3f}")

@@ -33,7 +33,11 @@ MAX_CANDIDATE_SCORE = SIGNAL_WEIGHT * 5
 FORECASTS = 400
 # How readily a sample gives an answer nobody has given yet (the urn's concentration): not fixed but inferred
 # per round from how many distinct answers the samples gave, over this log-spaced grid with equal prior weight.
-CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+# The grid ends at 10: an empirical-Bayes fit to the quality suite's dev rounds over a grid up to 100
+# (`python bench/stopping.py`) puts 1% on 30 and 100, and keeping them at equal weight made the forecast send
+# scattered starts to the feedback round too readily (at n = 16, a quarter of those stops decided otherwise
+# than all 16).
+CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
         return Outlook(None, "")
     remaining = n - len(candidates)
     rng = random.Random(len(candidates))
-    weights = _concentration_posterior(len(pool), len({c.answer for c in pool}))
+    weights = concentration_likelihood(len(pool), len({c.answer for c in pool}))
     seen: list[tuple[Any, float, float]] = [(c.answer, c.signals["s1"], _base(c)) for c in candidates]
     urn = [(c.answer, c.signals["s1"], _base(c)) for c in pool]
     outcomes: Counter[tuple[str, Any]] = Counter()
@@ -134,10 +138,12 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
                                f"runs", certain=False, share=share)
 
 
-def _concentration_posterior(samples: int, distinct: int) -> list[float]:
-    """Weights of CONCENTRATIONS given `distinct` answers among `samples` draws of the urn: Ewens' likelihood
-    theta^k * Gamma(theta) / Gamma(theta + m), under an equal prior weight per grid point."""
-    logs = [distinct * math.log(t) + math.lgamma(t) - math.lgamma(t + samples) for t in CONCENTRATIONS]
+def concentration_likelihood(samples: int, distinct: int,
+                             grid: tuple[float, ...] = CONCENTRATIONS) -> list[float]:
+    """Ewens' likelihood of each concentration of `grid` given `distinct` answers among `samples` draws of the
+    urn, theta^k * Gamma(theta) / Gamma(theta + m), scaled so that the largest is 1. Under the equal prior, the
+    forecast's posterior weights."""
+    logs = [distinct * math.log(t) + math.lgamma(t) - math.lgamma(t + samples) for t in grid]
     top = max(logs)
     return [math.exp(v - top) for v in logs]
 

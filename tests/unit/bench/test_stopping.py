@@ -8,10 +8,13 @@ import pytest
 from quality import RESULTS
 from stopping import (
     NEVER,
+    WIDE_GRID,
     Round,
     Step,
     ballots,
+    concentration_prior,
     decision,
+    dev_rounds,
     fit_thresholds,
     forecast_round,
     pooled_rounds,
@@ -21,7 +24,7 @@ from stopping import (
     tokens,
 )
 
-from refine_server.policies.cyberv_stopping import outlook
+from refine_server.policies.cyberv_stopping import CONCENTRATIONS, outlook
 
 
 def _runs(limit: int) -> dict[int, dict[str, dict]]:
@@ -107,3 +110,34 @@ def test_fitted_thresholds_stop_early_where_the_forecast_is_right_and_wait_where
     _, loose = fit_thresholds(rounds, target=0.75)
     assert loose.same == 0.75 and loose.tokens == pytest.approx((6 * 30 + 2 * 50) / 8)
     assert replay(rounds, {m: NEVER for m in range(2, 8)}).tokens == 80  # NEVER: only the certain rule stops
+
+
+def test_the_dev_rounds_support_no_concentration_beyond_the_forecasts_grid() -> None:
+    """Why `CONCENTRATIONS` ends at 10: fitted over a grid up to 100, the dev rounds put almost no weight past it.
+    A new dev run that moves weight there fails this until the grid is reconsidered."""
+    rounds = dev_rounds()
+    assert len(rounds) == 480
+    fitted = dict(zip(WIDE_GRID, concentration_prior(rounds, WIDE_GRID)))
+    assert sum(fitted.values()) == pytest.approx(1, abs=0.01)
+    assert sum(w for c, w in fitted.items() if c > max(CONCENTRATIONS)) < 0.02
+
+
+def test_the_prior_fit_finds_the_concentration_that_generated_the_rounds() -> None:
+    """Rounds of 7 samples from a Chinese restaurant process at concentration 1: the fit puts most weight on 1."""
+    import random
+
+    rng = random.Random(0)
+    traces = []
+    for _ in range(400):
+        answers: list[int] = []
+        for _ in range(7):
+            new = rng.random() * (len(answers) + 1.0) >= len(answers)
+            answers.append(len(set(answers)) if new else rng.choice(answers))
+        traces.append({"candidates": [_stored_candidate(i, a) for i, a in enumerate(answers)]})
+    fitted = dict(zip(WIDE_GRID, concentration_prior(traces, WIDE_GRID)))
+    assert max(fitted, key=fitted.get) == 1.0 and fitted[1.0] > 0.5
+
+
+def _stored_candidate(index: int, answer: int) -> dict:
+    return {"index": index, "kind": "reasoning", "answer": str(answer), "answer_kind": "number",
+            "signals": {"s1": 0.9, "s2": 1.0, "s3": 1.0, "s4": 1.0, "s5": 0.5}, "completion_tokens": 10}
