@@ -22,7 +22,7 @@ the README's quality section (between its `quality:start` / `quality:end` marker
   (`stopping.py`: certain, and at several `stop_risk`s): the tokens it would have drawn, and how often it
   decides as all n do; the same at n = 12 and 16 over rounds pooled from the seeds' candidates; and, for each
   n, the cheapest thresholds on the forecast that reach 95% the same decision when fitted to the outcomes
-  themselves (a bound on this forecast, not a rule: `stopping.fit_thresholds`).
+  themselves (the in-sample best of this forecast, not a rule: `stopping.fit_thresholds`).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def test_option_tokens_are_the_serving_tokenizers(client: OpenAI) -> None:
 @pytest.mark.engine
 def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, engine_url: str) -> None:
     stream = client.completions.create(
-        model=MODEL, prompt="The three primary colours are", max_tokens=7, seed=3, stream=True,
+        model=MODEL, prompt="The three primary colours are", max_tokens=16, seed=3, stream=True,
         extra_body=_rain(max_iterations_per_commit=4, min_iterations_per_commit=4))
     pieces, refine, generated_at_first_piece = [], None, None
     for chunk in stream:
@@ -120,11 +120,14 @@ def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, e
             pieces.append(chunk.choices[0].text)
         refine = (chunk.model_extra or {}).get("refine") or refine
     commits = refine["trace"]["commits"]
-    assert [len(c["tokens"]) for c in commits] == [1, 2, 4]
+    assert [len(c["tokens"]) for c in commits] == [1, 2, 4, 9]
     assert len(pieces) == len(commits)  # one piece per commit, none held back
     # The first piece left before the later commits were searched, not with the finished answer: the engine
     # was still generating for the search after it arrived (read from the engine's counter, not a clock; a
     # buffered stream would arrive after the last engine token). Nothing else runs in the engine meanwhile.
+    # The last commit goes deeper than the first commit's search did, so it generates ~80 tokens, ~0.7 s: far
+    # more than the time the counter takes to read. (At 7 tokens the later commits reused the first commit's
+    # tree and generated 1-2 tokens in ~0.1 s, and a slow read of the counter once missed them.)
     assert _engine_tokens(engine_url) > generated_at_first_piece
 
 
