@@ -39,7 +39,7 @@ from openai import AsyncOpenAI
 
 from grading import grade, grade_answer
 from stats import mcnemar, paired_bootstrap, wilson
-from stopping import Replayed, fit_thresholds, forecast_round, pooled_rounds, replay, stop_risk_rule
+from stopping import Replayed, fit_thresholds, forecast_round, pooled_rounds, replay, stop_risk_rule, tokens
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quality"
@@ -141,13 +141,13 @@ def report(args: argparse.Namespace) -> None:
         k = sum(seeds[s][i]["correct"] for s in seeds for i in ids)
         total = len(ids) * len(seeds)
         lo, hi = wilson(k, total)
-        tokens = statistics.mean(seeds[s][i]["completion_tokens"] for s in seeds for i in ids)
+        per_item = statistics.mean(seeds[s][i]["completion_tokens"] for s in seeds for i in ids)
         per_seed = [statistics.mean(float(seeds[s][i]["correct"]) for i in ids) for s in seeds]
         summary["arms"][arm] = {"items": len(ids), "seeds": sorted(seeds), "accuracy": k / total,
-                                "ci95": [lo, hi], "per_seed": per_seed, "tokens_per_item": tokens}
+                                "ci95": [lo, hi], "per_seed": per_seed, "tokens_per_item": per_item}
         spread = f" (seeds {min(per_seed):.1%}-{max(per_seed):.1%})" if len(seeds) > 1 else ""
         lines.append(f"| {arm} | {len(ids)} | {len(seeds)} | {k / total:.1%}{spread} | {lo:.1%}-{hi:.1%} | "
-                     f"{tokens:.0f} |")
+                     f"{per_item:.0f} |")
 
     lines += ["", "| arm vs none (same items) | difference | 95% paired-bootstrap CI | McNemar p (items only the arm / "
               "only none got right) |", "|---|---|---|---|"]
@@ -188,9 +188,9 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
     sc = {}
     for k in range(1, n + 1):
         correct = [grade_answer(item, _vote(r["trace"]["candidates"][:k])).correct for item, r in rows]
-        tokens = statistics.mean(sum(c["completion_tokens"] for c in r["trace"]["candidates"][:k]) for _, r in rows)
-        sc[k] = {"accuracy": statistics.mean(correct), "tokens_per_item": tokens}
-        sc_lines.append(f"| majority of the first {k} | {sc[k]['accuracy']:.1%} | {tokens:.0f} |")
+        spent = statistics.mean(tokens(r["trace"]["candidates"][:k]) for _, r in rows)
+        sc[k] = {"accuracy": statistics.mean(correct), "tokens_per_item": spent}
+        sc_lines.append(f"| majority of the first {k} | {sc[k]['accuracy']:.1%} | {spent:.0f} |")
     summary["cyberv_samples"] = {"runs": len(rows), "self_consistency": sc}
     # CyberV's controller against plain voting over exactly its candidates, item run by item run.
     voted = [float(grade_answer(item, _vote(r["trace"]["candidates"])).correct) for item, r in rows]
