@@ -38,7 +38,7 @@ from pathlib import Path
 from openai import AsyncOpenAI
 
 from grading import grade, grade_answer
-from stats import mcnemar, paired_bootstrap, wilson
+from stats import mcnemar, paired_bootstrap, ratio_interval, wilson
 from stopping import Replayed, fit_thresholds, forecast_round, pooled_rounds, replay, stop_risk_rule, tokens
 
 HERE = Path(__file__).parent
@@ -208,28 +208,32 @@ def stopping_table(full: dict[int, dict[str, dict]], summary: dict) -> list[str]
     """The adaptive round 1's stopping rule replayed over cyberv-full's candidates (`stopping.py`): at n = 8 on
     the rounds as run, and at larger n on rounds pooled from the seeds' candidates."""
     n = ARMS["cyberv-full"]["n"]
-    stored = [r["trace"] for seeds in full.values() for r in seeds.values()]
+    stored = [{"id": i, **r["trace"]} for seeds in full.values() for i, r in seeds.items()]
     lines = ["| n | stopping rule replayed over the same candidates | candidates drawn | completion tokens / round | "
-             "vs self-consistency at n | same decision as all n (95% CI) |", "|---|---|---|---|---|---|"]
+             "vs self-consistency at n (95% CI) | same decision as all n (95% CI) |", "|---|---|---|---|---|---|"]
     results = summary["cyberv_samples"]["stopping"] = {}
 
-    def add(size: int, name: str, replayed: Replayed, thresholds: dict[int, float] | None = None) -> None:
+    def add(size: int, items: list[str], name: str, replayed: Replayed,
+            thresholds: dict[int, float] | None = None) -> None:
         lo, hi = wilson(replayed.agreed, replayed.rounds)
+        ratio_lo, ratio_hi = ratio_interval(replayed.spent, replayed.full, items)
         results.setdefault(f"n={size}", {})[name] = {
             "rounds": replayed.rounds, "mean_drawn": replayed.drawn, "tokens_per_round": replayed.tokens,
-            "tokens_vs_sc_n": replayed.ratio, "same_decision_as_full_n": replayed.same,
-            "same_decision_ci95": [lo, hi], **({"thresholds": thresholds} if thresholds else {})}
-        lines.append(f"| {size} | {name} | {replayed.drawn:.1f} | {replayed.tokens:.0f} | {replayed.ratio:.3f}x | "
-                     f"{replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |")
+            "tokens_vs_sc_n": replayed.ratio, "tokens_vs_sc_n_ci95": [ratio_lo, ratio_hi],
+            "same_decision_as_full_n": replayed.same, "same_decision_ci95": [lo, hi],
+            **({"thresholds": thresholds} if thresholds else {})}
+        lines.append(f"| {size} | {name} | {replayed.drawn:.1f} | {replayed.tokens:.0f} | {replayed.ratio:.3f}x "
+                     f"({ratio_lo:.3f}-{ratio_hi:.3f}) | {replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |")
 
     for size, traces in [(n, stored), *((m, pooled_rounds(full, m)) for m in POOLED_N)]:
         rounds = [forecast_round(trace, size, THETA) for trace in traces]
+        items = [trace["id"] for trace in traces]  # an item's rounds are resampled together
         for stop_risk in STOP_RISKS:
             for batch in (1, 2):
-                add(size, f"stop_risk {stop_risk}, batches of {batch}",
+                add(size, items, f"stop_risk {stop_risk}, batches of {batch}",
                     replay(rounds, stop_risk_rule(size, batch, stop_risk)))
         thresholds, fitted = fit_thresholds(rounds, SAME_DECISION_TARGET)
-        add(size, "in-sample best: a share threshold per draw fitted to these very outcomes, batches of 1",
+        add(size, items, "in-sample best: a share threshold per draw fitted to these very outcomes, batches of 1",
             fitted, thresholds)
     return lines
 

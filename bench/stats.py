@@ -9,6 +9,8 @@
   test, which needs one right/wrong per item and arm, does not apply.
 - `median_interval(values)`: a 95% interval for a median, from order statistics (bench/proxy.py's paired
   latency differences, whose shape is unknown).
+- `ratio_interval(numerators, denominators, clusters)`: a 95% interval for a ratio of sums, resampling
+  clusters (bench/stopping.py's tokens against self-consistency, an item's rounds resampled together).
 
 Both paired comparisons take the arms item by item in the same order.
 """
@@ -72,6 +74,20 @@ def median_interval(ordered: Sequence[float], z: float = 1.96) -> tuple[float, f
     n = len(ordered)
     half = z * n ** 0.5 / 2
     return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(n / 2 + half))]
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], clusters: Sequence[str],
+                   reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of sum(numerators) / sum(denominators), resampling clusters with
+    replacement: the rounds of one item go together, since they share its difficulty."""
+    index = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    rows = [index[c] for c in clusters]
+    num, den = np.zeros(len(index)), np.zeros(len(index))
+    np.add.at(num, rows, np.asarray(numerators, dtype=float))
+    np.add.at(den, rows, np.asarray(denominators, dtype=float))
+    picks = np.random.default_rng(seed).integers(0, len(index), size=(reps, len(index)))
+    low, high = np.percentile(num[picks].sum(axis=1) / den[picks].sum(axis=1), [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _check_paired(a: Sequence[float], b: Sequence[float]) -> None:

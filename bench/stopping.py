@@ -63,7 +63,7 @@ def tokens(candidates: list[dict]) -> int:
 
 
 def pooled_rounds(runs: dict[int, dict[str, dict]], n: int) -> list[dict]:
-    """Traces of n candidates per item run: the run's own direct answer, then the reasoning candidates of its
+    """Traces of n candidates per item run (with the item's `id`): the run's own direct answer, then the reasoning candidates of its
     seed and of the next seeds in turn (seeds rotated, so each run leads once). Samples of different seeds are
     independent draws from the same prompt and sampling parameters, so a pooled round is a round of n that
     was never run but could have been: its replays need no engine call."""
@@ -78,7 +78,7 @@ def pooled_rounds(runs: dict[int, dict[str, dict]], n: int) -> list[dict]:
                 raise ValueError(f"{len(seeds)} runs hold {len(reasoning)} reasoning candidates of {item_id}, "
                                  f"not the {n - 1} a round of {n} needs")
             candidates = [row["trace"]["candidates"][0], *reasoning[: n - 1]]
-            rounds.append({"candidates": [{**c, "index": i} for i, c in enumerate(candidates)]})
+            rounds.append({"id": item_id, "candidates": [{**c, "index": i} for i, c in enumerate(candidates)]})
     return rounds
 
 
@@ -121,11 +121,24 @@ def forecast_round(trace: dict, n: int, theta: float) -> Round:
 class Replayed:
     """A stopping rule over a set of rounds."""
 
-    rounds: int
     drawn: float  # candidates drawn per round
-    tokens: float  # completion tokens per round
-    ratio: float  # tokens against drawing all n (self-consistency at n on the same samples)
     agreed: int  # rounds decided as all n decide
+    spent: tuple[int, ...]  # each round's tokens, in the rounds' order
+    full: tuple[int, ...]  # each round's tokens with all n drawn
+
+    @property
+    def rounds(self) -> int:
+        return len(self.spent)
+
+    @property
+    def tokens(self) -> float:
+        """Completion tokens per round."""
+        return sum(self.spent) / self.rounds
+
+    @property
+    def ratio(self) -> float:
+        """Tokens against drawing all n (self-consistency at n on the same samples)."""
+        return sum(self.spent) / sum(self.full)
 
     @property
     def same(self) -> float:
@@ -141,15 +154,15 @@ def stop_risk_rule(n: int, batch: int, stop_risk: float) -> dict[int, float]:
 def replay(rounds: list[Round], thresholds: dict[int, float]) -> Replayed:
     """Round 1 stops at the first draw it looks at (a key of `thresholds`) that is certain or whose forecast
     share reaches that draw's threshold; where it never stops it draws all n, and decides as all n do."""
-    drawn = spent = agreed = 0
+    drawn = agreed = 0
+    spent = []
     for r in rounds:
         stop = next((s for s in r.steps if s.drawn in thresholds and (s.certain or s.share >= thresholds[s.drawn])),
                     None)
         drawn += r.n if stop is None else stop.drawn
-        spent += r.tokens if stop is None else stop.tokens
+        spent.append(r.tokens if stop is None else stop.tokens)
         agreed += stop is None or stop.same
-    return Replayed(len(rounds), drawn / len(rounds), spent / len(rounds), spent / sum(r.tokens for r in rounds),
-                    agreed)
+    return Replayed(drawn / len(rounds), agreed, tuple(spent), tuple(r.tokens for r in rounds))
 
 
 def fit_thresholds(rounds: list[Round], target: float) -> tuple[dict[int, float], Replayed]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from stats import Bootstrap, McNemar, mcnemar, median_interval, paired_bootstrap, wilson
+from stats import Bootstrap, McNemar, mcnemar, median_interval, paired_bootstrap, ratio_interval, wilson
 
 
 def test_wilson_interval() -> None:
@@ -61,3 +61,18 @@ def test_median_interval_brackets_the_median_by_order_statistics() -> None:
     assert low < 199.5 < high
     assert (low, high) == (180.0, 219.0)  # ranks n/2 -+ 1.96 sqrt(n) / 2
     assert median_interval([3.0]) == (3.0, 3.0)
+
+
+def test_ratio_interval_resamples_clusters_whole() -> None:
+    """Every item spends half of its full rounds: the ratio is 0.5 in every resample, however items vary."""
+    full = [100.0, 100.0, 300.0, 300.0, 40.0, 40.0]
+    items = ["a", "a", "b", "b", "c", "c"]
+    assert ratio_interval([f / 2 for f in full], full, items, reps=500) == pytest.approx((0.5, 0.5))
+    # Items that disagree widen it. Clustered, the 2 items are all there is to resample (each drawn twice in a
+    # quarter of the resamples): the interval reaches both items' own ratios, where 20 rounds taken as
+    # independent would bring it well in.
+    spent, full = [10.0] * 10 + [90.0] * 10, [100.0] * 20
+    low, high = ratio_interval(spent, full, ["a"] * 10 + ["b"] * 10, reps=2000)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.9)
+    rounds_low, rounds_high = ratio_interval(spent, full, [str(i) for i in range(20)], reps=2000)
+    assert 0.2 < rounds_low < 0.5 < rounds_high < 0.8

@@ -82,13 +82,14 @@ def test_a_pooled_round_is_its_runs_direct_answer_then_reasoning_samples_of_ever
     assert len(rounds) == 3 * 3  # each run leads once
     for lead, seed in enumerate(sorted(runs)):
         item_id, row = next(iter(runs[seed].items()))
-        pooled = rounds[lead * 3]["candidates"]
-        assert [c["index"] for c in pooled] == list(range(16))
-        assert pooled[0]["kind"] == "direct" and pooled[0]["answer"] == row["trace"]["candidates"][0]["answer"]
-        assert all(c["kind"] == "reasoning" for c in pooled[1:])
+        pooled = rounds[lead * 3]
+        assert pooled["id"] == item_id and [c["index"] for c in pooled["candidates"]] == list(range(16))
+        direct, *reasoning = pooled["candidates"]
+        assert direct["kind"] == "direct" and direct["answer"] == row["trace"]["candidates"][0]["answer"]
+        assert all(c["kind"] == "reasoning" for c in reasoning)
         order = sorted(runs)[lead:] + sorted(runs)[:lead]
         samples = [c for s in order for c in runs[s][item_id]["trace"]["candidates"][1:]]
-        assert [c["completion_tokens"] for c in pooled[1:]] == [c["completion_tokens"] for c in samples[:15]]
+        assert [c["completion_tokens"] for c in reasoning] == [c["completion_tokens"] for c in samples[:15]]
     with pytest.raises(ValueError, match="a round of 23 needs"):
         pooled_rounds(runs, 23)
 
