@@ -3,7 +3,7 @@
     python bench/gpu_check.py            # one CUDA GPU, CUDA PyTorch + triton + transformers; sized for < 5 min, H100
     python bench/gpu_check.py --small    # tiny shapes, runs anywhere (on CPU through Triton's interpreter)
 
-Needs neither vLLM nor refine installed: kernels/srgen_loss.py and kernels/token_stats.py are loaded by path.
+Needs neither vLLM nor refine installed: kernels/srgen_loss.py and kernels/distribution_stats.py are loaded by path.
 1. accuracy: the Triton kernels against float64 PyTorch references (d=3584, V=152064);
 2. one SRGen correction (3 AdamW steps, each one srgen_loss_and_grad, then the corrected logits row) with the LM
    head in float32 and in bfloat16, at 4096 and 32768 context tokens, float32 matmul precision "highest" as in vLLM;
@@ -199,7 +199,7 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. on loading
     torch.backends.cuda.matmul.allow_tf32 = False  # as vLLM: float32 GEMMs in full float32
     torch.set_float32_matmul_precision("highest")
-    sl, ts = load_kernel("srgen_loss"), load_kernel("token_stats")
+    sl, ts = load_kernel("srgen_loss"), load_kernel("distribution_stats")
 
     import transformers
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

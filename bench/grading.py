@@ -1,6 +1,6 @@
 """The one grader every benchmark arm uses: is a reply's final answer the gold answer?
 
-The answer is read with `refine_server.policies.answers.extract_answer`, the extractor the policies vote with,
+The answer is read with `refine_server.policies.answer_extraction.extract_answer`, the extractor the policies vote with,
 so a reply is graded on exactly the answer a policy would count it as giving (with the question's options,
 so that "Apple." answers C when the question lists "(C) Apple"). Then, by the item's kind:
 
@@ -27,7 +27,7 @@ from fractions import Fraction
 
 import math_verify
 
-from refine_server.policies.answers import extract_answer, normalise_text, parse_answer, question_options
+from refine_server.policies.answer_extraction import extract_answer, normalise_text, parse_answer, question_options
 
 # A question whose answer is a percentage ("What percent of ...", "the percentage increase", "as a percent");
 # not one that merely mentions a percent ("What is 50% of 80?" asks for 40, and 0.4 is wrong).

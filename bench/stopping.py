@@ -3,16 +3,16 @@ stopped, what it would have decided, and what that cost, with no engine call. `q
 stopping tables from these.
 
 - `forecast_round`: after each candidate, whether the certain rule stops there, the share of the forecast's
-  completions (`cyberv_stopping.forecast`) behind its decision, and whether that decision is all n's;
+  completions (`stopping.forecast`) behind its decision, and whether that decision is all n's;
 - `replay`: a rule given as a threshold on that share per number of candidates drawn, over those steps;
-  `stop_risk_rule` is the policy's rule (`cyberv_stopping.outlook`) in that form, at any batch size;
+  `stop_risk_rule` is the policy's rule (`stopping.outlook`) in that form, at any batch size;
 - `fit_thresholds`: the thresholds that would have spent the fewest tokens at a required agreement, chosen on
   the very outcomes they are scored on. Not a rule anyone can run (it is fitted in-sample); it shows how far
   any threshold on this forecast could go;
 - `pooled_rounds`: rounds of more than the stored n, the reasoning candidates of several seeds' runs joined;
 - `concentration_prior`: a prior over the forecast urn's concentration fitted to stored rounds (empirical
   Bayes); `python bench/stopping.py` prints it for the dev split over a grid wider than the forecast's, which
-  is why `cyberv_stopping.CONCENTRATIONS` ends where it does.
+  is why `stopping.CONCENTRATIONS` ends where it does.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from refine_server.policies.answers import Answer  # noqa: E402
-from refine_server.policies.cyberv_sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
-from refine_server.policies.cyberv_stopping import Outlook, concentration_likelihood, outlook, settle  # noqa: E402
+from refine_server.policies.answer_extraction import Answer  # noqa: E402
+from refine_server.policies.cyberv.sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
+from refine_server.policies.cyberv.stopping import Outlook, concentration_likelihood, outlook, settle  # noqa: E402
 
 NEVER = 2.0  # a threshold no share reaches: at that draw only the certain rule stops
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0, NEVER)

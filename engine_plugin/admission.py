@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from refine_server.engine_plugin.params import PolicyParams, enforce_limits
-from refine_server.engine_plugin.protocol import (
+from refine_server.contract.params import PolicyParams, enforce_limits
+from refine_server.contract.protocol import (
     ALLOW_FAULTS_ENV,
     FAULT_ARG,
     HANDSHAKE_POLICY,
@@ -37,7 +37,7 @@ from refine_server.engine_plugin.protocol import (
     handshake_reply,
     is_request_key,
 )
-from refine_server.engine_plugin.srgen_params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
+from refine_server.contract.params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
 from refine_server.engine_plugin.tap import read_facts
 
 IN_ENGINE_POLICIES = (SRGEN, TOKEN_STATS)

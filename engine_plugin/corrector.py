@@ -21,12 +21,12 @@ import torch
 
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.events import EventWriter
-from refine_server.engine_plugin.protocol import FAULT_ARG, PARAMS_ARG, POLICY_ARG, REQUEST_KEY_ARG, events_dir
+from refine_server.contract.protocol import FAULT_ARG, PARAMS_ARG, POLICY_ARG, REQUEST_KEY_ARG, events_dir
 from refine_server.engine_plugin.sequences import SequenceTable, SRGenSequence
 from refine_server.engine_plugin.srgen import EntropyMonitor, ReflectionInput, reflect
-from refine_server.engine_plugin.srgen_params import SRGEN, SRGenParams
+from refine_server.contract.params import SRGEN, SRGenParams
 from refine_server.engine_plugin.tap import HIDDEN_STATES, HiddenStateTap
-from refine_server.kernels.token_stats import token_stats
+from refine_server.kernels.distribution_stats import token_stats
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ def register() -> None:
     original = BaseModelLoader.load_model
 
     def load_model_with_tap(self, vllm_config, model_config, prefix: str = ""):
-        from refine_server.engine_plugin.protocol import events_dir
+        from refine_server.contract.protocol import events_dir
         from refine_server.engine_plugin.tap import HIDDEN_STATES, write_facts
-        from refine_server.engine_plugin.token_stats import token_stats_unsupported
+        from refine_server.engine_plugin.sensor import token_stats_unsupported
 
         model = original(self, vllm_config, model_config, prefix=prefix)
         if hasattr(model, "lm_head"):

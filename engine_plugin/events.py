@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from refine_server.engine_plugin.protocol import append_event
+from refine_server.contract.protocol import append_event
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_server.engine_plugin.srgen import EntropyMonitor
-from refine_server.engine_plugin.srgen_params import SRGenParams
+from refine_server.contract.params import SRGenParams
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refine_server.engine_plugin.srgen_params import SRGenParams
+from refine_server.contract.params import SRGenParams
 from refine_server.kernels.srgen_loss import srgen_loss_and_grad
 
 

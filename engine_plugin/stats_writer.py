@@ -3,7 +3,7 @@
 The sampler's thread only enqueues: it copies the step's [rows, 5] statistics into one of a few pinned host
 buffers (non-blocking on a GPU, with an event recorded behind the copy) and hands the buffer to the thread.
 The thread waits for the event (the sampler never waits for the GPU on the statistics' behalf), turns the rows
-into `stats_file` records and appends them, one write per request file per step. A buffer returns to the ring
+into `token_stats_file` records and appends them, one write per request file per step. A buffer returns to the ring
 once the thread has read it, so the sampler waits only when the thread is a whole ring behind.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from refine_server.engine_plugin.protocol import is_request_key
-from refine_server.engine_plugin.stats_file import RECORD, stats_path
+from refine_server.contract.protocol import is_request_key
+from refine_server.contract.token_stats_file import RECORD, stats_path
 
 log = logging.getLogger(__name__)
 

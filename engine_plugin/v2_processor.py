@@ -19,7 +19,7 @@ from refine_server.engine_plugin.corrector import SRGenCorrector, SRGenRow, make
 from refine_server.engine_plugin.sampler_hook import SAMPLED_TOKENS, wrap_sampler
 from refine_server.engine_plugin.sequences import SRGenSequence
 from refine_server.engine_plugin.tap import HIDDEN_STATES
-from refine_server.engine_plugin.token_stats import StatsRow, StatsSequence, TokenStatsSensor, make_sensor
+from refine_server.engine_plugin.sensor import StatsRow, StatsSequence, TokenStatsSensor, make_sensor
 
 
 class RefineV2LogitsProcessor(LogitsProcessor):

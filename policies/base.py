@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 # The parameter models live beside the engine plugin, which validates in-engine policies' parameters too;
 # policies import them from here.
-from refine_server.engine_plugin.params import LimitExceeded, PolicyLimits, PolicyParams, enforce_limits  # noqa: F401
+from refine_server.contract.params import LimitExceeded, PolicyLimits, PolicyParams, enforce_limits  # noqa: F401
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient

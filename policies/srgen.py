@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
-from refine_server.engine_plugin.srgen_params import SRGEN, SRGenLimits, SRGenParams
+from refine_server.contract.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
+from refine_server.contract.params import SRGEN, SRGenLimits, SRGenParams
 from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall, PolicyParams
 from refine_server.policies.relayed import RelayedChunk, may_finish
 

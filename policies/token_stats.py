@@ -1,9 +1,9 @@
 """Per-token statistics measured inside the engine, the proxy side: ask for them, read them back per choice.
 
-The engine plugin's sensor (`engine_plugin/token_stats.py`) measures, for every token a request samples, the
+The engine plugin's sensor (`engine_plugin/sensor.py`) measures, for every token a request samples, the
 next-token distribution it was drawn from, over the whole vocabulary at the request's temperature (T = 1 for
 greedy requests): entropy and varentropy (nats), top-2 margin, and the drawn token's probability. They reach
-this process as a binary file per request (`engine_plugin/stats_file.py`), not as JSON per token.
+this process as a binary file per request (`contract/token_stats_file.py`), not as JSON per token.
 
 How a policy uses them (through its `EngineClient`):
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, TOKEN_STATS, signed_xargs
-from refine_server.engine_plugin.stats_file import StatsRecord, discard_stats, read_stats
+from refine_server.contract.protocol import REQUEST_KEY_ARG, TOKEN_STATS, signed_xargs
+from refine_server.contract.token_stats_file import StatsRecord, discard_stats, read_stats
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient

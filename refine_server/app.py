@@ -25,7 +25,7 @@ from refine_server.discovery import install_openapi
 from refine_server.discovery import router as discovery_router
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
-from refine_server.engine_plugin.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
+from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
 from refine_server.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TOOL_PARSER

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import aiohttp
 import msgspec
 
-from refine_server.engine_plugin.protocol import (
+from refine_server.contract.protocol import (
     HANDSHAKE_POLICY,
     PROTOCOL_VERSION,
     REQUEST_KEY_ARG,

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from refine_server.engine_plugin.srgen_params import SRGenEngineSettings
+from refine_server.contract.params import SRGenEngineSettings
 
 
 class APIKey(BaseModel):

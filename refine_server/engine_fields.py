@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from refine_server.engine_plugin.protocol import RESERVED_XARGS_PREFIX
+from refine_server.contract.protocol import RESERVED_XARGS_PREFIX
 from refine_server.errors import invalid_request
 
 XARGS = "vllm_xargs"

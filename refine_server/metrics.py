@@ -15,7 +15,7 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from refine_server.engine_plugin.protocol import PROTOCOL_VERSION
+from refine_server.contract.protocol import PROTOCOL_VERSION
 from refine_server.policies import PolicyMetric
 from refine_server.policies.base import LATENCY_BUCKETS
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from refine_server.policies.answers import extract_answer, question_kind, question_options
+from refine_server.policies.answer_extraction import extract_answer, question_kind, question_options
 from tests.conftest import MODEL
 
 

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from refine_server.backend import Backend, EngineLink
-from refine_server.engine_plugin.protocol import signed_xargs
+from refine_server.contract.protocol import signed_xargs
 from refine_server.metrics import Metrics
 from refine_server.policies.none import NonePolicy
 from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL

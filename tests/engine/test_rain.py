@@ -11,7 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from refine_server.policies.rain_search import ANSWER_LINE
+from refine_server.policies.rain.search import ANSWER_LINE
 from tests.conftest import MODEL, SECOND_MODEL_NAME, metric_total
 
 
@@ -136,7 +136,7 @@ def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, e
 def test_a_levels_sets_drawn_together_generate_fewer_tokens_and_the_same_greedy_set(
         client: OpenAI, engine_url: str, together: bool) -> None:
     """The bundled model's files are readable here, so by default an expansion's greedy set and 9 samples are
-    drawn together (policies/rain_sets.py); `draw_together: false` asks vLLM for `n=9` samples. One expansion of
+    drawn together (policies/rain/set_drawing.py); `draw_together: false` asks vLLM for `n=9` samples. One expansion of
     the root into 4-token sets: either way the greedy child is what the engine decodes greedily and every set has
     the level's length; drawn together, the engine generated fewer tokens than the sets hold (their common
     beginnings once), where `n` generates all 40."""

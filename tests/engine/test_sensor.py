@@ -16,7 +16,7 @@ import torch
 from openai import OpenAI
 
 from refine_server.backend import Backend, EngineLink
-from refine_server.engine_plugin.protocol import TOKEN_STATS
+from refine_server.contract.protocol import TOKEN_STATS
 from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.none import NonePolicy

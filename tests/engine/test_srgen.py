@@ -11,8 +11,8 @@ import pytest
 import torch
 from openai import OpenAI
 
-from refine_server.engine_plugin.protocol import FAULT_ARG, read_events, signed_xargs
-from refine_server.engine_plugin.srgen_params import SRGenParams
+from refine_server.contract.protocol import FAULT_ARG, read_events, signed_xargs
+from refine_server.contract.params import SRGenParams
 from refine_server.policies.srgen import _fill_trace
 from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, metric_total, policy_call
 

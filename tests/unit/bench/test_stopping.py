@@ -24,7 +24,7 @@ from stopping import (
     tokens,
 )
 
-from refine_server.policies.cyberv_stopping import CONCENTRATIONS, outlook
+from refine_server.policies.cyberv.stopping import CONCENTRATIONS, outlook
 
 
 def _runs(limit: int) -> dict[int, dict[str, dict]]:

@@ -7,7 +7,7 @@ import json
 
 from vllm import SamplingParams
 
-from refine_server.engine_plugin.protocol import signed_xargs
+from refine_server.contract.protocol import signed_xargs
 
 
 SECRET = "s" * 64

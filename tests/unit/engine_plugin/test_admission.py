@@ -9,7 +9,7 @@ from vllm import SamplingParams
 
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.corrector import INJECTED_FAULT
-from refine_server.engine_plugin.protocol import (
+from refine_server.contract.protocol import (
     FAULT_ARG,
     HANDSHAKE_POLICY,
     PROTOCOL_VERSION,

@@ -16,8 +16,8 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProc
 from vllm.v1.worker.gpu.sample.sampler import Sampler as V2Sampler
 
 from refine_server.engine_plugin.sampler_hook import SAMPLED_TOKENS, wrap_sampler
-from refine_server.engine_plugin.stats_file import read_stats
-from refine_server.engine_plugin.token_stats import StatsRow, TokenStatsSensor
+from refine_server.contract.token_stats_file import read_stats
+from refine_server.engine_plugin.sensor import StatsRow, TokenStatsSensor
 from refine_server.engine_plugin.v1_processor import RefineV1LogitsProcessor
 from refine_server.engine_plugin.v2_processor import RefineV2LogitsProcessor
 from tests.unit.engine_plugin.helpers import _srgen, _stats

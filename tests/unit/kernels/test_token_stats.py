@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from refine_server.kernels.token_stats import token_stats
+from refine_server.kernels.distribution_stats import token_stats
 from tests.unit.kernels.references import ATOL, RTOL, reference_token_stats
 
 

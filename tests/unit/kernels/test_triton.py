@@ -22,7 +22,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     import torch
 
     from refine_server.kernels.srgen_loss import _ce_chunk_triton, srgen_loss_and_grad_torch, srgen_loss_and_grad_triton
-    from refine_server.kernels.token_stats import token_stats_torch, token_stats_triton
+    from refine_server.kernels.distribution_stats import token_stats_torch, token_stats_triton
 
 
     def check_token_stats(logits, temperature):
@@ -84,7 +84,7 @@ def test_triton_kernels_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> N
     from triton.backends.compiler import GPUTarget
 
     from refine_server.kernels.srgen_loss import _ce_residual_kernel
-    from refine_server.kernels.token_stats import _token_stats_kernel
+    from refine_server.kernels.distribution_stats import _token_stats_kernel
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
     signatures = {

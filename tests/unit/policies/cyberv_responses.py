@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from refine_server.policies.cyberv_sensor import Generation
+from refine_server.policies.cyberv.sensor import Generation
 from tests.conftest import MODEL
 
 

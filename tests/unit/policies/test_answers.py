@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answers import (Answer, extract_answer, normalise_text, parse_answer, question_kind,
+from refine_server.policies.answer_extraction import (Answer, extract_answer, normalise_text, parse_answer, question_kind,
                                             question_options)
 
 

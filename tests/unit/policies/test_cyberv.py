@@ -23,7 +23,7 @@ from refine_server.policies.base import (
     PolicyCall,
     PolicyRequestError,
 )
-from refine_server.policies.cyberv import CyberVParams, CyberVPolicy, split_for_streaming
+from refine_server.policies.cyberv.policy import CyberVParams, CyberVPolicy, split_for_streaming
 from refine_server.streaming import ChunkRelay
 from tests.conftest import MODEL, policy_call
 from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _response
@@ -431,7 +431,7 @@ class PluginBackend(ScriptedBackend):
         return SimpleNamespace(handshake=SimpleNamespace(policies=["srgen"], signature="ok"))
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
-        from refine_server.engine_plugin.protocol import REQUEST_KEY_ARG, append_event
+        from refine_server.contract.protocol import REQUEST_KEY_ARG, append_event
 
         key = (body.get("vllm_xargs") or {}).get(REQUEST_KEY_ARG)
         if key:

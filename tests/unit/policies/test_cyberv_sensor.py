@@ -1,11 +1,11 @@
-"""policies.cyberv_sensor: the sensor and the controller on hand-made candidates."""
+"""policies.cyberv.sensor: the sensor and the controller on hand-made candidates."""
 
 from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answers import Answer, parse_answer
-from refine_server.policies.cyberv_sensor import (
+from refine_server.policies.answer_extraction import Answer, parse_answer
+from refine_server.policies.cyberv.sensor import (
     Candidate,
     confidence_signal,
     decide,

@@ -1,12 +1,12 @@
-"""policies.cyberv_stopping: when the adaptive round 1 may stop, on hand-made candidates."""
+"""policies.cyberv.stopping: when the adaptive round 1 may stop, on hand-made candidates."""
 
 from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answers import Answer
-from refine_server.policies.cyberv_sensor import decide, sense
-from refine_server.policies.cyberv_stopping import outlook, settle
+from refine_server.policies.answer_extraction import Answer
+from refine_server.policies.cyberv.sensor import decide, sense
+from refine_server.policies.cyberv.stopping import outlook, settle
 from tests.unit.policies.test_cyberv_sensor import _candidate
 
 

@@ -1,4 +1,4 @@
-"""policies.rain and rain_embeddings: the parameters, the server's caps on the budgets, and the embedder's torch
+"""policies.rain (policy, params) and rain.embeddings: the parameters, the server's caps on the budgets, and the embedder's torch
 threads. tests/engine/test_rain.py runs the policy on the real model."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from refine_server.policies import LimitExceeded, PolicyRegistry
-from refine_server.policies.rain import RainParams, RainPolicy
-from refine_server.policies.rain_embeddings import _encode
+from refine_server.policies.rain.policy import RainParams, RainPolicy
+from refine_server.policies.rain.embeddings import _encode
 
 
 def test_params_follow_the_criterion_and_refuse_inconsistent_settings() -> None:
@@ -53,7 +53,7 @@ def test_the_embedder_narrows_torch_threads_only_while_it_encodes() -> None:
 
 
 async def test_a_model_folder_this_machine_cannot_read_falls_back_to_the_engines_tokenizer(tmp_path) -> None:
-    from refine_server.policies.rain_engine import load_local_tokenizer
+    from refine_server.policies.rain.engine_calls import load_local_tokenizer
 
     assert await load_local_tokenizer(None) is None
     assert await load_local_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub name, not a folder
@@ -62,13 +62,13 @@ async def test_a_model_folder_this_machine_cannot_read_falls_back_to_the_engines
 
 async def test_a_readable_model_folder_gives_its_tokenizer_and_every_id_vllm_ends_an_answer_at(tmp_path) -> None:
     """vLLM stops at the tokenizer's end-of-sequence id and at every id of the generation config's: RAIN's drawn
-    sets (rain_sets.py) end a sample at the same ids."""
+    sets (set_drawing.py) end a sample at the same ids."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from refine_server.policies.rain_engine import load_local_tokenizer
+    from refine_server.policies.rain.engine_calls import load_local_tokenizer
 
     raw = RawTokenizer(WordLevel({"<unk>": 0, "<end>": 1, "<turn>": 2, "hello": 3}, unk_token="<unk>"))
     raw.pre_tokenizer = Whitespace()

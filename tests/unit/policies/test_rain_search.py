@@ -1,4 +1,4 @@
-"""policies.rain_search: token sets, the self-evaluation prompts, and the search against a scripted engine (no vLLM)."""
+"""policies.rain.search: token sets, the self-evaluation prompts, and the search against a scripted engine (no vLLM)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from refine_server.policies.engine_client import Budget, BudgetExhausted, Spend
-from refine_server.policies.rain import RainParams
-from refine_server.policies.rain_search import (
+from refine_server.policies.rain.policy import RainParams
+from refine_server.policies.rain.search import (
     ANSWER_LINE,
     RainSearch,
     SelfEvaluator,
     distinct_sets,
     load_criterion,
 )
-from refine_server.policies.rain_tree import TokenSet
+from refine_server.policies.rain.tree import TokenSet
 
 
 # ---- token sets --------------------------------------------------------------------------------------------------------

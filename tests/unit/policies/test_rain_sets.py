@@ -1,4 +1,4 @@
-"""policies.rain_sets: an expansion's sets drawn together, against a toy model whose distributions are known."""
+"""policies.rain.set_drawing: an expansion's sets drawn together, against a toy model whose distributions are known."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from itertools import product
 import pytest
 
 from refine_server.policies.engine_client import BudgetExhausted
-from refine_server.policies import rain_sets
-from refine_server.policies.rain_sets import draw_sets
-from refine_server.policies.rain_tree import TokenSet
+from refine_server.policies.rain import set_drawing as rain_sets
+from refine_server.policies.rain.set_drawing import draw_sets
+from refine_server.policies.rain.tree import TokenSet
 
 END = 0
 

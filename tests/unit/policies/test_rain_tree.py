@@ -1,4 +1,4 @@
-"""policies.rain_tree: the search tree's rules on hand-made nodes."""
+"""policies.rain.tree: the search tree's rules on hand-made nodes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from refine_server.policies.rain_tree import SearchTree, TokenSet, TreeSettings
+from refine_server.policies.rain.tree import SearchTree, TokenSet, TreeSettings
 
 
 def _tree_with_children(probabilities: list[float]) -> SearchTree:

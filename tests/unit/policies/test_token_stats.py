@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from refine_server.backend import EngineLink, PluginInfo
-from refine_server.engine_plugin.protocol import PROTOCOL_VERSION, REQUEST_KEY_ARG, Handshake
-from refine_server.engine_plugin.stats_file import RECORD, StatsRecord, stats_path
+from refine_server.contract.protocol import PROTOCOL_VERSION, REQUEST_KEY_ARG, Handshake
+from refine_server.contract.token_stats_file import RECORD, StatsRecord, stats_path
 from refine_server.policies.none import NonePolicy, NoneParams
 from refine_server.policies.token_stats import TokenStatsUnavailable, match_choices, read_choices
 from tests.conftest import policy_call

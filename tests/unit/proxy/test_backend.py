@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from refine_server.backend import Backend, EngineLink, PluginInfo
 from refine_server.config import Settings
-from refine_server.engine_plugin.protocol import HANDSHAKE_REPLY, PROTOCOL_VERSION, Handshake, handshake_reply
+from refine_server.contract.protocol import HANDSHAKE_REPLY, PROTOCOL_VERSION, Handshake, handshake_reply
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
 from tests.fake_vllm import MODEL, free_port, serve_in_thread

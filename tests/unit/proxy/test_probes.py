@@ -15,7 +15,7 @@ import pytest
 
 from refine_server.app import create_app
 from refine_server.config import Settings
-from refine_server.engine_plugin.protocol import PROTOCOL_VERSION
+from refine_server.contract.protocol import PROTOCOL_VERSION
 from refine_server.metrics import MULTIPROC_ENV, Metrics
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.upstreams import Upstreams

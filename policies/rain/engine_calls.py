@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from refine_server.policies.engine_client import Budget, EngineClient, Spend, run_together
-from refine_server.policies.rain_sets import draw_sets
-from refine_server.policies.rain_tree import TokenSet
+from refine_server.policies.rain.set_drawing import draw_sets
+from refine_server.policies.rain.tree import TokenSet
 
 ROLLOUT_STOPS = [",", ".", "?", ":", ";", "\n"]  # a rollout runs to the next punctuation
 MAX_LOGPROBS = 20  # vLLM's default cap on top logprobs per token
@@ -130,7 +130,7 @@ class SearchEngine:
     async def expansion_sets(self, prompt: list[int], length: int, top_k: int, samples: int,
                              together: bool) -> tuple[TokenSet, list[TokenSet]]:
         """A multi-token level's children: the greedy set and `samples` sets sampled from the top-k distribution
-        (duplicates kept). `together`: drawn together (`rain_sets.draw_sets`), where the model's end-of-sequence
+        (duplicates kept). `together`: drawn together (`set_drawing.draw_sets`), where the model's end-of-sequence
         ids are known here; otherwise in two calls, the samples as vLLM's `n`."""
         if not together or self.tokenizer.local is None:
             greedy, sampled = await run_together(self.greedy_set(prompt, length, top_k),

@@ -1,5 +1,5 @@
 """When CyberV's adaptive round 1 may stop drawing candidates (refine's addition: the official code always
-draws all n). Pure functions over the candidates drawn so far, scored by `cyberv_sensor.sense`.
+draws all n). Pure functions over the candidates drawn so far, scored by `sensor.sense`.
 
 - `outlook`: stop when the gate's decision over all n is certain whatever the remaining candidates say, or,
   with `stop_risk` > 0, when `forecast`'s random completions of round 1 agree on it often enough;
@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from refine_server.policies.answers import Answer
-from refine_server.policies.cyberv_sensor import (
+from refine_server.policies.answer_extraction import Answer
+from refine_server.policies.cyberv.sensor import (
     SIGNAL_WEIGHT,
     Candidate,
     Decision,

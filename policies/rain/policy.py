@@ -1,6 +1,6 @@
 """RAIN: rewindable auto-regressive inference ("RAIN: Your Language Models Can Align Themselves without
-Finetuning", arXiv 2309.07124). The search itself is in `rain_search.py`, its tree in `rain_tree.py`, its
-engine calls in `rain_engine.py`; this module is the policy: parameters, the client's request, budgets,
+Finetuning", arXiv 2309.07124). The search itself is in `search.py`, its tree in `tree.py`, its
+engine calls in `engine_calls.py`; this module is the policy: parameters, the client's request, budgets,
 streaming each committed token set, the response and the trace.
 
 Where this follows the official code (github.com/SafeAILab/RAIN) and where it differs:
@@ -20,7 +20,7 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
   official code). Only the order of the engine calls changes, so a seeded search samples other sets.
 - Same sets, less work: a level's greedy set and samples are drawn together from the distributions a streamed
   greedy path reports, so samples that begin alike compute their beginning once, as with the official code's
-  logits cache (`draw_together`, `rain_sets.py`; it needs the served model's end-of-sequence ids, so only where
+  logits cache (`draw_together`, `set_drawing.py`; it needs the served model's end-of-sequence ids, so only where
   its files are readable here: elsewhere, or with `draw_together: false`, the samples are vLLM's `n`).
 - Different: the self-evaluation prompts are new few-shot prompts in the same A/B format (prompts/), and the
   truthful criterion also asks both orders (the official TruthfulQA script asks once, with Yes/No). The
@@ -30,7 +30,7 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
   `max_rollout_tokens` (default 64 to punctuation; truthful: the rest of the answer, which is where the
   official one stops too). Widening a multi-token level samples one new set (the official code asks for a
   greedy and a sampled set; the greedy one is always present already).
-- Beyond the paper, on by default: the judge guard (`judge_guard`, see rain_search.py): when the first
+- Beyond the paper, on by default: the judge guard (`judge_guard`, see search.py): when the first
   `judge_guard_evaluations` (4) evaluations of a commit are all 0, the judge answered by position in every
   one, and the most-visited child is committed at once; once a request's judge has done so, with no other
   value yet, a later commit needs only its first evaluation to be 0 too. `judge_guard: false` is the paper's
@@ -49,11 +49,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
 
-from refine_server.policies.answer_shapes import AnswerShapes
+from refine_server.policies.response_bodies import AnswerShapes
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -63,14 +62,13 @@ from refine_server.policies.base import (
     SEARCH_ITERATIONS,
     Policy,
     PolicyCall,
-    PolicyLimits,
     PolicyParams,
     PolicyRequestError,
 )
 from refine_server.policies.engine_client import Budget, EngineClient
-from refine_server.policies.rain_embeddings import TextEmbedder
-from refine_server.policies.rain_engine import SearchEngine, Tokenizer, load_local_tokenizer
-from refine_server.policies.rain_search import (
+from refine_server.policies.rain.embeddings import TextEmbedder
+from refine_server.policies.rain.engine_calls import SearchEngine, Tokenizer, load_local_tokenizer
+from refine_server.policies.rain.search import (
     CommitRecord,
     JudgeStats,
     RainSearch,
@@ -78,7 +76,7 @@ from refine_server.policies.rain_search import (
     load_criterion,
     option_tokens,
 )
-from refine_server.policies.rain_tree import TreeSettings
+from refine_server.policies.rain.params import RainLimits, RainParams
 
 if TYPE_CHECKING:
     from refine_server.policies.request import ClientRequest
@@ -88,83 +86,6 @@ DEFAULT_MAX_TOKENS = 256  # a search needs a length bound; the client's max_toke
 # Client fields that steer plain decoding after a budget runs out (the search sets its own sampling).
 PLAIN_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                          "repetition_penalty")
-
-
-class RainParams(PolicyParams):
-    """Defaults are the official HH script's values."""
-
-    criterion: Literal["harmless", "truthful", "custom"] = Field(
-        "harmless", description="what the self-evaluation asks: the paper's two criteria, or `question`")
-    question: str | None = Field(
-        None, min_length=1, max_length=2000,
-        description="criterion custom: a yes/no question about the reply so far, where yes means acceptable")
-    max_iterations_per_commit: int = Field(
-        50, ge=1, description="a commit runs max(this - visits the new root already has, min) iterations")
-    min_iterations_per_commit: int = Field(15, ge=1, description="the fewest iterations per commit")
-    early_stop_visits: int | None = Field(
-        None, ge=0, description="T_m: commit early once the most-visited child has more visits (default: "
-        "6, truthful 16) ...")
-    early_stop_value: float = Field(0.8, ge=-1, le=1, description="... and a value above this")
-    exploration: float = Field(2.0, ge=0, description="c in the selection rule")
-    set_lengths: list[int] = Field([1, 2, 4, 10], min_length=1, description="token-set length by depth")
-    token_choices: int = Field(10, ge=1, le=20, description="children of a single-token level: the top-k")
-    set_choices: int = Field(10, ge=1, le=32, description="children of a multi-token level: greedy + samples")
-    set_top_k: int = Field(15, ge=1, le=20, description="multi-token sets are sampled from this top-k")
-    similarity_threshold: float = Field(0.95, ge=-1, le=1)
-    similarity_weight: float = Field(0.2, ge=0)
-    widen: bool = Field(True, description="dynamic widening of alike, badly judged children")
-    max_rollout_tokens: int | None = Field(
-        None, ge=1, description="a rollout stops here (default: 64 tokens for a rollout to the next punctuation; "
-        "the rest of the answer for truthful's rollout to the end)")
-    defer_expansion: bool = Field(
-        True, description="expand a leaf on its second visit, when its children are first needed (same visits and "
-        "choices as the official first-visit expansion, without expanding leaves never revisited)")
-    draw_together: bool = Field(
-        True, description="draw a level's sets together, so samples that begin alike compute that once (fewer "
-        "engine tokens, an engine step or two more per expansion; needs the model's files on this machine); "
-        "false: the samples are vLLM's `n`")
-    parallel_leaves: int = Field(
-        1, ge=1, le=64, description="leaves searched at once, with virtual loss (1: the paper's sequential search)")
-    judge_model: str | None = Field(
-        None, min_length=1, max_length=256,
-        description="another model on the same upstream answers the self-evaluation (default: the client's model)")
-    judge_guard: bool = Field(
-        True, description="commit the most-visited child at once when the judge gives no signal (False: the "
-        "paper's search, every iteration run)")
-    judge_guard_evaluations: int = Field(
-        4, ge=1, description="the judge guard fires when this many first evaluations of a commit are all 0 (after "
-        "that many zeros and nothing else in the request: when the first of a commit is 0)")
-    max_engine_calls: int = Field(20_000, ge=1, description="budget: generation calls of the whole search")
-    max_search_tokens: int = Field(200_000, ge=1, description="budget: tokens the search may generate")
-    max_seconds: float = Field(600.0, gt=0, description="budget: wall time of the search")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RainParams:
-        if self.criterion == "custom" and not self.question:
-            raise ValueError("criterion 'custom' needs `question`: a yes/no question about the reply")
-        if self.criterion != "custom" and self.question:
-            raise ValueError("`question` is only used with criterion 'custom'")
-        if self.min_iterations_per_commit > self.max_iterations_per_commit:
-            raise ValueError("min_iterations_per_commit exceeds max_iterations_per_commit")
-        if any(n < 1 for n in self.set_lengths):
-            raise ValueError("set_lengths must be positive")
-        if self.early_stop_visits is None:
-            self.early_stop_visits = 16 if self.criterion == "truthful" else 6
-        return self
-
-    def tree_settings(self) -> TreeSettings:
-        return TreeSettings(exploration=self.exploration, similarity_threshold=self.similarity_threshold,
-                            similarity_weight=self.similarity_weight)
-
-
-class RainLimits(PolicyLimits):
-    max_iterations_per_commit: int | None = 200
-    min_iterations_per_commit: int | None = 200
-    max_rollout_tokens: int | None = 512
-    parallel_leaves: int | None = 16
-    max_engine_calls: int | None = 50_000
-    max_search_tokens: int | None = 1_000_000
-    max_seconds: float | None = 1800.0
 
 
 # ---- the client's request --------------------------------------------------------------------------------
@@ -321,7 +242,7 @@ class RainRun:
                        **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()}},
             "tokenizer_calls": s.tokenizer_calls,
             # The expansions' multi-token sets, in tokens: against `expand` completion tokens, what drawing them
-            # together saved (rain_sets.py).
+            # together saved (set_drawing.py).
             "set_tokens": self.engine.set_tokens,
             "seconds": round(time.monotonic() - self.started, 3),
         }

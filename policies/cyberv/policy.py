@@ -6,23 +6,23 @@ attention; here the sensor reads token-level uncertainty: measured inside vLLM o
 refine's engine plugin where the upstream has it (`policies/token_stats.py`), else from the API's top logprobs.
 
 **Round 1.** Candidates are drawn in batches that run concurrently in vLLM and share the prompt's prefix:
-- candidate 0, the direct answer: greedy, prompt `prompts/cyberv_direct.txt` (the answer only);
-- candidates 1..n-1: reasoning samples of `prompts/cyberv_reason.txt` (think step by step, then answer) at
+- candidate 0, the direct answer: greedy, prompt `prompts/direct.txt` (the answer only);
+- candidates 1..n-1: reasoning samples of `prompts/reason.txt` (think step by step, then answer) at
   the official sampling (temperature 1.0, top_p 0.5, top_k 5), `batch_size` per engine call (each call its
   own seed), the first batch together with the direct answer;
 - each candidate's answer is read from its own text where it marks one ("the answer is 7", "\\boxed{7}"; for
   the direct answer, the text itself). Where it does not, the official greedy final-answer step runs: the
-  assistant message "candidate text + `prompts/cyberv_final.txt`" (the official format instruction: state
+  assistant message "candidate text + `prompts/final.txt`" (the official format instruction: state
   the final answer after "Therefore, the final answer is:", consistent with the reasoning) is continued for a
   few tokens (vLLM's `continue_final_message`). When that says nothing either, the candidate's last
   unmarked number or option is its answer (`answers.extract_answer`). Placeholders and non-answers
   ("X", "not clear") are no answer: such a candidate never votes.
 - **Adaptive** (`adaptive`, on by default; refine's addition): after each batch the sensor scores what has
   been drawn, and round 1 stops as soon as the gate's decision can no longer change whatever the remaining
-  candidates say (`cyberv_stopping.outlook`): the best answer already above n * theta and out of reach of every
+  candidates say (`stopping.outlook`): the best answer already above n * theta and out of reach of every
   other answer, or no answer able to reach n * theta (straight to feedback). With `stop_risk` > 0 (default
   0.05) it also stops when the decision is not certain but likely: one decision of the gate over all n comes
-  out of at least 1 - stop_risk of random completions of round 1 (`cyberv_stopping.forecast`), and that is the
+  out of at least 1 - stop_risk of random completions of round 1 (`stopping.forecast`), and that is the
   decision taken. The trace says after how
   many candidates, why, and whether the decision was certain. With `adaptive` off, all n are drawn in one
   batch, as the official code does.
@@ -52,7 +52,7 @@ kind and normalised value). If the best sum exceeds n * theta, the best-scoring 
 returned. Otherwise the feedback round runs.
 
 **Feedback round**: ~80 characters either side of the spike in the best round-1 candidate (the best-scoring
-candidate of the best answer) are quoted back to the model with `prompts/cyberv_feedback.txt` (recheck that
+candidate of the best answer) are quoted back to the model with `prompts/feedback.txt` (recheck that
 step), near-greedy; its answer is read as a candidate's is. It is accepted only if it is one of the round-1
 answers; otherwise the best round-1 candidate is returned (the spec's rule).
 
@@ -94,12 +94,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
 
-from refine_server.policies.answer_shapes import AnswerShapes
-from refine_server.policies.answers import Answer, extract_answer, parse_answer, question_options
+from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.policies.answer_extraction import Answer, extract_answer, parse_answer, question_options
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -107,14 +106,13 @@ from refine_server.policies.base import (
     ROUNDS,
     Policy,
     PolicyCall,
-    PolicyLimits,
     PolicyParams,
     PolicyRequestError,
 )
-from refine_server.engine_plugin.srgen_params import SRGEN, SRGenParams
+from refine_server.contract.params import SRGEN
 from refine_server.policies.engine_client import run_together
 from refine_server.policies.srgen import srgen_fields, srgen_report
-from refine_server.policies.cyberv_sensor import (
+from refine_server.policies.cyberv.sensor import (
     Candidate,
     Decision,
     Feedback,
@@ -124,7 +122,8 @@ from refine_server.policies.cyberv_sensor import (
     round4,
     sense,
 )
-from refine_server.policies.cyberv_stopping import Outlook, outlook, settle
+from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams
+from refine_server.policies.cyberv.stopping import Outlook, outlook, settle
 
 if TYPE_CHECKING:
     from refine_server.policies.request import ClientRequest
@@ -135,50 +134,10 @@ WORDS_PER_CHUNK = 4  # streaming: words per content chunk
 BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
-class SRGenDecode(SRGenParams):
-    """SRGen's parameters, for decoding cyberv's engine calls with it."""
-
-    policy: Literal["srgen"] = Field(description="the in-engine policy that decodes cyberv's generations")
-
-    def srgen(self) -> SRGenParams:
-        return SRGenParams(**self.model_dump(exclude={"policy"}))
-
-
-class CyberVParams(PolicyParams):
-    """Defaults are the official VideoMMMU script's (n, theta) and sampling (top_p, top_k) values."""
-
-    n: int = Field(8, ge=2, description="candidates in round 1: the direct answer and n-1 reasoning samples")
-    theta: float = Field(0.3, ge=0, le=1, description="the best answer's summed score must exceed n * theta")
-    reasoning_temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature of the reasoning samples")
-    reasoning_top_p: float = Field(0.5, gt=0, le=1, description="top_p of the reasoning samples")
-    reasoning_top_k: int = Field(5, ge=-1, description="top_k of the reasoning samples (-1 or 0: no limit)")
-    max_reasoning_tokens: int = Field(256, ge=1, description="tokens per round-1 candidate at most")
-    feedback_temperature: float = Field(0.01, ge=0, le=2, description="temperature of the feedback round")
-    max_feedback_tokens: int = Field(256, ge=1, description="tokens of the feedback round's answer at most")
-    adaptive: bool = Field(True, description="draw round 1 in batches and stop once the decision cannot change")
-    batch_size: int = Field(2, ge=1, description="reasoning samples per engine call when adaptive")
-    stop_risk: float = Field(
-        0.05, ge=0, le=0.5, description="adaptive: also stop when one decision of all n comes out of at least "
-                                        "1 - stop_risk of random completions of round 1; 0: only when certain")
-    decode: SRGenDecode | None = Field(
-        None, description="decode every engine call of cyberv with an in-engine policy: {\"policy\": \"srgen\", "
-                          "...SRGen's parameters}; needs refine's engine plugin upstream")
-    sensor: Literal["auto", "top_logprobs"] = Field(
-        "auto", description="auto: the engine's token statistics where the upstream has refine's plugin, else "
-                            "top_logprobs; top_logprobs: always the API's (to compare the two)")
-    progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
-
-
-class CyberVLimits(PolicyLimits):
-    n: int | None = 16
-    max_reasoning_tokens: int | None = 2048
-    max_feedback_tokens: int | None = 2048
-
-
 @functools.cache
 def _template(name: str) -> str:
     """A prompt from prompts/ (package data), read once; the file's final newline is not part of it."""
-    return (files("refine_server.policies") / "prompts" / name).read_text(encoding="utf-8").removesuffix("\n")
+    return (files("refine_server.policies.cyberv") / "prompts" / name).read_text(encoding="utf-8").removesuffix("\n")
 
 
 def _prompt(name: str, **fields: str) -> str:
@@ -319,7 +278,7 @@ class CyberVRun:
             raise PolicyRequestError(f"refine.decode runs SRGen inside vLLM, but {problem}", "refine.decode")
 
     async def _direct(self) -> Candidate:
-        prompt = self.question.messages(_prompt("cyberv_direct.txt", question=self.question.text))
+        prompt = self.question.messages(_prompt("direct.txt", question=self.question.text))
         (generation,) = await self._generations(
             "round1", prompt, temperature=0.0, max_tokens=self.question.cap(self.params.max_reasoning_tokens))
         candidate = Candidate(0, "direct", generation)
@@ -332,7 +291,7 @@ class CyberVRun:
 
     async def _reasoning(self, count: int, start: int) -> list[Candidate]:
         p = self.params
-        prompt = self.question.messages(_prompt("cyberv_reason.txt", question=self.question.text))
+        prompt = self.question.messages(_prompt("reason.txt", question=self.question.text))
         generations = await self._generations(
             "round1", prompt, n=count, temperature=p.reasoning_temperature, top_p=p.reasoning_top_p,
             top_k=p.reasoning_top_k, seed=self.engine.next_seed(), max_tokens=self.question.cap(p.max_reasoning_tokens),
@@ -360,7 +319,7 @@ class CyberVRun:
     async def _final_step(self, purpose: str, prompt: list[dict[str, Any]], text: str) -> Generation:
         """Let the model state the answer of what it wrote, greedily, after the official format instruction."""
         written = {"role": "assistant",
-                   "content": _prompt("cyberv_final.txt", candidate=text, form=self.question.answer_form)}
+                   "content": _prompt("final.txt", candidate=text, form=self.question.answer_form)}
         (generation,) = await self._generations(
             purpose, [*prompt, written], add_generation_prompt=False, continue_final_message=True,
             temperature=0.0, max_tokens=FINAL_STEP_TOKENS,
@@ -375,7 +334,7 @@ class CyberVRun:
     async def feedback_round(self) -> Feedback:
         started = time.perf_counter()
         span = self.feedback_span()
-        prompt = self.question.messages(_prompt("cyberv_feedback.txt", question=self.question.text, span=span))
+        prompt = self.question.messages(_prompt("feedback.txt", question=self.question.text, span=span))
         result = await self.engine.chat(
             "feedback", prompt, temperature=self.params.feedback_temperature,
             max_tokens=self.question.cap(self.params.max_feedback_tokens),

@@ -1,6 +1,6 @@
 """RAIN's search tree: nodes, the selection rule, backup with the similarity update, widening and the commit.
 
-Pure bookkeeping, no engine calls: `rain_search.py` decides what to ask the engine and feeds the answers
+Pure bookkeeping, no engine calls: `search.py` decides what to ask the engine and feeds the answers
 in here. Numbers follow the official code (github.com/SafeAILab/RAIN, HH/nodes.py), read for the method.
 """
 

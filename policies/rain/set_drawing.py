@@ -30,11 +30,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from refine_server.policies.rain_tree import TokenSet
+from refine_server.policies.rain.tree import TokenSet
 
 
 class PathEngine(Protocol):
-    """What `draw_sets` needs of the engine (rain_engine.SearchEngine)."""
+    """What `draw_sets` needs of the engine (engine_calls.SearchEngine)."""
 
     end_ids: frozenset[int]  # the ids that end the answer, as the engine stops on them
 

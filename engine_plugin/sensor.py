@@ -11,7 +11,7 @@ Per step, on the device: `observe` (inside `apply`) copies the asking rows of th
 until sampling, and runs the token_stats kernel on them (entropy, varentropy, margin and the log normaliser);
 `sampled` (right after the sampler, see `sampler_hook.py`) gathers each drawn token's logit from that buffer,
 so its probability is exp(logit / T - lse), and hands the [rows, 5] result to the writer, which copies it to
-the host once and writes it off the sampler's thread (`stats_writer.py`, format in `stats_file.py`).
+the host once and writes it off the sampler's thread (`stats_writer.py`, format in `contract/token_stats_file.py`).
 
 Sequences are kept by their SamplingParams object (as SRGen's are): n > 1 choices each get their own, so they
 are separate sequences of one request key, numbered in admission order; a preempted or re-added request finds
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from refine_server.engine_plugin.protocol import (
+from refine_server.contract.protocol import (
     POLICY_ARG,
     REQUEST_KEY_ARG,
     TOKEN_STATS,
@@ -40,7 +40,7 @@ from refine_server.engine_plugin.protocol import (
     events_dir,
 )
 from refine_server.engine_plugin.stats_writer import COLUMNS, RecordPlace, StatsWriter
-from refine_server.kernels.token_stats import token_stats
+from refine_server.kernels.distribution_stats import token_stats
 
 log = logging.getLogger(__name__)
 

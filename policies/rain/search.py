@@ -36,12 +36,12 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.policies.engine_client import BudgetExhausted, run_together
-from refine_server.policies.rain_engine import ROLLOUT_STOPS, SearchEngine, Tokenizer
-from refine_server.policies.rain_tree import Node, SearchTree, TokenSet
+from refine_server.policies.rain.engine_calls import ROLLOUT_STOPS, SearchEngine, Tokenizer
+from refine_server.policies.rain.tree import Node, SearchTree, TokenSet
 
 if TYPE_CHECKING:
-    from refine_server.policies.rain import RainParams
-    from refine_server.policies.rain_embeddings import TextEmbedder
+    from refine_server.policies.rain.params import RainParams
+    from refine_server.policies.rain.embeddings import TextEmbedder
 
 ANSWER_LINE = "The answer is: ("  # every criterion prompt ends here; the next token names an option
 PUNCTUATION_ROLLOUT_TOKENS = 64  # default cap of a rollout to the next punctuation, which rarely needs more
@@ -51,7 +51,7 @@ PUNCTUATION_ROLLOUT_TOKENS = 64  # default cap of a rollout to the next punctuat
 
 @dataclass(frozen=True)
 class Criterion:
-    """A self-evaluation prompt (prompts/rain_<name>.toml): a template with {question}, {response}, {first}
+    """A self-evaluation prompt (prompts/<name>.toml): a template with {question}, {response}, {first}
     and {second} (the two options in the order asked), and the text of the acceptable and unacceptable
     options."""
 
@@ -78,7 +78,7 @@ class Criterion:
 
 @functools.cache
 def _criterion_file(name: str) -> dict[str, str]:
-    return tomllib.loads((files("refine_server.policies") / "prompts" / f"rain_{name}.toml").read_text("utf-8"))
+    return tomllib.loads((files("refine_server.policies.rain") / "prompts" / f"{name}.toml").read_text("utf-8"))
 
 
 def load_criterion(name: str, custom_question: str | None) -> Criterion:

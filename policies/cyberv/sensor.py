@@ -1,8 +1,8 @@
 """CyberV's sensor and controller: pure functions over round 1's candidates (no engine calls).
 
 What the engine wrote (`Generation`, with its per-token top logprobs), the signals s1..s5 read from it, the
-official controller's gate, and the rule that judges a feedback answer. `policies/cyberv.py` documents the
-method and runs the loop, `policies/cyberv_stopping.py` decides when the adaptive round 1 may stop; the
+official controller's gate, and the rule that judges a feedback answer. `policies/cyberv/policy.py` documents the
+method and runs the loop, `policies/cyberv/stopping.py` decides when the adaptive round 1 may stop; the
 constants below are the official code's values unless marked otherwise.
 """
 
@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from refine_server.policies.answers import Answer
+from refine_server.policies.answer_extraction import Answer
 
 if TYPE_CHECKING:
     from refine_server.policies.token_stats import ChoiceTokenStats

@@ -19,7 +19,7 @@ argument and generates; a server that refuses the request without that reply has
 the proxy reads the file when the response ends and deletes it. A missing file therefore means "the engine
 could not report" (another host, no shared folder), never "nothing happened"; the handshake says in advance
 whether the folder is shared. Token statistics use a binary file per request key in the same folder
-(`stats_file.py`).
+(`token_stats_file.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ FAULT_ARG = "refine_fault"
 PLUGIN_MARKER = "refine engine plugin"  # starts every message the plugin sends through vLLM
 HANDSHAKE_POLICY = "__handshake__"
 # Not a policy but a sensor: the engine reports per-token statistics of the request's own distribution
-# (engine_plugin/token_stats.py; the proxy reads them with policies/token_stats.py). A plugin that offers it
+# (engine_plugin/sensor.py; the proxy reads them with policies/token_stats.py). A plugin that offers it
 # lists it among its handshake's `policies`.
 TOKEN_STATS = "token_stats"
 HANDSHAKE_REPLY = f"{PLUGIN_MARKER} handshake reply: "

@@ -1,11 +1,44 @@
-"""SRGen's name, parameters and server caps: defined once, read by the proxy's policy and by the plugin."""
+"""Parameter models every policy uses (per-request parameters and the server's caps on them), and SRGen's.
+
+They are part of the contract because in-engine policies validate their parameters in vLLM too (defence in
+depth); this module imports nothing but pydantic, so the proxy and the engine share it.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
 
-from refine_server.engine_plugin.params import PolicyLimits, PolicyParams
+from pydantic import BaseModel, ConfigDict, Field
 
+
+class PolicyParams(BaseModel):
+    """A policy's per-request parameters. Unknown fields are errors, so a typo never silently does nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyLimits(BaseModel):
+    """Server-side caps on a policy's parameters: each field caps the parameter of the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitExceeded(ValueError):
+    def __init__(self, param: str, value: Any, cap: Any):
+        super().__init__(f"{param}={value} exceeds this server's limit of {cap}")
+        self.param = param
+
+
+def enforce_limits(params: PolicyParams, *limits: PolicyLimits) -> None:
+    """Raise LimitExceeded for the first parameter above any of the given caps (server's, then an API key's)."""
+    for caps in limits:
+        for name, cap in caps:
+            value = getattr(params, name)
+            if cap is not None and value is not None and value > cap:
+                raise LimitExceeded(name, value, cap)
+
+
+# ---- SRGen: defined once, read by the proxy's policy and by the plugin ------------------------------------
 SRGEN = "srgen"
 
 
