@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,22 @@ class Handshake(BaseModel):
     signature: str  # "ok", "no secret" (the engine has none set) or "mismatch" (not the proxy's secret)
     limits: dict[str, dict[str, Any]]  # the caps the plugin enforces, by policy
     unsupported: list[str]  # why this engine cannot run in-engine policies correctly (empty: it can)
+
+
+@dataclass(frozen=True)
+class EngineLink:
+    """What the proxy shares with the engine plugin of its backend: the signing secret and the events folder."""
+
+    secret: str | None
+    events_dir: Path
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """The handshake's result, proxy side: the plugin's own report, and whether its event files reach the proxy."""
+
+    handshake: Handshake
+    events_shared: bool
 
 
 def handshake_reply(report: Handshake) -> str:

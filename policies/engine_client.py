@@ -15,15 +15,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.policies.relayed import RelayedChunk
 from refine_server.policies.request import PATHS, ClientRequest
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
-
-if TYPE_CHECKING:
-    from refine_server.backend import Backend, EngineLink, PluginInfo
-    from refine_server.tracing import RequestSpan
+from refine_server.policies.transport import NO_TRACER, CallTracer, Transport
 
 T = TypeVar("T")
 
@@ -113,7 +111,8 @@ class EngineClient:
     """The backend for one client request. Every generation call carries the client's model, and its seed
     unless the call sets its own."""
 
-    def __init__(self, backend: Backend, request: ClientRequest, budget: Budget | None = None):
+    def __init__(self, backend: Transport, request: ClientRequest, budget: Budget | None = None,
+                 tracer: CallTracer = NO_TRACER):
         self._backend = backend
         self.request = request
         self.model = request.model
@@ -121,9 +120,8 @@ class EngineClient:
         self.budget = budget
         self.spend = Spend()
         self._seed_counter = 0
-        # Tracing's hook (refine_server/tracing.py), set by the route when tracing is on: a span per engine call.
-        # None when off, and then a call costs nothing more than this test.
-        self.tracer: RequestSpan | None = None
+        # A span per engine call when the server traces; NO_TRACER passes each call through as it is.
+        self.tracer = tracer
 
     @property
     def link(self) -> EngineLink:
@@ -150,15 +148,13 @@ class EngineClient:
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.tracer is None:
-            return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
         return await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
             self.request.path, body, endpoint=self.request.endpoint))
 
     def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
         chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
-        return chunks if self.tracer is None else self.tracer.stream("relay", self.request.endpoint, body, chunks)
+        return self.tracer.stream("relay", self.request.endpoint, body, chunks)
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -185,11 +181,10 @@ class EngineClient:
                                   **(fields.get("stream_options") or {})}
         usage: dict[str, Any] = {}
         try:
-            chunks = self._backend.stream_json(PATHS["completions"], body, endpoint="completions")
-            if self.tracer is not None:
-                chunks = self.tracer.stream(purpose, "completions", body, chunks)
-            async with aclosing(chunks) as chunks:
-                async for chunk in chunks:
+            chunks = self.tracer.stream(purpose, "completions", body,
+                                        self._backend.stream_json(PATHS["completions"], body, endpoint="completions"))
+            async with aclosing(chunks) as stream:
+                async for chunk in stream:
                     usage = chunk.get("usage") or usage
                     yield chunk
         finally:
@@ -259,11 +254,8 @@ class EngineClient:
         self._check_budget()
         cost = self._charge(purpose)
         body = self._body(fields)
-        if self.tracer is None:
-            result = await self._backend.post_json(PATHS[endpoint], body, endpoint=endpoint)
-        else:
-            result = await self.tracer.call(purpose, endpoint, body, lambda: self._backend.post_json(
-                PATHS[endpoint], body, endpoint=endpoint))
+        result = await self.tracer.call(purpose, endpoint, body, lambda: self._backend.post_json(
+            PATHS[endpoint], body, endpoint=endpoint))
         cost.add(result.get("usage") or {}, observed_prompt_tokens)
         return result
 

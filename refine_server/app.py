@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from refine_server.auth import KeyRing
-from refine_server.backend import Backend, EngineLink
+from refine_server.backend import Backend
+from refine_server.contract.protocol import EngineLink
 from refine_server.config import Settings
 from refine_server.discovery import install_openapi
 from refine_server.discovery import router as discovery_router

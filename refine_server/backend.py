@@ -10,8 +10,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -21,7 +19,8 @@ from refine_server.contract.protocol import (
     HANDSHAKE_POLICY,
     PROTOCOL_VERSION,
     REQUEST_KEY_ARG,
-    Handshake,
+    EngineLink,
+    PluginInfo,
     discard_events,
     parse_handshake_reply,
     read_events,
@@ -39,22 +38,6 @@ _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 _JSON = {"Content-Type": "application/json"}
 # What a call can fail with short of an HTTP answer: no connection, a dropped one, a timeout.
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-
-
-@dataclass(frozen=True)
-class EngineLink:
-    """What refine shares with the engine plugin of its backend: the signing secret and the events folder."""
-
-    secret: str | None
-    events_dir: Path
-
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """The handshake's result: the plugin's own report, and whether its event files reach this process."""
-
-    handshake: Handshake
-    events_shared: bool
 
 
 class Backend:

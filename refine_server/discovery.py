@@ -2,10 +2,10 @@
 fields plus `refine`, one schema per policy) and GET /v1/refine/policies (each policy's parameters, defaults
 and this server's caps).
 
-The models here only describe. Requests are still read by `schemas.py`'s models, which check only what refine
-itself needs (vLLM checks the rest), so documenting costs the hot path nothing; and since the generation
-endpoints are plain Starlette routes, FastAPI never reads their bodies and its own 422 never answers: every
-error stays OpenAI's (`errors.py`).
+The request and response bodies are `schemas.py`'s, the models that read every request: here they are only
+written out, with `refine` narrowed to the registered policies' schemas. Since the generation endpoints are
+plain Starlette routes, FastAPI never reads their bodies and its own 422 never answers: every error stays
+OpenAI's (`errors.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 from pydantic.json_schema import models_json_schema
 from pydantic_core import to_jsonable_python
 
@@ -24,7 +24,14 @@ from refine_server.auth import Grant
 from refine_server.policies import Policy, PolicyRegistry
 from refine_server.policies.request import PATHS, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime
-from refine_server.schemas import ChatCompletionRequest, CompletionRequest
+from refine_server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    GenerationResponse,
+    PolicyInfo,
+    PolicyList,
+)
 
 router = APIRouter()
 
@@ -36,68 +43,6 @@ REFINE_DESCRIPTION = (
 
 
 # ---- the request bodies ----------------------------------------------------------------------------------
-
-class ChatMessage(BaseModel):
-    """One message of the conversation, as OpenAI's API takes it (vLLM checks the details)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-
-
-class FunctionDefinition(BaseModel):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="the arguments, as a JSON schema")
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: dict[str, str] = Field(description='{"name": the function to call}')
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
-class _SharedFields(BaseModel):
-    """OpenAI's fields that refine passes to vLLM without reading them."""
-
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class _ChatDoc(_SharedFields, ChatCompletionRequest):
-    """OpenAI's chat completion request. Fields not listed here are vLLM's own and pass through to it."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[Tool] | None = Field(None, description="policies that write their own answer refuse it (400)")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = Field(
-        None, description="policies that write their own answer refuse it (400)")
-
-
-class _CompletionDoc(_SharedFields, CompletionRequest):
-    """OpenAI's (legacy) completion request. Fields not listed here are vLLM's own and pass through to it."""
-
-    suffix: str | None = None
-
 
 def policy_description(policy: Policy) -> str:
     """The policy class's docstring, or else its module's: the first paragraph, on one line."""
@@ -123,40 +68,11 @@ def request_models(registry: PolicyRegistry) -> tuple[type[BaseModel], type[Base
     refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],
                                                                    Field(discriminator="policy")]
     field = (refine | None, Field(None, description=REFINE_DESCRIPTION))
-    return (create_model("ChatCompletionRequest", __base__=_ChatDoc, refine=field),
-            create_model("CompletionRequest", __base__=_CompletionDoc, refine=field))
+    return (create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, refine=field),
+            create_model("CompletionRequest", __base__=CompletionRequest, refine=field))
 
 
 # ---- the responses ---------------------------------------------------------------------------------------
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, in OpenAI's format."""
-
-    error: ErrorDetail
-
-
-class RefineBlock(BaseModel):
-    """What the policy did: on the response, or on the stream's chunk that finishes the last choice."""
-
-    policy: str
-    params: dict[str, Any] = Field(description="the parameters in effect, defaults included")
-    trace: dict[str, Any] = Field(description="the policy's own account of its work")
-
-
-class GenerationResponse(BaseModel):
-    """OpenAI's response object (chat.completion or text_completion), plus `refine`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    refine: RefineBlock
-
 
 _SUMMARY_HEADERS = {
     "x-refine-policy": "the policy that answered (streaming responses too)",
@@ -228,25 +144,6 @@ def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> 
 
 
 # ---- GET /v1/refine/policies -----------------------------------------------------------------------------
-
-class PolicyInfo(BaseModel):
-    name: str
-    description: str
-    runs_in_engine: bool = Field(description="needs refine's plugin in vLLM (refused on a backend without it)")
-    refuses_fields: list[str] = Field(description="request fields the policy cannot honour: a request with one "
-                                      "is a 400 naming it")
-    params_schema: dict[str, Any] = Field(description="the JSON schema of the policy's `refine` parameters")
-    defaults: dict[str, Any] = Field(description="the value each parameter takes when the request leaves it out")
-    limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
-                                     "(the server's, tightened by the API key's own)")
-    metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
-
-
-class PolicyList(BaseModel):
-    object: Literal["list"] = "list"
-    default_policy: str = Field(description="the policy a request without `refine` gets")
-    data: list[PolicyInfo]
-
 
 @router.get("/v1/refine/policies", response_model=PolicyList)
 async def list_policies(rt: Runtime = Depends(get_runtime), grant: Grant = Depends(get_grant)) -> PolicyList:

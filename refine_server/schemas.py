@@ -1,13 +1,15 @@
-"""What refine checks in an OpenAI request before anything reaches the backend.
+"""refine's wire types: the models that read a request's body and the same models that document it.
 
-Only the fields refine itself relies on are typed here; every other field passes through untouched, so
-whatever the official openai client sends reaches vLLM as sent. Types are strict: `"n": "2"` is an error,
-as it is for OpenAI.
+The generation requests are typed as far as refine relies on them and as OpenAI documents them; every field
+not listed passes through untouched (`extra="allow"`), so whatever the official openai client or vLLM's own
+extensions send reaches vLLM as sent, and vLLM checks the rest. Types are strict: `"n": "2"` is an error, as it
+is for OpenAI. /openapi.json (discovery.py) is written from these very classes, with `refine` narrowed to one
+schema per registered policy, so what is documented is what is checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +19,8 @@ from refine_server.policies.request import ClientRequest, Endpoint
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
+
+# ---- the requests ----------------------------------------------------------------------------------------
 
 class RefineSpec(_Open):
     """The `refine` object: a policy name and that policy's parameters (validated by the policy)."""
@@ -31,7 +35,41 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
+class ChatMessage(_Open):
+    """One message of the conversation, as OpenAI's API takes it (vLLM checks the details)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments, as a JSON schema")
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: dict[str, str] = Field(description='{"name": the function to call}')
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _GenerationRequest(_Open):
+    """The fields both generation endpoints share; OpenAI's, and `refine`."""
+
     model: str = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -41,6 +79,10 @@ class _GenerationRequest(_Open):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
     refine: RefineSpec | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -53,21 +95,89 @@ class _GenerationRequest(_Open):
             endpoint=endpoint, body=body, model=self.model, n=self.n or 1, max_tokens=self.requested_max_tokens(),
             seed=self.seed, stop=stop, stream=bool(self.stream),
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
-            messages=getattr(self, "messages", None), prompt=getattr(self, "prompt", None),
+            messages=body.get("messages") if endpoint == "chat" else None,
+            prompt=body.get("prompt") if endpoint == "completions" else None,
         )
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    """OpenAI's chat completion request. Fields not listed here are vLLM's own and pass through to it."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, description="policies that write their own answer refuse it (400)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="policies that write their own answer refuse it (400)")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_GenerationRequest):
+    """OpenAI's (legacy) completion request. Fields not listed here are vLLM's own and pass through to it."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
+    suffix: str | None = None
+
+
+REQUEST_MODELS: dict[Endpoint, type[_GenerationRequest]] = {
+    "chat": ChatCompletionRequest, "completions": CompletionRequest,
+}
+
+
+# ---- the responses ---------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's format."""
+
+    error: ErrorDetail
+
+
+class RefineBlock(BaseModel):
+    """What the policy did: on the response, or on the stream's chunk that finishes the last choice."""
+
+    policy: str
+    params: dict[str, Any] = Field(description="the parameters in effect, defaults included")
+    trace: dict[str, Any] = Field(description="the policy's own account of its work")
+
+
+class GenerationResponse(BaseModel):
+    """OpenAI's response object (chat.completion or text_completion), plus `refine`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    refine: RefineBlock
+
+
+# ---- GET /v1/refine/policies -----------------------------------------------------------------------------
+
+class PolicyInfo(BaseModel):
+    name: str
+    description: str
+    runs_in_engine: bool = Field(description="needs refine's plugin in vLLM (refused on a backend without it)")
+    refuses_fields: list[str] = Field(description="request fields the policy cannot honour: a request with one "
+                                      "is a 400 naming it")
+    params_schema: dict[str, Any] = Field(description="the JSON schema of the policy's `refine` parameters")
+    defaults: dict[str, Any] = Field(description="the value each parameter takes when the request leaves it out")
+    limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
+                                           "(the server's, tightened by the API key's own)")
+    metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
+
+
+class PolicyList(BaseModel):
+    object: Literal["list"] = "list"
+    default_policy: str = Field(description="the policy a request without `refine` gets")
+    data: list[PolicyInfo]

@@ -5,22 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.errors import APIError, from_policy_error
-from refine_server.metrics import Metrics
 from refine_server.policies import PolicyError, relayed
 
 log = logging.getLogger(__name__)
 
 Chunk = bytes | dict[str, Any]  # the engine's JSON bytes, relayed as they came, or a chunk the policy wrote
-# Starts a stream again on another replica after the failure given: the stream's first chunk and the rest.
-Reopen = Callable[[APIError], Awaitable[tuple[Chunk | None, AsyncGenerator[Chunk, None]]]]
 
 SSE_HEADERS = {
     # Proxies in front of refine must not buffer the stream: that would destroy time-to-first-token.
@@ -75,6 +73,51 @@ class EventStreamResponse(Response):
             await self._events.aclose()  # a cancel that lands in `send` leaves the generator open otherwise
 
 
+class Observer(Protocol):
+    """A histogram's child, resolved once per stream (prometheus-client's)."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+@dataclass
+class StreamLatency:
+    """Time to the first token, then between tokens, on one policy's histograms."""
+
+    ttft: Observer
+    itl: Observer
+    started: float  # when the request arrived (perf_counter)
+    last_token_at: float | None = None
+
+    def token_sent(self) -> None:
+        now = time.perf_counter()
+        if self.last_token_at is None:
+            self.ttft.observe(now - self.started)
+        else:
+            self.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+
+
+class RelayedRequest(Protocol):
+    """What the relay needs of the request it streams (serving.GenerationServing is one)."""
+
+    @property
+    def n_choices(self) -> int:
+        """Choices in the answer: the `refine` block goes on the chunk that finishes the last of them."""
+        ...
+
+    def latency(self) -> StreamLatency: ...
+
+    def refine_block(self) -> dict[str, Any]: ...
+
+    async def reopen(self, failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
+        """The stream again on another replica after `failure` (before its first event), or `failure` raised."""
+        ...
+
+    def finished(self, status: int) -> None:
+        """The stream is over with this HTTP status (499: the client went away)."""
+        ...
+
+
 class ChunkRelay:
     """Turns a policy's chunks into SSE bytes.
 
@@ -84,36 +127,18 @@ class ChunkRelay:
     chunk that finishes the last of the request's choices (n per prompt), so a client reading the stream
     finds it without waiting for anything extra. A failure mid-stream becomes a `data: {"error": ...}` line,
     which the official openai client raises as an APIError; a failure before the first event is retried on
-    another replica instead, where `reopen` allows it.
+    another replica instead, where the request can `reopen` it.
     """
 
-    def __init__(
-        self,
-        first: Chunk | None,
-        rest: AsyncGenerator[Chunk, None],
-        *,
-        n_choices: int,
-        refine_block: Callable[[], dict[str, Any]],
-        metrics: Metrics,
-        policy_label: str,
-        started: float,
-        on_finish: Callable[[int], None],
-        reopen: Reopen | None = None,
-    ):
+    def __init__(self, first: Chunk | None, rest: AsyncGenerator[Chunk, None], request: RelayedRequest):
         self._first = first
         self._rest = rest
-        self._n_choices = n_choices
-        self._refine_block = refine_block
-        self._ttft = metrics.ttft.labels(policy_label)  # resolved once: observed per token
-        self._itl = metrics.itl.labels(policy_label)
-        self._started = started
-        self._on_finish = on_finish
-        self._reopen = reopen
+        self._request = request
+        self._latency = request.latency()
         self._finished: set[int] = set()
-        self._last_token_at: float | None = None
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        """The SSE events, ended by `[DONE]`; the request is counted (`on_finish`) when they end or are closed."""
+        """The SSE events, ended by `[DONE]`; the request is `finished` when they end or are closed."""
         status = 200
         sent_any = False
         try:
@@ -138,18 +163,11 @@ class ChunkRelay:
             yield sse(relayed.encode(APIError(500, "internal error while streaming", code="internal_error").body()))
         finally:
             await self._rest.aclose()
-            self._on_finish(status)
+            self._request.finished(status)
 
     def _observe_latency(self, chunk: Chunk) -> None:
-        """Time to the first token, then between tokens, for chunks that carry tokens."""
-        if not (relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk)):
-            return
-        now = time.perf_counter()
-        if self._last_token_at is None:
-            self._ttft.observe(now - self._started)
-        else:
-            self._itl.observe(now - self._last_token_at)
-        self._last_token_at = now
+        if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
+            self._latency.token_sent()
 
     async def _next(self, sent_any: bool) -> Chunk | None:
         """The next chunk. A backend that fails after accepting the request but before its first event has
@@ -157,10 +175,10 @@ class ChunkRelay:
         try:
             return await anext(self._rest, None)
         except APIError as exc:
-            if sent_any or self._reopen is None:
+            if sent_any:
                 raise
             await self._rest.aclose()
-            first, self._rest = await self._reopen(exc)
+            first, self._rest = await self._request.reopen(exc)
             return first
 
     def _with_refine_block(self, chunk: bytes | dict[str, Any]) -> bytes:
@@ -171,12 +189,12 @@ class ChunkRelay:
             decoded = relayed.decode(chunk)
             if not self._finishes_last_choice(decoded):
                 return chunk
-            return relayed.encode({**decoded, "refine": self._refine_block()})
+            return relayed.encode({**decoded, "refine": self._request.refine_block()})
         if self._finishes_last_choice(chunk):
-            chunk = {**chunk, "refine": self._refine_block()}
+            chunk = {**chunk, "refine": self._request.refine_block()}
         return relayed.encode(chunk)
 
     def _finishes_last_choice(self, chunk: dict[str, Any]) -> bool:
         newly = relayed.finished_choices(chunk) - self._finished
         self._finished |= newly
-        return bool(newly) and len(self._finished) == self._n_choices
+        return bool(newly) and len(self._finished) == self._request.n_choices

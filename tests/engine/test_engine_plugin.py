@@ -10,7 +10,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from refine_server.backend import Backend, EngineLink
+from refine_server.backend import Backend
+from refine_server.contract.protocol import EngineLink
 from refine_server.contract.protocol import signed_xargs
 from refine_server.metrics import Metrics
 from refine_server.policies.none import NonePolicy

@@ -15,7 +15,8 @@ import pytest
 import torch
 from openai import OpenAI
 
-from refine_server.backend import Backend, EngineLink
+from refine_server.backend import Backend
+from refine_server.contract.protocol import EngineLink
 from refine_server.contract.protocol import TOKEN_STATS
 from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient

@@ -24,7 +24,7 @@ from refine_server.policies.base import (
     PolicyRequestError,
 )
 from refine_server.policies.cyberv.policy import CyberVParams, CyberVPolicy, split_for_streaming
-from refine_server.streaming import ChunkRelay
+from refine_server.streaming import ChunkRelay, StreamLatency
 from tests.conftest import MODEL, policy_call
 from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _response
 
@@ -310,14 +310,32 @@ def _chosen_tokens(backend: ScriptedBackend, trace: dict[str, Any]) -> int:
     return len(backend.reasoning[chosen["index"] - 1].split())  # the scripted backend: a token per word
 
 
+class _OneChoice:
+    """The request side of a relayed stream (streaming.RelayedRequest), as refine's serving object plays it."""
+
+    n_choices = 1
+
+    def __init__(self, call: PolicyCall):
+        self._call = call
+        self._metrics = Metrics({"cyberv": CyberVPolicy.metrics})
+
+    def latency(self) -> StreamLatency:
+        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"), time.perf_counter())
+
+    def refine_block(self) -> dict[str, Any]:
+        return {"policy": "cyberv", "trace": self._call.trace.data}
+
+    async def reopen(self, failure: APIError) -> Any:
+        raise failure
+
+    def finished(self, status: int) -> None:
+        pass
+
+
 async def _relay(call: PolicyCall, params: CyberVParams) -> list[dict[str, Any]]:
     """The policy's stream as refine serves it (ChunkRelay attaches the refine block), parsed back from SSE."""
     chunks = CyberVPolicy().stream(call, params)
-    relay = ChunkRelay(
-        await anext(chunks), chunks, n_choices=1, metrics=Metrics({"cyberv": CyberVPolicy.metrics}), policy_label="cyberv",
-        refine_block=lambda: {"policy": "cyberv", "trace": call.trace.data},
-        started=time.perf_counter(), on_finish=lambda status: None,
-    )
+    relay = ChunkRelay(await anext(chunks), chunks, _OneChoice(call))
     events = [line.decode().removeprefix("data: ").strip() async for line in relay.events()]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
@@ -421,7 +439,7 @@ class PluginBackend(ScriptedBackend):
 
     def __init__(self, *args: Any, events_dir: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        from refine_server.backend import EngineLink
+        from refine_server.contract.protocol import EngineLink
 
         self.link = EngineLink(secret="s", events_dir=events_dir)
 

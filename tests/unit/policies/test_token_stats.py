@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from refine_server.backend import EngineLink, PluginInfo
+from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.contract.protocol import PROTOCOL_VERSION, REQUEST_KEY_ARG, Handshake
 from refine_server.contract.token_stats_file import RECORD, StatsRecord, stats_path
 from refine_server.policies.none import NonePolicy, NoneParams

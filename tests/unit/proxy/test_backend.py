@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from refine_server.backend import Backend, EngineLink, PluginInfo
+from refine_server.backend import Backend
+from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.config import Settings
 from refine_server.contract.protocol import HANDSHAKE_REPLY, PROTOCOL_VERSION, Handshake, handshake_reply
 from refine_server.errors import APIError

@@ -1,0 +1,229 @@
+"""One generation request, served: read, choose the policy, check, complete or stream, record.
+
+`GenerationServing` is made per request by the route (openai_api.py) and holds what the request's steps share:
+the runtime, the caller's key, the span, the chosen policy and its parameters, the replica it runs on, and the
+policy call the answer came from. The route knows no policy's fields: a policy declares its metrics and fills
+them in its trace; the serving object turns them into the `refine` block, headers and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import msgspec
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from refine_server.auth import Grant
+from refine_server.backend import Backend
+from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
+from refine_server.engine_fields import check_engine_fields
+from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
+from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
+from refine_server.policies.base import PolicyCall
+from refine_server.policies.engine_client import EngineClient
+from refine_server.policies.request import ClientRequest, Endpoint
+from refine_server.policies.transport import NO_TRACER
+from refine_server.runtime import Runtime
+from refine_server.schemas import REQUEST_MODELS, RefineSpec
+from refine_server.streaming import SSE_HEADERS, Chunk, ChunkRelay, EventStreamResponse, StreamLatency
+from refine_server.tracing import RequestSpan
+from refine_server.upstreams import Route
+
+POLICY_HEADER = "x-refine-policy"
+
+
+class GenerationServing:
+    """Serves one request to a generation endpoint; `respond()` once."""
+
+    def __init__(self, request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant, span: RequestSpan | None):
+        self._http = request
+        self._endpoint = endpoint
+        self._rt = rt
+        self._grant = grant
+        self._span = span
+        self._started = time.perf_counter()
+        self._route = Route(rt.upstreams)
+        self._policy_label = "other"  # until the policy is known
+        self._calls: list[PolicyCall] = []  # one per replica tried: the last one answers
+        self.request: ClientRequest
+        self.policy: Policy
+        self.params: PolicyParams
+
+    async def respond(self) -> Response:
+        """The answer, or the error in OpenAI's format; the request is counted whatever happens."""
+        try:
+            self.request, spec = await self._read_request()
+            self.policy, self.params = self._choose_policy(spec)
+            self._policy_label = self._rt.metrics.policy_label(self.policy.name)
+            if self._span is not None:
+                self._span.started(self.request, self.policy.name)
+            self._refuse_unhonoured_fields()
+            return await (self._stream() if self.request.stream else self._complete())
+        except PolicyError as exc:
+            self.finished(exc.status)
+            raise from_policy_error(exc) from None
+        except APIError as exc:
+            self.finished(exc.status)
+            raise
+        except ClientDisconnected:
+            self.finished(499)
+            return Response(status_code=499)
+        except Exception:
+            self.finished(500)  # the app's handler answers with an OpenAI-style 500
+            raise
+
+    # ---- the answer ------------------------------------------------------------------------------------------
+
+    async def _complete(self) -> Response:
+        async def answer(backend: Backend) -> dict[str, Any]:
+            call = self._new_call(backend)
+            return await cancel_on_disconnect(self._http.receive, self.policy.complete(call, self.params))
+
+        result = await self._route.run(answer, self._suits)
+        if self._span is not None:
+            self._span.answered(result)
+        result["refine"] = self.refine_block()
+        self.finished(200)
+        return Response(msgspec.json.encode(result), media_type="application/json", headers=self._summary_headers())
+
+    async def _stream(self) -> Response:
+        """Answers once the stream is open: at the engine's 200 for a relayed stream (`relayed.ACCEPTED`), at the
+        first chunk for a policy that writes its own. A backend that refuses the request so yields a real HTTP
+        error status, and one that cannot be reached is replaced by another before the client has seen anything
+        (and, for a relayed stream, until its first event: `reopen`). The headers go out before the policy's
+        work is done: only the policy's name is known by then."""
+        first, chunks = await cancel_on_disconnect(self._http.receive, self._route.run(self._open_stream, self._suits))
+        relay = ChunkRelay(first, chunks, self)
+        return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: self.policy.name})
+
+    async def _open_stream(self, backend: Backend) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
+        chunks = self.policy.stream(self._new_call(backend), self.params)
+        if self._span is not None:
+            chunks = self._span.watch_stream(chunks)
+        try:
+            return await anext(chunks, None), chunks
+        except BaseException:
+            await chunks.aclose()
+            raise
+
+    def _new_call(self, backend: Backend) -> PolicyCall:
+        tracer = NO_TRACER if self._span is None else self._span.engine_calls
+        call = PolicyCall(self.request, EngineClient(backend, self.request, tracer=tracer))
+        self._calls.append(call)
+        if self._span is not None:
+            self._span.policy_call = call
+            self._span.routed(backend.base_url)
+        return call
+
+    # ---- what the stream's relay asks of its request (streaming.RelayedRequest) -------------------------------
+
+    @property
+    def n_choices(self) -> int:
+        return self.request.num_choices
+
+    def latency(self) -> StreamLatency:
+        metrics = self._rt.metrics
+        return StreamLatency(metrics.ttft.labels(self._policy_label), metrics.itl.labels(self._policy_label),
+                             self._started)
+
+    def refine_block(self) -> dict[str, Any]:
+        """The `refine` block of the answer; the policy's metrics are observed as it is made."""
+        call = self._calls[-1]
+        self._rt.metrics.observe_policy(self._policy_label, call.trace.values)
+        return {"policy": self.policy.name, "params": self.params.model_dump(mode="json"), "trace": call.trace.data}
+
+    async def reopen(self, failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
+        """The stream again on another replica, after `failure` before its first event; or `failure` raised."""
+        self._route.leave(failure)
+        return await self._route.run(self._open_stream, self._suits)
+
+    def finished(self, status: int) -> None:
+        """The request is over with this HTTP status: count it, free its replica, end its span."""
+        self._route.finish()
+        metrics = self._rt.metrics
+        metrics.requests.labels(self._endpoint, self._policy_label, str(status)).inc()
+        metrics.e2e_latency.labels(self._endpoint, self._policy_label).observe(time.perf_counter() - self._started)
+        if self._span is not None:
+            self._span.finished(status)
+
+    # ---- the checks before any engine work ---------------------------------------------------------------
+
+    async def _read_request(self) -> tuple[ClientRequest, RefineSpec | None]:
+        """The typed request policies receive, and its `refine` object. A 400 for anything refine refuses."""
+        raw = await self._http.body()
+        try:
+            body = msgspec.json.decode(raw)
+        except ValueError:
+            raise invalid_request("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise invalid_request("request body must be a JSON object")
+        try:
+            parsed = REQUEST_MODELS[self._endpoint].model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        limit = self._rt.settings.max_tokens_limit
+        wanted = parsed.requested_max_tokens()
+        if wanted is not None and wanted > limit:
+            param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+            raise invalid_request(f"{param}={wanted} exceeds this server's limit of {limit}", param)
+        check_engine_fields(body, self._rt.open_engine_fields)
+        body.pop("refine", None)
+        return parsed.client_request(self._endpoint, body), parsed.refine
+
+    def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy, PolicyParams]:
+        rt = self._rt
+        name = (spec.policy if spec else None) or rt.settings.default_policy
+        raw_params = spec.policy_params() if spec else {}
+        if name in rt.registry.names:
+            self._grant.check_policy(name)
+        try:
+            return rt.registry.resolve(name, raw_params, self._grant.limits)
+        except UnknownPolicy:
+            raise invalid_request(
+                f"unknown policy {name!r}; this server offers: {', '.join(rt.registry.names)}", "refine.policy"
+            ) from None
+        except ValidationError as exc:
+            raise from_validation_error(exc, prefix=("refine",)) from None
+        except LimitExceeded as exc:
+            raise invalid_request(str(exc), f"refine.{exc.param}") from None
+
+    def _refuse_unhonoured_fields(self) -> None:
+        for field in self.policy.refuses_fields:
+            if self.request.asks_for(field):
+                raise APIError(400, f"policy {self.policy.name!r} cannot honour {field!r}: send the request without "
+                               "it, or choose another policy", param=field, code="unsupported_parameter")
+
+    async def _suits(self, backend: Backend) -> None:
+        """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy; such a policy
+        goes only to a backend whose plugin can."""
+        if not self.policy.needs_engine_plugin:
+            return
+        plugin = await backend.plugin(self.request.model)
+        where = f"the backend at {backend.base_url}"
+        if plugin is None:
+            problem = (f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
+                       "environment and restart it")
+        elif self.policy.name not in plugin.handshake.policies:
+            problem = f"{where} has refine's engine plugin {plugin.handshake.version}, which does not offer it"
+        elif plugin.handshake.signature != "ok":
+            secret = "no" if plugin.handshake.signature == "no secret" else "another"
+            problem = (f"{where} has refine's engine plugin but {secret} engine secret: set the same "
+                       "REFINE_ENGINE_SECRET for refine and in vLLM's environment")
+        else:
+            return
+        raise APIError(400, f"policy {self.policy.name!r} runs inside vLLM, but {problem}", param="refine.policy",
+                       code="engine_plugin_missing")
+
+    def _summary_headers(self) -> dict[str, str]:
+        """The policy's name and the counts it recorded that have a header (corrections, rounds, ...)."""
+        values = self._calls[-1].trace.values
+        headers = {POLICY_HEADER: self.policy.name}
+        for metric in self.policy.metrics:
+            value = values.get(metric.name)
+            if metric.header and value is not None:
+                headers[metric.header] = str(int(value)) if float(value).is_integer() else str(value)
+        return headers
