@@ -7,7 +7,7 @@ import pytest
 from refine_server.policies.answer_extraction import Answer
 from refine_server.policies.cyberv.sensor import decide, sense
 from refine_server.policies.cyberv.stopping import outlook, settle
-from tests.unit.policies.test_cyberv_sensor import _candidate
+from tests.unit.policies.cyberv.test_sensor import _candidate
 
 
 @pytest.mark.parametrize("answers, settled", [

@@ -26,7 +26,7 @@ from refine_server.policies.base import (
 from refine_server.policies.cyberv.policy import CyberVParams, CyberVPolicy, split_for_streaming
 from refine_server.streaming import ChunkRelay, StreamLatency
 from tests.conftest import MODEL, policy_call
-from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _response
+from tests.unit.policies.cyberv.responses import DIRECT, SPIKE_WORD, _choice, _response
 
 
 FINAL_MARK = "\nTo conclude, I state the final answer"

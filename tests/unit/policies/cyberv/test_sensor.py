@@ -15,7 +15,7 @@ from refine_server.policies.cyberv.sensor import (
     rank_ascending,
     sense,
 )
-from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _gen
+from tests.unit.policies.cyberv.responses import DIRECT, SPIKE_WORD, _gen
 
 
 def _candidate(index: int, text: str, final: str, p: float) -> Candidate:
