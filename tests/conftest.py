@@ -125,6 +125,30 @@ def refine_server() -> Iterator[RunningServer]:
     stop_refine(server)
 
 
+# A second embedded engine computing in float32, for the tests that hold the engine's numbers to a float32
+# recomputation (the sensor's statistics, SRGen's correction): on a CPU with bf16 units the session's engine runs
+# bfloat16, whose logits differ from float32 by more than those tests allow (AMX and AVX512-BF16 differently).
+FLOAT32_REFINE_PORT = REFINE_PORT + 50
+FLOAT32_ENGINE_PORT = ENGINE_PORT + 50
+
+
+@pytest.fixture(scope="session")
+def float32_refine() -> Iterator[str]:
+    """Started by the first test that needs it, kept for the rest of the session."""
+    server = start_refine("embedded-float32", FLOAT32_REFINE_PORT, "--engine-port", str(FLOAT32_ENGINE_PORT),
+                          "--engine-max-model-len", "2048",
+                          "--engine-args", json.dumps(["--dtype", "float32",
+                                                       "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
+                          env=ENGINE_ENV)
+    yield server.url
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
+def float32_client(float32_refine: str) -> OpenAI:
+    return OpenAI(base_url=f"{float32_refine}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def engine_url(refine_server: RunningServer) -> str:
     """The embedded vLLM itself, for comparing refine's answers with the engine's."""

@@ -2,14 +2,14 @@
 whole vocabulary, every choice of an n > 1 request gets its own stream, and `none` summarises them for a client
 of the official openai client.
 
-These tests run their own embedded engine, in float32: the session's engine computes in bfloat16 on a CPU with
-bf16 units, whose logits differ from any float32 recomputation by far more than the 1e-3 the sensor is held to.
+These tests run on the session's float32 engine (`float32_refine`, tests/conftest.py): the main engine computes in
+bfloat16 on a CPU with bf16 units, whose logits differ from any float32 recomputation by far more than the 1e-3
+the sensor is held to.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
@@ -21,45 +21,17 @@ from refine_server.contract.protocol import TOKEN_STATS
 from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.none import NonePolicy
-from tests.conftest import (
-    ENGINE_ENV,
-    ENGINE_EVENTS_DIR,
-    ENGINE_KV_BLOCKS,
-    ENGINE_PORT,
-    ENGINE_SECRET,
-    MODEL,
-    REFINE_PORT,
-    policy_call,
-    start_refine,
-    stop_refine,
-)
+from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, FLOAT32_ENGINE_PORT, MODEL, policy_call
 
 PROMPT = "The three primary colours are"
-PORT_OFFSET = 50  # beside the session's refine and engine
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def float32_refine() -> Iterator[str]:
-    server = start_refine("embedded-float32", REFINE_PORT + PORT_OFFSET,
-                          "--engine-port", str(ENGINE_PORT + PORT_OFFSET), "--engine-max-model-len", "2048",
-                          "--engine-args", json.dumps(["--dtype", "float32",
-                                                       "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
-                          env=ENGINE_ENV)
-    yield server.url
-    stop_refine(server)
-
-
-@pytest.fixture(scope="module")
-def client(float32_refine: str) -> OpenAI:
-    return OpenAI(base_url=f"{float32_refine}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture
 async def engine(float32_refine: str) -> AsyncIterator[EngineClient]:
     """An EngineClient on the float32 engine, as a policy gets one from refine."""
-    backend = Backend(f"http://127.0.0.1:{ENGINE_PORT + PORT_OFFSET}", Metrics({"none": NonePolicy.metrics}),
+    backend = Backend(f"http://127.0.0.1:{FLOAT32_ENGINE_PORT}", Metrics({"none": NonePolicy.metrics}),
                       timeout_s=120, link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR))
     try:
         yield policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend).engine
@@ -73,7 +45,7 @@ async def test_the_handshake_says_the_engine_reports_token_stats(engine: EngineC
 
 
 async def test_greedy_token_stats_match_a_transformers_recomputation_over_the_whole_vocabulary(
-        engine: EngineClient, client: OpenAI) -> None:
+        engine: EngineClient, float32_client: OpenAI) -> None:
     from transformers import AutoModelForCausalLM
 
     response, stats = await engine.completions_with_token_stats("test", PROMPT, max_tokens=12, temperature=0)
@@ -81,7 +53,7 @@ async def test_greedy_token_stats_match_a_transformers_recomputation_over_the_wh
     got = stats[0]
     assert got.missing == 0 and got.token_ids == choice["token_ids"] and len(got.token_ids) == 12
 
-    model = AutoModelForCausalLM.from_pretrained(_model_dir(client), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(_model_dir(float32_client), dtype=torch.float32).eval()
     ids = torch.tensor([choice["prompt_token_ids"] + choice["token_ids"]])
     prompt_len = len(choice["prompt_token_ids"])
     with torch.no_grad():
@@ -115,10 +87,10 @@ async def test_each_choice_of_an_n2_request_gets_its_own_stream(engine: EngineCl
     assert stats[0].entropy != stats[1].entropy
 
 
-def test_none_summarises_each_choices_token_stats_for_the_official_client(client: OpenAI) -> None:
+def test_none_summarises_each_choices_token_stats_for_the_official_client(float32_client: OpenAI) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
-    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
-    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+    plain = float32_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    resp = float32_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
                                           extra_body={"refine": {"policy": "none", "token_stats": True}})
     assert resp.choices[0].message.content == plain.choices[0].message.content
     assert "token_ids" not in (resp.choices[0].model_extra or {})  # the sensor needed them, the client did not ask
@@ -128,7 +100,7 @@ def test_none_summarises_each_choices_token_stats_for_the_official_client(client
     assert summary["index"] == 0 and summary["tokens"] == resp.usage.completion_tokens
     assert 0 <= summary["mean_entropy"] <= summary["max_entropy"]
 
-    two = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=1.0, n=2,
+    two = float32_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=1.0, n=2,
                                          extra_body={"refine": {"policy": "none", "token_stats": True}})
     summaries = two.model_extra["refine"]["trace"]["choices"]
     assert [s["index"] for s in summaries] == [0, 1] and all("missing" not in s for s in summaries)
