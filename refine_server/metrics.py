@@ -98,11 +98,11 @@ class Metrics:
             value = values.get(metric.name, metric.unset)
             if value is None:
                 continue
-            child = self._by_name[metric.name].labels(policy)
-            if metric.kind == "counter":
-                child.inc(value)
+            collector = self._by_name[metric.name]
+            if isinstance(collector, Counter):
+                collector.labels(policy).inc(value)
             else:
-                child.observe(value)
+                collector.labels(policy).observe(value)
 
     def exposition(self) -> bytes:
         """The metrics of this process, or of every worker process when refine runs several (prometheus-client's
@@ -119,6 +119,7 @@ class Metrics:
             if self._definitions[metric.name] != metric:
                 raise ValueError(f"policies declare metric {metric.name!r} in two different ways")
             return
+        collector: Histogram | Counter
         if metric.kind == "counter":
             collector = Counter(metric.name, metric.help, ["policy"], registry=self.registry)
         else:
