@@ -324,7 +324,7 @@ def main() -> None:
         "command": shlex.join([".venv/bin/python", "bench/proxy.py", *sys.argv[1:]]),
         "refine_command": shlex.join(proxy_cmd),
         "revision": revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "tokens": args.tokens, "interval_ms": args.interval_ms, "rounds": args.rounds,

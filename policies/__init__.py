@@ -94,5 +94,5 @@ class PolicyRegistry:
         return policy, params
 
 
-__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyLimits", "PolicyMetric", "PolicyParams",
-           "PolicyRegistry", "PolicyError", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]
+__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyError", "PolicyLimits", "PolicyMetric",
+           "PolicyParams", "PolicyRegistry", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]

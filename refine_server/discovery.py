@@ -65,7 +65,8 @@ def _refine_model(name: str, policy: Policy[Any]) -> type[BaseModel]:
 def request_models(registry: PolicyRegistry) -> tuple[type[BaseModel], type[BaseModel]]:
     """The chat and completions request bodies, with `refine` as one of the registered policies' schemas."""
     variants = refine_models(registry)
-    refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],
+    # Union[...] of a tuple made at run time, which `|` cannot spell.
+    refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],  # noqa: UP007
                                                                    Field(discriminator="policy")]
     field = (refine | None, Field(None, description=REFINE_DESCRIPTION))
     return (create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, refine=field),

@@ -75,7 +75,7 @@ class ScriptedBackend:
 
 def _unanimous(n: int = 8) -> ScriptedBackend:
     reasoning = [f"Two plus two makes four. Sample {i}. The answer is 4." for i in range(1, n)]
-    finals = {text: (" 4.", 0.95) for text in [DIRECT, *reasoning]}
+    finals = dict.fromkeys([DIRECT, *reasoning], (" 4.", 0.95))
     return ScriptedBackend(DIRECT, reasoning, finals)
 
 
@@ -180,7 +180,7 @@ async def test_without_adaptive_all_n_candidates_are_drawn_in_one_call() -> None
 
 async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_states_the_chosen_one() -> None:
     reasoning = [f"Two plus two makes four, sample {i}." for i in range(1, 4)]
-    finals = {text: (" 4.\nThat is all.", 0.95) for text in reasoning}
+    finals = dict.fromkeys(reasoning, (" 4.\nThat is all.", 0.95))
     finals["Hmm, I would say it is four."] = (" 4.", 0.95)
     backend = ScriptedBackend("Hmm, I would say it is four.", reasoning, finals)
     call = _call(backend)
