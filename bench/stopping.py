@@ -63,10 +63,10 @@ def tokens(candidates: list[dict]) -> int:
 
 
 def pooled_rounds(runs: dict[int, dict[str, dict]], n: int) -> list[dict]:
-    """Traces of n candidates per item run (with the item's `id`): the run's own direct answer, then the reasoning candidates of its
-    seed and of the next seeds in turn (seeds rotated, so each run leads once). Samples of different seeds are
-    independent draws from the same prompt and sampling parameters, so a pooled round is a round of n that
-    was never run but could have been: its replays need no engine call."""
+    """Traces of n candidates per item run (with the item's `id`): the run's own direct answer, then the reasoning
+    candidates of its seed and of the next seeds in turn (seeds rotated, so each run leads once). Samples of
+    different seeds are independent draws from the same prompt and sampling parameters, so a pooled round is a
+    round of n that was never run but could have been: its replays need no engine call."""
     seeds = sorted(runs)
     rounds = []
     for lead, seed in enumerate(seeds):

@@ -349,10 +349,10 @@ def _parenthesised(text: str) -> list[tuple[int, int]]:
     """The outermost ( ... ) of a text; not LaTeX's \\( \\), which delimits maths rather than an aside."""
     spans, depth, opened = [], 0, 0
     for i, char in enumerate(text):
-        if char == "(" and not text[i - 1:i] == "\\":
+        if char == "(" and text[i - 1:i] != "\\":
             opened = i if depth == 0 else opened
             depth += 1
-        elif char == ")" and depth and not text[i - 1:i] == "\\":
+        elif char == ")" and depth and text[i - 1:i] != "\\":
             depth -= 1
             if depth == 0:
                 spans.append((opened, i + 1))

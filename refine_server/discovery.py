@@ -96,7 +96,8 @@ _ERRORS = {
 def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[str, Any]:
     ok = {
         "description": "the answer; with `stream: true`, server-sent events of chunks, ended by `data: [DONE]`",
-        "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in _SUMMARY_HEADERS.items()},
+        "headers": {name: {"description": text, "schema": {"type": "string"}}
+                    for name, text in _SUMMARY_HEADERS.items()},
         "content": {"application/json": {"schema": response_ref}, "text/event-stream": {"schema": {"type": "string"}}},
     }
     errors = {status: {"description": text, "content": {"application/json": {"schema": error_ref}}}

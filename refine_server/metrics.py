@@ -55,8 +55,8 @@ class Metrics:
             ["endpoint", "status"], registry=r,
         )
         self.upstream_requests = Counter(
-            "refine_upstream_routed_requests", "Client requests routed to each backend (several with --backend-url a,b)",
-            ["upstream"], registry=r,
+            "refine_upstream_routed_requests",
+            "Client requests routed to each backend (several with --backend-url a,b)", ["upstream"], registry=r,
         )
         self.upstream_in_flight = Gauge(
             "refine_upstream_in_flight", "Client requests being served by each backend",

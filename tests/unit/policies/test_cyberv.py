@@ -32,7 +32,7 @@ from tests.unit.policies.cyberv_responses import DIRECT, SPIKE_WORD, _choice, _r
 FINAL_MARK = "\nTo conclude, I state the final answer"
 
 
-# ---- a scripted backend ------------------------------------------------------------------------------------------------
+# ---- a scripted backend ----------------------------------------------------------------------------------------------
 
 class ScriptedBackend:
     """Answers cyberv's engine calls as vLLM's chat endpoint would, from a script; records every call.
@@ -94,7 +94,7 @@ def _call(backend: ScriptedBackend, endpoint: str = "chat", **body: Any) -> Poli
     return policy_call(endpoint, {**base, **body}, backend)
 
 
-# ---- parameters and streaming pieces -----------------------------------------------------------------------------------
+# ---- parameters and streaming pieces ---------------------------------------------------------------------------------
 
 def test_streaming_pieces_join_back_exactly() -> None:
     for text in ["", "one", "  lead and trail  ", "a b c d e f g h i\n\nj k"]:
@@ -201,7 +201,8 @@ async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_s
 
 async def test_an_answer_nobody_marked_or_stated_falls_back_to_the_text() -> None:
     backend = ScriptedBackend("I think 2 + 2 is 4 here", ["First 3, then 9 in the end"],
-                              {"I think 2 + 2 is 4 here": (" unclear", 0.5), "First 3, then 9 in the end": (" unclear", 0.5)})
+                              {"I think 2 + 2 is 4 here": (" unclear", 0.5),
+                               "First 3, then 9 in the end": (" unclear", 0.5)})
     call = _call(backend)
     await CyberVPolicy().complete(call, CyberVParams(n=2))
     candidates = call.trace.data["candidates"]
@@ -320,7 +321,8 @@ class _OneChoice:
         self._metrics = Metrics({"cyberv": CyberVPolicy.metrics})
 
     def latency(self) -> StreamLatency:
-        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"), time.perf_counter())
+        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"),
+                             time.perf_counter())
 
     def refine_block(self) -> dict[str, Any]:
         return {"policy": "cyberv", "trace": self._call.trace.data}
@@ -431,7 +433,7 @@ async def test_without_the_plugin_the_sensor_reads_top_logprobs() -> None:
     assert all(SPIKE_WORD in c["spike"]["token"] for c in trace["candidates"][1:])
 
 
-# ---- decoding cyberv's engine calls with SRGen ---------------------------------------------------------------------------
+# ---- decoding cyberv's engine calls with SRGen -----------------------------------------------------------------------
 
 class PluginBackend(ScriptedBackend):
     """A scripted upstream with refine's plugin: each request that carries SRGen's signed xargs gets one
