@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, TypeGuard, TypeVar, overload
 
 from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.policies.relayed import RelayedChunk
@@ -165,9 +165,8 @@ class EngineClient:
 
     async def completions(self, purpose: str, prompt: list[int] | list[list[int]] | str,
                           **fields: Any) -> dict[str, Any]:
-        several = bool(prompt) and isinstance(prompt, list) and isinstance(prompt[0], list)
         # vLLM reports cache hits for the last prompt of a batch only: count the hit rate over that one.
-        observed = len(prompt[-1]) if several else None  # type: ignore[arg-type]
+        observed = len(prompt[-1]) if _is_batch(prompt) else None
         return await self._generate(purpose, "completions", {"prompt": prompt, **fields}, observed)
 
     async def stream_completions(self, purpose: str, prompt: list[int], *, budgeted: bool = True,
@@ -287,6 +286,10 @@ class EngineClient:
         cost = self.spend.cost(purpose)
         cost.calls += 1
         return cost
+
+
+def _is_batch(prompt: list[int] | list[list[int]] | str) -> TypeGuard[list[list[int]]]:
+    return bool(prompt) and isinstance(prompt, list) and isinstance(prompt[0], list)
 
 
 # Typed as typeshed types asyncio.gather, so that two calls of different kinds keep their result types: two
