@@ -15,6 +15,7 @@ Writes $OUT/gpu_check.json if OUT is set, else bench/results/gpu_check.json (gpu
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(dim=3584, vocab=152064, rows=64, positions=512, contexts=[4096, 32768], layers=28, heads=28,
-            kv_heads=4, intermediate=18944, runs=3)
-SMALL = dict(dim=64, vocab=1000, rows=8, positions=64, contexts=[256, 1024], layers=2, heads=4,
-             kv_heads=2, intermediate=128, runs=3)
+FULL = {"dim": 3584, "vocab": 152064, "rows": 64, "positions": 512, "contexts": [4096, 32768], "layers": 28,
+        "heads": 28, "kv_heads": 4, "intermediate": 18944, "runs": 3}
+SMALL = {"dim": 64, "vocab": 1000, "rows": 8, "positions": 64, "contexts": [256, 1024], "layers": 2, "heads": 4,
+         "kv_heads": 2, "intermediate": 128, "runs": 3}
 # SRGen's defaults (policies/srgen.py): steps, learning rate, entropy weight; T as in the quality runs.
 STEPS, LR, LAM, TEMPERATURE = 3, 0.01, 0.05, 0.6
 
@@ -135,7 +136,7 @@ def time_corrections(sl, shape: dict, device: str) -> dict:
         for context in shape["contexts"]:
             hidden = torch.randn(context, shape["dim"], device=device)
             targets = torch.randint(0, shape["vocab"], (context - 1,), device=device)
-            seconds = median_seconds(lambda: correction(sl, hidden, weight, targets), shape["runs"])
+            seconds = median_seconds(functools.partial(correction, sl, hidden, weight, targets), shape["runs"])
             gemm_flops = STEPS * 2 * context * shape["vocab"] * shape["dim"]  # the logits GEMMs dominate
             result[f"{dtype_name}_{context}"] = {"seconds": seconds, "logits_gemm_tflops": gemm_flops / seconds / 1e12}
     return result
@@ -161,9 +162,7 @@ def time_decode(shape: dict, device: str) -> dict:
         torch.set_default_dtype(torch.float32)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     head_dim = shape["dim"] // shape["heads"]
-    src = torch.empty(param_bytes // 8, dtype=torch.bfloat16, device=device)
-    bandwidth = 2 * src.numel() * 2 / median_seconds(lambda: torch.empty_like(src).copy_(src), 5)  # read + write
-    del src
+    bandwidth = copy_bandwidth(param_bytes // 8, device)
     result = {"param_bytes": param_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9}
     token = torch.tensor([[1]], device=device)
     for context in shape["contexts"]:
@@ -172,19 +171,27 @@ def time_decode(shape: dict, device: str) -> dict:
             kv = [torch.randn(1, shape["kv_heads"], context, head_dim, dtype=torch.bfloat16, device=device)
                   for _ in range(2)]
             cache.update(*kv, layer)
-
-        def step() -> None:
-            with torch.no_grad():
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache.crop(-1)  # drop the new token: every step sees `context` cached tokens
-            assert cache.get_seq_length() == context
-
+        step = functools.partial(decode_step, model, token, cache, context)
         kv_bytes = 2 * shape["layers"] * shape["kv_heads"] * context * head_dim * 2
         result[str(context)] = {"seconds": median_seconds(step, 10, warmup=2),
                                 "roofline_seconds": (param_bytes + kv_bytes) / bandwidth}
-        del cache
+        del step, cache
     del model
     return result
+
+
+def copy_bandwidth(elements: int, device: str) -> float:
+    """Bytes per second a device copy of `elements` bfloat16 values moves, read and write counted."""
+    src = torch.empty(elements, dtype=torch.bfloat16, device=device)
+    return 2 * src.numel() * 2 / median_seconds(lambda: torch.empty_like(src).copy_(src), 5)
+
+
+def decode_step(model, token: torch.Tensor, cache, context: int) -> None:
+    """One decode step over `context` cached tokens."""
+    with torch.no_grad():
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+    cache.crop(-1)  # drop the new token: every step sees `context` cached tokens
+    assert cache.get_seq_length() == context
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -70,7 +71,7 @@ class Server:
     log: Any = field(init=False)
 
     def start(self, ready_url: str, timeout_s: float = 120.0) -> None:
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the process's log, closed by stop()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -117,10 +118,8 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         for p in tree[1:]:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         self.log.close()
 
 
@@ -219,7 +218,7 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
                    "max_tokens": args.tokens, "stream": True, "stream_options": {"include_usage": True}}
     chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
                  "max_tokens": args.tokens}
-    top = max(args.streams + [args.chat_concurrency])
+    top = max([*args.streams, args.chat_concurrency])
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under the client's feet.
     limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8, keepalive_expiry=2.0)
     report: dict[str, Any] = {"streams": [], "ttft_one_stream": None, "chat": None}
@@ -324,7 +323,7 @@ def main() -> None:
         "command": shlex.join([".venv/bin/python", "bench/proxy.py", *sys.argv[1:]]),
         "refine_command": shlex.join(proxy_cmd),
         "revision": revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "tokens": args.tokens, "interval_ms": args.interval_ms, "rounds": args.rounds,

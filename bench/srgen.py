@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -49,7 +50,7 @@ async def chat(client: httpx.AsyncClient, args, question: str, refine: dict, see
             if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
                 arrivals.append(time.perf_counter())
             trace = chunk.get("refine", {}).get("trace", trace)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {"wall_s": time.perf_counter() - started, "gaps": gaps, "trace": trace}
 
 
@@ -77,7 +78,8 @@ async def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "srgen.json")
-    ap.add_argument("--stall-only", action="store_true", help="only measurement 4, written to results/srgen_stall_LABEL.json")
+    ap.add_argument("--stall-only", action="store_true",
+                    help="only measurement 4, written to results/srgen_stall_LABEL.json")
     ap.add_argument("--label", default="default", help="names the server configuration in the stall report")
     args = ap.parse_args()
     if args.stall_only:
@@ -133,7 +135,8 @@ async def main() -> None:
                                "cobatched_wall_s": together[0]["wall_s"], "alone_wall_s": alone["wall_s"]}
         print(f"plain stream alone: gap p50 {step_s * 1000:.1f} ms, max {max(alone['gaps']) * 1000:.0f} ms, "
               f"wall {alone['wall_s']:.1f}s | co-batched with a correcting SRGen request: gap p50 "
-              f"{statistics.median(gaps) * 1000:.1f} ms, max {max(gaps) * 1000:.0f} ms, wall {together[0]['wall_s']:.1f}s")
+              f"{statistics.median(gaps) * 1000:.1f} ms, max {max(gaps) * 1000:.0f} ms, "
+              f"wall {together[0]['wall_s']:.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

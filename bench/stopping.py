@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from refine_server.policies.answer_extraction import Answer  # noqa: E402
-from refine_server.policies.cyberv.sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending  # noqa: E402
-from refine_server.policies.cyberv.stopping import Outlook, concentration_likelihood, outlook, settle  # noqa: E402
+from refine_server.policies.answer_extraction import Answer
+from refine_server.policies.cyberv.sensor import SIGNAL_WEIGHT, Candidate, Generation, rank_ascending
+from refine_server.policies.cyberv.stopping import Outlook, concentration_likelihood, outlook, settle
 
 NEVER = 2.0  # a threshold no share reaches: at that draw only the certain rule stops
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0, NEVER)
@@ -63,10 +63,10 @@ def tokens(candidates: list[dict]) -> int:
 
 
 def pooled_rounds(runs: dict[int, dict[str, dict]], n: int) -> list[dict]:
-    """Traces of n candidates per item run (with the item's `id`): the run's own direct answer, then the reasoning candidates of its
-    seed and of the next seeds in turn (seeds rotated, so each run leads once). Samples of different seeds are
-    independent draws from the same prompt and sampling parameters, so a pooled round is a round of n that
-    was never run but could have been: its replays need no engine call."""
+    """Traces of n candidates per item run (with the item's `id`): the run's own direct answer, then the reasoning
+    candidates of its seed and of the next seeds in turn (seeds rotated, so each run leads once). Samples of
+    different seeds are independent draws from the same prompt and sampling parameters, so a pooled round is a
+    round of n that was never run but could have been: its replays need no engine call."""
     seeds = sorted(runs)
     rounds = []
     for lead, seed in enumerate(seeds):
@@ -148,7 +148,7 @@ class Replayed:
 def stop_risk_rule(n: int, batch: int, stop_risk: float) -> dict[int, float]:
     """The policy's rule as thresholds: it looks after the direct answer and each batch, and stops where
     certain or where the forecast's share reaches 1 - stop_risk (stop_risk 0: only where certain)."""
-    return {m: 1 - stop_risk if stop_risk > 0 else NEVER for m in range(1 + batch, n, batch)}
+    return dict.fromkeys(range(1 + batch, n, batch), 1 - stop_risk if stop_risk > 0 else NEVER)
 
 
 def replay(rounds: list[Round], thresholds: dict[int, float]) -> Replayed:
@@ -183,7 +183,7 @@ def fit_thresholds(rounds: list[Round], target: float) -> tuple[dict[int, float]
 
     for penalty in PENALTIES:
         for start in THRESHOLDS:
-            current = {**never, **{m: start for m in forecast}}
+            current = {**never, **dict.fromkeys(forecast, start)}
             for _ in range(4):
                 before = dict(current)
                 for m in forecast:

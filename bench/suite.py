@@ -173,7 +173,8 @@ def split(items: list[dict]) -> tuple[list[dict], list[dict]]:
         random.Random(f"{SEED}/{task}").shuffle(pool)
         if len(pool) < DEV_PER_TASK + TEST_PER_TASK:
             raise SystemExit(f"{task}: only {len(pool)} usable items")
-        dev += letter_options([{**item, "split": "dev"} for item in pool[:DEV_PER_TASK]], random.Random(f"{SEED}/{task}/dev"))
+        dev += letter_options([{**item, "split": "dev"} for item in pool[:DEV_PER_TASK]],
+                              random.Random(f"{SEED}/{task}/dev"))
         test += letter_options([{**item, "split": "test"} for item in pool[DEV_PER_TASK:DEV_PER_TASK + TEST_PER_TASK]],
                                random.Random(f"{SEED}/{task}/test"))
     return dev, test

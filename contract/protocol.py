@@ -33,7 +33,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel
 
@@ -113,7 +113,7 @@ def new_request_key() -> str:
     return secrets.token_hex(16)
 
 
-def is_request_key(key: object) -> bool:
+def is_request_key(key: object) -> TypeGuard[str]:
     return isinstance(key, str) and bool(_KEY.match(key))
 
 

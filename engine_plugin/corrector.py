@@ -156,6 +156,8 @@ class SRGenCorrector:
                 self.stop(r.seq, "the engine had not committed this sequence's last tokens (placeholders under "
                                  "async scheduling of the V1 runner)")
                 continue
+            # Hidden states are freed only once a sequence is done (stopped, or its budget spent): step() skips those.
+            assert r.seq.hidden is not None
             inputs.append(ReflectionInput(r.seq.hidden[: r.context_len], ids, r.seq.temperature, r.seq.params))
             kept.append((r, h, tau))
         if not kept:

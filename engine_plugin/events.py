@@ -23,7 +23,7 @@ class EventWriter:
     def __init__(self, folder: Path, tokenizer_name: str | None):
         self._folder = folder
         self._tokenizer_name = tokenizer_name
-        self._tokenizer = None
+        self._tokenizer: Any = None  # transformers' tokenizer, loaded on first use
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         threading.Thread(target=self._run, name="refine-events", daemon=True).start()
 

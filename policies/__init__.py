@@ -26,7 +26,7 @@ from refine_server.policies.none import NonePolicy
 from refine_server.policies.rain import RainPolicy
 from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy, RainPolicy)
+BUILTIN_POLICIES: tuple[type[Policy[Any]], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy, RainPolicy)
 
 
 class UnknownPolicy(KeyError):
@@ -36,7 +36,7 @@ class UnknownPolicy(KeyError):
 class PolicyRegistry:
     """The policies a server offers, each with the limits its configuration sets."""
 
-    def __init__(self, policies: Iterable[type[Policy]], limits: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, policies: Iterable[type[Policy[Any]]], limits: Mapping[str, Mapping[str, Any]] | None = None):
         self._policies = {p.name: p() for p in policies}
         limits = dict(limits or {})
         # Bad limits fail at start-up, not on the first request that uses them.
@@ -49,7 +49,7 @@ class PolicyRegistry:
     def names(self) -> list[str]:
         return sorted(self._policies)
 
-    def get(self, name: str) -> Policy:
+    def get(self, name: str) -> Policy[Any]:
         try:
             return self._policies[name]
         except KeyError:
@@ -82,7 +82,7 @@ class PolicyRegistry:
 
     def resolve(
         self, name: str, raw_params: Mapping[str, Any], extra_limits: Mapping[str, PolicyLimits] | None = None
-    ) -> tuple[Policy, PolicyParams]:
+    ) -> tuple[Policy[Any], PolicyParams]:
         """The policy and its validated parameters, within the server's caps and `extra_limits` (an API key's).
 
         Raises UnknownPolicy, ValidationError or LimitExceeded.
@@ -94,5 +94,5 @@ class PolicyRegistry:
         return policy, params
 
 
-__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyLimits", "PolicyMetric", "PolicyParams",
-           "PolicyRegistry", "PolicyError", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]
+__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyError", "PolicyLimits", "PolicyMetric",
+           "PolicyParams", "PolicyRegistry", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]

@@ -162,7 +162,9 @@ def parse_answer(text: str, kind_hint: AnswerKind | None = None,
     is read instead (" $\\boxed{42}$" -> 42). `options` as for `extract_answer`.
     """
     kind_hint = "choice" if options and kind_hint is None else kind_hint
-    start = re.match(r"[\s:]*", text).end()
+    leading = re.match(r"[\s:]*", text)
+    assert leading is not None  # the pattern matches the empty string
+    start = leading.end()
     end = _sentence_end(text, start)
     boxed = next((span for span in _boxed_spans(text) if span[0] <= end), None)
     start, end = boxed or (start, end)
@@ -177,14 +179,14 @@ def question_options(question: str) -> dict[str, str]:
     line. A listing is a run of consecutive letters from A, at least A and B; of several runs (a question
     may refer to its own parts as (a), (b)), the longest and, among those, the last.
     """
-    runs: list[list[re.Match]] = []
+    runs: list[list[re.Match[str]]] = []
     for m in _OPTION_MARK.finditer(question):
         letter = _mark_letter(m)
         if letter == "A":
             runs.append([m])
         elif runs and ord(letter) == ord(_mark_letter(runs[-1][-1])) + 1:
             runs[-1].append(m)
-    listing = max(reversed(runs), key=len, default=[])
+    listing: list[re.Match[str]] = max(reversed(runs), key=len, default=[])
     if len(listing) < 2:
         return {}
     options = {}
@@ -347,10 +349,10 @@ def _parenthesised(text: str) -> list[tuple[int, int]]:
     """The outermost ( ... ) of a text; not LaTeX's \\( \\), which delimits maths rather than an aside."""
     spans, depth, opened = [], 0, 0
     for i, char in enumerate(text):
-        if char == "(" and not text[i - 1:i] == "\\":
+        if char == "(" and text[i - 1:i] != "\\":
             opened = i if depth == 0 else opened
             depth += 1
-        elif char == ")" and depth and not text[i - 1:i] == "\\":
+        elif char == ")" and depth and text[i - 1:i] != "\\":
             depth -= 1
             if depth == 0:
                 spans.append((opened, i + 1))

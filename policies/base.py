@@ -12,9 +12,9 @@ is a `PolicyRequestError` (the client receives a 400), one the server cannot run
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 # The parameter models live beside the engine plugin, which validates in-engine policies' parameters too;
 # policies import them from here.
@@ -72,19 +72,19 @@ CORRECTION_SECONDS = PolicyMetric("refine_correction_seconds", "Time a policy sp
 CORRECTIONS = PolicyMetric("refine_corrections_per_request", "Corrections a policy made in one request",
                            "histogram", (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), header="x-refine-corrections")
 ROUNDS = PolicyMetric("refine_rounds_per_request",
-                      "Rounds of generation a policy ran for one request (CyberV: 1 or 2)", "histogram", (1, 2, 3, 5, 8),
-                      header="x-refine-rounds")
+                      "Rounds of generation a policy ran for one request (CyberV: 1 or 2)", "histogram",
+                      (1, 2, 3, 5, 8), header="x-refine-rounds")
 EXTRA_TOKENS = PolicyMetric("refine_extra_tokens", "Tokens a policy generated beyond the answers it returned",
                             "counter")
 SEARCH_ITERATIONS = PolicyMetric("refine_search_iterations_per_request",
-                                 "Search iterations a searching policy (RAIN) ran for one request", "histogram", _COUNTS,
-                                 header="x-refine-search-iterations")
+                                 "Search iterations a searching policy (RAIN) ran for one request", "histogram",
+                                 _COUNTS, header="x-refine-search-iterations")
 REWINDS = PolicyMetric("refine_rewinds_per_request",
                        "Search iterations whose explored tokens were rewound for good (not under the committed set)",
                        "histogram", _COUNTS)
 ENGINE_CALLS = PolicyMetric("refine_engine_calls_per_request",
-                            "Generation calls to the backend for one request (searching policies)", "histogram", _COUNTS,
-                            header="x-refine-engine-calls")
+                            "Generation calls to the backend for one request (searching policies)", "histogram",
+                            _COUNTS, header="x-refine-engine-calls")
 
 
 @dataclass
@@ -109,8 +109,12 @@ class PolicyCall:
     trace: Trace = field(default_factory=Trace)
 
 
-class Policy(ABC):
+P = TypeVar("P", bound=PolicyParams)
+
+
+class Policy(ABC, Generic[P]):
     name: ClassVar[str]
+    # The model that validates the P `complete` and `stream` receive (typed by P's bound: a ClassVar cannot name P).
     Params: ClassVar[type[PolicyParams]] = PolicyParams
     Limits: ClassVar[type[PolicyLimits]] = PolicyLimits
     # True when the policy runs inside vLLM: refine refuses it on a backend without refine's engine plugin.
@@ -123,11 +127,11 @@ class Policy(ABC):
     refuses_fields: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+    async def complete(self, call: PolicyCall, params: P) -> dict[str, Any]:
         """Answer a non-streaming request with one OpenAI response body."""
 
     @abstractmethod
-    def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
+    def stream(self, call: PolicyCall, params: P) -> AsyncGenerator[dict[str, Any] | bytes, None]:
         """Answer a streaming request with OpenAI chunk bodies, in order, as soon as each is known: dicts the
         policy wrote, or the engine's chunks as `call.engine.relay_stream` gave them (JSON bytes), which
         refine sends on without decoding them."""

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar, overload
 
 from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.policies.relayed import RelayedChunk
-from refine_server.policies.request import PATHS, ClientRequest
+from refine_server.policies.request import PATHS, ClientRequest, Endpoint
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
 from refine_server.policies.transport import NO_TRACER, CallTracer, Transport
 
 T = TypeVar("T")
+T1 = TypeVar("T1")
+T2 = TypeVar("T2")
 
 
 class BudgetExhausted(Exception):
@@ -151,7 +153,7 @@ class EngineClient:
         return await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
             self.request.path, body, endpoint=self.request.endpoint))
 
-    def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
+    def relay_stream(self, body: dict[str, Any]) -> AsyncGenerator[RelayedChunk, None]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
         chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
         return self.tracer.stream("relay", self.request.endpoint, body, chunks)
@@ -163,13 +165,12 @@ class EngineClient:
 
     async def completions(self, purpose: str, prompt: list[int] | list[list[int]] | str,
                           **fields: Any) -> dict[str, Any]:
-        several = bool(prompt) and isinstance(prompt, list) and isinstance(prompt[0], list)
         # vLLM reports cache hits for the last prompt of a batch only: count the hit rate over that one.
-        observed = len(prompt[-1]) if several else None  # type: ignore[arg-type]
+        observed = len(prompt[-1]) if _is_batch(prompt) else None
         return await self._generate(purpose, "completions", {"prompt": prompt, **fields}, observed)
 
     async def stream_completions(self, purpose: str, prompt: list[int], *, budgeted: bool = True,
-                                 **fields: Any) -> AsyncIterator[dict[str, Any]]:
+                                 **fields: Any) -> AsyncGenerator[dict[str, Any], None]:
         """A streamed completion, chunk by chunk. The caller may stop reading at any point: that closes the
         connection and vLLM aborts the rest; the usage reported so far is still counted.
         `budgeted=False`: the call finishes an answer after the budget ran out, so it is not checked."""
@@ -249,7 +250,7 @@ class EngineClient:
 
     # ---- internals ---------------------------------------------------------------------------------------
 
-    async def _generate(self, purpose: str, endpoint: str, fields: dict[str, Any],
+    async def _generate(self, purpose: str, endpoint: Endpoint, fields: dict[str, Any],
                         observed_prompt_tokens: int | None = None) -> dict[str, Any]:
         self._check_budget()
         cost = self._charge(purpose)
@@ -287,7 +288,17 @@ class EngineClient:
         return cost
 
 
-async def run_together(*work: Awaitable[T]) -> list[T]:
+def _is_batch(prompt: list[int] | list[list[int]] | str) -> TypeGuard[list[list[int]]]:
+    return bool(prompt) and isinstance(prompt, list) and isinstance(prompt[0], list)
+
+
+# Typed as typeshed types asyncio.gather, so that two calls of different kinds keep their result types: two
+# calls as a pair (the list returned unpacks alike), any other number as a list.
+@overload
+async def run_together(first: Coroutine[Any, Any, T1], second: Coroutine[Any, Any, T2], /) -> tuple[T1, T2]: ...
+@overload
+async def run_together(*work: Coroutine[Any, Any, T]) -> list[T]: ...
+async def run_together(*work: Coroutine[Any, Any, Any]) -> Sequence[Any]:
     """Run a policy's engine calls concurrently; the first failure cancels the rest (no engine work is left
     running for a request that has failed) and is raised as itself, not as an exception group."""
     try:

@@ -8,7 +8,7 @@ that cannot report them the answer still comes back and the trace says `"token_s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import Field
@@ -22,7 +22,7 @@ class NoneParams(PolicyParams):
     token_stats: bool = Field(False, description="summarise each choice's in-engine token statistics in the trace")
 
 
-class NonePolicy(Policy):
+class NonePolicy(Policy[PolicyParams]):
     name = "none"
     Params = NoneParams
 
@@ -31,7 +31,7 @@ class NonePolicy(Policy):
             return await call.engine.relay(call.request.body)
         return await _with_token_stats_summary(call)
 
-    def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[RelayedChunk]:
+    def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncGenerator[RelayedChunk, None]:
         if _wants_token_stats(params):
             raise PolicyRequestError("refine.token_stats is for non-streaming requests", "refine.token_stats")
         # The engine's stream itself, not re-yielded by a generator of this policy: one step less per token.

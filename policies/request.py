@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from refine_server.policies.base import PolicyRequestError
 
@@ -48,7 +48,7 @@ class ClientRequest:
         p = self.prompt
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
             p = p[0]
-        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
+        if isinstance(p, str) or _is_token_ids(p):
             return p
         raise PolicyRequestError(f"policy {policy} needs one prompt: a string or a list of token ids", "prompt")
 
@@ -73,7 +73,8 @@ class ClientRequest:
     def question(self, policy: str) -> tuple[list[dict[str, Any]], str]:
         """The chat messages before the last one, and the last one's text: the question a policy answers.
         A 400 when the conversation does not end with a user message of text."""
-        last = (self.messages or [{}])[-1]
+        messages = self.messages or [{}]
+        last = messages[-1]
         if last.get("role") != "user":
             raise PolicyRequestError(f"policy {policy} answers the last message, which must come from the user",
                                      "messages")
@@ -85,4 +86,8 @@ class ClientRequest:
             content = "\n".join(str(part.get("text", "")) for part in content)
         if not isinstance(content, str):
             raise PolicyRequestError("the last user message has no text to answer", "messages")
-        return self.messages[:-1], content
+        return messages[:-1], content
+
+
+def _is_token_ids(prompt: Prompt | None) -> TypeGuard[list[int]]:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)

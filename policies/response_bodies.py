@@ -24,7 +24,7 @@ class AnswerShapes:
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
 
-    def response(self, text: str, finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
+    def response(self, text: str, finish_reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
         if self.endpoint == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": finish_reason, "logprobs": None}
@@ -46,6 +46,6 @@ class AnswerShapes:
             return self.chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
         return self.chunk([{"index": 0, "text": text, "finish_reason": None, "logprobs": None}])
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        last = {"delta": {}} if self.endpoint == "chat" else {"text": ""}
+    def finish(self, finish_reason: str | None) -> dict[str, Any]:
+        last: dict[str, Any] = {"delta": {}} if self.endpoint == "chat" else {"text": ""}
         return self.chunk([{"index": 0, **last, "finish_reason": finish_reason, "logprobs": None}])

@@ -8,27 +8,27 @@ corrections, problems) become the response's trace.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refine_server.contract.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.contract.params import SRGEN, SRGenLimits, SRGenParams
-from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall, PolicyParams
+from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall
 from refine_server.policies.relayed import RelayedChunk, may_finish
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient
 
 
-class SRGenPolicy(Policy):
+class SRGenPolicy(Policy[SRGenParams]):
     name = SRGEN
     Params = SRGenParams
     Limits = SRGenLimits
     needs_engine_plugin = True
     metrics = (*Policy.metrics, CORRECTIONS)
 
-    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+    async def complete(self, call: PolicyCall, params: SRGenParams) -> dict[str, Any]:
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
         folder = call.engine.link.events_dir
@@ -39,7 +39,7 @@ class SRGenPolicy(Policy):
         finally:
             discard_events(folder, key)
 
-    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[RelayedChunk]:
+    async def stream(self, call: PolicyCall, params: SRGenParams) -> AsyncGenerator[RelayedChunk, None]:
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
         folder = call.engine.link.events_dir
@@ -54,7 +54,7 @@ class SRGenPolicy(Policy):
             discard_events(folder, key)
 
 
-def _engine_body(call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+def _engine_body(call: PolicyCall, params: SRGenParams) -> dict[str, Any]:
     # The client's own vllm_xargs (only keys the operator opened) travel alongside refine's.
     fields = srgen_fields(call.engine, params)
     return {**call.request.body, **fields,

@@ -73,8 +73,11 @@ async def unavailable_reason(engine: EngineClient) -> str | None:
     """Why the engine behind `engine` cannot report token statistics to this proxy, or None when it can.
     Uses the backend's handshake, which is remembered for a while: cheap to ask before every call."""
     problem = await engine.plugin_problem(TOKEN_STATS, "report token statistics")
-    if problem is None and not (await engine.plugin()).events_shared:
-        problem = "the engine's files do not reach this proxy (do refine and vLLM share engine_events_dir?)"
+    if problem is None:
+        plugin = await engine.plugin()
+        assert plugin is not None  # plugin_problem reports a missing plugin
+        if not plugin.events_shared:
+            problem = "the engine's files do not reach this proxy (do refine and vLLM share engine_events_dir?)"
     return problem
 
 
@@ -131,7 +134,7 @@ def match_choices(choices: dict[int, list[int]], sequences: dict[int, dict[int, 
             rank = (covered, -abs(len(records) - len(ids)), -ordinal)
             if best_rank is None or rank > best_rank:
                 best, best_rank = ordinal, rank
-        if (best is None or best_rank[0] < len(ids)) and not final:
+        if (best_rank is None or best_rank[0] < len(ids)) and not final:
             return None
         matched[index] = _choice_stats(ids, free.pop(best) if best is not None else {})
     return matched

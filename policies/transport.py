@@ -7,7 +7,7 @@ the policies, the policies know only this. A test can hand a policy any object w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from refine_server.contract.protocol import EngineLink, PluginInfo
@@ -32,11 +32,11 @@ class Transport(Protocol):
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]: ...
 
-    def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[bytes]:
+    def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[bytes, None]:
         """The stream's events as the engine sent them (JSON bytes), starting with `relayed.ACCEPTED`."""
         ...
 
-    def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[dict[str, Any]]:
+    def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[dict[str, Any], None]:
         """The stream's events, decoded."""
         ...
 
@@ -50,7 +50,7 @@ class CallTracer(Protocol):
         ...
 
     def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """One streaming call: the same chunks, in order."""
         ...
 
@@ -63,7 +63,7 @@ class NoTracer:
         return await send()
 
     def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         return chunks
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, aclosing
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -162,7 +162,7 @@ class Backend:
             raise _error_from_response(resp.status, content)
         return msgspec.json.decode(content)
 
-    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[bytes]:
+    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[bytes, None]:
         """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
         it) as it arrives: relaying it unchanged costs no decoding. An error event is raised as APIError.
         The first item is `ACCEPTED` (empty): the backend has answered 200 and the stream is open, though no
@@ -200,7 +200,8 @@ class Backend:
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
 
-    async def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncIterator[dict[str, Any]]:
+    async def stream_json(self, path: str, body: dict[str, Any], *,
+                          endpoint: str) -> AsyncGenerator[dict[str, Any], None]:
         """`stream_events`, each event's JSON decoded: for policies that read the stream."""
         async with aclosing(self.stream_events(path, body, endpoint=endpoint)) as events:
             async for payload in events:
@@ -239,7 +240,8 @@ def _error_from_response(status: int, content: bytes) -> APIError:
 
 def _error_from_body(status: int, payload: dict[str, Any]) -> APIError:
     """Keep the backend's own message (vLLM already explains bad input well) under refine's status rules."""
-    err = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+    error = payload.get("error")
+    err: dict[str, Any] = error if isinstance(error, dict) else payload
     message = str(err.get("message") or err.get("detail") or f"backend returned HTTP {status}")
     if status >= 500:
         # A backend crash is refine's gateway problem, not the client's: 502, message kept for debugging.

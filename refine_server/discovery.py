@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field, create_model
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from pydantic_core import to_jsonable_python
 
 from refine_server.auth import Grant
@@ -44,7 +44,7 @@ REFINE_DESCRIPTION = (
 
 # ---- the request bodies ----------------------------------------------------------------------------------
 
-def policy_description(policy: Policy) -> str:
+def policy_description(policy: Policy[Any]) -> str:
     """The policy class's docstring, or else its module's: the first paragraph, on one line."""
     cls = type(policy)
     doc = cls.__dict__.get("__doc__") or inspect.getdoc(sys.modules[cls.__module__]) or ""
@@ -53,19 +53,20 @@ def policy_description(policy: Policy) -> str:
 
 def refine_models(registry: PolicyRegistry) -> list[type[BaseModel]]:
     """One schema per policy: `policy` (its name) and the policy's own parameters."""
-    return [
-        create_model(
-            f"Refine_{name}", __base__=policy.Params, __doc__=policy_description(policy),
-            policy=(Literal[name], Field(description="the policy's name")),
-        )
-        for name, policy in ((name, registry.get(name)) for name in registry.names)
-    ]
+    return [_refine_model(name, registry.get(name)) for name in registry.names]
+
+
+def _refine_model(name: str, policy: Policy[Any]) -> type[BaseModel]:
+    name_type: Any = Literal[name]  # a type made at run time, which mypy cannot follow
+    return create_model(f"Refine_{name}", __base__=policy.Params, __doc__=policy_description(policy),
+                        policy=(name_type, Field(description="the policy's name")))
 
 
 def request_models(registry: PolicyRegistry) -> tuple[type[BaseModel], type[BaseModel]]:
     """The chat and completions request bodies, with `refine` as one of the registered policies' schemas."""
     variants = refine_models(registry)
-    refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],
+    # Union[...] of a tuple made at run time, which `|` cannot spell.
+    refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],  # noqa: UP007
                                                                    Field(discriminator="policy")]
     field = (refine | None, Field(None, description=REFINE_DESCRIPTION))
     return (create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, refine=field),
@@ -95,7 +96,8 @@ _ERRORS = {
 def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[str, Any]:
     ok = {
         "description": "the answer; with `stream: true`, server-sent events of chunks, ended by `data: [DONE]`",
-        "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in _SUMMARY_HEADERS.items()},
+        "headers": {name: {"description": text, "schema": {"type": "string"}}
+                    for name, text in _SUMMARY_HEADERS.items()},
         "content": {"application/json": {"schema": response_ref}, "text/event-stream": {"schema": {"type": "string"}}},
     }
     errors = {status: {"description": text, "content": {"application/json": {"schema": error_ref}}}
@@ -129,13 +131,15 @@ def install_openapi(app: FastAPI, registry: PolicyRegistry) -> None:
 def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> dict[str, Any]:
     """The paths of the generation endpoints; their models' schemas go into the schema's components."""
     chat, completion = request_models(registry)
-    keys = [(chat, "validation"), (completion, "validation"), (ErrorResponse, "serialization"),
-            (GenerationResponse, "serialization")]
+    keys: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (chat, "validation"), (completion, "validation"), (ErrorResponse, "serialization"),
+        (GenerationResponse, "serialization")]
     refs, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
     responses = _responses(refs[(ErrorResponse, "serialization")], refs[(GenerationResponse, "serialization")])
     paths = {}
-    for endpoint, model in (("chat", chat), ("completions", completion)):
+    models: dict[Endpoint, type[BaseModel]] = {"chat": chat, "completions": completion}
+    for endpoint, model in models.items():
         operation_id, summary = _OPERATIONS[endpoint]
         body = {"required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
         paths[PATHS[endpoint]] = {"post": {"operationId": operation_id, "summary": summary, "requestBody": body,

@@ -187,7 +187,7 @@ class EmbeddedEngine:
                     async with client.get(f"{self.url}/health") as resp:
                         if resp.status == 200:
                             return True
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(0.5)
         if proc.returncode is None:

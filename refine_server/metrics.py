@@ -55,8 +55,8 @@ class Metrics:
             ["endpoint", "status"], registry=r,
         )
         self.upstream_requests = Counter(
-            "refine_upstream_routed_requests", "Client requests routed to each backend (several with --backend-url a,b)",
-            ["upstream"], registry=r,
+            "refine_upstream_routed_requests",
+            "Client requests routed to each backend (several with --backend-url a,b)", ["upstream"], registry=r,
         )
         self.upstream_in_flight = Gauge(
             "refine_upstream_in_flight", "Client requests being served by each backend",
@@ -98,11 +98,11 @@ class Metrics:
             value = values.get(metric.name, metric.unset)
             if value is None:
                 continue
-            child = self._by_name[metric.name].labels(policy)
-            if metric.kind == "counter":
-                child.inc(value)
+            collector = self._by_name[metric.name]
+            if isinstance(collector, Counter):
+                collector.labels(policy).inc(value)
             else:
-                child.observe(value)
+                collector.labels(policy).observe(value)
 
     def exposition(self) -> bytes:
         """The metrics of this process, or of every worker process when refine runs several (prometheus-client's
@@ -119,6 +119,7 @@ class Metrics:
             if self._definitions[metric.name] != metric:
                 raise ValueError(f"policies declare metric {metric.name!r} in two different ways")
             return
+        collector: Histogram | Counter
         if metric.kind == "counter":
             collector = Counter(metric.name, metric.help, ["policy"], registry=self.registry)
         else:

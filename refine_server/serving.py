@@ -50,7 +50,7 @@ class GenerationServing:
         self._policy_label = "other"  # until the policy is known
         self._calls: list[PolicyCall] = []  # one per replica tried: the last one answers
         self.request: ClientRequest
-        self.policy: Policy
+        self.policy: Policy[Any]
         self.params: PolicyParams
 
     async def respond(self) -> Response:
@@ -174,7 +174,7 @@ class GenerationServing:
         body.pop("refine", None)
         return parsed.client_request(self._endpoint, body), parsed.refine
 
-    def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy, PolicyParams]:
+    def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy[Any], PolicyParams]:
         rt = self._rt
         name = (spec.policy if spec else None) or rt.settings.default_policy
         raw_params = spec.policy_params() if spec else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -58,10 +59,9 @@ class EventStreamResponse(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        # Nothing more can reach a client that left; the relay has counted the request.
+        with contextlib.suppress(ClientDisconnected):
             await cancel_on_disconnect(receive, self._stream(send))
-        except ClientDisconnected:
-            pass  # nothing more can reach the client; the relay has counted the request
 
     async def _stream(self, send: Send) -> None:
         try:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -69,7 +69,7 @@ class Upstreams:
                 return r.backend
         return None
 
-    def best(self, exclude: set[int] = frozenset()) -> Replica:
+    def best(self, exclude: Container[int] = frozenset()) -> Replica:
         """The least loaded available replica (ties taken in turn), not one of `exclude`. A 503 when none is."""
         turn = next(self._turn)
         n = len(self.replicas)

@@ -91,7 +91,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -106,7 +106,6 @@ from refine_server.policies.base import (
     ROUNDS,
     Policy,
     PolicyCall,
-    PolicyParams,
     PolicyRequestError,
 )
 from refine_server.contract.params import SRGEN
@@ -122,7 +121,7 @@ from refine_server.policies.cyberv.sensor import (
     round4,
     sense,
 )
-from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams
+from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams, SRGenDecode
 from refine_server.policies.cyberv.stopping import Outlook, outlook, settle
 
 if TYPE_CHECKING:
@@ -246,7 +245,7 @@ class CyberVRun:
         """The choices of one engine call, each token with the sensor's statistics: measured in the engine over
         the whole vocabulary where the upstream has refine's plugin, else read from `top_logprobs`."""
         if self.params.decode is not None:
-            return await self._decoded_generations(purpose, messages, **fields)
+            return await self._decoded_generations(self.params.decode, purpose, messages, **fields)
         if self.sensor_source == "engine":
             # The API still gives each token's text (its offsets in the answer); no alternatives are needed.
             result, stats = await self.engine.chat_with_token_stats(purpose, messages, logprobs=True, top_logprobs=0,
@@ -257,12 +256,12 @@ class CyberVRun:
         choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
         return [Generation.from_choice(c, stats.get(c.get("index", 0))) for c in choices]
 
-    async def _decoded_generations(self, purpose: str, messages: list[dict[str, Any]], *, n: int = 1,
-                                   **fields: Any) -> list[Generation]:
+    async def _decoded_generations(self, decode: SRGenDecode, purpose: str, messages: list[dict[str, Any]], *,
+                                   n: int = 1, **fields: Any) -> list[Generation]:
         """Generations decoded by SRGen inside the engine: one request per generation (SRGen reports per
         request, so each candidate gets its own corrections), each with its own seed when sampled."""
         async def one(seed: Any) -> Generation:
-            decoded = srgen_fields(self.engine, self.params.decode.srgen())
+            decoded = srgen_fields(self.engine, decode.srgen())
             body = {**fields, **decoded, **({"seed": seed} if n > 1 else {})}
             result = await self.engine.chat(purpose, messages, logprobs=True, top_logprobs=TOP_LOGPROBS, **body)
             generation = Generation.from_choice(result["choices"][0])
@@ -326,10 +325,16 @@ class CyberVRun:
         )
         return generation
 
+    @property
+    def decided(self) -> Decision:
+        """Round 1's decision, which everything after round 1 reads."""
+        assert self.decision is not None, "round1() runs first"
+        return self.decision
+
     # -- feedback round --
 
     def feedback_span(self) -> str:
-        return quote_span(self.decision.best)
+        return quote_span(self.decided.best)
 
     async def feedback_round(self) -> Feedback:
         started = time.perf_counter()
@@ -342,7 +347,7 @@ class CyberVRun:
         rechecked = Candidate(len(self.candidates), "reasoning", Generation.from_choice(result["choices"][0]))
         await self._read_answer("feedback", rechecked, prompt, self.question.read(rechecked.generation.text))
         accepted, reason = judge_feedback(rechecked.answer, self.candidates)
-        self.feedback = Feedback(self.decision.best.index, span, rechecked, accepted, reason,
+        self.feedback = Feedback(self.decided.best.index, span, rechecked, accepted, reason,
                                  time.perf_counter() - started)
         return self.feedback
 
@@ -352,7 +357,7 @@ class CyberVRun:
     def chosen(self) -> Candidate:
         if self.feedback and self.feedback.accepted:
             return self.feedback.rechecked
-        return self.decision.best
+        return self.decided.best
 
     @property
     def chosen_text(self) -> str:
@@ -361,6 +366,7 @@ class CyberVRun:
         text = chosen.generation.text
         if chosen.answer is None or chosen.answer_source != "final_step":
             return text
+        assert chosen.final is not None, "an answer from the final step comes with that step"
         stated = chosen.final.text.strip().split("\n", 1)[0]
         ending = f"Therefore, the final answer is: {stated}"
         if self.question.extract(f"{text}\n\n{ending}") != chosen.answer:
@@ -368,7 +374,7 @@ class CyberVRun:
         return f"{text.rstrip()}\n\n{ending}"
 
     def fill_trace(self) -> None:
-        d = self.decision
+        d = self.decided
         chosen_feedback = bool(self.feedback and self.feedback.accepted)
         self.call.trace.data = {
             "candidates": [c.trace() for c in self.candidates],
@@ -443,21 +449,21 @@ def split_for_streaming(text: str) -> list[str]:
     return re.findall(rf"\s*(?:\S+\s*){{1,{WORDS_PER_CHUNK}}}", text) or [text]
 
 
-class CyberVPolicy(Policy):
+class CyberVPolicy(Policy[CyberVParams]):
     name = "cyberv"
     Params = CyberVParams
     Limits = CyberVLimits
     metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS)
     refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
 
-    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+    async def complete(self, call: PolicyCall, params: CyberVParams) -> dict[str, Any]:
         run = CyberVRun(call, params)
         if (await run.round1()).action == "feedback":
             await run.feedback_round()
         run.fill_trace()
         return run.response()
 
-    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, call: PolicyCall, params: CyberVParams) -> AsyncGenerator[dict[str, Any], None]:
         run = CyberVRun(call, params)
         decision = await run.round1()
         if params.progress:

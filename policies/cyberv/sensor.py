@@ -133,6 +133,7 @@ class Candidate:
     def take_answer(self, answer: Answer, source: Literal["own_text", "final_step", "unmarked_text"]) -> None:
         """Record the answer and the tokens that wrote it (in the final step or in the candidate's text)."""
         written = self.final if source == "final_step" else self.generation
+        assert written is not None, "an answer from the final step comes with that step"
         self.answer, self.answer_source = answer, source
         self.answer_tokens = written.tokens_between(answer.start, answer.end)
 

@@ -13,7 +13,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from refine_server.policies.answer_extraction import Answer
 from refine_server.policies.cyberv.sensor import (
@@ -38,6 +38,10 @@ FORECASTS = 400
 # scattered starts to the feedback round too readily (at n = 16, a quarter of those stops decided otherwise
 # than all 16).
 CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+# A candidate's answer in a forecast completion of round 1: a drawn candidate's (None: no answer), or
+# ("new", trial, k), an answer nobody has given.
+Vote = Answer | tuple[str, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,9 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
     remaining = n - len(candidates)
     rng = random.Random(len(candidates))
     weights = concentration_likelihood(len(pool), len({c.answer for c in pool}))
-    seen: list[tuple[Any, float, float]] = [(c.answer, c.signals["s1"], _base(c)) for c in candidates]
-    urn = [(c.answer, c.signals["s1"], _base(c)) for c in pool]
-    outcomes: Counter[tuple[str, Any]] = Counter()
+    seen: list[tuple[Vote, float, float]] = [(c.answer, c.signals["s1"], _base(c)) for c in candidates]
+    urn: list[tuple[Vote, float, float]] = [(c.answer, c.signals["s1"], _base(c)) for c in pool]
+    outcomes: Counter[tuple[str, Vote]] = Counter()
     for trial in range(FORECASTS):
         concentration = rng.choices(CONCENTRATIONS, weights)[0]
         draws = list(urn)
@@ -126,11 +130,11 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
     share = count / FORECASTS
     if share < 1 - stop_risk or action == "no_answer":
         return Outlook(None, "")
-    if action == "accepted" and not isinstance(answer, Answer):  # an answer nobody has given: no text to return
-        return Outlook(None, "")
     drawn = f"after {len(candidates)} of {n} candidates"
     held = f"in {share:.0%} of {FORECASTS} forecast completions of the other {remaining} (stop_risk {stop_risk})"
     if action == "accepted":
+        if not isinstance(answer, Answer):  # an answer nobody has given: no text to return
+            return Outlook(None, "")
         now = next(t.score for t in tally(candidates) if t.answer == answer)
         return Outlook("accepted", f"{drawn}, answer {answer} has {now:.3f}; with all {n} it exceeds n*theta = "
                                    f"{threshold:.3f} as the best answer {held}", answer, certain=False, share=share)
@@ -153,10 +157,10 @@ def _base(candidate: Candidate) -> float:
     return sum(v for name, v in candidate.signals.items() if name != "s5")
 
 
-def _gate(round1: list[tuple[Any, float, float]], n: int, threshold: float) -> tuple[str, Any]:
+def _gate(round1: list[tuple[Vote, float, float]], n: int, threshold: float) -> tuple[str, Vote]:
     """The gate over a completed round 1 of (answer, p, s1..s4 sum): ranks over all n, sums per answer."""
     ranks = rank_ascending([p for _, p, _ in round1])
-    scores: dict[Any, float] = {}
+    scores: dict[Vote, float] = {}
     for (answer, _, base), rank in zip(round1, ranks):
         if answer is not None:
             scores[answer] = scores.get(answer, 0.0) + SIGNAL_WEIGHT * (base + rank / n)

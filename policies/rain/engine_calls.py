@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +93,7 @@ class SearchEngine:
 
     @property
     def budget(self) -> Budget:
+        assert self.client.budget is not None, "RainRun gives the request its budget before the search"
         return self.client.budget
 
     @property
@@ -145,7 +146,7 @@ class SearchEngine:
         return self.tokenizer.local.end_ids if self.tokenizer.local is not None else frozenset()
 
     async def greedy_path(self, prompt: list[int], length: int,
-                          top_k: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
+                          top_k: int) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
         """The greedy continuation of `prompt`, `length` tokens at most, streamed: each token with the top-k
         log-probabilities at the state before it. Leaving early aborts the rest in vLLM."""
         chunks = self.client.stream_completions("expand", prompt, max_tokens=length, temperature=0.0,

@@ -47,7 +47,7 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,6 @@ from refine_server.policies.base import (
     SEARCH_ITERATIONS,
     Policy,
     PolicyCall,
-    PolicyParams,
     PolicyRequestError,
 )
 from refine_server.policies.engine_client import Budget, EngineClient
@@ -262,7 +261,7 @@ def _commit_trace(c: CommitRecord) -> dict[str, Any]:
             "judge": c.judge.as_dict(), "seconds": round(c.seconds, 3), "children": c.children}
 
 
-class RainPolicy(Policy):
+class RainPolicy(Policy[RainParams]):
     name = "rain"
     Params = RainParams
     Limits = RainLimits
@@ -299,14 +298,14 @@ class RainPolicy(Policy):
                                          code="policy_unavailable") from None
         return self._options[judge.model]
 
-    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+    async def complete(self, call: PolicyCall, params: RainParams) -> dict[str, Any]:
         run = RainRun(self, call, params)
         async for _ in run.answer():
             pass
         run.fill_trace()
         return run.shapes.response(run.text, run.finish_reason, call.engine.usage())
 
-    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, call: PolicyCall, params: RainParams) -> AsyncGenerator[dict[str, Any], None]:
         run = RainRun(self, call, params)
         first = True
         async for piece in run.answer():

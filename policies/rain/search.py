@@ -77,7 +77,7 @@ class Criterion:
 
 
 @functools.cache
-def _criterion_file(name: str) -> dict[str, str]:
+def _criterion_file(name: str) -> dict[str, Any]:
     return tomllib.loads((files("refine_server.policies.rain") / "prompts" / f"{name}.toml").read_text("utf-8"))
 
 
@@ -166,11 +166,12 @@ class SelfEvaluator:
         if response in self._judged:
             return Judgement(self._judged[response].value, self._judged[response].letters, cached=True)
         c = self._criterion
-        prompts = await run_together(
+        in_order, swapped = await run_together(
             self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=True), special_tokens=True),
             self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=False), special_tokens=True),
         )
-        (a_first, b_first), (a_second, b_second) = await self._engine.judge(prompts, self._options, self.model)
+        (a_first, b_first), (a_second, b_second) = await self._engine.judge([in_order, swapped], self._options,
+                                                                            self.model)
         acceptable_when_first = 1 if a_first > b_first else 0
         acceptable_when_second = 1 if b_second > a_second else 0
         value = ((acceptable_when_first + acceptable_when_second) / 2 - 0.5) * 2
@@ -234,6 +235,7 @@ class RainSearch:
         self._judge = JudgeStats()
         planned = max(p.max_iterations_per_commit - root.true_visits, p.min_iterations_per_commit)
         iterations, stopped = 0, "iterations"
+        assert p.early_stop_visits is not None  # RainParams' validator fills in the criterion's default
         while iterations < planned:
             try:
                 iterations += await self._round_within_time_budget(min(p.parallel_leaves, planned - iterations))

@@ -25,7 +25,7 @@ import math
 import random
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,10 +36,12 @@ from refine_server.policies.rain.tree import TokenSet
 class PathEngine(Protocol):
     """What `draw_sets` needs of the engine (engine_calls.SearchEngine)."""
 
-    end_ids: frozenset[int]  # the ids that end the answer, as the engine stops on them
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """The ids that end the answer, as the engine stops on them."""
 
     def greedy_path(self, prompt: list[int], length: int,
-                    top_k: int) -> AsyncIterator[tuple[int, dict[int, float]]]:
+                    top_k: int) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
         """The greedy continuation, streamed: each token with the top-k log-probabilities at the state before it."""
 
     async def finish_sample(self, prompt: list[int], length: int, top_k: int, seed: int | None) -> TokenSet:

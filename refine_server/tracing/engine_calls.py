@@ -3,7 +3,7 @@ is on. Each span's trace context goes to vLLM with its call, so vLLM's own spans
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,17 +46,17 @@ class EngineCallSpans:
         return result
 
     def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """One streaming engine call, `chunks` (decoded or the engine's JSON bytes), in a span of its own that
         ends with the stream."""
         return self._stream(purpose, endpoint, body, chunks)
 
     async def _stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-                      chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+                      chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         span, headers = self._start_call(purpose, endpoint, body)
         usage: dict[str, Any] | None = None
         try:
-            async with aclosing(chunks):  # type: ignore[type-var]
+            async with aclosing(chunks):
                 # The request goes out on the first step: set and reset in that one step, which runs in one task.
                 token = OUTGOING.set(headers)
                 try:

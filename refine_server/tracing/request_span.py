@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -77,14 +77,15 @@ class RequestSpan:
         reasons = [str(c.get("finish_reason")) for c in result.get("choices") or () if isinstance(c, dict)]
         self._set_response(reasons, result.get("usage"), result.get("id"), result.get("model"))
 
-    def watch_stream(self, chunks: AsyncIterator[dict[str, Any] | bytes]
-                     ) -> AsyncIterator[dict[str, Any] | bytes]:
+    def watch_stream(self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
+                     ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
         """A policy's chunks as they go to the client, read for finish reasons and usage; each step taken with
         the request's trace context current (the policy's engine calls run in it)."""
         return self._watch(chunks)
 
-    async def _watch(self, chunks: AsyncIterator[dict[str, Any] | bytes]) -> AsyncIterator[dict[str, Any] | bytes]:
-        async with aclosing(chunks):  # type: ignore[type-var]
+    async def _watch(self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
+                     ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
+        async with aclosing(chunks):
             while True:
                 with self.active():
                     chunk = await anext(chunks, None)
@@ -98,12 +99,14 @@ class RequestSpan:
             # The engine's own JSON, relayed: decoded only when it may finish a choice or carry usage.
             if b'"finish_reason":"' not in chunk and b'"usage":{' not in chunk:
                 return
-            chunk = msgspec.json.decode(chunk)
-        for choice in chunk.get("choices") or ():
+            body: dict[str, Any] = msgspec.json.decode(chunk)
+        else:
+            body = chunk
+        for choice in body.get("choices") or ():
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self._finish_reasons[choice.get("index") or 0] = str(choice["finish_reason"])
-        if isinstance(chunk.get("usage"), dict):
-            self._stream_usage = chunk["usage"]
+        if isinstance(body.get("usage"), dict):
+            self._stream_usage = body["usage"]
 
     def finished(self, status: int) -> None:
         """The request is over with this HTTP status (499: the client went away): the span ends."""

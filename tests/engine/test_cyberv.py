@@ -76,7 +76,8 @@ def test_engine_unreachable_gate_runs_the_feedback_round(client: OpenAI) -> None
     assert trace["round1"]["stopped_early"] and "n*theta = 8.000" in trace["round1"]["stop_reason"], trace["round1"]
     feedback = trace["feedback"]
     # The feedback generation, and the final-answer step when it marked no answer of its own.
-    assert feedback["span"] and trace["rounds"]["feedback"]["engine_calls"] == 1 + (feedback["answer_source"] != "own_text")
+    assert feedback["span"]
+    assert trace["rounds"]["feedback"]["engine_calls"] == 1 + (feedback["answer_source"] != "own_text")
     assert trace["chosen"]["source"] == ("feedback" if feedback["accepted"] else "candidate")
     if feedback["accepted"]:
         assert feedback["answer"] in {c["answer"] for c in trace["candidates"]}

@@ -104,14 +104,15 @@ def test_stream_is_not_buffered(refine_server, engine_url: str) -> None:
             chunks += 1
             if chunks == 1:
                 engine = httpx.get(f"{engine_url}/metrics").text
-                assert metric_total(engine, "vllm:num_requests_running") >= 1, "the stream arrived after the engine finished"
+                assert metric_total(engine, "vllm:num_requests_running") >= 1, (
+                    "the stream arrived after the engine finished")
                 generated_at_first_chunk = metric_total(engine, "vllm:generation_tokens_total")
     assert chunks == 400
     assert metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:generation_tokens_total") \
         >= generated_at_first_chunk + 300  # most of the answer was generated after the first chunk arrived
 
 
-# ---- bad input ---------------------------------------------------------------------------------------------------------
+# ---- bad input -------------------------------------------------------------------------------------------------------
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

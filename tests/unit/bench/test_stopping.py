@@ -110,7 +110,7 @@ def test_fitted_thresholds_stop_early_where_the_forecast_is_right_and_wait_where
     # Allowed to lose a quarter of the decisions, it stops the wrong forecasts too, at draw 5.
     _, loose = fit_thresholds(rounds, target=0.75)
     assert loose.same == 0.75 and loose.tokens == pytest.approx((6 * 30 + 2 * 50) / 8)
-    assert replay(rounds, {m: NEVER for m in range(2, 8)}).tokens == 80  # NEVER: only the certain rule stops
+    assert replay(rounds, dict.fromkeys(range(2, 8), NEVER)).tokens == 80  # NEVER: only the certain rule stops
 
 
 def test_the_dev_rounds_support_no_concentration_beyond_the_forecasts_grid() -> None:

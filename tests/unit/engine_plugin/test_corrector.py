@@ -103,7 +103,7 @@ def test_placeholder_token_ids_are_never_used_as_targets() -> None:
 
 
 def test_the_first_token_after_the_prompt_is_not_monitored() -> None:
-    corrector, tap, events = _corrector()
+    corrector, tap, _ = _corrector()
     request = _srgen(**FORCE)
     seq = corrector.admit(request, prompt_len=3)
     tap.forward = ForwardCapture(hidden=torch.randn(3, 4), positions=torch.arange(3),

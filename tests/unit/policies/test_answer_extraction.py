@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refine_server.policies.answer_extraction import (Answer, extract_answer, normalise_text, parse_answer, question_kind,
-                                            question_options)
+from refine_server.policies.answer_extraction import (Answer, extract_answer, normalise_text, parse_answer,
+                                            question_kind, question_options)
 
 
 @pytest.mark.parametrize("text", [

@@ -57,8 +57,8 @@ def test_a_batch_of_prompts_streams_one_refine_block_and_counts_once(client: Ope
 def test_a_failing_policy_is_an_openai_500_and_is_counted(client: OpenAI, proxy: str) -> None:
     def failures() -> float:
         text = httpx.get(f"{proxy}/metrics").text
-        return sum(float(v) for v in re.findall(r'^refine_requests_total\{[^}]*policy="broken"[^}]*status="500"\} (\S+)$',
-                                                text, re.M))
+        failed = r'^refine_requests_total\{[^}]*policy="broken"[^}]*status="500"\} (\S+)$'
+        return sum(float(v) for v in re.findall(failed, text, re.M))
 
     before = failures()
     with pytest.raises(openai.InternalServerError) as err:
@@ -76,7 +76,8 @@ def test_parameter_over_the_server_limit_is_a_400_naming_the_field(client: OpenA
 
 def test_wrongly_typed_policy_parameter_is_a_400_naming_the_field(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": "x"}})
+        client.completions.create(model=MODEL, prompt="hi",
+                                  extra_body={"refine": {"policy": "steps", "max_steps": "x"}})
     assert err.value.body["param"] == "refine.max_steps"
 
 

@@ -35,7 +35,8 @@ def test_api_keys_limit_policies_and_caps_per_key(fake_backend: str) -> None:
             basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "in_engine"}})
         assert err.value.body["param"] == "refine.policy" and "in_engine" in err.value.body["message"]
         with pytest.raises(openai.BadRequestError) as err:
-            basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 3}})
+            basic.completions.create(model=MODEL, prompt="hi",
+                                     extra_body={"refine": {"policy": "steps", "max_steps": 3}})
         assert "limit of 2" in err.value.body["message"]
         basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 2}})
         # The other key keeps the server's own caps.

@@ -49,9 +49,9 @@ async def test_readiness_turns_503_as_shutdown_begins_while_liveness_holds(fake_
         await close_backends(self)
 
     monkeypatch.setattr(Upstreams, "aclose", probe_then_close)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://refine") as http:
-        async with app.router.lifespan_context(app):
-            before = await http.get("/readyz")
+    async with (httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://refine") as http,
+                app.router.lifespan_context(app)):
+        before = await http.get("/readyz")
     assert before.status_code == 200
     readyz, livez = during_shutdown
     assert readyz.status_code == 503 and readyz.json() == {"status": "not_ready", "reason": "shutting down"}

@@ -32,7 +32,7 @@ from tests.unit.policies.cyberv.responses import DIRECT, SPIKE_WORD, _choice, _r
 FINAL_MARK = "\nTo conclude, I state the final answer"
 
 
-# ---- a scripted backend ------------------------------------------------------------------------------------------------
+# ---- a scripted backend ----------------------------------------------------------------------------------------------
 
 class ScriptedBackend:
     """Answers cyberv's engine calls as vLLM's chat endpoint would, from a script; records every call.
@@ -75,7 +75,7 @@ class ScriptedBackend:
 
 def _unanimous(n: int = 8) -> ScriptedBackend:
     reasoning = [f"Two plus two makes four. Sample {i}. The answer is 4." for i in range(1, n)]
-    finals = {text: (" 4.", 0.95) for text in [DIRECT, *reasoning]}
+    finals = dict.fromkeys([DIRECT, *reasoning], (" 4.", 0.95))
     return ScriptedBackend(DIRECT, reasoning, finals)
 
 
@@ -94,7 +94,7 @@ def _call(backend: ScriptedBackend, endpoint: str = "chat", **body: Any) -> Poli
     return policy_call(endpoint, {**base, **body}, backend)
 
 
-# ---- parameters and streaming pieces -----------------------------------------------------------------------------------
+# ---- parameters and streaming pieces ---------------------------------------------------------------------------------
 
 def test_streaming_pieces_join_back_exactly() -> None:
     for text in ["", "one", "  lead and trail  ", "a b c d e f g h i\n\nj k"]:
@@ -180,7 +180,7 @@ async def test_without_adaptive_all_n_candidates_are_drawn_in_one_call() -> None
 
 async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_states_the_chosen_one() -> None:
     reasoning = [f"Two plus two makes four, sample {i}." for i in range(1, 4)]
-    finals = {text: (" 4.\nThat is all.", 0.95) for text in reasoning}
+    finals = dict.fromkeys(reasoning, (" 4.\nThat is all.", 0.95))
     finals["Hmm, I would say it is four."] = (" 4.", 0.95)
     backend = ScriptedBackend("Hmm, I would say it is four.", reasoning, finals)
     call = _call(backend)
@@ -201,7 +201,8 @@ async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_s
 
 async def test_an_answer_nobody_marked_or_stated_falls_back_to_the_text() -> None:
     backend = ScriptedBackend("I think 2 + 2 is 4 here", ["First 3, then 9 in the end"],
-                              {"I think 2 + 2 is 4 here": (" unclear", 0.5), "First 3, then 9 in the end": (" unclear", 0.5)})
+                              {"I think 2 + 2 is 4 here": (" unclear", 0.5),
+                               "First 3, then 9 in the end": (" unclear", 0.5)})
     call = _call(backend)
     await CyberVPolicy().complete(call, CyberVParams(n=2))
     candidates = call.trace.data["candidates"]
@@ -320,7 +321,8 @@ class _OneChoice:
         self._metrics = Metrics({"cyberv": CyberVPolicy.metrics})
 
     def latency(self) -> StreamLatency:
-        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"), time.perf_counter())
+        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"),
+                             time.perf_counter())
 
     def refine_block(self) -> dict[str, Any]:
         return {"policy": "cyberv", "trace": self._call.trace.data}
@@ -431,7 +433,7 @@ async def test_without_the_plugin_the_sensor_reads_top_logprobs() -> None:
     assert all(SPIKE_WORD in c["spike"]["token"] for c in trace["candidates"][1:])
 
 
-# ---- decoding cyberv's engine calls with SRGen ---------------------------------------------------------------------------
+# ---- decoding cyberv's engine calls with SRGen -----------------------------------------------------------------------
 
 class PluginBackend(ScriptedBackend):
     """A scripted upstream with refine's plugin: each request that carries SRGen's signed xargs gets one

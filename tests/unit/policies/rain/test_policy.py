@@ -1,5 +1,5 @@
-"""policies.rain (policy, params) and rain.embeddings: the parameters, the server's caps on the budgets, and the embedder's torch
-threads. tests/engine/test_rain.py runs the policy on the real model."""
+"""policies.rain (policy, params) and rain.embeddings: the parameters, the server's caps on the budgets, and the
+embedder's torch threads. tests/engine/test_rain.py runs the policy on the real model."""
 
 from __future__ import annotations
 

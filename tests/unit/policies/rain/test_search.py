@@ -23,7 +23,7 @@ from refine_server.policies.rain.search import (
 from refine_server.policies.rain.tree import TokenSet
 
 
-# ---- token sets --------------------------------------------------------------------------------------------------------
+# ---- token sets ------------------------------------------------------------------------------------------------------
 
 def test_greedy_set_probability_is_clamped_into_the_samples_range() -> None:
     greedy = TokenSet((1, 2), 0.9, greedy=True)
@@ -33,7 +33,7 @@ def test_greedy_set_probability_is_clamped_into_the_samples_range() -> None:
     assert sets[0].greedy and sets[0].probability == pytest.approx(0.06)  # min(0.9, sum=0.06), >= 0.05+0.01
 
 
-# ---- the criteria's prompts --------------------------------------------------------------------------------------------
+# ---- the criteria's prompts ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["harmless", "truthful", "custom"])
 def test_each_criterion_asks_both_option_orders_and_ends_at_the_answer_line(name: str) -> None:
@@ -203,7 +203,7 @@ async def test_the_answer_ends_at_max_tokens_with_sets_cut_to_fit() -> None:
     assert lengths == [1, 2, 1] and len(search.answer) == 4
 
 
-# ---- deferred expansion ------------------------------------------------------------------------------------------------
+# ---- deferred expansion ----------------------------------------------------------------------------------------------
 
 class SeededEngine(ScriptedEngine):
     """Every answer is a pseudo-random function of a fixed seed and the question asked (the prompt, or the text
@@ -272,7 +272,7 @@ async def test_deferred_expansion_makes_the_same_visits_and_choices_as_eager_exp
     assert expansions[True] < expansions[False]  # leaves visited once were never expanded
 
 
-# ---- the judge guard ---------------------------------------------------------------------------------------------------
+# ---- the judge guard -------------------------------------------------------------------------------------------------
 
 class PositionJudgeEngine(ScriptedEngine):
     """A judge that prefers option B whatever the order: every value is 0, as the bundled 135M model's."""
@@ -332,7 +332,7 @@ async def test_the_judge_guard_leaves_a_judge_that_agrees_across_orders_alone() 
     assert record.judge.as_dict()["orders_agree"] == len(record.judge.values)
 
 
-# ---- fixed deviations from the official code ---------------------------------------------------------------------------
+# ---- fixed deviations from the official code -------------------------------------------------------------------------
 
 class RecordingEngine(ScriptedEngine):
     """Token 98's text is "." ; records the rollouts asked for and the responses judged."""
