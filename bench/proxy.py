@@ -4,6 +4,7 @@ Starts `bench/standin_upstream.py` (a vLLM imitation that costs next to nothing 
 external mode in front of it, both as subprocesses on free loopback ports, then:
 
     .venv/bin/python bench/proxy.py [--streams 1,16,64,256] [--rounds 3] [--requests N] [--workers N]
+                                    [--apis chat,responses,messages --api-streams 16]
 
 For each concurrency level, rounds alternate direct (the stand-in) / refine so both see the same machine
 state; each round sends `--requests` streaming completions (default max(4 * concurrency, 32)) of `--tokens`
@@ -14,7 +15,8 @@ before and after each refine round). Then the TTFT refine adds at one stream, me
 to the stand-in and one through refine back to back, in alternating order, `--ttft-pairs` times (4-token
 answers: the first token is what counts); reported as the median of the pairs' differences with its 95%
 interval, which a sub-millisecond difference needs (the per-level figure above subtracts medians of separate
-rounds and moves by +-0.3 ms from run to run). Then non-streaming chat completions at concurrency 16: refine's
+rounds and moves by +-0.3 ms from run to run). With `--apis`, refine's CPU per token through each of the named
+streaming APIs, their rounds interleaved. Then non-streaming chat completions at concurrency 16: refine's
 CPU per request and the latency it adds. Results go to bench/results/proxy.json, with the git commit measured and
 whether the tree had uncommitted changes.
 
@@ -130,29 +132,58 @@ class Server:
 RESETS: dict[str, int] = {}
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int]:
+@dataclass(frozen=True)
+class StreamedAPI:
+    """One streaming API as the bench client sends and reads it: its path, its body, and how a token's line
+    looks (a `data: {` line with `marker`, not `empty`: both servers write compact JSON)."""
+
+    path: str
+    body: dict[str, Any]
+    marker: str
+    empty: str = "\x00"  # never in a line unless set
+
+
+PROMPT = "Write a short story about a lighthouse keeper."
+APIS = {
+    "completions": StreamedAPI("/v1/completions", {"prompt": PROMPT}, '"text":"', '"text":""'),
+    "chat": StreamedAPI("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]},
+                        '"content":"', '"content":""'),
+    "responses": StreamedAPI("/v1/responses", {"input": PROMPT}, '"type":"response.output_text.delta"'),
+    "messages": StreamedAPI("/v1/messages", {"messages": [{"role": "user", "content": PROMPT}]},
+                            '"type":"content_block_delta"'),
+}
+
+
+def api_stream_body(api: str, tokens: int) -> dict[str, Any]:
+    length = {"responses": "max_output_tokens"}.get(api, "max_tokens")
+    extra = {"stream_options": {"include_usage": True}} if api in ("completions", "chat") else {}
+    return {"model": MODEL, **APIS[api].body, length: tokens, "stream": True, **extra}
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                     api: str = "completions") -> tuple[float, int]:
     """(time to the first token, tokens). A token is a `data: {` line whose text is not empty."""
     try:
-        return await _stream_once(client, url, body)
+        return await _stream_once(client, url, body, APIS[api])
     except (httpx.ReadError, httpx.RemoteProtocolError):
         RESETS[url] = RESETS.get(url, 0) + 1
-        return await _stream_once(client, url, body)
+        return await _stream_once(client, url, body, APIS[api])
 
 
-async def _stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int]:
+async def _stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                       api: StreamedAPI) -> tuple[float, int]:
     started = time.perf_counter()
     ttft = 0.0
     tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+    async with client.stream("POST", url + api.path, json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {resp.status_code} {(await resp.aread())[:300]!r}")
         async for line in resp.aiter_lines():
-            # Both servers write compact JSON, so an empty text is exactly `"text":""`.
-            if line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+            if line.startswith("data: {") and api.marker in line and api.empty not in line:
                 if not tokens:
                     ttft = time.perf_counter() - started
                 tokens += 1
-            elif line.startswith('data: {"error"'):
+            elif line.startswith(('data: {"error"', 'data: {"type":"error"')):
                 raise RuntimeError(f"{url}: error in stream: {line[:300]}")
     return ttft, tokens
 
@@ -214,14 +245,14 @@ async def paired_ttft(client: httpx.AsyncClient, direct: str, refine: str, body:
 # ---- bench ------------------------------------------------------------------------------------------------
 
 async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Server, proxy: Server) -> dict:
-    stream_body = {"model": MODEL, "prompt": "Write a short story about a lighthouse keeper.",
+    stream_body = {"model": MODEL, "prompt": PROMPT,
                    "max_tokens": args.tokens, "stream": True, "stream_options": {"include_usage": True}}
     chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
                  "max_tokens": args.tokens}
     top = max([*args.streams, args.chat_concurrency])
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under the client's feet.
     limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8, keepalive_expiry=2.0)
-    report: dict[str, Any] = {"streams": [], "ttft_one_stream": None, "chat": None}
+    report: dict[str, Any] = {"streams": [], "apis": [], "ttft_one_stream": None, "chat": None}
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for url, server in ((direct, standin), (refine, proxy)):  # warm-up: connections, imports, caches
             await run_round(client, url, stream_one, stream_body, 4, 8, server)
@@ -250,6 +281,9 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
                   f"refine cpu {level['refine_cpu_us_per_token']:6.1f} us/tok  "
                   f"(stand-in {level['standin_cpu_us_per_token']:.1f})", flush=True)
 
+        if args.apis:
+            report["apis"] = await compare_apis(client, args, direct, refine, standin, proxy)
+
         if args.ttft_pairs:
             report["ttft_one_stream"] = paired = await paired_ttft(
                 client, direct, refine, {**stream_body, "max_tokens": 4}, args.ttft_pairs)
@@ -277,6 +311,35 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
     return report
 
 
+async def compare_apis(client: httpx.AsyncClient, args: argparse.Namespace, direct: str, refine: str,
+                       standin: Server, proxy: Server) -> list[dict[str, Any]]:
+    """refine's CPU per relayed token through each API (`--apis`) at `--api-streams` concurrent streams: the
+    APIs' rounds interleaved, each a direct round then a refine round, so all see the same machine."""
+    apis = args.apis.split(",")
+    c = args.api_streams
+    requests = args.requests or max(4 * c, 32)
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {api: {"direct": [], "refine": []} for api in apis}
+    for api in apis:  # warm-up
+        await run_round(client, refine, lambda cl, u, b, a=api: stream_one(cl, u, b, a),
+                        api_stream_body(api, args.tokens), 4, 8, proxy)
+    for _ in range(args.rounds):
+        for api in apis:
+            body, one = api_stream_body(api, args.tokens), (lambda cl, u, b, a=api: stream_one(cl, u, b, a))
+            rounds[api]["direct"].append(await run_round(client, direct, one, body, c, requests, standin))
+            rounds[api]["refine"].append(await run_round(client, refine, one, body, c, requests, proxy))
+    results = []
+    for api in apis:
+        d, r = rounds[api]["direct"], rounds[api]["refine"]
+        results.append({"api": api, "concurrency": c, "direct_tok_s": median(d, "rate"),
+                        "refine_tok_s": median(r, "rate"), "ratio": median(r, "rate") / median(d, "rate"),
+                        "refine_cpu_us_per_token": median(r, "cpu_per_item_s") * 1e6,
+                        "refine_cpu_us_per_token_rounds": [x["cpu_per_item_s"] * 1e6 for x in r],
+                        "standin_cpu_us_per_token": median(d, "cpu_per_item_s") * 1e6, "rounds": rounds[api]})
+        print(f"{api:<12s} c={c}: refine cpu {results[-1]['refine_cpu_us_per_token']:6.1f} us/tok  "
+              f"ratio {results[-1]['ratio']:.3f}", flush=True)
+    return results
+
+
 def revision() -> dict[str, Any]:
     """The refine code measured: a figure from an uncommitted tree cannot be traced back to a commit."""
     def git(*argv: str) -> str:
@@ -298,6 +361,9 @@ def main() -> None:
     ap.add_argument("--ttft-pairs", type=int, default=400, help="paired requests for the added TTFT at 1 stream")
     ap.add_argument("--chat-concurrency", type=int, default=16, help="concurrency of the non-streaming part")
     ap.add_argument("--workers", type=int, default=None, help="passed to refine as --workers N when given")
+    ap.add_argument("--apis", default="", help="also compare refine's CPU per token across these streaming APIs, "
+                    "comma-separated (completions, chat, responses, messages), rounds interleaved")
+    ap.add_argument("--api-streams", type=int, default=16, help="concurrent streams of the --apis comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]

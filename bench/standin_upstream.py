@@ -2,8 +2,9 @@
 
 Plain ASGI (no FastAPI) with precomputed SSE lines: the stand-in should spend as little CPU per token as a
 Python server can, because it shares the machine with the proxy under test. It answers what refine needs in
-external mode: `GET /health`, `GET /v1/models` (one model), and `POST /v1/completions` and
-`/v1/chat/completions`, streaming or not. A stream sends `min(--tokens, max_tokens)` events " tok", one every
+external mode: `GET /health`, `GET /v1/models` (one model), and `POST /v1/completions`,
+`/v1/chat/completions`, `/v1/responses` and `/v1/messages`, streaming or not (the last two in outline: their
+named events, one text delta per token). A stream sends `min(--tokens, max_tokens)` events " tok", one every
 `--interval-ms`, shaped as vLLM 0.32 (the version in .venv) shapes them (its `model_dump_json(exclude_unset=True)`
 output, fields in its order), the last with finish_reason "length", then the usage chunk when
 `stream_options.include_usage`, then `data: [DONE]`. Like a vLLM without refine's plugin, it ignores
@@ -100,6 +101,54 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
             tail = f"data: {prefix},\"choices\":[],\"usage\":{_dumps(usage)}}}\n\n".encode()
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
+    async def generate_named(send: Callable[[Message], Awaitable[None]], api: str, body: dict[str, Any]) -> None:
+        """The Responses or Messages API: named events `event: {type}` / `data: {...}`, as vLLM writes them."""
+        wanted = body.get("max_output_tokens") if api == "responses" else body.get("max_tokens")
+        n = min(tokens, wanted) if isinstance(wanted, int) and wanted > 0 else tokens
+        prompt_tokens = max(1, len(_dumps(body.get("input") or body.get("messages"))) // 4)
+        text = TOKEN * n
+        if api == "responses":
+            item = {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            answer = {"id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
+                      "model": body.get("model", model), "status": "completed", "output": [item],
+                      "usage": {"input_tokens": prompt_tokens, "output_tokens": n,
+                                "total_tokens": prompt_tokens + n}}
+            delta = {"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
+                     "content_index": 0, "delta": TOKEN}
+            opening = [{"type": "response.created", "response": answer | {"status": "in_progress", "output": []}}]
+            closing = [{"type": "response.completed", "response": answer}]
+        else:
+            answer = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+                      "model": body.get("model", model), "content": [{"type": "text", "text": text}],
+                      "stop_reason": "max_tokens", "stop_sequence": None,
+                      "usage": {"input_tokens": prompt_tokens, "output_tokens": n}}
+            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": TOKEN}}
+            opening = [{"type": "message_start", "message": answer | {"content": [], "stop_reason": None}},
+                       {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}]
+            closing = [{"type": "content_block_stop", "index": 0},
+                       {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                        "usage": {"output_tokens": n}},
+                       {"type": "message_stop"}]
+        if not body.get("stream"):
+            await asyncio.sleep(n * interval)
+            return await respond(send, 200, _dumps(answer).encode())
+
+        def named(event: dict[str, Any]) -> bytes:
+            return f"event: {event['type']}\ndata: {_dumps(event)}\n\n".encode()
+
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b"".join(map(named, opening)), "more_body": True})
+        middle = named(delta)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for k in range(1, n + 1):
+            delay = started + k * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": middle, "more_body": True})
+        await send({"type": "http.response.body", "body": b"".join(map(named, closing))})
+
     async def asgi(scope: Message, receive: Callable[[], Awaitable[Message]],
                    send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] == "lifespan":  # nothing to set up: acknowledge start-up, then shut-down
@@ -112,14 +161,17 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
             return await respond(send, 200, b"")
         if method == "GET" and path == "/v1/models":
             return await respond(send, 200, models)
-        if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+        if method == "POST" and path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"):
             raw = b""
             while True:
                 message = await receive()
                 raw += message.get("body", b"")
                 if not message.get("more_body"):
                     break
-            return await generate(send, path == "/v1/chat/completions", json.loads(raw or b"{}"))
+            body = json.loads(raw or b"{}")
+            if path in ("/v1/responses", "/v1/messages"):
+                return await generate_named(send, path.removeprefix("/v1/"), body)
+            return await generate(send, path == "/v1/chat/completions", body)
         await respond(send, 404, b'{"detail":"Not Found"}')
 
     return asgi

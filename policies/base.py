@@ -119,6 +119,10 @@ class Policy(ABC, Generic[P]):
     Limits: ClassVar[type[PolicyLimits]] = PolicyLimits
     # True when the policy runs inside vLLM: refine refuses it on a backend without refine's engine plugin.
     needs_engine_plugin: ClassVar[bool] = False
+    # True when the policy answers with the engine's own answer to the client's request (`relay`, perhaps with
+    # engine arguments added): it then serves every endpoint vLLM serves, as sent. False: the policy writes its
+    # own answer from chat or completions requests, and refine translates other APIs' requests for it.
+    relays_request: ClassVar[bool] = False
     # What the policy reports per request; refine creates these metrics at start and observes them from the
     # trace. Every policy reports its correction time, so dashboards can compare policies on it.
     metrics: ClassVar[tuple[PolicyMetric, ...]] = (CORRECTION_SECONDS,)

@@ -155,7 +155,8 @@ class EngineClient:
 
     def relay_stream(self, body: dict[str, Any]) -> AsyncGenerator[RelayedChunk, None]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
-        chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
+        chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint,
+                                             named=self.request.stream_format.named)
         return self.tracer.stream("relay", self.request.endpoint, body, chunks)
 
     # ---- generation --------------------------------------------------------------------------------------

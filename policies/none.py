@@ -25,10 +25,14 @@ class NoneParams(PolicyParams):
 class NonePolicy(Policy[PolicyParams]):
     name = "none"
     Params = NoneParams
+    relays_request = True
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         if not _wants_token_stats(params):
             return await call.engine.relay(call.request.body)
+        if call.request.endpoint not in ("chat", "completions"):
+            raise PolicyRequestError("refine.token_stats summarises choices: it is for the chat and completions "
+                                     "endpoints", "refine.token_stats")
         return await _with_token_stats_summary(call)
 
     def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncGenerator[RelayedChunk, None]:

@@ -6,9 +6,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
 from refine_server.policies.base import PolicyRequestError
+from refine_server.policies.relayed import STREAM_FORMATS, StreamFormat
 
-Endpoint = Literal["chat", "completions"]
-PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# The generation endpoints refine serves. A policy that writes its own answer reads "chat" or "completions"
+# (refine translates a Responses or Messages request into chat for it); a relaying policy (`none`, SRGen) may
+# see any of them, and forwards the body to vLLM's endpoint of the same name.
+Endpoint = Literal["chat", "completions", "responses", "messages"]
+PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+                              "responses": "/v1/responses", "messages": "/v1/messages"}
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -30,6 +35,11 @@ class ClientRequest:
     @property
     def path(self) -> str:
         return PATHS[self.endpoint]
+
+    @property
+    def stream_format(self) -> StreamFormat:
+        """How this endpoint's stream is relayed: the events that carry tokens, the one that ends the answer."""
+        return STREAM_FORMATS[self.endpoint]
 
     @property
     def num_prompts(self) -> int:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from refine_server.contract.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.contract.params import SRGEN, SRGenLimits, SRGenParams
 from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall
-from refine_server.policies.relayed import RelayedChunk, may_finish
+from refine_server.policies.relayed import RelayedChunk
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient
@@ -26,6 +26,7 @@ class SRGenPolicy(Policy[SRGenParams]):
     Params = SRGenParams
     Limits = SRGenLimits
     needs_engine_plugin = True
+    relays_request = True
     metrics = (*Policy.metrics, CORRECTIONS)
 
     async def complete(self, call: PolicyCall, params: SRGenParams) -> dict[str, Any]:
@@ -43,11 +44,12 @@ class SRGenPolicy(Policy[SRGenParams]):
         body = _engine_body(call, params)
         key = body["vllm_xargs"][REQUEST_KEY_ARG]
         folder = call.engine.link.events_dir
+        finishing = call.request.stream_format.may_finish
         try:
             async for chunk in call.engine.relay_stream(body):
                 # Every correction of a choice is on disk before its last token leaves the engine, so the
                 # trace is complete whenever a choice finishes; refine attaches it to the last such chunk.
-                if may_finish(chunk):
+                if finishing(chunk):
                     _fill_trace(call, folder, key)
                 yield chunk
         finally:

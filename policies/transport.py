@@ -32,8 +32,10 @@ class Transport(Protocol):
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]: ...
 
-    def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[bytes, None]:
-        """The stream's events as the engine sent them (JSON bytes), starting with `relayed.ACCEPTED`."""
+    def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str,
+                      named: bool = False) -> AsyncGenerator[bytes, None]:
+        """The stream's events as the engine sent them (their JSON bytes; `named`: each event whole, its
+        `event:` line included), starting with `relayed.ACCEPTED`."""
         ...
 
     def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[dict[str, Any], None]:

@@ -42,13 +42,15 @@ class KeyRing:
         if not self._keys:
             return Grant()
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Anthropic's clients send their key as `x-api-key`; it is taken as a Bearer key is.
+        given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
+        presented = given.encode()
         # Compare against every key, in constant time each, so timing tells nothing about which matched.
         matched: Grant | None = None
         for key, grant in self._keys:
             if secrets.compare_digest(presented, key) and matched is None:
                 matched = grant
         if matched is None:
-            raise APIError(401, "invalid or missing API key (send it as 'Authorization: Bearer KEY')",
+            raise APIError(401, "invalid or missing API key (send it as 'Authorization: Bearer KEY' or 'x-api-key')",
                            code="invalid_api_key")
         return matched

@@ -162,11 +162,13 @@ class Backend:
             raise _error_from_response(resp.status, content)
         return msgspec.json.decode(content)
 
-    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str) -> AsyncGenerator[bytes, None]:
+    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str,
+                            named: bool = False) -> AsyncGenerator[bytes, None]:
         """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
-        it) as it arrives: relaying it unchanged costs no decoding. An error event is raised as APIError.
-        The first item is `ACCEPTED` (empty): the backend has answered 200 and the stream is open, though no
-        event may have come yet (vLLM answers at once and streams once prefill is done).
+        it) as it arrives: relaying it unchanged costs no decoding. `named`: the endpoint names its events
+        (Responses, Messages), and each is yielded whole, its `event:` line included. An error event is raised
+        as APIError. The first item is `ACCEPTED` (empty): the backend has answered 200 and the stream is open,
+        though no event may have come yet (vLLM answers at once and streams once prefill is done).
 
         Leaving the loop early (a client that went away, a policy that has seen enough) closes the
         connection, which makes vLLM abort the generation.
@@ -193,10 +195,10 @@ class Backend:
                             payload = line[5:].strip()
                             if payload == b"[DONE]":
                                 return
-                            if payload.startswith(b'{"error"'):
+                            if payload.startswith((b'{"error"', b'{"type":"error"')):
                                 self._count_error(endpoint, 500)
                                 raise _error_from_body(502, msgspec.json.decode(payload))
-                            yield payload
+                            yield event if named else payload
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
 

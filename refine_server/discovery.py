@@ -25,8 +25,8 @@ from refine_server.policies import Policy, PolicyRegistry
 from refine_server.policies.request import PATHS, Endpoint
 from refine_server.runtime import Runtime, get_grant, get_runtime
 from refine_server.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
+    REQUEST_MODELS,
+    AnthropicErrorResponse,
     ErrorResponse,
     GenerationResponse,
     PolicyInfo,
@@ -62,15 +62,15 @@ def _refine_model(name: str, policy: Policy[Any]) -> type[BaseModel]:
                         policy=(name_type, Field(description="the policy's name")))
 
 
-def request_models(registry: PolicyRegistry) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The chat and completions request bodies, with `refine` as one of the registered policies' schemas."""
+def request_models(registry: PolicyRegistry) -> dict[Endpoint, type[BaseModel]]:
+    """Each generation endpoint's request body, with `refine` as one of the registered policies' schemas."""
     variants = refine_models(registry)
     # Union[...] of a tuple made at run time, which `|` cannot spell.
     refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],  # noqa: UP007
                                                                    Field(discriminator="policy")]
     field = (refine | None, Field(None, description=REFINE_DESCRIPTION))
-    return (create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, refine=field),
-            create_model("CompletionRequest", __base__=CompletionRequest, refine=field))
+    return {endpoint: create_model(model.__name__, __base__=model, refine=field)
+            for endpoint, model in REQUEST_MODELS.items()}
 
 
 # ---- the responses ---------------------------------------------------------------------------------------
@@ -95,7 +95,8 @@ _ERRORS = {
 
 def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[str, Any]:
     ok = {
-        "description": "the answer; with `stream: true`, server-sent events of chunks, ended by `data: [DONE]`",
+        "description": "the answer; with `stream: true`, server-sent events: chat and completions send chunks "
+                       "ended by `data: [DONE]`, the Responses and Messages APIs their own named events",
         "headers": {name: {"description": text, "schema": {"type": "string"}}
                     for name, text in _SUMMARY_HEADERS.items()},
         "content": {"application/json": {"schema": response_ref}, "text/event-stream": {"schema": {"type": "string"}}},
@@ -111,6 +112,10 @@ def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[
 _OPERATIONS: dict[Endpoint, tuple[str, str]] = {
     "chat": ("createChatCompletion", "A chat completion, under the policy the request's `refine` names"),
     "completions": ("createCompletion", "A (legacy) text completion, under the policy the request's `refine` names"),
+    "responses": ("createResponse", "A response (OpenAI's Responses API), under the policy the request's `refine` "
+                  "names"),
+    "messages": ("createMessage", "A message (Anthropic's Messages API), under the policy the request's `refine` "
+                 "names; errors in Anthropic's format"),
 }
 
 
@@ -130,20 +135,22 @@ def install_openapi(app: FastAPI, registry: PolicyRegistry) -> None:
 
 def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> dict[str, Any]:
     """The paths of the generation endpoints; their models' schemas go into the schema's components."""
-    chat, completion = request_models(registry)
+    requests = request_models(registry)
     keys: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (chat, "validation"), (completion, "validation"), (ErrorResponse, "serialization"),
-        (GenerationResponse, "serialization")]
+        *((model, "validation") for model in requests.values()),
+        (ErrorResponse, "serialization"), (AnthropicErrorResponse, "serialization"),
+        (GenerationResponse, "serialization"),
+    ]
     refs, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-    responses = _responses(refs[(ErrorResponse, "serialization")], refs[(GenerationResponse, "serialization")])
+    answer = refs[(GenerationResponse, "serialization")]
     paths = {}
-    models: dict[Endpoint, type[BaseModel]] = {"chat": chat, "completions": completion}
-    for endpoint, model in models.items():
+    for endpoint, model in requests.items():
+        error = AnthropicErrorResponse if endpoint == "messages" else ErrorResponse
         operation_id, summary = _OPERATIONS[endpoint]
         body = {"required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
         paths[PATHS[endpoint]] = {"post": {"operationId": operation_id, "summary": summary, "requestBody": body,
-                                           "responses": responses}}
+                                           "responses": _responses(refs[(error, "serialization")], answer)}}
     return paths
 
 

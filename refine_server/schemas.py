@@ -126,8 +126,60 @@ class CompletionRequest(_GenerationRequest):
     suffix: str | None = None
 
 
-REQUEST_MODELS: dict[Endpoint, type[_GenerationRequest]] = {
-    "chat": ChatCompletionRequest, "completions": CompletionRequest,
+class ResponsesRequest(_Open):
+    """OpenAI's Responses API request (`client.responses.create`). Fields not listed here pass through to vLLM
+    with `none` and `srgen`; policies that write their own answer read text only and refuse the rest (400)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]] = Field(description="the conversation: a text, or a list of input items")
+    instructions: str | None = Field(None, description="a system message placed before the input")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    refine: RefineSpec | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_output_tokens
+
+
+class AnthropicMessage(_Open):
+    """One turn of a Messages API conversation: a text, or content blocks (vLLM checks the blocks)."""
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(_Open):
+    """Anthropic's Messages API request (`client.messages.create`). Fields not listed here pass through to
+    vLLM with `none` and `srgen`; policies that write their own answer read text only and refuse the rest."""
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = None
+    stream: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    refine: RefineSpec | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+GenerationRequest = _GenerationRequest | ResponsesRequest | MessagesRequest
+REQUEST_MODELS: dict[Endpoint, type[GenerationRequest]] = {
+    "chat": ChatCompletionRequest, "completions": CompletionRequest, "responses": ResponsesRequest,
+    "messages": MessagesRequest,
 }
 
 
@@ -141,9 +193,21 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error, in OpenAI's format."""
+    """Every error, in OpenAI's format (but for the Messages API's)."""
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """The Messages API's errors, in Anthropic's format."""
+
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
 
 
 class RefineBlock(BaseModel):
@@ -155,7 +219,7 @@ class RefineBlock(BaseModel):
 
 
 class GenerationResponse(BaseModel):
-    """OpenAI's response object (chat.completion or text_completion), plus `refine`."""
+    """The API's own answer object (chat.completion, text_completion, response or message), plus `refine`."""
 
     model_config = ConfigDict(extra="allow")
 

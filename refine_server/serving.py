@@ -22,13 +22,15 @@ from refine_server.backend import Backend
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
+from refine_server.front_ends import FrontEnd
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
-from refine_server.policies.request import ClientRequest, Endpoint
+from refine_server.policies.relayed import STREAM_FORMATS, StreamFormat
+from refine_server.policies.request import ClientRequest
 from refine_server.policies.transport import NO_TRACER
 from refine_server.runtime import Runtime
-from refine_server.schemas import REQUEST_MODELS, RefineSpec
+from refine_server.schemas import GenerationRequest, RefineSpec
 from refine_server.streaming import SSE_HEADERS, Chunk, ChunkRelay, EventStreamResponse, StreamLatency
 from refine_server.tracing import RequestSpan
 from refine_server.upstreams import Route
@@ -39,9 +41,12 @@ POLICY_HEADER = "x-refine-policy"
 class GenerationServing:
     """Serves one request to a generation endpoint; `respond()` once."""
 
-    def __init__(self, request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant, span: RequestSpan | None):
+    def __init__(self, request: Request, front: FrontEnd, rt: Runtime, grant: Grant, span: RequestSpan | None):
         self._http = request
-        self._endpoint = endpoint
+        self._front = front
+        self._endpoint = front.endpoint
+        # Whether the policy's chat answer is written back in another API's shape (set once the policy is known).
+        self._translated = False
         self._rt = rt
         self._grant = grant
         self._span = span
@@ -54,21 +59,24 @@ class GenerationServing:
         self.params: PolicyParams
 
     async def respond(self) -> Response:
-        """The answer, or the error in OpenAI's format; the request is counted whatever happens."""
+        """The answer, or the error in the API's own format; the request is counted whatever happens."""
         try:
-            self.request, spec = await self._read_request()
-            self.policy, self.params = self._choose_policy(spec)
+            parsed, body = await self._read_request()
+            self.policy, self.params = self._choose_policy(parsed.refine)
             self._policy_label = self._rt.metrics.policy_label(self.policy.name)
+            self._translated = self._front.translates and not self.policy.relays_request
+            self.request = (self._front.translate(parsed, body) if self._translated
+                            else self._front.relayed(parsed, body))
             if self._span is not None:
                 self._span.started(self.request, self.policy.name)
             self._refuse_unhonoured_fields()
             return await (self._stream() if self.request.stream else self._complete())
         except PolicyError as exc:
             self.finished(exc.status)
-            raise from_policy_error(exc) from None
+            return self._front.error_response(from_policy_error(exc))
         except APIError as exc:
             self.finished(exc.status)
-            raise
+            return self._front.error_response(exc)
         except ClientDisconnected:
             self.finished(499)
             return Response(status_code=499)
@@ -86,6 +94,8 @@ class GenerationServing:
         result = await self._route.run(answer, self._suits)
         if self._span is not None:
             self._span.answered(result)
+        if self._translated:
+            result = self._front.answer(result, self.request)
         result["refine"] = self.refine_block()
         self.finished(200)
         return Response(msgspec.json.encode(result), media_type="application/json", headers=self._summary_headers())
@@ -104,6 +114,8 @@ class GenerationServing:
         chunks = self.policy.stream(self._new_call(backend), self.params)
         if self._span is not None:
             chunks = self._span.watch_stream(chunks)
+        if self._translated:
+            chunks = self._front.events(chunks, self.request)
         try:
             return await anext(chunks, None), chunks
         except BaseException:
@@ -124,6 +136,13 @@ class GenerationServing:
     @property
     def n_choices(self) -> int:
         return self.request.num_choices
+
+    @property
+    def stream_format(self) -> StreamFormat:
+        return STREAM_FORMATS[self._endpoint]
+
+    def error_body(self, error: APIError) -> dict[str, Any]:
+        return self._front.error_body(error)
 
     def latency(self) -> StreamLatency:
         metrics = self._rt.metrics
@@ -152,8 +171,9 @@ class GenerationServing:
 
     # ---- the checks before any engine work ---------------------------------------------------------------
 
-    async def _read_request(self) -> tuple[ClientRequest, RefineSpec | None]:
-        """The typed request policies receive, and its `refine` object. A 400 for anything refine refuses."""
+    async def _read_request(self) -> tuple[GenerationRequest, dict[str, Any]]:
+        """The request read by its API's model, and its body without `refine`. A 400 for anything refine
+        refuses."""
         raw = await self._http.body()
         try:
             body = msgspec.json.decode(raw)
@@ -162,17 +182,17 @@ class GenerationServing:
         if not isinstance(body, dict):
             raise invalid_request("request body must be a JSON object")
         try:
-            parsed = REQUEST_MODELS[self._endpoint].model_validate(body)
+            parsed = self._front.request_model.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         limit = self._rt.settings.max_tokens_limit
         wanted = parsed.requested_max_tokens()
         if wanted is not None and wanted > limit:
-            param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+            param = self._front.max_tokens_param(body)
             raise invalid_request(f"{param}={wanted} exceeds this server's limit of {limit}", param)
         check_engine_fields(body, self._rt.open_engine_fields)
         body.pop("refine", None)
-        return parsed.client_request(self._endpoint, body), parsed.refine
+        return parsed, body
 
     def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy[Any], PolicyParams]:
         rt = self._rt

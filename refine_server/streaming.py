@@ -29,17 +29,6 @@ SSE_HEADERS = {
 _DONE = b"data: [DONE]\n\n"
 
 
-def sse(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"
-
-
-def carries_tokens(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or ():
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-            return True
-    return False
-
-
 class EventStreamResponse(Response):
     """A `text/event-stream` response that streams in the request's own task and stops for a client that
     has gone away.
@@ -101,6 +90,11 @@ class RelayedRequest(Protocol):
     """What the relay needs of the request it streams (serving.GenerationServing is one)."""
 
     @property
+    def stream_format(self) -> relayed.StreamFormat:
+        """How the client's endpoint streams (choice chunks, or named events)."""
+        ...
+
+    @property
     def n_choices(self) -> int:
         """Choices in the answer: the `refine` block goes on the chunk that finishes the last of them."""
         ...
@@ -115,6 +109,10 @@ class RelayedRequest(Protocol):
 
     def finished(self, status: int) -> None:
         """The stream is over with this HTTP status (499: the client went away)."""
+        ...
+
+    def error_body(self, error: APIError) -> dict[str, Any]:
+        """An error in the shape of the client's API (OpenAI's, or Anthropic's for the Messages API)."""
         ...
 
 
@@ -135,6 +133,7 @@ class ChunkRelay:
         self._rest = rest
         self._request = request
         self._latency = request.latency()
+        self._format = request.stream_format
         self._finished: set[int] = set()
 
     async def events(self) -> AsyncGenerator[bytes, None]:
@@ -146,27 +145,30 @@ class ChunkRelay:
             while chunk is not None:
                 if chunk != relayed.ACCEPTED:
                     self._observe_latency(chunk)
-                    yield sse(self._with_refine_block(chunk))
+                    yield self._with_refine_block(chunk)
                     sent_any = True
                 chunk = await self._next(sent_any)
-            yield _DONE
+            if self._format.ends_with_done:
+                yield _DONE
         except (APIError, PolicyError) as exc:
             error = from_policy_error(exc) if isinstance(exc, PolicyError) else exc
             status = error.status
-            yield sse(relayed.encode(error.body()))
+            yield self._format.error_event(self._request.error_body(error))
         except asyncio.CancelledError:
             status = 499  # the client went away; the response cancelled the stream
             raise
         except Exception:
             log.exception("policy stream failed")
             status = 500
-            yield sse(relayed.encode(APIError(500, "internal error while streaming", code="internal_error").body()))
+            error = APIError(500, "internal error while streaming", code="internal_error")
+            yield self._format.error_event(self._request.error_body(error))
         finally:
             await self._rest.aclose()
             self._request.finished(status)
 
     def _observe_latency(self, chunk: Chunk) -> None:
-        if relayed.carries_tokens(chunk) if isinstance(chunk, bytes) else carries_tokens(chunk):
+        fmt = self._format
+        if fmt.carries_tokens(chunk) if isinstance(chunk, bytes) else fmt.event_carries_tokens(chunk):
             self._latency.token_sent()
 
     async def _next(self, sent_any: bool) -> Chunk | None:
@@ -182,19 +184,23 @@ class ChunkRelay:
             return first
 
     def _with_refine_block(self, chunk: bytes | dict[str, Any]) -> bytes:
-        """The chunk's JSON, with the refine block when it finishes the last choice still open."""
+        """The event as the client receives it, with the refine block if it ends the answer: the chunk that
+        finishes the last choice still open, or the format's final event."""
+        fmt = self._format
         if isinstance(chunk, bytes):
-            if not relayed.may_finish(chunk):
-                return chunk
-            decoded = relayed.decode(chunk)
-            if not self._finishes_last_choice(decoded):
-                return chunk
-            return relayed.encode({**decoded, "refine": self._request.refine_block()})
-        if self._finishes_last_choice(chunk):
+            if not fmt.may_finish(chunk):
+                return fmt.sse(chunk)
+            decoded = fmt.decode_event(chunk)
+            if not self._ends_answer(decoded):
+                return fmt.sse(chunk)
+            return fmt.encode_event({**decoded, "refine": self._request.refine_block()})
+        if self._ends_answer(chunk):
             chunk = {**chunk, "refine": self._request.refine_block()}
-        return relayed.encode(chunk)
+        return fmt.encode_event(chunk)
 
-    def _finishes_last_choice(self, chunk: dict[str, Any]) -> bool:
-        newly = relayed.finished_choices(chunk) - self._finished
+    def _ends_answer(self, event: dict[str, Any]) -> bool:
+        if self._format.named:
+            return self._format.is_final(event)
+        newly = relayed.finished_choices(event) - self._finished
         self._finished |= newly
         return bool(newly) and len(self._finished) == self._request.n_choices

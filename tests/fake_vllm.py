@@ -4,7 +4,9 @@ It answers like vLLM does (OpenAI JSON, SSE; a list of prompts gets a choice per
 `vllm_xargs` (counting completions and those that carry refine's, as `GET /fake/stats` reports), and can be
 told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error event after the first chunk,
 "DROP_MIDSTREAM" a connection dropped after the first chunk, "SLOW" its answer after 3 s. "LONG_STREAM" streams
-50 tokens, 0.1 s apart; "HOLD_FIRST" streams its first token once the test sets `app.state.release_first`. A fake
+50 tokens, 0.1 s apart; "HOLD_FIRST" streams its first token once the test sets `app.state.release_first`.
+/v1/responses and /v1/messages answer in outline as vLLM's do (named events when streaming; an input of
+"FAIL_500" fails). A fake
 made with `drops_streams=True` answers every stream 200 and drops the connection before its first event.
 `GET /fake/traceparents` lists the `traceparent` header of each completion request (null where none came).
 """
@@ -77,6 +79,64 @@ async def _completions(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def _named(kind: str, data: dict) -> str:
+    """A named SSE event as vLLM writes it, with the one space no JSON encoder writes (see `_completions`)."""
+    data = json.dumps({"type": kind, **data}, separators=(",", ":"))
+    return f"event: {kind}\ndata: " + data.replace('"type":', '"type": ', 1) + "\n\n"
+
+
+async def _responses(request: Request):
+    """vLLM's /v1/responses, in outline: a response object, or its named events."""
+    body = await request.json()
+    request.app.state.stats["responses"] += 1
+    if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
+        request.app.state.stats["refine_xargs_requests"] += 1
+    if body.get("input") == "FAIL_500":
+        return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
+    words = ["alpha", " beta", " gamma"]
+    item = {"type": "message", "id": "msg-1", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
+    response = {"id": "resp-1", "object": "response", "created_at": 0, "model": MODEL, "status": "completed",
+                "output": [item], "usage": {"input_tokens": 1, "output_tokens": 3, "total_tokens": 4}}
+    if not body.get("stream"):
+        return JSONResponse(response)
+
+    async def events():
+        yield _named("response.created", {"sequence_number": 0, "response": {**response, "output": []}})
+        for i, word in enumerate(words):
+            yield _named("response.output_text.delta", {"sequence_number": i + 1, "item_id": "msg-1",
+                                                         "output_index": 0, "content_index": 0, "delta": word})
+        yield _named("response.completed", {"sequence_number": len(words) + 1, "response": response})
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _messages(request: Request):
+    """vLLM's /v1/messages, in outline: a message, or Anthropic's named events."""
+    body = await request.json()
+    request.app.state.stats["messages"] += 1
+    if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
+        request.app.state.stats["refine_xargs_requests"] += 1
+    words = ["alpha", " beta", " gamma"]
+    message = {"id": "msg-1", "type": "message", "role": "assistant", "model": MODEL,
+               "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 3}}
+    if not body.get("stream"):
+        return JSONResponse(message)
+
+    async def events():
+        yield _named("message_start", {"message": {**message, "content": [], "stop_reason": None}})
+        yield _named("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        for word in words:
+            yield _named("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+        yield _named("content_block_stop", {"index": 0})
+        yield _named("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                       "usage": {"output_tokens": 3}})
+        yield _named("message_stop", {})
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 async def _models(request: Request):
     return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
@@ -97,12 +157,14 @@ def make_app(drops_streams: bool = False) -> Starlette:
     """A fake vLLM with its own request counts (`GET /fake/stats`)."""
     fake = Starlette(routes=[
         Route("/v1/completions", _completions, methods=["POST"]),
+        Route("/v1/responses", _responses, methods=["POST"]),
+        Route("/v1/messages", _messages, methods=["POST"]),
         Route("/v1/models", _models),
         Route("/health", _health),
         Route("/fake/stats", _stats),
         Route("/fake/traceparents", _traceparents),
     ])
-    fake.state.stats = {"completions": 0, "refine_xargs_requests": 0}
+    fake.state.stats = {"completions": 0, "responses": 0, "messages": 0, "refine_xargs_requests": 0}
     fake.state.traceparents = []
     fake.state.drops_streams = drops_streams
     fake.state.release_first = threading.Event()

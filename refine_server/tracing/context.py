@@ -14,7 +14,7 @@ from typing import Any
 OUTGOING: ContextVar[dict[str, str] | None] = ContextVar("refine_trace_headers", default=None)
 
 # GenAI semantic conventions' operation names, by refine's endpoint.
-OPERATIONS = {"chat": "chat", "completions": "text_completion"}
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "responses": "chat", "messages": "chat"}
 
 
 def outgoing_headers() -> dict[str, str] | None:

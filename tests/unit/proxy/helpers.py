@@ -11,6 +11,7 @@ from refine_server.policies import PolicyRegistry
 from refine_server.policies.base import (
     CORRECTIONS,
     ROUNDS,
+    Policy,
     PolicyCall,
     PolicyLimits,
     PolicyMetric,
@@ -94,7 +95,40 @@ class PickyPolicy(NonePolicy):
             yield chunk
 
 
+class EchoPolicy(Policy):
+    """Writes its own answer, as CyberV and RAIN do: the last message's text, reversed word by word, as a chat
+    completion (or its chunks, a word each), with no engine call. What the Responses and Messages front ends
+    translate for."""
+
+    name = "echo"
+    refuses_fields = ("tools",)
+
+    @staticmethod
+    def _words(call: PolicyCall) -> list[str]:
+        _, question = call.request.question("echo")
+        return list(reversed(question.split()))
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        call.trace.data = {"messages": call.request.messages}
+        words = self._words(call)
+        finish = "length" if call.request.max_tokens and call.request.max_tokens < len(words) else "stop"
+        return {"id": "echo-1", "object": "chat.completion", "created": 0, "model": call.request.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}}
+
+    async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
+        words = self._words(call)
+        for i, word in enumerate(words):
+            yield {"id": "echo-1", "object": "chat.completion.chunk", "created": 0, "model": call.request.model,
+                   "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word},
+                                "finish_reason": "stop" if i == len(words) - 1 else None}]}
+        yield {"id": "echo-1", "object": "chat.completion.chunk", "created": 0, "model": call.request.model,
+               "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(words),
+                                        "total_tokens": 7 + len(words)}}
+
+
 def _serve(settings: Settings):
     registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, CountingPolicy, BrokenPolicy,
-                               PickyPolicy], settings.policy_limits)
+                               PickyPolicy, EchoPolicy], settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))

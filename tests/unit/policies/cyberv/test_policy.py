@@ -13,6 +13,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from refine_server.errors import APIError
+from refine_server.policies.relayed import CHOICE_CHUNKS
 from refine_server.metrics import Metrics
 from refine_server.policies import LimitExceeded, PolicyRegistry
 from refine_server.policies.base import (
@@ -315,6 +316,7 @@ class _OneChoice:
     """The request side of a relayed stream (streaming.RelayedRequest), as refine's serving object plays it."""
 
     n_choices = 1
+    stream_format = CHOICE_CHUNKS
 
     def __init__(self, call: PolicyCall):
         self._call = call
@@ -332,6 +334,9 @@ class _OneChoice:
 
     def finished(self, status: int) -> None:
         pass
+
+    def error_body(self, error: APIError) -> dict[str, Any]:
+        return error.body()
 
 
 async def _relay(call: PolicyCall, params: CyberVParams) -> list[dict[str, Any]]:
