@@ -17,7 +17,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from refine_server.policies.relayed import RelayedChunk
+from refine_server.policies.call_fields import CallFields
+from refine_server.policies.relayed import NO_CHOICES, RelayedChunk, decode
 from refine_server.policies.request import PATHS, ClientRequest
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
 
@@ -111,15 +112,18 @@ class Spend:
 
 class EngineClient:
     """The backend for one client request. Every generation call carries the client's model, and its seed
-    unless the call sets its own."""
+    unless the call sets its own, and `fields`' length bound and priority where it sets none."""
 
-    def __init__(self, backend: Backend, request: ClientRequest, budget: Budget | None = None):
+    def __init__(self, backend: Backend, request: ClientRequest, budget: Budget | None = None,
+                 fields: CallFields | None = None):
         self._backend = backend
         self.request = request
         self.model = request.model
         self.seed = request.seed
         self.budget = budget
+        self.fields = fields or CallFields()
         self.spend = Spend()
+        self.relayed_tokens = 0  # prompt and completion tokens of relayed calls, where the engine reported them
         self._seed_counter = 0
         # Tracing's hook (refine_server/tracing.py), set by the route when tracing is on: a span per engine call.
         # None when off, and then a call costs nothing more than this test.
@@ -150,15 +154,38 @@ class EngineClient:
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
+        body = self.fields.fill(body)
         if self.tracer is None:
-            return await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
-        return await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
-            self.request.path, body, endpoint=self.request.endpoint))
+            result = await self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint)
+        else:
+            result = await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
+                self.request.path, body, endpoint=self.request.endpoint))
+        self.relayed_tokens += _tokens(result.get("usage"))
+        return result
 
     def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
+        body = self.fields.fill(body)
+        counted = None
+        if self.fields.count_stream_usage:
+            client_wants = bool((body.get("stream_options") or {}).get("include_usage"))
+            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+            counted = client_wants
         chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
-        return chunks if self.tracer is None else self.tracer.stream("relay", self.request.endpoint, body, chunks)
+        if self.tracer is not None:
+            chunks = self.tracer.stream("relay", self.request.endpoint, body, chunks)
+        return chunks if counted is None else self._count_usage(chunks, keep_usage_chunk=counted)
+
+    async def _count_usage(self, chunks: AsyncIterator[RelayedChunk], *,
+                           keep_usage_chunk: bool) -> AsyncIterator[RelayedChunk]:
+        """The relayed stream, its usage chunk (choices empty, the last) counted, and dropped unless kept."""
+        async with aclosing(chunks) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                if _USAGE in chunk and NO_CHOICES in chunk:
+                    self.relayed_tokens += _tokens(decode(chunk).get("usage"))
+                    if not keep_usage_chunk:
+                        continue
+                yield chunk
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -243,6 +270,12 @@ class EngineClient:
 
     # ---- what it cost ------------------------------------------------------------------------------------
 
+    def engine_tokens(self) -> int:
+        """Prompt and completion tokens of every engine call of the request so far, as the engine reported them:
+        what a key's token budget is charged."""
+        total = self.spend.total()
+        return total.prompt_tokens + total.completion_tokens + self.relayed_tokens
+
     def usage(self) -> dict[str, Any]:
         """The OpenAI usage of the whole request: every engine call, not only the answer's tokens."""
         total = self.spend.total()
@@ -271,7 +304,7 @@ class EngineClient:
         body = {"model": self.model, **fields}
         if self.seed is not None and "seed" not in fields:
             body["seed"] = self.seed
-        return body
+        return self.fields.fill(body)
 
     async def _tokenizer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.spend.tokenizer_calls += 1
@@ -293,6 +326,13 @@ class EngineClient:
         cost = self.spend.cost(purpose)
         cost.calls += 1
         return cost
+
+
+_USAGE = b'"usage":{'
+
+
+def _tokens(usage: dict[str, Any] | None) -> int:
+    return ((usage or {}).get("prompt_tokens") or 0) + ((usage or {}).get("completion_tokens") or 0)
 
 
 async def run_together(*work: Awaitable[T]) -> list[T]:

@@ -22,7 +22,7 @@ ACCEPTED: RelayedChunk = b""
 
 _FINISH = b'"finish_reason"'
 _NOT_FINISHED = b'"finish_reason":null'
-_NO_CHOICES = b'"choices":[]'
+NO_CHOICES = b'"choices":[]'
 _EMPTY_TEXT = (b'"text":""', b'"content":""')
 
 
@@ -33,7 +33,7 @@ def may_finish(chunk: RelayedChunk) -> bool:
 
 def carries_tokens(chunk: RelayedChunk) -> bool:
     """A chunk with text in it: the ones time-to-first-token and inter-token latency are measured on."""
-    return _NO_CHOICES not in chunk and not any(empty in chunk for empty in _EMPTY_TEXT)
+    return NO_CHOICES not in chunk and not any(empty in chunk for empty in _EMPTY_TEXT)
 
 
 def finished_choices(chunk: dict[str, Any]) -> set[int]:

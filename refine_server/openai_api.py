@@ -22,6 +22,8 @@ from refine_server.backend import Backend
 from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
+from refine_server.gatekeeper import Ticket
+from refine_server.max_tokens import server_defaults, with_default_max_tokens
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
@@ -75,9 +77,12 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
     started = time.perf_counter()
     policy_label = "other"
     route = Route(rt.upstreams)
+    ticket: Ticket | None = None
 
     def record(status: int) -> None:
         route.finish()
+        if ticket is not None:
+            ticket.finish()
         rt.metrics.requests.labels(endpoint, policy_label, str(status)).inc()
         rt.metrics.e2e_latency.labels(endpoint, policy_label).observe(time.perf_counter() - started)
         if span is not None:
@@ -90,19 +95,21 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
         if span is not None:
             span.started(client_request, policy.name)
         _refuse_unhonoured_fields(policy, client_request)
+        ticket = admitted = await rt.gatekeeper.admit(policy.name, grant, request.receive)
         # An in-engine policy goes only to a backend whose plugin can run it.
         suits = (lambda backend: _require_engine_plugin(policy, backend, client_request.model)
                  ) if policy.needs_engine_plugin else None
 
         def refine_block(call: PolicyCall) -> dict[str, Any]:
             rt.metrics.observe_policy(policy_label, call.trace.values)
-            return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data}
+            return {"policy": policy.name, "params": params.model_dump(mode="json"), "trace": call.trace.data,
+                    **server_defaults(client_request)}
 
         if client_request.stream:
             calls: list[PolicyCall] = []  # one per replica tried: the last one answers
 
             async def open_stream(backend: Backend) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
-                call = PolicyCall(client_request, _engine_client(backend, client_request, span))
+                call = PolicyCall(client_request, _engine_client(backend, client_request, admitted, span))
                 calls.append(call)
                 chunks = policy.stream(call, params)
                 if span is not None:
@@ -131,7 +138,7 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
             return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: policy.name})
 
         async def answer(backend: Backend) -> tuple[PolicyCall, dict[str, Any]]:
-            call = PolicyCall(client_request, _engine_client(backend, client_request, span))
+            call = PolicyCall(client_request, _engine_client(backend, client_request, admitted, span))
             if span is not None:
                 span.policy_call = call
             return call, await cancel_on_disconnect(request.receive, policy.complete(call, params))
@@ -157,8 +164,9 @@ async def _serve(request: Request, endpoint: Endpoint, rt: Runtime, grant: Grant
         raise
 
 
-def _engine_client(backend: Backend, request: ClientRequest, span: RequestSpan | None) -> EngineClient:
-    engine = EngineClient(backend, request)
+def _engine_client(backend: Backend, request: ClientRequest, ticket: Ticket,
+                   span: RequestSpan | None) -> EngineClient:
+    engine = ticket.track(EngineClient(backend, request, fields=ticket.fields))
     if span is not None:
         engine.tracer = span  # a span per engine call
         span.routed(backend.base_url)
@@ -185,7 +193,8 @@ async def _read_request(request: Request, endpoint: Endpoint, rt: Runtime) -> tu
         raise invalid_request(f"{param}={wanted} exceeds this server's limit of {limit}", param)
     check_engine_fields(body, rt.open_engine_fields)
     body.pop("refine", None)
-    return parsed.client_request(endpoint, body), parsed.refine
+    return with_default_max_tokens(parsed.client_request(endpoint, body), rt.settings.answer_tokens_default()), \
+        parsed.refine
 
 
 def _choose_policy(rt: Runtime, spec: RefineSpec | None, grant: Grant) -> tuple[Policy, PolicyParams]:
