@@ -71,7 +71,7 @@ class PolicyGate:
     def __init__(self, policy: str, limit: int | None, timeout_s: float, metrics: AdmissionMetrics):
         self.policy = policy
         self.limit = limit
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self.running = 0
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}  # FIFO per key
         self._turns: deque[str] = deque()  # keys with waiters, the next to be served first
@@ -108,14 +108,14 @@ class PolicyGate:
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(key, granted)
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self.timeout_s):
                 await granted
         except TimeoutError:
             self._dequeue(key, granted)
             if _holds(granted):  # granted in the same instant as the timeout: take it
                 return self._started(started)
             self._rejected.labels(self.policy, "queue_timeout").inc()
-            raise QueueTimeout(self.policy, self._timeout_s, self.retry_after_s()) from None
+            raise QueueTimeout(self.policy, self.timeout_s, self.retry_after_s()) from None
         except ShuttingDown:
             self._rejected.labels(self.policy, "shutting_down").inc()
             raise
@@ -136,7 +136,7 @@ class PolicyGate:
     def retry_after_s(self) -> int:
         """When a slot may be free: the mean time a slot is held, per request ahead (whole seconds, >= 1)."""
         if self._mean_hold_s is None or not self.limit:
-            return max(1, math.ceil(self._timeout_s))
+            return max(1, math.ceil(self.timeout_s))
         ahead = self.waiting / self.limit + 1
         return max(1, math.ceil(self._mean_hold_s * ahead))
 

@@ -240,6 +240,9 @@ class PolicyInfo(BaseModel):
     limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
                                      "(the server's, tightened by the API key's own)")
     metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
+    admission: dict[str, int | float | None] = Field(
+        description="concurrency_limit (null: unlimited), running and waiting requests now (this worker "
+        "process), queue_timeout_s, engine_priority (lower is scheduled first; null: none is sent)")
 
 
 class PolicyList(BaseModel):
@@ -253,10 +256,11 @@ async def list_policies(rt: Runtime = Depends(get_runtime), grant: Grant = Depen
     """The policies this caller may use, with their parameters' schemas, defaults and this server's caps."""
     names = [n for n in rt.registry.names if grant.policies is None or n in grant.policies]
     return PolicyList(default_policy=rt.settings.default_policy,
-                      data=[_describe(rt.registry, name, grant) for name in names])
+                      data=[_describe(rt, name, grant) for name in names])
 
 
-def _describe(registry: PolicyRegistry, name: str, grant: Grant) -> PolicyInfo:
+def _describe(rt: Runtime, name: str, grant: Grant) -> PolicyInfo:
+    registry = rt.registry
     policy = registry.get(name)
     fields = policy.Params.model_fields
     return PolicyInfo(
@@ -269,6 +273,7 @@ def _describe(registry: PolicyRegistry, name: str, grant: Grant) -> PolicyInfo:
                   for f, info in fields.items() if not info.is_required()},
         limits=_caps(registry, name, grant),
         metrics=[m.name for m in policy.metrics],
+        admission=rt.gatekeeper.describe(name, grant),
     )
 
 

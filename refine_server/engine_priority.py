@@ -32,7 +32,3 @@ class Priorities:
         if not self._send:
             return None
         return key_priorities.get(policy, self._by_policy[policy])
-
-    def describe(self, policy: str) -> int | None:
-        """The server's priority for `policy` (None: the engine is sent none)."""
-        return self._by_policy[policy] if self._send else None

@@ -66,6 +66,14 @@ class Gatekeeper:
                             count_stream_usage=grant.budget is not None and grant.budget.counts_tokens)
         return Ticket(slot, fields, grant)
 
+    def describe(self, policy: str, grant: Grant) -> dict[str, int | float | None]:
+        """What GET /v1/refine/policies shows of `policy`'s admission: its limit (None: unlimited), the
+        requests running and waiting now (in this worker process), the queue timeout, and the engine priority
+        of the caller's requests."""
+        gate = self.admission.gate(policy)
+        return {"concurrency_limit": gate.limit, "running": gate.running, "waiting": gate.waiting,
+                "queue_timeout_s": gate.timeout_s, "engine_priority": self.priorities.of(policy, grant.priorities)}
+
     def close(self) -> None:
         """Shutdown has begun: requests waiting for a slot get a 503 now, later ones at once."""
         self.admission.close()
