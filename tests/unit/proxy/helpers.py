@@ -94,7 +94,16 @@ class PickyPolicy(NonePolicy):
             yield chunk
 
 
+class DraftingPolicy(NonePolicy):
+    """A policy that makes an engine call of its own, naming no max_tokens and no priority."""
+
+    name = "drafting"
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        return await call.engine.completions("draft", "hi")
+
+
 def _serve(settings: Settings):
     registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, CountingPolicy, BrokenPolicy,
-                               PickyPolicy], settings.policy_limits)
+                               PickyPolicy, DraftingPolicy], settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))
