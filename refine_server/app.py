@@ -39,6 +39,7 @@ from refine_server.runtime import Runtime, get_runtime
 from refine_server.shutdown_signal import on_shutdown_signal
 from refine_server.tracing import Tracing
 from refine_server.upstreams import Upstreams
+from refine_server.warmup import WarmUp
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -110,8 +111,10 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
                         for url in settings.backend_url]
         upstreams = Upstreams(backends, metrics)
         upstreams.start()
+        warm_up = WarmUp(registry, enabled=settings.warm_up)
+        warm_up.start(upstreams)
         runtime = app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields,
-                                              gatekeeper)
+                                              gatekeeper, warm_up)
         try:
             with on_shutdown_signal(runtime.begin_shutdown):
                 yield
@@ -119,6 +122,7 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
             # First of all: a load balancer that probes now must stop sending requests here (the signal's hook
             # has done it already when shutdown came from one).
             runtime.begin_shutdown()
+            await warm_up.aclose()
             await upstreams.aclose()
             if engine:
                 await engine.stop()

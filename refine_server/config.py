@@ -112,6 +112,10 @@ class Settings(BaseSettings):
         f"{POLICY_PRIORITY} for every other. Sent only where the engine schedules by priority "
         "(engine_priority_scheduling).",
     )
+    warm_up: bool = Field(
+        True, description="load what policies need (RAIN's embedding model and tokenizers) in the background once "
+        "a backend is ready, rather than in their first request",
+    )
     engine_priority_scheduling: bool | None = Field(
         None,
         description="whether the engine runs with --scheduling-policy priority, so refine sends each engine "

@@ -240,6 +240,10 @@ class PolicyInfo(BaseModel):
     limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
                                      "(the server's, tightened by the API key's own)")
     metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
+    warm: bool = Field(description="what the policy needs (models, tokenizers) is loaded: its first request "
+                       "does not wait for it")
+    warm_up: str = Field(description="warm, pending (waiting for a backend), warming, failed: <why> (then it "
+                         "loads on first use), or off: loads on first use (--warm-up false)")
     admission: dict[str, int | float | None] = Field(
         description="concurrency_limit (null: unlimited), running and waiting requests now (this worker "
         "process), queue_timeout_s, engine_priority (lower is scheduled first; null: none is sent)")
@@ -273,6 +277,8 @@ def _describe(rt: Runtime, name: str, grant: Grant) -> PolicyInfo:
                   for f, info in fields.items() if not info.is_required()},
         limits=_caps(registry, name, grant),
         metrics=[m.name for m in policy.metrics],
+        warm=rt.warm_up.is_warm(name),
+        warm_up=rt.warm_up.state[name],
         admission=rt.gatekeeper.describe(name, grant),
     )
 

@@ -17,6 +17,7 @@ from refine_server.gatekeeper import Gatekeeper
 from refine_server.metrics import Metrics
 from refine_server.policies import PolicyRegistry
 from refine_server.upstreams import Upstreams
+from refine_server.warmup import WarmUp
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Runtime:
     keys: KeyRing
     open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
     gatekeeper: Gatekeeper  # budgets, per-policy slots and engine-call fields of each generation request
+    warm_up: WarmUp  # which policies have loaded what they need
     stopping: bool = False  # set when shutdown begins: readiness answers 503 from then on
 
     def begin_shutdown(self) -> None:

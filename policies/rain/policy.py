@@ -277,6 +277,7 @@ class RainPolicy(Policy):
     Limits = RainLimits
     metrics = (*Policy.metrics, CORRECTIONS, EXTRA_TOKENS, SEARCH_ITERATIONS, REWINDS, ENGINE_CALLS)
     refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
+    warms_up = True
 
     def __init__(self) -> None:
         self.embedder = TextEmbedder()
@@ -291,6 +292,13 @@ class RainPolicy(Policy):
                                      f"(it serves {', '.join(sorted(roots))})", "refine.judge_model")
         return (Tokenizer(engine, model, await self._local_tokenizer(roots.get(model))),
                 Tokenizer(engine, judge_model, await self._local_tokenizer(roots[judge_model])))
+
+    async def warm_up(self, served_models: list[dict[str, Any]]) -> None:
+        """The embedding model (seconds: the first request's time went mostly here) and the served models'
+        tokenizers, where their folders are readable here."""
+        await self.embedder.load()
+        for model in served_models:
+            await self._local_tokenizer(model.get("root"))
 
     async def _local_tokenizer(self, root: str | None) -> Any:
         if root is None:
