@@ -138,8 +138,8 @@ async def run_config(args: argparse.Namespace, extra: list[str]) -> dict[str, An
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| config | plain TTFT p95 alone / mixed (s) | ratio | plain tok/s alone / mixed | ratio | rain answered/429 "
-            "| cyberv answered/429 | longest unanswered (s) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| config | plain TTFT p95 alone / mixed (s) | ratio | plain tok/s alone / mixed | ratio "
+            "| rain answered/429 | cyberv answered/429 | longest unanswered (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         heavy = r["mixed"]["heavy"]
         longest = max(h["longest_unanswered_s"] for h in heavy.values())

@@ -71,15 +71,16 @@ def test_the_embedded_engine_schedules_by_priority(refine_server: RunningServer)
 
 
 def test_the_engine_serves_a_higher_priority_request_before_lower_ones_that_came_first(heavy: RunningServer) -> None:
-    """The test engine's KV cache holds 66 blocks of 32 tokens; five requests of 480 + 160 tokens need 100. Under
+    """The test engine's KV cache holds 66 blocks of 32 tokens; five requests of ~480 + 160 tokens need 100. Under
     priority scheduling the engine preempts the request with the highest priority value when it runs short and
     admits waiting requests lowest value first, so a plain request that arrives after four at priority 5 is not
     queued behind them: it finishes before the last two of them (first come, first served, it would finish
     last or next to last)."""
-    prompt = " word" * 480
     finished: dict[str, float] = {}
 
     def run(key: str, label: str) -> None:
+        # Each prompt starts differently: with one prompt the prefix cache shares its blocks, and five fit.
+        prompt = f"Request {label}." + " word" * 475
         resp = _client(heavy, key).completions.create(model=MODEL, prompt=prompt, max_tokens=160, temperature=0,
                                                       extra_body={"ignore_eos": True})
         assert resp.usage.completion_tokens == 160
