@@ -166,15 +166,16 @@ class EngineClient:
     def relay_stream(self, body: dict[str, Any]) -> AsyncIterator[RelayedChunk]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
         body = self.fields.fill(body)
-        counted = None
-        if self.fields.count_stream_usage:
-            client_wants = bool((body.get("stream_options") or {}).get("include_usage"))
-            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-            counted = client_wants
+        options = body.get("stream_options") or {}
+        count = self.fields.count_stream_usage
+        if count:
+            body = {**body, "stream_options": {**options, "include_usage": True}}
         chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint)
         if self.tracer is not None:
             chunks = self.tracer.stream("relay", self.request.endpoint, body, chunks)
-        return chunks if counted is None else self._count_usage(chunks, keep_usage_chunk=counted)
+        if not count:
+            return chunks
+        return self._count_usage(chunks, keep_usage_chunk=bool(options.get("include_usage")))
 
     async def _count_usage(self, chunks: AsyncIterator[RelayedChunk], *,
                            keep_usage_chunk: bool) -> AsyncIterator[RelayedChunk]:

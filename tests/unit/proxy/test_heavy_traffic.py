@@ -165,7 +165,7 @@ def test_a_waiting_client_that_disconnects_leaves_the_queue_at_once(fake_backend
 def test_per_key_budgets_for_requests_and_engine_tokens(fake_backend: str) -> None:
     keys = [{"key": "secret-small", "name": "small", "requests_per_minute": 2},
             {"key": "secret-tokens", "name": "tokens", "tokens_per_minute": 10},
-            {"key": "secret-free"}]
+            {"key": "secret-free"}, {"key": "secret-big", "name": "big", "tokens_per_minute": 1000}]
     with _serve(Settings(backend_url=fake_backend, api_keys=keys)) as url:
         assert [_complete(url, key="secret-small").status_code for _ in range(2)] == [200, 200]
         refused = _complete(url, key="secret-small")
@@ -186,8 +186,16 @@ def test_per_key_budgets_for_requests_and_engine_tokens(fake_backend: str) -> No
         assert refused.status_code == 429 and "tokens_per_minute" in refused.json()["error"]["message"]
         assert int(refused.headers["retry-after"]) >= 1
 
+        # A client that asked for the usage chunk still gets it, once.
+        with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": "Bearer secret-big"},
+                          json={"model": MODEL, "prompt": "hi", "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert sum('"usage":{' in e for e in events) == 1 and '"choices":[]' in events[-2]
+
         metrics = httpx.get(f"{url}/metrics").text
         assert 'refine_key_engine_tokens_total{key="tokens"} 12.0' in metrics
+        assert 'refine_key_engine_tokens_total{key="big"} 4.0' in metrics
         assert 'refine_key_requests_total{key="small"} 2.0' in metrics
         assert 'refine_key_requests_total{key="key-3"} 1.0' in metrics  # unnamed: its place in the list
         assert 'refine_key_rejections_total{budget="requests_per_minute",key="small"} 1.0' in metrics
