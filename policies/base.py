@@ -129,6 +129,12 @@ class Policy(ABC, Generic[P]):
     # Request fields the policy cannot honour (it writes its own answer, without tools or logprobs, say): a
     # request that asks for one is refused with a 400 naming the field before the policy runs, never ignored.
     refuses_fields: ClassVar[tuple[str, ...]] = ()
+    # True when the policy has something to load before its first request (`warm_up`): a model, tokenizers.
+    warms_up: ClassVar[bool] = False
+
+    async def warm_up(self, served_models: list[dict[str, Any]]) -> None:
+        """Load what the policy needs (for the backend's `served_models`, its /v1/models entries), so the first
+        request does not wait for it. Called once in the background when a backend is ready, where `warms_up`."""
 
     @abstractmethod
     async def complete(self, call: PolicyCall, params: P) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar, overload
 
 from refine_server.contract.protocol import EngineLink, PluginInfo
-from refine_server.policies.relayed import RelayedChunk
+from refine_server.policies.call_fields import CallFields
+from refine_server.policies.relayed import NO_CHOICES, RelayedChunk, decode
 from refine_server.policies.request import PATHS, ClientRequest, Endpoint
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
 from refine_server.policies.transport import NO_TRACER, CallTracer, Transport
@@ -111,16 +112,18 @@ class Spend:
 
 class EngineClient:
     """The backend for one client request. Every generation call carries the client's model, and its seed
-    unless the call sets its own."""
+    unless the call sets its own, and `fields`' length bound and priority where it sets none."""
 
     def __init__(self, backend: Transport, request: ClientRequest, budget: Budget | None = None,
-                 tracer: CallTracer = NO_TRACER):
+                 tracer: CallTracer = NO_TRACER, fields: CallFields | None = None):
         self._backend = backend
         self.request = request
         self.model = request.model
         self.seed = request.seed
         self.budget = budget
+        self.fields = fields or CallFields()
         self.spend = Spend()
+        self.relayed_tokens = 0  # prompt and completion tokens of relayed calls, where the engine reported them
         self._seed_counter = 0
         # A span per engine call when the server traces; NO_TRACER passes each call through as it is.
         self.tracer = tracer
@@ -150,14 +153,39 @@ class EngineClient:
     # ---- the client's own request, forwarded -------------------------------------------------------------
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
+        body = self.fields.fill(body, LENGTH_FIELDS[self.request.endpoint])
+        result = await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
             self.request.path, body, endpoint=self.request.endpoint))
+        self.relayed_tokens += _tokens(result.get("usage"))
+        return result
 
     def relay_stream(self, body: dict[str, Any]) -> AsyncGenerator[RelayedChunk, None]:
         """The engine's chunks as it sent them (JSON bytes), for a policy that does not change the stream."""
-        chunks = self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint,
-                                             named=self.request.stream_format.named)
-        return self.tracer.stream("relay", self.request.endpoint, body, chunks)
+        body = self.fields.fill(body, LENGTH_FIELDS[self.request.endpoint])
+        named = self.request.stream_format.named
+        options = body.get("stream_options") or {}
+        count = self.fields.count_stream_usage
+        if count and not named:  # the named-event APIs report usage in their final events unasked
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+        chunks = self.tracer.stream("relay", self.request.endpoint, body, self._backend.stream_events(
+            self.request.path, body, endpoint=self.request.endpoint, named=named))
+        if not count:
+            return chunks
+        return self._count_usage(chunks, named=named, keep_usage_chunk=named or bool(options.get("include_usage")))
+
+    async def _count_usage(self, chunks: AsyncGenerator[RelayedChunk, None], *, named: bool,
+                           keep_usage_chunk: bool) -> AsyncGenerator[RelayedChunk, None]:
+        """The relayed stream, the usage it reports counted: chat's usage chunk (choices empty, the last),
+        dropped unless kept; or the named events that carry usage (Responses' final event, Messages' start
+        and delta)."""
+        async with aclosing(chunks) as stream:
+            async for chunk in stream:
+                if _USAGE in chunk and (named or NO_CHOICES in chunk):
+                    self.relayed_tokens += _tokens(_usage_of(decode(chunk.partition(b"data: ")[2] if named
+                                                                    else chunk)))
+                    if not keep_usage_chunk:
+                        continue
+                yield chunk
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -240,6 +268,12 @@ class EngineClient:
 
     # ---- what it cost ------------------------------------------------------------------------------------
 
+    def engine_tokens(self) -> int:
+        """Prompt and completion tokens of every engine call of the request so far, as the engine reported them:
+        what a key's token budget is charged."""
+        total = self.spend.total()
+        return total.prompt_tokens + total.completion_tokens + self.relayed_tokens
+
     def usage(self) -> dict[str, Any]:
         """The OpenAI usage of the whole request: every engine call, not only the answer's tokens."""
         total = self.spend.total()
@@ -265,7 +299,7 @@ class EngineClient:
         body = {"model": self.model, **fields}
         if self.seed is not None and "seed" not in fields:
             body["seed"] = self.seed
-        return body
+        return self.fields.fill(body)
 
     async def _tokenizer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.spend.tokenizer_calls += 1
@@ -287,6 +321,31 @@ class EngineClient:
         cost = self.spend.cost(purpose)
         cost.calls += 1
         return cost
+
+
+_USAGE = b'"usage":{'
+
+
+# Where each endpoint takes its length bound, for the server's default on a relayed request.
+LENGTH_FIELDS: dict[Endpoint, str] = {"chat": "max_completion_tokens", "completions": "max_tokens",
+                                      "responses": "max_output_tokens", "messages": "max_tokens"}
+
+
+def _tokens(usage: dict[str, Any] | None) -> int:
+    """Prompt and completion tokens of a usage, in OpenAI's names or the Responses and Messages APIs'."""
+    usage = usage or {}
+    return ((usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+            + (usage.get("completion_tokens") or usage.get("output_tokens") or 0))
+
+
+def _usage_of(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage an event carries: its own, or its response's or message's (Responses, Messages)."""
+    if isinstance(event.get("usage"), dict):
+        return event["usage"]
+    inner = event.get("response") or event.get("message") or {}
+    return inner.get("usage") if isinstance(inner, dict) else None
+
+
 
 
 def _is_batch(prompt: list[int] | list[list[int]] | str) -> TypeGuard[list[list[int]]]:

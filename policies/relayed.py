@@ -30,7 +30,7 @@ ACCEPTED: RelayedChunk = b""
 
 _FINISH = b'"finish_reason"'
 _NOT_FINISHED = b'"finish_reason":null'
-_NO_CHOICES = b'"choices":[]'
+NO_CHOICES = b'"choices":[]'
 _EMPTY_TEXT = (b'"text":""', b'"content":""')
 _DATA = b"\ndata: "
 
@@ -70,7 +70,7 @@ class StreamFormat:
     def carries_tokens(self, chunk: RelayedChunk) -> bool:
         """An event with text in it: the ones time-to-first-token and inter-token latency are measured on."""
         if not self.named:
-            return _NO_CHOICES not in chunk and _EMPTY_TEXT[0] not in chunk and _EMPTY_TEXT[1] not in chunk
+            return NO_CHOICES not in chunk and _EMPTY_TEXT[0] not in chunk and _EMPTY_TEXT[1] not in chunk
         for mark in self._token_marks:  # noqa: SIM110 (a loop: no generator per token)
             if mark in chunk:
                 return True

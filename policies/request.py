@@ -24,13 +24,14 @@ class ClientRequest:
     body: dict[str, Any]  # the OpenAI body as the client sent it, `refine` removed: what a relay forwards
     model: str
     n: int
-    max_tokens: int | None  # max_completion_tokens, else max_tokens; None: the client set no cap
+    max_tokens: int | None  # max_completion_tokens, else max_tokens, else the server's default; None: no cap
     seed: int | None
     stop: list[str]
     stream: bool
     include_usage: bool  # stream_options.include_usage
     messages: list[dict[str, Any]] | None  # chat
     prompt: Prompt | None  # completions
+    max_tokens_defaulted: bool = False  # max_tokens is the server's default: the client set none
 
     @property
     def path(self) -> str:

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from refine_server.admission import Admission
 from refine_server.auth import KeyRing
 from refine_server.backend import Backend
 from refine_server.contract.protocol import EngineLink
@@ -26,6 +27,9 @@ from refine_server.discovery import install_openapi
 from refine_server.discovery import router as discovery_router
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
+from refine_server.engine_priority import Priorities
+from refine_server.gatekeeper import Gatekeeper
+from refine_server.key_budgets import KeyMetrics
 from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
@@ -33,8 +37,10 @@ from refine_server.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TOOL_PAR
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.runtime import Runtime, get_runtime
+from refine_server.shutdown_signal import on_shutdown_signal
 from refine_server.tracing import Tracing
 from refine_server.upstreams import Upstreams
+from refine_server.warmup import WarmUp
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -64,6 +70,7 @@ def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLi
         extra_args=list(settings.engine_args),
         # Only the bundled model's parser is known; for another model the operator names it in --engine-args.
         tool_call_parser=DEFAULT_MODEL_TOOL_PARSER if settings.model is None else None,
+        priority_scheduling=settings.sends_priority(),
         # The plugin enforces the same caps as the proxy, verifies the proxy's signature, and writes its
         # events where the proxy reads them.
         plugin_env={
@@ -81,9 +88,14 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
     """`span_exporter`: trace into it (tests: the SDK's InMemorySpanExporter) whatever the settings say."""
     registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits)
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
-    keys = KeyRing(settings.api_keys, registry)
     open_engine_fields = check_allow_list(settings.client_engine_fields)
     metrics = Metrics(registry.metrics())
+    keys = KeyRing(settings.api_keys, registry, KeyMetrics(metrics.registry))
+    gatekeeper = Gatekeeper(
+        Admission(registry.names, settings.policy_concurrency, settings.policy_queue_timeout, metrics.registry),
+        Priorities(registry.names, settings.policy_priority, send=settings.sends_priority()),
+        settings.answer_tokens_default(),
+    )
     link = engine_link(settings)
 
     @asynccontextmanager
@@ -100,12 +112,18 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
                         for url in settings.backend_url]
         upstreams = Upstreams(backends, metrics)
         upstreams.start()
-        runtime = app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields)
+        warm_up = WarmUp(registry, enabled=settings.warm_up)
+        warm_up.start(upstreams)
+        runtime = app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields,
+                                              gatekeeper, warm_up)
         try:
-            yield
+            with on_shutdown_signal(runtime.begin_shutdown):
+                yield
         finally:
-            # First of all: a load balancer that probes now must stop sending requests here.
-            runtime.stopping = True
+            # First of all: a load balancer that probes now must stop sending requests here (the signal's hook
+            # has done it already when shutdown came from one).
+            runtime.begin_shutdown()
+            await warm_up.aclose()
             await upstreams.aclose()
             if engine:
                 await engine.stop()

@@ -1,4 +1,5 @@
-"""Who may call refine, and what each API key may do: the policies it may use and its own caps on them."""
+"""Who may call refine, and what each API key may do: the policies it may use, its own caps on them, its
+budgets (key_budgets.py) and its own engine priorities."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from fastapi import Request
 
 from refine_server.config import APIKey
 from refine_server.errors import APIError
+from refine_server.key_budgets import KeyBudget, KeyMetrics
 from refine_server.policies import PolicyLimits, PolicyRegistry
+
+OPEN_KEY_NAME = "open"  # the caller's name in admission's queues when no keys are configured
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,9 @@ class Grant:
 
     policies: frozenset[str] | None = None  # None: every policy
     limits: dict[str, PolicyLimits] = field(default_factory=dict)
+    name: str = OPEN_KEY_NAME  # the key's name, for metrics and for taking turns in admission's queues
+    budget: KeyBudget | None = field(default=None, compare=False)  # None: the open grant
+    priorities: dict[str, int] = field(default_factory=dict)  # the key's own engine priority per policy
 
     def check_policy(self, name: str) -> None:
         if self.policies is not None and name not in self.policies:
@@ -28,14 +35,20 @@ class Grant:
 class KeyRing:
     """The accepted keys, each with its grant; built and checked once, at start-up."""
 
-    def __init__(self, keys: list[APIKey], registry: PolicyRegistry):
+    def __init__(self, keys: list[APIKey], registry: PolicyRegistry, metrics: KeyMetrics):
         self._keys: list[tuple[bytes, Grant]] = []
-        for entry in keys:
-            if entry.policies is not None:
-                for name in entry.policies:
-                    registry.get(name)  # an unknown policy name fails at start-up
+        names: set[str] = set()
+        for number, entry in enumerate(keys, 1):
+            for name in [*(entry.policies or ()), *entry.policy_priority]:
+                registry.get(name)  # an unknown policy name fails at start-up
+            key_name = entry.name or f"key-{number}"
+            if key_name in names:
+                raise ValueError(f"api_keys: two keys are named {key_name!r}")
+            names.add(key_name)
+            budget = KeyBudget(key_name, entry.requests_per_minute, entry.tokens_per_minute, metrics)
             grant = Grant(frozenset(entry.policies) if entry.policies is not None else None,
-                          registry.parse_limits(entry.policy_limits, only_given=True))
+                          registry.parse_limits(entry.policy_limits, only_given=True), key_name, budget,
+                          dict(entry.policy_priority))
             self._keys.append((entry.key.get_secret_value().encode(), grant))
 
     def authenticate(self, request: Request) -> Grant:

@@ -9,10 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from refine_server.contract.params import SRGenEngineSettings
+
+
+DEFAULT_MAX_TOKENS = 1024
+PLAIN_PRIORITY = 0  # the client's own request, relayed (policy none): vLLM's default priority
+POLICY_PRIORITY = 1  # every other policy's engine calls: after plain requests waiting beside them
 
 
 class APIKey(BaseModel):
@@ -24,6 +29,18 @@ class APIKey(BaseModel):
     policies: list[str] | None = Field(None, description="policies this key may use (unset: all)")
     policy_limits: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="this key's own caps per policy, on top of the server's"
+    )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="the key's name in metrics and logs (never the secret). Unset: key-N, its place in the list",
+    )
+    requests_per_minute: int | None = Field(None, ge=1, description="this key's request budget (unset: none)")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="this key's engine-token budget: prompt and completion tokens of every engine "
+        "call its requests make (unset: none)",
+    )
+    policy_priority: dict[str, int] = Field(
+        default_factory=dict, description="this key's own engine priority per policy, over the server's",
     )
 
 
@@ -71,7 +88,39 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='server-side caps per policy, e.g. \'{"srgen": {"max_corrections": 8}}\' (JSON)',
     )
-    max_tokens_limit: int = Field(4096, description="largest max_tokens a request may ask for")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int | None = Field(
+        None, ge=1,
+        description="max_tokens of a request that sets neither max_tokens nor max_completion_tokens, and of "
+        "any engine call a policy makes without one (vLLM's own default is the rest of the context). At most "
+        f"max_tokens_limit. Unset: {DEFAULT_MAX_TOKENS}, or max_tokens_limit where that is lower.",
+    )
+    policy_concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description='requests of a policy that run at once, e.g. \'{"rain": 2, "cyberv": 8}\' (JSON); a policy '
+        "not named is unlimited. Per HTTP worker process.",
+    )
+    policy_queue_timeout: float = Field(
+        30.0, gt=0,
+        description="longest wait, in seconds, for a slot of a policy at its concurrency limit: a request that "
+        "cannot start in time gets a 429 with Retry-After",
+    )
+    policy_priority: dict[str, int] = Field(
+        default_factory=dict,
+        description="vLLM scheduling priority of each policy's engine calls (lower: scheduled first), e.g. "
+        f'\'{{"rain": 2}}\' (JSON). A policy not named: {PLAIN_PRIORITY} for plain requests (policy none), '
+        f"{POLICY_PRIORITY} for every other. Sent only where the engine schedules by priority "
+        "(engine_priority_scheduling).",
+    )
+    warm_up: bool = Field(
+        True, description="load what policies need (RAIN's embedding model and tokenizers) in the background once "
+        "a backend is ready, rather than in their first request",
+    )
+    engine_priority_scheduling: bool | None = Field(
+        None,
+        description="whether the engine runs with --scheduling-policy priority, so refine sends each engine "
+        "call's priority. Unset: true in embedded mode (refine starts vLLM so), false in external mode",
+    )
     srgen_engine: SRGenEngineSettings = Field(
         default_factory=SRGenEngineSettings,
         description="embedded mode: how much of the engine SRGen may take (external mode: set "
@@ -114,6 +163,23 @@ class Settings(BaseSettings):
         "refine", description="tracing: the service.name of refine's spans (OTEL_SERVICE_NAME wins when set)"
     )
     log_level: str = Field("info", description="log level (debug, info, warning, error)")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> Settings:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        return self
+
+    def answer_tokens_default(self) -> int:
+        """The max_tokens a request that sets none is served with."""
+        return self.default_max_tokens or min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
+
+    def sends_priority(self) -> bool:
+        """Whether engine calls carry a priority: only to an engine that schedules by it."""
+        if self.engine_priority_scheduling is not None:
+            return self.engine_priority_scheduling
+        return not self.backend_url
 
     @field_validator("backend_url", mode="before")
     @classmethod

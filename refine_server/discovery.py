@@ -161,10 +161,11 @@ async def list_policies(rt: Runtime = Depends(get_runtime), grant: Grant = Depen
     """The policies this caller may use, with their parameters' schemas, defaults and this server's caps."""
     names = [n for n in rt.registry.names if grant.policies is None or n in grant.policies]
     return PolicyList(default_policy=rt.settings.default_policy,
-                      data=[_describe(rt.registry, name, grant) for name in names])
+                      data=[_describe(rt, name, grant) for name in names])
 
 
-def _describe(registry: PolicyRegistry, name: str, grant: Grant) -> PolicyInfo:
+def _describe(rt: Runtime, name: str, grant: Grant) -> PolicyInfo:
+    registry = rt.registry
     policy = registry.get(name)
     fields = policy.Params.model_fields
     return PolicyInfo(
@@ -177,6 +178,9 @@ def _describe(registry: PolicyRegistry, name: str, grant: Grant) -> PolicyInfo:
                   for f, info in fields.items() if not info.is_required()},
         limits=_caps(registry, name, grant),
         metrics=[m.name for m in policy.metrics],
+        warm=rt.warm_up.is_warm(name),
+        warm_up=rt.warm_up.state[name],
+        admission=rt.gatekeeper.describe(name, grant),
     )
 
 

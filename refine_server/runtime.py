@@ -13,9 +13,11 @@ from fastapi import Depends, Request
 from refine_server.auth import Grant, KeyRing
 from refine_server.config import Settings
 from refine_server.engine import EmbeddedEngine
+from refine_server.gatekeeper import Gatekeeper
 from refine_server.metrics import Metrics
 from refine_server.policies import PolicyRegistry
 from refine_server.upstreams import Upstreams
+from refine_server.warmup import WarmUp
 
 
 @dataclass
@@ -27,7 +29,14 @@ class Runtime:
     engine: EmbeddedEngine | None
     keys: KeyRing
     open_engine_fields: frozenset[str]  # vLLM fields closed by default that this server lets clients send
+    gatekeeper: Gatekeeper  # budgets, per-policy slots and engine-call fields of each generation request
+    warm_up: WarmUp  # which policies have loaded what they need
     stopping: bool = False  # set when shutdown begins: readiness answers 503 from then on
+
+    def begin_shutdown(self) -> None:
+        """Shutdown has begun: readiness says so, and requests waiting for a policy's slot get a 503 now."""
+        self.stopping = True
+        self.gatekeeper.close()
 
 
 def runtime_of(request: Request) -> Runtime:

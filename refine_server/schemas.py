@@ -216,6 +216,8 @@ class RefineBlock(BaseModel):
     policy: str
     params: dict[str, Any] = Field(description="the parameters in effect, defaults included")
     trace: dict[str, Any] = Field(description="the policy's own account of its work")
+    server_defaults: dict[str, Any] | None = Field(
+        None, description="what the server filled in that the request left out: {\"max_tokens\": N}")
 
 
 class GenerationResponse(BaseModel):
@@ -239,6 +241,13 @@ class PolicyInfo(BaseModel):
     limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
                                            "(the server's, tightened by the API key's own)")
     metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
+    warm: bool = Field(description="what the policy needs (models, tokenizers) is loaded: its first request "
+                       "does not wait for it")
+    warm_up: str = Field(description="warm, pending (waiting for a backend), warming, failed: <why> (then it "
+                         "loads on first use), or off: loads on first use (--warm-up false)")
+    admission: dict[str, int | float | None] = Field(
+        description="concurrency_limit (null: unlimited), running and waiting requests now (this worker "
+        "process), queue_timeout_s, engine_priority (lower is scheduled first; null: none is sent)")
 
 
 class PolicyList(BaseModel):

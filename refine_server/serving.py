@@ -23,6 +23,8 @@ from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
 from refine_server.front_ends import FrontEnd
+from refine_server.gatekeeper import Ticket
+from refine_server.max_tokens import server_defaults, with_default_max_tokens
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
@@ -54,6 +56,7 @@ class GenerationServing:
         self._route = Route(rt.upstreams)
         self._policy_label = "other"  # until the policy is known
         self._calls: list[PolicyCall] = []  # one per replica tried: the last one answers
+        self._ticket: Ticket | None = None  # once admitted: the policy's slot, the key's budget, the calls' fields
         self.request: ClientRequest
         self.policy: Policy[Any]
         self.params: PolicyParams
@@ -65,11 +68,12 @@ class GenerationServing:
             self.policy, self.params = self._choose_policy(parsed.refine)
             self._policy_label = self._rt.metrics.policy_label(self.policy.name)
             self._translated = self._front.translates and not self.policy.relays_request
-            self.request = (self._front.translate(parsed, body) if self._translated
-                            else self._front.relayed(parsed, body))
+            request = self._front.translate(parsed, body) if self._translated else self._front.relayed(parsed, body)
+            self.request = with_default_max_tokens(request, self._rt.settings.answer_tokens_default())
             if self._span is not None:
                 self._span.started(self.request, self.policy.name)
             self._refuse_unhonoured_fields()
+            self._ticket = await self._rt.gatekeeper.admit(self.policy.name, self._grant, self._http.receive)
             return await (self._stream() if self.request.stream else self._complete())
         except PolicyError as exc:
             self.finished(exc.status)
@@ -123,8 +127,10 @@ class GenerationServing:
             raise
 
     def _new_call(self, backend: Backend) -> PolicyCall:
+        assert self._ticket is not None  # admitted before any call
         tracer = NO_TRACER if self._span is None else self._span.engine_calls
-        call = PolicyCall(self.request, EngineClient(backend, self.request, tracer=tracer))
+        engine = EngineClient(backend, self.request, tracer=tracer, fields=self._ticket.fields)
+        call = PolicyCall(self.request, self._ticket.track(engine))
         self._calls.append(call)
         if self._span is not None:
             self._span.policy_call = call
@@ -153,7 +159,8 @@ class GenerationServing:
         """The `refine` block of the answer; the policy's metrics are observed as it is made."""
         call = self._calls[-1]
         self._rt.metrics.observe_policy(self._policy_label, call.trace.values)
-        return {"policy": self.policy.name, "params": self.params.model_dump(mode="json"), "trace": call.trace.data}
+        return {"policy": self.policy.name, "params": self.params.model_dump(mode="json"), "trace": call.trace.data,
+                **server_defaults(self.request)}
 
     async def reopen(self, failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
         """The stream again on another replica, after `failure` before its first event; or `failure` raised."""
@@ -161,8 +168,10 @@ class GenerationServing:
         return await self._route.run(self._open_stream, self._suits)
 
     def finished(self, status: int) -> None:
-        """The request is over with this HTTP status: count it, free its replica, end its span."""
+        """The request is over with this HTTP status: count it, free its replica and its slot, end its span."""
         self._route.finish()
+        if self._ticket is not None:
+            self._ticket.finish()
         metrics = self._rt.metrics
         metrics.requests.labels(self._endpoint, self._policy_label, str(status)).inc()
         metrics.e2e_latency.labels(self._endpoint, self._policy_label).observe(time.perf_counter() - self._started)

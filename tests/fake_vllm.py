@@ -8,7 +8,9 @@ told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error
 /v1/responses and /v1/messages answer in outline as vLLM's do (named events when streaming; an input of
 "FAIL_500" fails). A fake
 made with `drops_streams=True` answers every stream 200 and drops the connection before its first event.
-`GET /fake/traceparents` lists the `traceparent` header of each completion request (null where none came).
+`GET /fake/traceparents` lists the `traceparent` header of each completion request (null where none came),
+`GET /fake/bodies` each generation request's body. A stream asked for its usage (`stream_options.include_usage`)
+ends with vLLM's usage chunk (`"choices": []`). `/v1/chat/completions` answers "alpha beta gamma" as a message.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ async def _completions(request: Request):
     stats = request.app.state.stats
     stats["completions"] += 1
     request.app.state.traceparents.append(request.headers.get("traceparent"))
+    request.app.state.bodies.append(body)
     if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
         stats["refine_xargs_requests"] += 1
     if prompt == "SLOW":
@@ -74,6 +77,10 @@ async def _completions(request: Request):
                 # decodes and re-encodes a chunk changes its bytes.
                 data = json.dumps(chunk, separators=(",", ":")).replace('"created":', '"created": ')
                 yield f"data: {data}\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 1, "completion_tokens": len(words) * choices,
+                     "total_tokens": 1 + len(words) * choices}
+            yield "data: " + json.dumps({"id": "cmpl-1", "choices": [], "usage": usage}, separators=(",", ":")) + "\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -137,6 +144,21 @@ async def _messages(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def _chat(request: Request):
+    body = await request.json()
+    request.app.state.bodies.append(body)
+    return JSONResponse({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "alpha beta gamma"},
+                     "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+    })
+
+
+async def _bodies(request: Request):
+    return JSONResponse(request.app.state.bodies)
+
+
 async def _models(request: Request):
     return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
@@ -159,6 +181,8 @@ def make_app(drops_streams: bool = False) -> Starlette:
         Route("/v1/completions", _completions, methods=["POST"]),
         Route("/v1/responses", _responses, methods=["POST"]),
         Route("/v1/messages", _messages, methods=["POST"]),
+        Route("/v1/chat/completions", _chat, methods=["POST"]),
+        Route("/fake/bodies", _bodies),
         Route("/v1/models", _models),
         Route("/health", _health),
         Route("/fake/stats", _stats),
@@ -166,6 +190,7 @@ def make_app(drops_streams: bool = False) -> Starlette:
     ])
     fake.state.stats = {"completions": 0, "responses": 0, "messages": 0, "refine_xargs_requests": 0}
     fake.state.traceparents = []
+    fake.state.bodies = []
     fake.state.drops_streams = drops_streams
     fake.state.release_first = threading.Event()
     return fake

@@ -28,10 +28,11 @@ class TextEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One unit-length row per text."""
-        model = await self._load()
+        model = await self.load()
         return await asyncio.get_running_loop().run_in_executor(self._worker, _encode, model, list(texts))
 
-    async def _load(self) -> Any:
+    async def load(self) -> Any:
+        """The model, loaded once (the first caller waits for it)."""
         async with self._loading:
             if self._model is None:
                 self._model = await asyncio.get_running_loop().run_in_executor(self._worker, _load_minilm)

@@ -41,7 +41,8 @@ Where this follows the official code (github.com/SafeAILab/RAIN) and where it di
   iteration.
 - Added for serving: budgets (engine calls, search tokens, wall time, per-commit iterations) with server
   caps; when one runs out the best child is committed and the rest of the answer is decoded plainly with the
-  client's sampling, and the trace says so. The client's `max_tokens` (default 256) and `stop` apply.
+  client's sampling, and the trace says so. The client's `max_tokens` (default 256, within the server's
+  default; the trace's `max_tokens`) and `stop` apply.
 """
 
 from __future__ import annotations
@@ -109,9 +110,16 @@ def read_request(request: ClientRequest) -> Request:
     return Request(
         messages=request.messages,
         prompt=request.one_prompt("rain") if request.endpoint == "completions" else None,
-        max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=_answer_length(request),
         plain_sampling={k: body[k] for k in PLAIN_SAMPLING_FIELDS if body.get(k) is not None},
     )
+
+
+def _answer_length(request: ClientRequest) -> int:
+    """The client's max_tokens; where it set none, RAIN's own default, within the server's."""
+    if request.max_tokens is None:
+        return DEFAULT_MAX_TOKENS
+    return min(request.max_tokens, DEFAULT_MAX_TOKENS) if request.max_tokens_defaulted else request.max_tokens
 
 
 # ---- one request -----------------------------------------------------------------------------------------
@@ -237,6 +245,7 @@ class RainRun:
             "budget_exhausted": search.budget_exhausted if search else None,
             "plain_tokens": self.plain_tokens,
             "answer_tokens": answer_tokens,
+            "max_tokens": self.request.max_tokens,  # the answer's bound: the client's, or the default's
             "engine": {"total": s.total().as_dict(),
                        **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()}},
             "tokenizer_calls": s.tokenizer_calls,
@@ -267,6 +276,7 @@ class RainPolicy(Policy[RainParams]):
     Limits = RainLimits
     metrics = (*Policy.metrics, CORRECTIONS, EXTRA_TOKENS, SEARCH_ITERATIONS, REWINDS, ENGINE_CALLS)
     refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
+    warms_up = True
 
     def __init__(self) -> None:
         self.embedder = TextEmbedder()
@@ -281,6 +291,13 @@ class RainPolicy(Policy[RainParams]):
                                      f"(it serves {', '.join(sorted(roots))})", "refine.judge_model")
         return (Tokenizer(engine, model, await self._local_tokenizer(roots.get(model))),
                 Tokenizer(engine, judge_model, await self._local_tokenizer(roots[judge_model])))
+
+    async def warm_up(self, served_models: list[dict[str, Any]]) -> None:
+        """The embedding model (seconds: the first request's time went mostly here) and the served models'
+        tokenizers, where their folders are readable here."""
+        await self.embedder.load()
+        for model in served_models:
+            await self._local_tokenizer(model.get("root"))
 
     async def _local_tokenizer(self, root: str | None) -> Any:
         if root is None:

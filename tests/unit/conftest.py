@@ -5,9 +5,14 @@ otherwise, so that `pytest tests/unit` stays fast and needs no engine.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The servers these tests start stand in front of fakes: none should load RAIN's embedding model in the
+# background (refine_server/warmup.py, on by default). test_warmup.py turns it on where it is tested.
+os.environ.setdefault("REFINE_WARM_UP", "false")
 
 UNIT_TESTS = Path(__file__).parent
 ENGINE_FIXTURES = {"refine_server", "engine_url"}

@@ -128,7 +128,16 @@ class EchoPolicy(Policy):
                                         "total_tokens": 7 + len(words)}}
 
 
+class DraftingPolicy(NonePolicy):
+    """A policy that makes an engine call of its own, naming no max_tokens and no priority."""
+
+    name = "drafting"
+
+    async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
+        return await call.engine.completions("draft", "hi")
+
+
 def _serve(settings: Settings):
     registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, CountingPolicy, BrokenPolicy,
-                               PickyPolicy, EchoPolicy], settings.policy_limits)
+                               PickyPolicy, EchoPolicy, DraftingPolicy], settings.policy_limits)
     return serve_in_thread(create_app(settings, registry))

@@ -19,7 +19,7 @@ from tests.fake_vllm import MODEL
 
 
 def test_refine_block_reports_policy_and_effective_params(client: OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps"}})
+    resp = client.completions.create(model=MODEL, prompt="hi", max_tokens=5, extra_body={"refine": {"policy": "steps"}})
     assert resp.choices[0].text == "alpha beta gamma"
     assert resp.model_extra["refine"] == {"policy": "steps", "params": {"max_steps": 3}, "trace": {}}
 

@@ -15,7 +15,7 @@ from refine_server.app import create_app
 from refine_server.config import Settings
 from tests.fake_vllm import MODEL
 
-HELPER_POLICIES = {"none", "steps", "in_engine", "widgets", "counting", "broken", "picky", "echo"}
+HELPER_POLICIES = {"none", "steps", "in_engine", "widgets", "counting", "broken", "picky", "echo", "drafting"}
 
 
 def _openapi(proxy: str) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""What a generation request passes once its policy is known, before the policy runs, and what it settles
+when it ends: the API key's budgets, a slot of the policy (admission.py), and the fields every engine call
+of the request carries (its length bound and engine priority).
+
+The route calls `Gatekeeper.admit` once the policy is chosen, builds each `EngineClient` with the ticket's
+`fields` and shows it to `Ticket.track`, and calls `Ticket.finish` exactly once when the request is over
+(answered, failed or abandoned): that frees the slot and charges the key for the engine tokens spent.
+"""
+
+from __future__ import annotations
+
+from starlette.types import Receive
+
+from refine_server.admission import Admission, Slot
+from refine_server.auth import Grant
+from refine_server.disconnect import cancel_on_disconnect
+from refine_server.engine_priority import Priorities
+from refine_server.policies.call_fields import CallFields
+from refine_server.policies.engine_client import EngineClient
+
+
+class Ticket:
+    """One admitted request: its slot, its engine calls' fields, the engine clients that spent its tokens."""
+
+    def __init__(self, slot: Slot, fields: CallFields, grant: Grant):
+        self._slot = slot
+        self.fields = fields
+        self._grant = grant
+        self._engines: list[EngineClient] = []
+        self._finished = False
+
+    def track(self, engine: EngineClient) -> EngineClient:
+        """Count `engine`'s calls against the key (a request has one per replica it was tried on)."""
+        self._engines.append(engine)
+        return engine
+
+    def engine_tokens(self) -> int:
+        return sum(engine.engine_tokens() for engine in self._engines)
+
+    def finish(self) -> None:
+        """The request is over: the slot goes to the next waiter, the key pays for the tokens. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self._slot.release()
+        if self._grant.budget is not None:
+            self._grant.budget.charge_tokens(self.engine_tokens())
+
+
+class Gatekeeper:
+    def __init__(self, admission: Admission, priorities: Priorities, default_max_tokens: int):
+        self.admission = admission
+        self.priorities = priorities
+        self._default_max_tokens = default_max_tokens
+
+    async def admit(self, policy: str, grant: Grant, receive: Receive) -> Ticket:
+        """The key's budget taken (a 429 when spent), then a slot of `policy`, waited for in turn with the
+        key's other requests (a 429 after the queue timeout, a 503 once shutdown begins). A client that
+        disconnects while waiting leaves the queue at once (ClientDisconnected)."""
+        if grant.budget is not None:
+            grant.budget.admit()
+        slot = self.admission.try_enter(policy)
+        if slot is None:
+            slot = await cancel_on_disconnect(receive, self.admission.enter(policy, grant.name))
+        fields = CallFields(max_tokens=self._default_max_tokens, priority=self.priorities.of(policy, grant.priorities),
+                            count_stream_usage=grant.budget is not None and grant.budget.counts_tokens)
+        return Ticket(slot, fields, grant)
+
+    def describe(self, policy: str, grant: Grant) -> dict[str, int | float | None]:
+        """What GET /v1/refine/policies shows of `policy`'s admission: its limit (None: unlimited), the
+        requests running and waiting now (in this worker process), the queue timeout, and the engine priority
+        of the caller's requests."""
+        gate = self.admission.gate(policy)
+        return {"concurrency_limit": gate.limit, "running": gate.running, "waiting": gate.waiting,
+                "queue_timeout_s": gate.timeout_s, "engine_priority": self.priorities.of(policy, grant.priorities)}
+
+    def close(self) -> None:
+        """Shutdown has begun: requests waiting for a slot get a 503 now, later ones at once."""
+        self.admission.close()
