@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from refine_server.admission import Admission
+from refine_server.gatekeeping.policy_slots import Admission
 from refine_server.auth import KeyRing
 from refine_server.backend import Backend
 from refine_server.contract.protocol import EngineLink
@@ -27,9 +27,9 @@ from refine_server.discovery import install_openapi
 from refine_server.discovery import router as discovery_router
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
-from refine_server.engine_priority import Priorities
-from refine_server.gatekeeper import Gatekeeper
-from refine_server.key_budgets import KeyMetrics
+from refine_server.gatekeeping.engine_priority import Priorities
+from refine_server.gatekeeping.gatekeeper import Gatekeeper
+from refine_server.gatekeeping.key_budgets import KeyMetrics
 from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics

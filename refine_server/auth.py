@@ -10,7 +10,7 @@ from fastapi import Request
 
 from refine_server.config import APIKey
 from refine_server.errors import APIError
-from refine_server.key_budgets import KeyBudget, KeyMetrics
+from refine_server.gatekeeping.key_budgets import KeyBudget, KeyMetrics
 from refine_server.policies import PolicyLimits, PolicyRegistry
 
 OPEN_KEY_NAME = "open"  # the caller's name in admission's queues when no keys are configured

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from refine_server.auth import Grant, KeyRing
 from refine_server.config import Settings
 from refine_server.engine import EmbeddedEngine
-from refine_server.gatekeeper import Gatekeeper
+from refine_server.gatekeeping.gatekeeper import Gatekeeper
 from refine_server.metrics import Metrics
 from refine_server.policies import PolicyRegistry
 from refine_server.upstreams import Upstreams

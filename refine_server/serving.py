@@ -23,8 +23,8 @@ from refine_server.disconnect import ClientDisconnected, cancel_on_disconnect
 from refine_server.engine_fields import check_engine_fields
 from refine_server.errors import APIError, from_policy_error, from_validation_error, invalid_request
 from refine_server.front_ends import FrontEnd
-from refine_server.gatekeeper import Ticket
-from refine_server.max_tokens import server_defaults, with_default_max_tokens
+from refine_server.gatekeeping.gatekeeper import Ticket
+from refine_server.gatekeeping.max_tokens import server_defaults, with_default_max_tokens
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient

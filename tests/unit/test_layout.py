@@ -63,3 +63,19 @@ def test_the_rule_sees_an_import_under_type_checking(tmp_path: Path, monkeypatch
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from refine_server.backend import Backend\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
     assert _offending("policies", ("refine_server.policies",)) == ["policies/sneaky.py: refine_server.backend"]
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    """An editable install finds subpackages on disk; a wheel (the Docker images, `pip install .`) has only those
+    pyproject lists: every folder with an __init__.py under a mapped folder must be listed."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    on_disk = set()
+    for package, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                relative = init.parent.relative_to(ROOT / folder).parts
+                on_disk.add(".".join((package, *relative)))
+    assert on_disk - listed == set()

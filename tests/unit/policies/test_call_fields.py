@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from refine_server.max_tokens import server_defaults, with_default_max_tokens
+from refine_server.gatekeeping.max_tokens import server_defaults, with_default_max_tokens
 from refine_server.policies.call_fields import CallFields
 from refine_server.policies.rain.policy import DEFAULT_MAX_TOKENS, read_request
 from refine_server.policies.request import ClientRequest

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from refine_server.errors import APIError
-from refine_server.key_budgets import KeyBudget, KeyMetrics
+from refine_server.gatekeeping.key_budgets import KeyBudget, KeyMetrics
 
 
 class Clock:

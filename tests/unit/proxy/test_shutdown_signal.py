@@ -8,7 +8,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from refine_server.admission import Admission
+from refine_server.gatekeeping.policy_slots import Admission
 from refine_server.shutdown_signal import on_shutdown_signal
 
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from refine_server.admission import Admission, QueueTimeout, Slot
+from refine_server.gatekeeping.policy_slots import Admission, QueueTimeout, Slot
 from refine_server.errors import APIError
 
 

@@ -1,5 +1,5 @@
 """What a generation request passes once its policy is known, before the policy runs, and what it settles
-when it ends: the API key's budgets, a slot of the policy (admission.py), and the fields every engine call
+when it ends: the API key's budgets, a slot of the policy (policy_slots.py), and the fields every engine call
 of the request carries (its length bound and engine priority).
 
 The route calls `Gatekeeper.admit` once the policy is chosen, builds each `EngineClient` with the ticket's
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from starlette.types import Receive
 
-from refine_server.admission import Admission, Slot
+from refine_server.gatekeeping.policy_slots import Admission, Slot
 from refine_server.auth import Grant
 from refine_server.disconnect import cancel_on_disconnect
-from refine_server.engine_priority import Priorities
+from refine_server.gatekeeping.engine_priority import Priorities
 from refine_server.policies.call_fields import CallFields
 from refine_server.policies.engine_client import EngineClient
 
