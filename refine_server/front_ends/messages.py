@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from refine_server.errors import APIError
-from refine_server.front_ends.base import Chunk, FrontEnd
+from refine_server.front_ends.base import Chunk, FrontEnd, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, MessagesRequest
 
@@ -45,9 +45,9 @@ class MessagesFrontEnd(FrontEnd):
         assert isinstance(parsed, MessagesRequest)
         for field in ("tools", "tool_choice"):
             if body.get(field):
-                raise _unsupported(field)
+                raise unsupported(field)
         if (body.get("thinking") or {}).get("type", "disabled") != "disabled":
-            raise _unsupported("thinking")
+            raise unsupported("thinking")
         messages = [{"role": "system", "content": _text(parsed.system, "system")}] if parsed.system else []
         for i, message in enumerate(parsed.messages):
             messages.append({"role": message.role, "content": _text(message.content, f"messages[{i}]")})
@@ -85,18 +85,13 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _unsupported(f"{where}.content", "content must be text or text blocks")
+        raise unsupported(f"{where}.content", "content must be text or text blocks")
     parts = []
     for j, block in enumerate(content):
         if not isinstance(block, dict) or block.get("type") != "text":
-            raise _unsupported(f"{where}.content[{j}]", "this policy reads text blocks only")
+            raise unsupported(f"{where}.content[{j}]", "this policy reads text blocks only")
         parts.append(str(block.get("text", "")))
     return "".join(parts)
-
-
-def _unsupported(param: str, why: str = "a policy that writes its own answer cannot honour it") -> APIError:
-    return APIError(400, f"{param!r}: {why}; send the request without it, or use policy none or srgen",
-                    param=param, code="unsupported_parameter")
 
 
 def _new_id() -> str:

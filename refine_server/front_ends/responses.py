@@ -15,8 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from refine_server.errors import APIError
-from refine_server.front_ends.base import Chunk, FrontEnd
+from refine_server.front_ends.base import Chunk, FrontEnd, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, ResponsesRequest
 
@@ -70,13 +69,13 @@ def _refuse(body: dict[str, Any]) -> None:
     for field in ("tools", "previous_response_id", "background", "conversation", "prompt", "reasoning",
                   "include"):
         if body.get(field):
-            raise _unsupported(field)
+            raise unsupported(field)
     choice = body.get("tool_choice")
     if choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice")
+        raise unsupported("tool_choice")
     text_format = ((body.get("text") or {}).get("format") or {}).get("type", "text")
     if text_format != "text":
-        raise _unsupported("text.format")
+        raise unsupported("text.format")
 
 
 def _conversation(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -86,24 +85,19 @@ def _conversation(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, item in enumerate(given):
         role = _ROLES.get(str(item.get("role")))
         if item.get("type", "message") != "message" or role is None:
-            raise _unsupported(f"input[{i}]", "only messages of text can be read by this policy")
+            raise unsupported(f"input[{i}]", "only messages of text can be read by this policy")
         content = item.get("content")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
-                    raise _unsupported(f"input[{i}].content[{j}]", "this policy reads text parts only")
+                    raise unsupported(f"input[{i}].content[{j}]", "this policy reads text parts only")
                 parts.append(str(part.get("text", "")))
             content = "".join(parts)
         if not isinstance(content, str):
-            raise _unsupported(f"input[{i}].content", "a message's content must be text")
+            raise unsupported(f"input[{i}].content", "a message's content must be text")
         messages.append({"role": role, "content": content})
     return messages
-
-
-def _unsupported(param: str, why: str = "a policy that writes its own answer cannot honour it") -> APIError:
-    return APIError(400, f"{param!r}: {why}; send the request without it, or use policy none or srgen",
-                    param=param, code="unsupported_parameter")
 
 
 def _new_id(prefix: str) -> str:
