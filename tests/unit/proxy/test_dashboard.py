@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from refine_server.gatekeeping.key_budgets import KeyMetrics
+from refine_server.gatekeeping.policy_slots import AdmissionMetrics
 from refine_server.metrics import Metrics
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 
@@ -47,7 +49,11 @@ def _samples(families: list[tuple[str, str]]) -> set[str]:
 
 
 def refine_samples() -> set[str]:
+    """Every family refine's registry holds, as the app builds it: the policies' and the server's, admission's
+    and the key budgets' included."""
     metrics = Metrics(PolicyRegistry(BUILTIN_POLICIES).metrics())
+    AdmissionMetrics(metrics.registry)
+    KeyMetrics(metrics.registry)
     return _samples([(family.name, family.type) for family in metrics.registry.collect()])
 
 
