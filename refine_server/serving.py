@@ -8,6 +8,7 @@ them in its trace; the serving object turns them into the `refine` block, header
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -38,6 +39,8 @@ from refine_server.tracing import RequestSpan
 from refine_server.upstreams import Route
 
 POLICY_HEADER = "x-refine-policy"
+
+log = logging.getLogger(__name__)
 
 
 class GenerationServing:
@@ -85,8 +88,9 @@ class GenerationServing:
             self.finished(499)
             return Response(status_code=499)
         except Exception:
-            self.finished(500)  # the app's handler answers with an OpenAI-style 500
-            raise
+            log.exception("unhandled error serving a %s request", self._endpoint)
+            self.finished(500)
+            return self._front.error_response(APIError(500, "internal server error", code="internal_error"))
 
     # ---- the answer ------------------------------------------------------------------------------------------
 

@@ -202,3 +202,13 @@ def test_openapi_documents_both_request_bodies_with_the_per_policy_refine_schema
         assert "echo" in json.dumps(refine) and "steps" in json.dumps(refine)
     error = schema["paths"]["/v1/messages"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
     assert error["$ref"].endswith("AnthropicErrorResponse")
+
+
+def test_a_bug_in_a_policy_is_a_500_in_each_apis_shape(proxy: str) -> None:
+    messages = httpx.post(f"{proxy}/v1/messages", json={"model": "fake-model", "max_tokens": 8,
+                                                         "refine": {"policy": "broken"},
+                                                         "messages": [{"role": "user", "content": QUESTION}]})
+    assert messages.status_code == 500 and messages.json()["error"]["type"] == "api_error"
+    responses = httpx.post(f"{proxy}/v1/responses", json={"model": "fake-model", "input": QUESTION,
+                                                           "refine": {"policy": "broken"}})
+    assert responses.status_code == 500 and responses.json()["error"]["code"] == "internal_error"
