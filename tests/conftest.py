@@ -22,12 +22,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from refine_server.model_store import DEFAULT_MODEL_NAME
+from refine_server.models.catalog import DEFAULT_MODEL
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
-MODEL = DEFAULT_MODEL_NAME
+MODEL = DEFAULT_MODEL.name
 # The test engine serves its model under a second name too: a stand-in for a second model (RAIN's judge_model).
 SECOND_MODEL_NAME = "second-name-of-the-test-model"
 REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
