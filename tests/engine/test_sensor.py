@@ -12,7 +12,6 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import torch
 from openai import OpenAI
 
 from refine_server.backend import Backend, EngineLink
@@ -32,6 +31,7 @@ from tests.conftest import (
     start_refine,
     stop_refine,
 )
+from tests.engine.reference import assert_token_stats_match, load_float32, model_dir
 
 PROMPT = "The three primary colours are"
 PORT_OFFSET = 50  # beside the session's refine and engine
@@ -73,34 +73,11 @@ async def test_the_handshake_says_the_engine_reports_token_stats(engine: EngineC
 
 async def test_greedy_token_stats_match_a_transformers_recomputation_over_the_whole_vocabulary(
         engine: EngineClient, client: OpenAI) -> None:
-    from transformers import AutoModelForCausalLM
-
     response, stats = await engine.completions_with_token_stats("test", PROMPT, max_tokens=12, temperature=0)
     (choice,) = response["choices"]
     got = stats[0]
     assert got.missing == 0 and got.token_ids == choice["token_ids"] and len(got.token_ids) == 12
-
-    model = AutoModelForCausalLM.from_pretrained(_model_dir(client), dtype=torch.float32).eval()
-    ids = torch.tensor([choice["prompt_token_ids"] + choice["token_ids"]])
-    prompt_len = len(choice["prompt_token_ids"])
-    with torch.no_grad():
-        logits = model(ids).logits[0, prompt_len - 1: -1]  # row j: the distribution token j was drawn from
-    log_p = torch.log_softmax(logits.double(), dim=-1)  # greedy: measured at T = 1
-    p = log_p.exp()
-    entropy = -(p * log_p).sum(dim=-1)
-    varentropy = (p * (log_p + entropy[:, None]) ** 2).sum(dim=-1)
-    top2 = p.topk(2, dim=-1).values
-    drawn = p[torch.arange(len(got.token_ids)), torch.tensor(got.token_ids)]
-
-    torch.testing.assert_close(torch.tensor(got.entropy, dtype=torch.float64), entropy, rtol=0, atol=1e-3)
-    torch.testing.assert_close(torch.tensor(got.varentropy, dtype=torch.float64), varentropy, rtol=0, atol=1e-2)
-    torch.testing.assert_close(torch.tensor(got.margin, dtype=torch.float64), top2[:, 0] - top2[:, 1],
-                               rtol=0, atol=1e-3)
-    torch.testing.assert_close(torch.tensor(got.prob, dtype=torch.float64), drawn, rtol=0, atol=1e-3)
-    # Greedy decoding draws the most likely token: its probability is the top one.
-    torch.testing.assert_close(torch.tensor(got.prob, dtype=torch.float64), top2[:, 0], rtol=0, atol=1e-3)
-    # The comparison means something only if the distributions differ from token to token.
-    assert float(entropy.max() - entropy.min()) > 0.5
+    assert_token_stats_match(load_float32(model_dir(client, MODEL)), choice, got)
 
 
 async def test_each_choice_of_an_n2_request_gets_its_own_stream(engine: EngineClient) -> None:
@@ -132,8 +109,3 @@ def test_none_summarises_each_choices_token_stats_for_the_official_client(client
     summaries = two.model_extra["refine"]["trace"]["choices"]
     assert [s["index"] for s in summaries] == [0, 1] and all("missing" not in s for s in summaries)
     assert sum(s["tokens"] for s in summaries) == two.usage.completion_tokens
-
-
-def _model_dir(client: OpenAI) -> str:
-    """The embedded engine's model folder, as vLLM reports it in /v1/models."""
-    return next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]
