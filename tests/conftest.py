@@ -22,7 +22,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from refine_server.models.catalog import DEFAULT_MODEL
+from refine_server.models.catalog import DEFAULT_MODEL, QWEN25_CODER
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
@@ -42,6 +42,10 @@ ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-t
 ENGINE_KV_BLOCKS = 66
 ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
               "REFINE_ENGINE_ALLOW_FAULTS": "1"}
+# The second bundled model, from another family (152k vocabulary, Hermes tool calls): its own refine and engine,
+# started once for the session by the first test that asks for it, on ports beside the default model's.
+SECOND_FAMILY_MODEL = QWEN25_CODER.name
+SECOND_FAMILY_PORT_OFFSET = 200
 
 
 @dataclass
@@ -120,6 +124,19 @@ def refine_server() -> Iterator[RunningServer]:
                           "--engine-max-model-len", "2048", "--max-tokens-limit", "3000",
                           "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS),
                                                        "--served-model-name", MODEL, SECOND_MODEL_NAME]),
+                          env=ENGINE_ENV)
+    yield server
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
+def second_family_server() -> Iterator[RunningServer]:
+    """refine serving the second bundled model by its name, as `refine --model NAME` does. float32: the sensor's
+    numbers are checked against a float32 recomputation within 1e-3, which bf16 logits would miss."""
+    server = start_refine("embedded-second-family", REFINE_PORT + SECOND_FAMILY_PORT_OFFSET,
+                          "--model", SECOND_FAMILY_MODEL,
+                          "--engine-port", str(ENGINE_PORT + SECOND_FAMILY_PORT_OFFSET),
+                          "--engine-max-model-len", "2048", "--engine-args", json.dumps(["--dtype", "float32"]),
                           env=ENGINE_ENV)
     yield server
     stop_refine(server)

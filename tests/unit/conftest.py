@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 UNIT_TESTS = Path(__file__).parent
-ENGINE_FIXTURES = {"refine_server", "engine_url"}
+ENGINE_FIXTURES = {"refine_server", "engine_url", "second_family_server"}
 
 
 @pytest.hookimpl(tryfirst=True)
