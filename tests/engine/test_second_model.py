@@ -124,8 +124,8 @@ async def test_the_engine_sensor_matches_a_recomputation_over_the_152k_vocabular
 
 def test_cyberv_answers_through_the_official_client(client: OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is 1 + 1?"}], max_tokens=24, seed=0,
-        extra_body={"refine": {"policy": "cyberv", "n": 4, "max_reasoning_tokens": 24, "max_feedback_tokens": 24}})
+        model=MODEL, messages=[{"role": "user", "content": "What is 1 + 1?"}], max_tokens=16, seed=0,
+        extra_body={"refine": {"policy": "cyberv", "n": 3, "max_reasoning_tokens": 16, "max_feedback_tokens": 16}})
     trace = resp.model_extra["refine"]["trace"]
     assert trace["decision"] in ("accepted", "feedback") and trace["sensor_source"] == "engine"
     assert resp.choices[0].message.content and trace["candidates"]
@@ -138,7 +138,7 @@ def test_rain_answers_through_the_official_client_with_the_models_own_option_tok
 
     resp = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=2, seed=0,
-        extra_body={"refine": {"policy": "rain", "max_iterations_per_commit": 2, "min_iterations_per_commit": 2}})
+        extra_body={"refine": {"policy": "rain", "max_iterations_per_commit": 1, "min_iterations_per_commit": 1}})
     trace = resp.model_extra["refine"]["trace"]
     assert resp.choices[0].message.content and trace["commits"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -151,7 +151,7 @@ def test_langchain_bind_tools_gets_a_tool_call(second_family_server: RunningServ
     import langchain_openai
 
     llm = langchain_openai.ChatOpenAI(base_url=f"{second_family_server.url}/v1", api_key="unused", model=MODEL,
-                                      temperature=0, max_tokens=48, max_retries=0, timeout=300)
+                                      temperature=0, max_tokens=24, max_retries=0, timeout=300)
     message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What is the weather in Paris?")
     [call] = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"], dict)
