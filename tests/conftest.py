@@ -42,6 +42,10 @@ ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-t
 ENGINE_KV_BLOCKS = 66
 ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
               "REFINE_ENGINE_ALLOW_FAULTS": "1"}
+# A second engine on the default model, in float32, for the checks against a float32 recomputation (the session's
+# engine computes in bf16 on a CPU with bf16 units, whose numbers differ from float32 ones by far more than the
+# sensor's 1e-3, and whose SRGen gradients flip the sign of AdamW's first steps on small coordinates).
+FLOAT32_PORT_OFFSET = 50
 # The second bundled model, from another family (152k vocabulary, Hermes tool calls): its own refine and engine,
 # started once for the session by the first test that asks for it, on ports beside the default model's.
 SECOND_FAMILY_MODEL = QWEN25_CODER.name
@@ -124,6 +128,18 @@ def refine_server() -> Iterator[RunningServer]:
                           "--engine-max-model-len", "2048", "--max-tokens-limit", "3000",
                           "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS),
                                                        "--served-model-name", MODEL, SECOND_MODEL_NAME]),
+                          env=ENGINE_ENV)
+    yield server
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
+def float32_server() -> Iterator[RunningServer]:
+    """refine on the default model with a float32 engine, started by the first test that asks for it."""
+    server = start_refine("embedded-float32", REFINE_PORT + FLOAT32_PORT_OFFSET,
+                          "--engine-port", str(ENGINE_PORT + FLOAT32_PORT_OFFSET), "--engine-max-model-len", "2048",
+                          "--engine-args", json.dumps(["--dtype", "float32",
+                                                       "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
                           env=ENGINE_ENV)
     yield server
     stop_refine(server)

@@ -2,14 +2,13 @@
 whole vocabulary, every choice of an n > 1 request gets its own stream, and `none` summarises them for a client
 of the official openai client.
 
-These tests run their own embedded engine, in float32: the session's engine computes in bfloat16 on a CPU with
-bf16 units, whose logits differ from any float32 recomputation by far more than the 1e-3 the sensor is held to.
+These tests run on conftest's float32 engine: the session's engine computes in bfloat16 on a CPU with bf16 units,
+whose logits differ from any float32 recomputation by far more than the 1e-3 the sensor is held to.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from openai import OpenAI
@@ -20,46 +19,32 @@ from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.none import NonePolicy
 from tests.conftest import (
-    ENGINE_ENV,
     ENGINE_EVENTS_DIR,
-    ENGINE_KV_BLOCKS,
     ENGINE_PORT,
     ENGINE_SECRET,
+    FLOAT32_PORT_OFFSET,
     MODEL,
-    REFINE_PORT,
+    RunningServer,
     policy_call,
-    start_refine,
-    stop_refine,
 )
 from tests.engine.reference import assert_token_stats_match, load_float32, model_dir
 
 PROMPT = "The three primary colours are"
-PORT_OFFSET = 50  # beside the session's refine and engine
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def float32_refine() -> Iterator[str]:
-    server = start_refine("embedded-float32", REFINE_PORT + PORT_OFFSET,
-                          "--engine-port", str(ENGINE_PORT + PORT_OFFSET), "--engine-max-model-len", "2048",
-                          "--engine-args", json.dumps(["--dtype", "float32",
-                                                       "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
-                          env=ENGINE_ENV)
-    yield server.url
-    stop_refine(server)
-
-
-@pytest.fixture(scope="module")
-def client(float32_refine: str) -> OpenAI:
-    return OpenAI(base_url=f"{float32_refine}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(float32_server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{float32_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture
-async def engine(float32_refine: str) -> AsyncIterator[EngineClient]:
+async def engine(float32_server: RunningServer) -> AsyncIterator[EngineClient]:
     """An EngineClient on the float32 engine, as a policy gets one from refine."""
-    backend = Backend(f"http://127.0.0.1:{ENGINE_PORT + PORT_OFFSET}", Metrics({"none": NonePolicy.metrics}),
-                      timeout_s=120, link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR))
+    backend = Backend(f"http://127.0.0.1:{ENGINE_PORT + FLOAT32_PORT_OFFSET}",
+                      Metrics({"none": NonePolicy.metrics}), timeout_s=120,
+                      link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR))
     try:
         yield policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend).engine
     finally:
