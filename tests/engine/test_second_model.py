@@ -138,7 +138,7 @@ def test_rain_answers_through_the_official_client_with_the_models_own_option_tok
 
     resp = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=2, seed=0,
-        extra_body={"refine": {"policy": "rain", "max_iterations_per_commit": 1, "min_iterations_per_commit": 1}})
+        extra_body={"refine": {"policy": "rain", "max_iterations_per_commit": 2, "min_iterations_per_commit": 2}})
     trace = resp.model_extra["refine"]["trace"]
     assert resp.choices[0].message.content and trace["commits"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
