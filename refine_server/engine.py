@@ -44,6 +44,9 @@ GIVE_UP_AFTER = 3
 _OUTPUT_TAIL_CHARS = 16_384
 # vLLM's log prefixes ("(APIServer pid=12) ERROR 12-07 09:50:01 [file.py:12] "), which differ between starts.
 _LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?((DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+[\d-]+ [\d:.]+ \[[^\]]*\]\s*)?")
+# The exception's own message lines kept after it, and the most of it /ready repeats.
+_ERROR_LINES = 2
+_ERROR_CHARS = 500
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
@@ -266,14 +269,21 @@ async def _relay_output(proc: asyncio.subprocess.Process, tail: deque[str]) -> N
 
 
 def last_error(output: str) -> str:
-    """The line of a process's output that says why it ended: its last exception line (a traceback's last line)
-    without vLLM's log prefix, else its last non-empty line."""
-    lines = [_LOG_PREFIX.sub("", line).strip() for line in output.splitlines()]
-    lines = [line for line in lines if line]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line):
-            return line
-    return lines[-1] if lines else "no output"
+    """The lines of a process's output that say why it ended: its last exception line (a traceback's last line)
+    and the message lines right after it (pydantic's errors put the reason there), without vLLM's log prefix;
+    else its last non-empty line."""
+    raw = output.splitlines()
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in raw]
+    for at in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[at]):
+            message = [lines[at]]
+            for line, original in zip(lines[at + 1:at + 1 + _ERROR_LINES], raw[at + 1:at + 1 + _ERROR_LINES]):
+                if not line or _LOG_PREFIX.match(original).end():  # a blank line or the next log record
+                    break
+                message.append(line)
+            return " ".join(message)[:_ERROR_CHARS]
+    rest = [line for line in lines if line]
+    return rest[-1][:_ERROR_CHARS] if rest else "no output"
 
 
 async def _group_exits(pgid: int, timeout_s: float) -> bool:

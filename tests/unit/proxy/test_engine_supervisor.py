@@ -63,6 +63,15 @@ def test_the_last_error_is_the_exception_line_without_vllms_log_prefix() -> None
               "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n")
     assert last_error(output) == "ValueError: no model in /m"
     assert last_error("(APIServer pid=7) WARNING 12-07 10:00:03 [x.py:2] killed\n\n") == "killed"
+    # pydantic's errors (vLLM's for a folder without a model) give the reason on the lines after the exception.
+    invalid = ("Traceback (most recent call last):\n"
+               "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+               "  Value error, Invalid repository ID or local directory specified: '/m'.\n"
+               "Please verify the following requirements:\n1. Provide a valid Hugging Face repository ID.\n"
+               "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n")
+    assert last_error(invalid) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+                                   "Value error, Invalid repository ID or local directory specified: '/m'. "
+                                   "Please verify the following requirements:")
     assert last_error("") == "no output"
 
 
