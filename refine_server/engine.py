@@ -260,8 +260,11 @@ async def _relay_output(proc: asyncio.subprocess.Process, tail: deque[str]) -> N
     kept = 0
     while chunk := await proc.stdout.read(65536):
         text = decoder.decode(chunk)
-        sys.stderr.write(text)
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # refine's stderr is gone: keep draining the pipe, or vLLM would block on its next write
         tail.append(text)
         kept += len(text)
         while kept - len(tail[0]) >= _OUTPUT_TAIL_CHARS:
