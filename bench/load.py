@@ -33,7 +33,9 @@ from typing import Any
 
 import httpx
 
-from refine_server.model_store import DEFAULT_MODEL_NAME as MODEL  # the embedded engine's model
+from refine_server.models.catalog import DEFAULT_MODEL  # the embedded engine's model
+
+MODEL = DEFAULT_MODEL.name
 
 PLAIN = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 QUESTION = [{"role": "user", "content": "What is 17 * 23? Answer with the number."}]

@@ -123,6 +123,7 @@ _NUMBER = re.compile(
     r"(?P<percent>\s*(?:\\?%|percent\b))?"
 )
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_RESTATEMENT = re.compile(r"(?i:therefore|thus|hence),\s*")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 # On normalised text (lower case, no punctuation, no apostrophes, no articles).
 _HEDGE = re.compile(
@@ -159,12 +160,18 @@ def parse_answer(text: str, kind_hint: AnswerKind | None = None,
     """The answer a text starts with, read up to the end of its first sentence (" 42." -> 42).
 
     Leading blanks and a colon are skipped (":\\n\\n42" -> 42). A \\boxed{...} that opens within that sentence
-    is read instead (" $\\boxed{42}$" -> 42). `options` as for `extract_answer`.
+    is read instead (" $\\boxed{42}$" -> 42). A sentence that opens with "Therefore," (or "Thus,", "Hence,")
+    restates the conclusion instead of starting with the answer, and is read as a reply is (" Therefore,
+    1 + 1 = 2." -> 2): Qwen2.5 continues the final step that way, and its first word is no answer.
+    `options` as for `extract_answer`.
     """
     kind_hint = "choice" if options and kind_hint is None else kind_hint
     leading = re.match(r"[\s:]*", text)
     assert leading is not None  # the pattern matches the empty string
     start = leading.end()
+    restated = _RESTATEMENT.match(text, start)
+    if restated:
+        return extract_answer(text[restated.end():_sentence_end(text, restated.end())], kind_hint, options)
     end = _sentence_end(text, start)
     boxed = next((span for span in _boxed_spans(text) if span[0] <= end), None)
     start, end = boxed or (start, end)

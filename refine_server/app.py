@@ -33,7 +33,7 @@ from refine_server.gatekeeping.key_budgets import KeyMetrics
 from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
 from refine_server.errors import install_handlers
 from refine_server.metrics import Metrics
-from refine_server.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_TOOL_PARSER
+from refine_server.models.resolve import resolve_model
 from refine_server.openai_api import router as openai_router
 from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
 from refine_server.runtime import Runtime, get_runtime
@@ -59,17 +59,21 @@ def engine_link(settings: Settings) -> EngineLink:
 
 def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink,
                     metrics: Metrics) -> EmbeddedEngine:
-    name = settings.served_model_name or (settings.model.name if settings.model else DEFAULT_MODEL_NAME)
+    """The engine for `settings.model`; an unknown model raises `UnknownModel` here, at start."""
+    model = resolve_model(settings.model)
+    name = settings.served_model_name or model.name
     spec = EngineSpec(
-        model_dir=settings.model,
+        model_dir=model.folder,
+        bundled=model.bundled,
+        install_model=settings.model_install,
         cache_dir=settings.cache_dir,
         served_model_name=name,
         port=settings.engine_port,
         max_model_len=settings.engine_max_model_len,
         kv_cache_gib=settings.engine_kv_cache_gib,
         extra_args=list(settings.engine_args),
-        # Only the bundled model's parser is known; for another model the operator names it in --engine-args.
-        tool_call_parser=DEFAULT_MODEL_TOOL_PARSER if settings.model is None else None,
+        # Only a bundled model's parser is known; for a folder the operator names it in --engine-args.
+        tool_call_parser=model.bundled.tool_call_parser if model.bundled else None,
         priority_scheduling=settings.sends_priority(),
         # The plugin enforces the same caps as the proxy, verifies the proxy's signature, and writes its
         # events where the proxy reads them.

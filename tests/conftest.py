@@ -22,12 +22,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from refine_server.model_store import DEFAULT_MODEL_NAME
+from refine_server.models.catalog import DEFAULT_MODEL, QWEN25_CODER
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
-MODEL = DEFAULT_MODEL_NAME
+MODEL = DEFAULT_MODEL.name
 # The test engine serves its model under a second name too: a stand-in for a second model (RAIN's judge_model).
 SECOND_MODEL_NAME = "second-name-of-the-test-model"
 REFINE_PORT = int(os.environ.get("REFINE_TEST_PORT", "18000"))
@@ -42,6 +42,14 @@ ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-t
 ENGINE_KV_BLOCKS = 66
 ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
               "REFINE_ENGINE_ALLOW_FAULTS": "1"}
+# A second engine on the default model, in float32, for the checks against a float32 recomputation (the session's
+# engine computes in bf16 on a CPU with bf16 units, whose numbers differ from float32 ones by far more than the
+# sensor's 1e-3, and whose SRGen gradients flip the sign of AdamW's first steps on small coordinates).
+FLOAT32_PORT_OFFSET = 50
+# The second bundled model, from another family (152k vocabulary, Hermes tool calls): its own refine and engine,
+# started once for the session by the first test that asks for it, on ports beside the default model's.
+SECOND_FAMILY_MODEL = QWEN25_CODER.name
+SECOND_FAMILY_PORT_OFFSET = 200
 
 
 @dataclass
@@ -123,30 +131,6 @@ def refine_server() -> Iterator[RunningServer]:
                           env=ENGINE_ENV)
     yield server
     stop_refine(server)
-
-
-# A second embedded engine computing in float32, for the tests that hold the engine's numbers to a float32
-# recomputation (the sensor's statistics, SRGen's correction): on a CPU with bf16 units the session's engine runs
-# bfloat16, whose logits differ from float32 by more than those tests allow (AMX and AVX512-BF16 differently).
-FLOAT32_REFINE_PORT = REFINE_PORT + 50
-FLOAT32_ENGINE_PORT = ENGINE_PORT + 50
-
-
-@pytest.fixture(scope="session")
-def float32_refine() -> Iterator[str]:
-    """Started by the first test that needs it, kept for the rest of the session."""
-    server = start_refine("embedded-float32", FLOAT32_REFINE_PORT, "--engine-port", str(FLOAT32_ENGINE_PORT),
-                          "--engine-max-model-len", "2048",
-                          "--engine-args", json.dumps(["--dtype", "float32",
-                                                       "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
-                          env=ENGINE_ENV)
-    yield server.url
-    stop_refine(server)
-
-
-@pytest.fixture(scope="session")
-def float32_client(float32_refine: str) -> OpenAI:
-    return OpenAI(base_url=f"{float32_refine}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="session")

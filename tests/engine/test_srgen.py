@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from openai import OpenAI
 
 from refine_server.contract.protocol import FAULT_ARG, read_events, signed_xargs
 from refine_server.contract.params import SRGenParams
 from refine_server.policies.srgen import _fill_trace
-from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, metric_total, policy_call
+from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, RunningServer, metric_total, policy_call
+from tests.engine.reference import assert_correction_matches, load_float32, model_dir, srgen_distributions
 
 # Thresholds of zero make every monitored token trigger: the first token after the prompt is never monitored
 # (as in the official code), so corrections land on output indices 1, 2, ... up to the budget.
@@ -67,13 +67,13 @@ def test_concurrent_srgen_and_plain_requests_each_get_their_own_behaviour(client
     assert traces[1] == traces[3] == {}
 
 
-def test_a_correction_reaches_the_output_and_matches_an_independent_recomputation(float32_client: OpenAI) -> None:
+def test_a_correction_reaches_the_output_and_matches_an_independent_recomputation(
+        float32_server: RunningServer) -> None:
     """The third correction (output index 3) recomputed with transformers + autograd from the token ids the
     engine returned: the corrected distribution's top token and probability agree, and it is the token emitted.
-    On the float32 engine: a bfloat16 engine's top token can differ from float32's where two are close."""
-    client = float32_client
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    On conftest's float32 engine: in bf16 the gradient's small coordinates change sign, and AdamW's first steps
+    (about lr per coordinate, whatever the gradient's size) carry that into a different correction."""
+    client = OpenAI(base_url=f"{float32_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     params = SRGenParams(lr=0.5, steps=3, lam=0.05, max_corrections=3, **FORCE)
     resp = _complete(client, {"policy": "srgen", **params.model_dump()}, max_tokens=6,
                      extra_body={"return_token_ids": True})
@@ -83,35 +83,11 @@ def test_a_correction_reaches_the_output_and_matches_an_independent_recomputatio
     # Greedy decoding emits the corrected distribution's top token: the correction reached the output.
     assert output_ids[3] == correction["token_after"]["id"]
 
-    model_dir = _model_dir(client)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([tokenizer(PROMPT)["input_ids"] + output_ids[:3]])
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0].float()  # after the final norm
-    weight = model.lm_head.weight.detach().float()
-    delta = torch.zeros(hidden.shape[1], requires_grad=True)
-    optimizer = torch.optim.AdamW([delta], lr=params.lr, weight_decay=1e-8, eps=1e-5)
-    for _ in range(params.steps):
-        logits = (hidden + delta) @ weight.T
-        ce = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
-        p_last = torch.softmax(logits[-1], dim=-1)  # greedy request: entropy at T=1
-        loss = (1 - params.lam) * ce + params.lam * -(p_last * torch.log(p_last)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        before = torch.softmax(hidden[-1] @ weight.T, dim=-1)
-        after = torch.softmax((hidden[-1] + delta) @ weight.T, dim=-1)
-
-    # The engine's hidden states come from vLLM's float32 kernels, ours from transformers': allow for that.
-    tol = 0.03
-    assert correction["token_before"]["id"] == int(before.argmax())
-    assert correction["token_before"]["prob"] == pytest.approx(float(before.max()), abs=tol)
-    assert correction["token_after"]["id"] == int(after.argmax())
-    assert correction["token_after"]["prob"] == pytest.approx(float(after.max()), abs=tol)
-    # The check means something only if the correction moved the distribution by more than the tolerance.
-    assert abs(float(after.max()) - float(before.max())) > 2 * tol
+    model = load_float32(model_dir(client, MODEL))
+    context = resp.choices[0].model_extra["prompt_token_ids"] + output_ids[:3]
+    before, after = srgen_distributions(model, context, params)
+    # Both sides compute in float32; what is left is vLLM's kernels against transformers'.
+    assert_correction_matches(correction, before, after, tol=0.01)
 
 
 def test_every_choice_of_an_n2_request_is_corrected(client: OpenAI) -> None:
@@ -192,8 +168,3 @@ def test_a_preempted_request_keeps_its_srgen_state_and_keeps_correcting(engine_u
 
 def _preemptions(engine_url: str) -> float:
     return metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:num_preemptions_total")
-
-
-def _model_dir(client: OpenAI) -> str:
-    """The embedded engine's model folder, as vLLM reports it in /v1/models."""
-    return next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]

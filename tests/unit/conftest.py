@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("REFINE_WARM_UP", "false")
 
 UNIT_TESTS = Path(__file__).parent
-ENGINE_FIXTURES = {"refine_server", "engine_url"}
+ENGINE_FIXTURES = {"refine_server", "engine_url", "second_family_server"}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -77,6 +77,10 @@ def test_kinds_are_part_of_equality_and_offsets_are_not() -> None:
     (" (C) because", Answer("choice", "C")),
     (":\n\n**7** apples.", Answer("number", "7")), (" 4.\n\nThe answer is 5", Answer("number", "4")),
     (" Paris.", Answer("text", "paris")), ("", None),
+    # Qwen2.5 restates its conclusion after "Therefore, the final answer is:" rather than starting with it.
+    (" Therefore, 1 + 1 = 2.", Answer("number", "2")),
+    ("\nThus, the final answer is: 7\n\nSo 8", Answer("number", "7")),
+    (" Therefore, I don't know.", None),
 ])
 def test_parse_answer_reads_the_continuation_of_the_final_step(text: str, expected: Answer | None) -> None:
     assert parse_answer(text) == expected
