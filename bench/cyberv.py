@@ -29,17 +29,29 @@ HERE = Path(__file__).parent
 
 
 async def ask(client: httpx.AsyncClient, args: argparse.Namespace, item: dict, sensor: str) -> dict:
-    refine = {"policy": "cyberv", "n": args.n, "adaptive": False, "sensor": sensor,
-              "max_reasoning_tokens": args.max_tokens}
-    body = {"model": args.model, "messages": [{"role": "user", "content": item["question"]}], "seed": args.seed,
-            "refine": refine}
+    refine = {
+        "policy": "cyberv",
+        "n": args.n,
+        "adaptive": False,
+        "sensor": sensor,
+        "max_reasoning_tokens": args.max_tokens,
+    }
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": item["question"]}],
+        "seed": args.seed,
+        "refine": refine,
+    }
     started = time.perf_counter()
     resp = (await client.post(f"{args.refine}/v1/chat/completions", json=body)).raise_for_status()
     trace = resp.json()["refine"]["trace"]
-    return {"seconds": time.perf_counter() - started, "trace": trace,
-            "decision": (trace["decision"], trace["chosen"]["answer"]),
-            "spikes": [c["spike"]["offset"] if c["spike"] else None for c in trace["candidates"]],
-            "answers": [c["answer"] for c in trace["candidates"]]}
+    return {
+        "seconds": time.perf_counter() - started,
+        "trace": trace,
+        "decision": (trace["decision"], trace["chosen"]["answer"]),
+        "spikes": [c["spike"]["offset"] if c["spike"] else None for c in trace["candidates"]],
+        "answers": [c["answer"] for c in trace["candidates"]],
+    }
 
 
 async def main() -> None:
@@ -58,6 +70,7 @@ async def main() -> None:
     items = items[:: max(1, len(items) // args.limit)][: args.limit]
     gate = asyncio.Semaphore(args.concurrency)
     async with httpx.AsyncClient(timeout=3600) as client:
+
         async def both(item: dict) -> dict:
             async with gate:
                 engine = await ask(client, args, item, "auto")
@@ -71,20 +84,40 @@ async def main() -> None:
     spikes = [(a, b) for r in same_samples for a, b in zip(r["engine"]["spikes"], r["top_logprobs"]["spikes"])]
     summary = {
         "command": f"bench/cyberv.py --split {args.split} --limit {args.limit} --n {args.n} "
-                   f"--concurrency {args.concurrency}",
+        f"--concurrency {args.concurrency}",
         "items": len(rows),
         "items_with_identical_candidate_answers": len(same_samples),
         "same_decision_and_answer": statistics.mean(
-            r["engine"]["decision"] == r["top_logprobs"]["decision"] for r in same_samples) if same_samples else None,
+            r["engine"]["decision"] == r["top_logprobs"]["decision"] for r in same_samples
+        )
+        if same_samples
+        else None,
         "same_spike_token": statistics.mean(a == b for a, b in spikes) if spikes else None,
-        "feedback_rate": {s: statistics.mean(r[s]["trace"]["feedback"] is not None for r in rows)
-                          for s in ("engine", "top_logprobs")},
+        "feedback_rate": {
+            s: statistics.mean(r[s]["trace"]["feedback"] is not None for r in rows) for s in ("engine", "top_logprobs")
+        },
         "median_seconds": {s: statistics.median(r[s]["seconds"] for r in rows) for s in ("engine", "top_logprobs")},
     }
     out = HERE / "results" / "cyberv-sensor.json"
-    out.write_text(json.dumps({"summary": summary, "rows": [{"id": r["id"], **{
-        s: {k: r[s][k] for k in ("seconds", "decision", "spikes", "answers")} for s in ("engine", "top_logprobs")}}
-        for r in rows]}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "rows": [
+                    {
+                        "id": r["id"],
+                        **{
+                            s: {k: r[s][k] for k in ("seconds", "decision", "spikes", "answers")}
+                            for s in ("engine", "top_logprobs")
+                        },
+                    }
+                    for r in rows
+                ],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(json.dumps(summary, indent=1))
 
 

@@ -27,10 +27,30 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"dim": 3584, "vocab": 152064, "rows": 64, "positions": 512, "contexts": [4096, 32768], "layers": 28,
-        "heads": 28, "kv_heads": 4, "intermediate": 18944, "runs": 3}
-SMALL = {"dim": 64, "vocab": 1000, "rows": 8, "positions": 64, "contexts": [256, 1024], "layers": 2, "heads": 4,
-         "kv_heads": 2, "intermediate": 128, "runs": 3}
+FULL = {
+    "dim": 3584,
+    "vocab": 152064,
+    "rows": 64,
+    "positions": 512,
+    "contexts": [4096, 32768],
+    "layers": 28,
+    "heads": 28,
+    "kv_heads": 4,
+    "intermediate": 18944,
+    "runs": 3,
+}
+SMALL = {
+    "dim": 64,
+    "vocab": 1000,
+    "rows": 8,
+    "positions": 64,
+    "contexts": [256, 1024],
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "intermediate": 128,
+    "runs": 3,
+}
 # SRGen's defaults (policies/srgen.py): steps, learning rate, entropy weight; T as in the quality runs.
 STEPS, LR, LAM, TEMPERATURE = 3, 0.01, 0.05, 0.6
 
@@ -111,8 +131,11 @@ def check_accuracy(sl, ts, shape: dict, device: str) -> dict:
     loss.backward()
     for name, w in (("srgen_fp32_weight", weight.float()), ("srgen_bf16_weight", weight)):
         got_loss, got_grad = sl.srgen_loss_and_grad_triton(hidden, delta.detach().float(), w, targets, TEMPERATURE, LAM)
-        result[name] = {"loss": errors(got_loss, loss.detach()), "grad": errors(got_grad, delta.grad),
-                        "grad_norm_rel": ((got_grad.double() - delta.grad).norm() / delta.grad.norm()).item()}
+        result[name] = {
+            "loss": errors(got_loss, loss.detach()),
+            "grad": errors(got_grad, delta.grad),
+            "grad_norm_rel": ((got_grad.double() - delta.grad).norm() / delta.grad.norm()).item(),
+        }
     return result
 
 
@@ -149,10 +172,16 @@ def time_decode(shape: dict, device: str) -> dict:
     have, so `roofline_seconds` (weights + KV cache read once at the measured copy bandwidth) is given too."""
     from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(hidden_size=shape["dim"], intermediate_size=shape["intermediate"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-                         max_position_embeddings=2 * max(shape["contexts"]), tie_word_embeddings=False)
+    config = Qwen2Config(
+        hidden_size=shape["dim"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=2 * max(shape["contexts"]),
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -168,13 +197,17 @@ def time_decode(shape: dict, device: str) -> dict:
     for context in shape["contexts"]:
         cache = DynamicCache()
         for layer in range(shape["layers"]):
-            kv = [torch.randn(1, shape["kv_heads"], context, head_dim, dtype=torch.bfloat16, device=device)
-                  for _ in range(2)]
+            kv = [
+                torch.randn(1, shape["kv_heads"], context, head_dim, dtype=torch.bfloat16, device=device)
+                for _ in range(2)
+            ]
             cache.update(*kv, layer)
         step = functools.partial(decode_step, model, token, cache, context)
         kv_bytes = 2 * shape["layers"] * shape["kv_heads"] * context * head_dim * 2
-        result[str(context)] = {"seconds": median_seconds(step, 10, warmup=2),
-                                "roofline_seconds": (param_bytes + kv_bytes) / bandwidth}
+        result[str(context)] = {
+            "seconds": median_seconds(step, 10, warmup=2),
+            "roofline_seconds": (param_bytes + kv_bytes) / bandwidth,
+        }
         del step, cache
     del model
     return result
@@ -209,10 +242,16 @@ def main() -> None:
     sl, ts = load_kernel("srgen_loss"), load_kernel("distribution_stats")
 
     import transformers
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "triton": sl.triton.__version__ if sl.triton else None, "transformers": transformers.__version__,
-              "small": args.small, "shape": shape,
-              "srgen": {"steps": STEPS, "lr": LR, "lam": LAM, "T": TEMPERATURE, "hidden_dtype": "float32"}}
+
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": sl.triton.__version__ if sl.triton else None,
+        "transformers": transformers.__version__,
+        "small": args.small,
+        "shape": shape,
+        "srgen": {"steps": STEPS, "lr": LR, "lam": LAM, "T": TEMPERATURE, "hidden_dtype": "float32"},
+    }
     print({k: report[k] for k in ("device", "torch", "triton", "transformers", "small")}, flush=True)
 
     if sl.triton is None:
@@ -228,8 +267,10 @@ def main() -> None:
     ratios = report["ratio_correction_over_decode"] = {}
     for key, value in report["correction"].items():  # key: "<head dtype>_<context>"
         decode = report["decode"][key.split("_")[1]]
-        ratios[key] = {"vs_hf_eager_step": value["seconds"] / decode["seconds"],
-                       "vs_roofline_step": value["seconds"] / decode["roofline_seconds"]}
+        ratios[key] = {
+            "vs_hf_eager_step": value["seconds"] / decode["seconds"],
+            "vs_roofline_step": value["seconds"] / decode["roofline_seconds"],
+        }
     for name in ("correction", "decode", "ratio_correction_over_decode"):
         for key, value in report[name].items():
             print(f"{name} {key}: {rounded(value)}", flush=True)

@@ -96,17 +96,25 @@ async def scenario(url: str, duration: float, plain: int, heavy: dict[str, int],
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        await asyncio.gather(*(plain_client(client) for _ in range(plain)),
-                             *(heavy_client(client, url, p, stop_at, heavy_out[p])
-                               for p, count in heavy.items() for _ in range(count)))
+        await asyncio.gather(
+            *(plain_client(client) for _ in range(plain)),
+            *(heavy_client(client, url, p, stop_at, heavy_out[p]) for p, count in heavy.items() for _ in range(count)),
+        )
     wall = time.perf_counter() - started
-    return {"plain_requests": len(ttfts), "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": p95(ttfts),
-            "plain_tokens_per_s": tokens / wall, "heavy": heavy_out}
+    return {
+        "plain_requests": len(ttfts),
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": p95(ttfts),
+        "plain_tokens_per_s": tokens / wall,
+        "heavy": heavy_out,
+    }
 
 
 def start(port: int, engine_port: int, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "refine_server", "--port", str(port), "--engine-port",
-                             str(engine_port), *extra], start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refine_server", "--port", str(port), "--engine-port", str(engine_port), *extra],
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
@@ -130,26 +138,35 @@ async def run_config(args: argparse.Namespace, extra: list[str]) -> dict[str, An
     try:
         await scenario(url, min(20.0, args.duration), 2, {"rain": 1, "cyberv": 1}, args.max_tokens)  # warm-up
         alone = await scenario(url, args.duration, args.plain, {}, args.max_tokens)
-        mixed = await scenario(url, args.duration, args.plain, {"rain": args.rain, "cyberv": args.cyberv},
-                               args.max_tokens)
+        mixed = await scenario(
+            url, args.duration, args.plain, {"rain": args.rain, "cyberv": args.cyberv}, args.max_tokens
+        )
     finally:
         stop(proc)
-    return {"alone": alone, "mixed": mixed,
-            "ttft_p95_ratio": mixed["ttft_p95_s"] / alone["ttft_p95_s"],
-            "throughput_ratio": mixed["plain_tokens_per_s"] / alone["plain_tokens_per_s"]}
+    return {
+        "alone": alone,
+        "mixed": mixed,
+        "ttft_p95_ratio": mixed["ttft_p95_s"] / alone["ttft_p95_s"],
+        "throughput_ratio": mixed["plain_tokens_per_s"] / alone["plain_tokens_per_s"],
+    }
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| config | plain TTFT p95 alone / mixed (s) | ratio | plain tok/s alone / mixed | ratio "
-            "| rain answered/429 | cyberv answered/429 | longest unanswered (s) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| config | plain TTFT p95 alone / mixed (s) | ratio | plain tok/s alone / mixed | ratio "
+        "| rain answered/429 | cyberv answered/429 | longest unanswered (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         heavy = r["mixed"]["heavy"]
         longest = max(h["longest_unanswered_s"] for h in heavy.values())
-        rows.append(f"| {name} | {r['alone']['ttft_p95_s']:.2f} / {r['mixed']['ttft_p95_s']:.2f} | "
-                    f"{r['ttft_p95_ratio']:.2f}x | {r['alone']['plain_tokens_per_s']:.0f} / "
-                    f"{r['mixed']['plain_tokens_per_s']:.0f} | {r['throughput_ratio']:.2f}x | "
-                    f"{heavy['rain']['answered']}/{heavy['rain']['refused']} | "
-                    f"{heavy['cyberv']['answered']}/{heavy['cyberv']['refused']} | {longest:.1f} |")
+        rows.append(
+            f"| {name} | {r['alone']['ttft_p95_s']:.2f} / {r['mixed']['ttft_p95_s']:.2f} | "
+            f"{r['ttft_p95_ratio']:.2f}x | {r['alone']['plain_tokens_per_s']:.0f} / "
+            f"{r['mixed']['plain_tokens_per_s']:.0f} | {r['throughput_ratio']:.2f}x | "
+            f"{heavy['rain']['answered']}/{heavy['rain']['refused']} | "
+            f"{heavy['cyberv']['answered']}/{heavy['cyberv']['refused']} | {longest:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -171,8 +188,9 @@ async def main() -> None:
         results[name] = await run_config(args, extra)
     print(table(results))
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                       indent=2))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -72,10 +72,20 @@ async def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = ap.parse_args()
 
-    body = {"model": args.model, "prompt": "Write a short story about a lighthouse keeper.",
-            "max_tokens": args.max_tokens, "temperature": 0.8, "ignore_eos": True, "stream": True}
-    report = {"command": "bench/overhead.py " + " ".join(f"--concurrency {c}" for c in args.concurrency),
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "levels": []}
+    body = {
+        "model": args.model,
+        "prompt": "Write a short story about a lighthouse keeper.",
+        "max_tokens": args.max_tokens,
+        "temperature": 0.8,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    report = {
+        "command": "bench/overhead.py " + " ".join(f"--concurrency {c}" for c in args.concurrency),
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "levels": [],
+    }
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_round(client, args.engine, body, 2, 4)  # warm-up, not reported
@@ -88,13 +98,23 @@ async def main() -> None:
                 proxied.append(await one_round(client, args.refine, body, c, requests))
             d, r = median_of(direct), median_of(proxied)
             ratios = {k: r[k] / d[k] for k in d}
-            report["levels"].append({"concurrency": c, "requests_per_round": requests, "direct": d,
-                                     "refine": r, "ratio_refine_over_direct": ratios})
-            print(f"c={c:3d}  direct {d['throughput_tok_s']:7.1f} tok/s p50 {d['p50_s']:.3f}s p95 {d['p95_s']:.3f}s "
-                  f"ttft {d['ttft_p50_s']*1000:.0f}ms | refine {r['throughput_tok_s']:7.1f} tok/s "
-                  f"p50 {r['p50_s']:.3f}s p95 {r['p95_s']:.3f}s ttft {r['ttft_p50_s']*1000:.0f}ms | "
-                  f"ratio tput {ratios['throughput_tok_s']:.3f} p50 {ratios['p50_s']:.3f} "
-                  f"p95 {ratios['p95_s']:.3f} ttft {ratios['ttft_p50_s']:.3f}", flush=True)
+            report["levels"].append(
+                {
+                    "concurrency": c,
+                    "requests_per_round": requests,
+                    "direct": d,
+                    "refine": r,
+                    "ratio_refine_over_direct": ratios,
+                }
+            )
+            print(
+                f"c={c:3d}  direct {d['throughput_tok_s']:7.1f} tok/s p50 {d['p50_s']:.3f}s p95 {d['p95_s']:.3f}s "
+                f"ttft {d['ttft_p50_s'] * 1000:.0f}ms | refine {r['throughput_tok_s']:7.1f} tok/s "
+                f"p50 {r['p50_s']:.3f}s p95 {r['p95_s']:.3f}s ttft {r['ttft_p50_s'] * 1000:.0f}ms | "
+                f"ratio tput {ratios['throughput_tok_s']:.3f} p50 {ratios['p50_s']:.3f} "
+                f"p95 {ratios['p95_s']:.3f} ttft {ratios['ttft_p50_s']:.3f}",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

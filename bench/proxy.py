@@ -57,6 +57,7 @@ MODEL = "standin"
 
 # ---- processes --------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,11 +147,13 @@ class StreamedAPI:
 PROMPT = "Write a short story about a lighthouse keeper."
 APIS = {
     "completions": StreamedAPI("/v1/completions", {"prompt": PROMPT}, '"text":"', '"text":""'),
-    "chat": StreamedAPI("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]},
-                        '"content":"', '"content":""'),
+    "chat": StreamedAPI(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}, '"content":"', '"content":""'
+    ),
     "responses": StreamedAPI("/v1/responses", {"input": PROMPT}, '"type":"response.output_text.delta"'),
-    "messages": StreamedAPI("/v1/messages", {"messages": [{"role": "user", "content": PROMPT}]},
-                            '"type":"content_block_delta"'),
+    "messages": StreamedAPI(
+        "/v1/messages", {"messages": [{"role": "user", "content": PROMPT}]}, '"type":"content_block_delta"'
+    ),
 }
 
 
@@ -160,8 +163,9 @@ def api_stream_body(api: str, tokens: int) -> dict[str, Any]:
     return {"model": MODEL, **APIS[api].body, length: tokens, "stream": True, **extra}
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                     api: str = "completions") -> tuple[float, int]:
+async def stream_one(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], api: str = "completions"
+) -> tuple[float, int]:
     """(time to the first token, tokens). A token is a `data: {` line whose text is not empty."""
     try:
         return await _stream_once(client, url, body, APIS[api])
@@ -170,8 +174,9 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
         return await _stream_once(client, url, body, APIS[api])
 
 
-async def _stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                       api: StreamedAPI) -> tuple[float, int]:
+async def _stream_once(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], api: StreamedAPI
+) -> tuple[float, int]:
     started = time.perf_counter()
     ttft = 0.0
     tokens = 0
@@ -196,8 +201,9 @@ async def plain_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -
     return time.perf_counter() - started, 1
 
 
-async def run_round(client: httpx.AsyncClient, url: str, one: Any, body: dict[str, Any],
-                    concurrency: int, requests: int, server: Server) -> dict[str, Any]:
+async def run_round(
+    client: httpx.AsyncClient, url: str, one: Any, body: dict[str, Any], concurrency: int, requests: int, server: Server
+) -> dict[str, Any]:
     """`requests` calls of `one`, `concurrency` at a time; the CPU `server` spent meanwhile."""
     pending = iter(range(requests))
     results: list[tuple[float, int]] = []
@@ -215,8 +221,15 @@ async def run_round(client: httpx.AsyncClient, url: str, one: Any, body: dict[st
     count = sum(r[1] for r in results)
     if not count:
         raise RuntimeError(f"{url}: {requests} requests delivered no tokens")
-    return {"wall_s": wall, "count": count, "rate": count / wall, "cpu_s": cpu, "cpu_per_item_s": cpu / count,
-            "p50_s": percentile(firsts, 50), "p99_s": percentile(firsts, 99)}
+    return {
+        "wall_s": wall,
+        "count": count,
+        "rate": count / wall,
+        "cpu_s": cpu,
+        "cpu_per_item_s": cpu / count,
+        "p50_s": percentile(firsts, 50),
+        "p99_s": percentile(firsts, 99),
+    }
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -227,8 +240,9 @@ def median(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-async def paired_ttft(client: httpx.AsyncClient, direct: str, refine: str, body: dict[str, Any],
-                      pairs: int) -> dict[str, Any]:
+async def paired_ttft(
+    client: httpx.AsyncClient, direct: str, refine: str, body: dict[str, Any], pairs: int
+) -> dict[str, Any]:
     """The TTFT refine adds at one stream: each pair is one request direct and one through refine, back to
     back, the order alternating, so both see the same moment of a noisy machine."""
     differences = []
@@ -238,17 +252,29 @@ async def paired_ttft(client: httpx.AsyncClient, direct: str, refine: str, body:
         differences.append(ttft[refine] - ttft[direct])
     differences.sort()
     low, high = median_interval(differences)
-    return {"pairs": pairs, "added_ttft_p50_ms": statistics.median(differences) * 1e3,
-            "interval_95_ms": [low * 1e3, high * 1e3]}
+    return {
+        "pairs": pairs,
+        "added_ttft_p50_ms": statistics.median(differences) * 1e3,
+        "interval_95_ms": [low * 1e3, high * 1e3],
+    }
 
 
 # ---- bench ------------------------------------------------------------------------------------------------
 
+
 async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Server, proxy: Server) -> dict:
-    stream_body = {"model": MODEL, "prompt": PROMPT,
-                   "max_tokens": args.tokens, "stream": True, "stream_options": {"include_usage": True}}
-    chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
-                 "max_tokens": args.tokens}
+    stream_body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": args.tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chat_body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+        "max_tokens": args.tokens,
+    }
     top = max([*args.streams, args.chat_concurrency])
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under the client's feet.
     limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8, keepalive_expiry=2.0)
@@ -266,8 +292,11 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
                 r_rounds.append(await run_round(client, refine, stream_one, stream_body, c, requests, proxy))
             d_rate, r_rate = median(d_rounds, "rate"), median(r_rounds, "rate")
             level = {
-                "concurrency": c, "requests_per_round": requests,
-                "direct_tok_s": d_rate, "refine_tok_s": r_rate, "ratio": r_rate / d_rate,
+                "concurrency": c,
+                "requests_per_round": requests,
+                "direct_tok_s": d_rate,
+                "refine_tok_s": r_rate,
+                "ratio": r_rate / d_rate,
                 "added_ttft_p50_ms": (median(r_rounds, "p50_s") - median(d_rounds, "p50_s")) * 1e3,
                 "added_ttft_p99_ms": (median(r_rounds, "p99_s") - median(d_rounds, "p99_s")) * 1e3,
                 "refine_cpu_us_per_token": median(r_rounds, "cpu_per_item_s") * 1e6,
@@ -276,20 +305,27 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
                 "rounds": {"direct": d_rounds, "refine": r_rounds},
             }
             report["streams"].append(level)
-            print(f"c={c:<4d} direct {d_rate:8.0f} tok/s  refine {r_rate:8.0f} tok/s  ratio {level['ratio']:.3f}  "
-                  f"+ttft p50 {level['added_ttft_p50_ms']:6.1f} ms p99 {level['added_ttft_p99_ms']:6.1f} ms  "
-                  f"refine cpu {level['refine_cpu_us_per_token']:6.1f} us/tok  "
-                  f"(stand-in {level['standin_cpu_us_per_token']:.1f})", flush=True)
+            print(
+                f"c={c:<4d} direct {d_rate:8.0f} tok/s  refine {r_rate:8.0f} tok/s  ratio {level['ratio']:.3f}  "
+                f"+ttft p50 {level['added_ttft_p50_ms']:6.1f} ms p99 {level['added_ttft_p99_ms']:6.1f} ms  "
+                f"refine cpu {level['refine_cpu_us_per_token']:6.1f} us/tok  "
+                f"(stand-in {level['standin_cpu_us_per_token']:.1f})",
+                flush=True,
+            )
 
         if args.apis:
             report["apis"] = await compare_apis(client, args, direct, refine, standin, proxy)
 
         if args.ttft_pairs:
             report["ttft_one_stream"] = paired = await paired_ttft(
-                client, direct, refine, {**stream_body, "max_tokens": 4}, args.ttft_pairs)
+                client, direct, refine, {**stream_body, "max_tokens": 4}, args.ttft_pairs
+            )
             low, high = paired["interval_95_ms"]
-            print(f"added ttft at 1 stream, {args.ttft_pairs} pairs: median {paired['added_ttft_p50_ms']:.2f} ms "
-                  f"(95% interval {low:.2f} to {high:.2f})", flush=True)
+            print(
+                f"added ttft at 1 stream, {args.ttft_pairs} pairs: median {paired['added_ttft_p50_ms']:.2f} ms "
+                f"(95% interval {low:.2f} to {high:.2f})",
+                flush=True,
+            )
 
         c = args.chat_concurrency
         requests = args.requests or max(4 * c, 32)
@@ -298,21 +334,27 @@ async def bench(args: argparse.Namespace, direct: str, refine: str, standin: Ser
             d_rounds.append(await run_round(client, direct, plain_one, chat_body, c, requests, standin))
             r_rounds.append(await run_round(client, refine, plain_one, chat_body, c, requests, proxy))
         chat = {
-            "concurrency": c, "requests_per_round": requests,
-            "direct_req_s": median(d_rounds, "rate"), "refine_req_s": median(r_rounds, "rate"),
+            "concurrency": c,
+            "requests_per_round": requests,
+            "direct_req_s": median(d_rounds, "rate"),
+            "refine_req_s": median(r_rounds, "rate"),
             "added_latency_p50_ms": (median(r_rounds, "p50_s") - median(d_rounds, "p50_s")) * 1e3,
             "refine_cpu_ms_per_request": median(r_rounds, "cpu_per_item_s") * 1e3,
             "rounds": {"direct": d_rounds, "refine": r_rounds},
         }
         report["chat"] = chat
-        print(f"chat (not streamed) c={c}: direct {chat['direct_req_s']:.1f} req/s  refine {chat['refine_req_s']:.1f} "
-              f"req/s  +latency p50 {chat['added_latency_p50_ms']:.1f} ms  "
-              f"refine cpu {chat['refine_cpu_ms_per_request']:.2f} ms/request", flush=True)
+        print(
+            f"chat (not streamed) c={c}: direct {chat['direct_req_s']:.1f} req/s  refine {chat['refine_req_s']:.1f} "
+            f"req/s  +latency p50 {chat['added_latency_p50_ms']:.1f} ms  "
+            f"refine cpu {chat['refine_cpu_ms_per_request']:.2f} ms/request",
+            flush=True,
+        )
     return report
 
 
-async def compare_apis(client: httpx.AsyncClient, args: argparse.Namespace, direct: str, refine: str,
-                       standin: Server, proxy: Server) -> list[dict[str, Any]]:
+async def compare_apis(
+    client: httpx.AsyncClient, args: argparse.Namespace, direct: str, refine: str, standin: Server, proxy: Server
+) -> list[dict[str, Any]]:
     """refine's CPU per relayed token through each API (`--apis`) at `--api-streams` concurrent streams: the
     APIs' rounds interleaved, each a direct round then a refine round, so all see the same machine."""
     apis = args.apis.split(",")
@@ -320,8 +362,15 @@ async def compare_apis(client: httpx.AsyncClient, args: argparse.Namespace, dire
     requests = args.requests or max(4 * c, 32)
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {api: {"direct": [], "refine": []} for api in apis}
     for api in apis:  # warm-up
-        await run_round(client, refine, lambda cl, u, b, a=api: stream_one(cl, u, b, a),
-                        api_stream_body(api, args.tokens), 4, 8, proxy)
+        await run_round(
+            client,
+            refine,
+            lambda cl, u, b, a=api: stream_one(cl, u, b, a),
+            api_stream_body(api, args.tokens),
+            4,
+            8,
+            proxy,
+        )
     for _ in range(args.rounds):
         for api in apis:
             body, one = api_stream_body(api, args.tokens), (lambda cl, u, b, a=api: stream_one(cl, u, b, a))
@@ -330,22 +379,35 @@ async def compare_apis(client: httpx.AsyncClient, args: argparse.Namespace, dire
     results = []
     for api in apis:
         d, r = rounds[api]["direct"], rounds[api]["refine"]
-        results.append({"api": api, "concurrency": c, "direct_tok_s": median(d, "rate"),
-                        "refine_tok_s": median(r, "rate"), "ratio": median(r, "rate") / median(d, "rate"),
-                        "refine_cpu_us_per_token": median(r, "cpu_per_item_s") * 1e6,
-                        "refine_cpu_us_per_token_rounds": [x["cpu_per_item_s"] * 1e6 for x in r],
-                        "standin_cpu_us_per_token": median(d, "cpu_per_item_s") * 1e6, "rounds": rounds[api]})
-        print(f"{api:<12s} c={c}: refine cpu {results[-1]['refine_cpu_us_per_token']:6.1f} us/tok  "
-              f"ratio {results[-1]['ratio']:.3f}", flush=True)
+        results.append(
+            {
+                "api": api,
+                "concurrency": c,
+                "direct_tok_s": median(d, "rate"),
+                "refine_tok_s": median(r, "rate"),
+                "ratio": median(r, "rate") / median(d, "rate"),
+                "refine_cpu_us_per_token": median(r, "cpu_per_item_s") * 1e6,
+                "refine_cpu_us_per_token_rounds": [x["cpu_per_item_s"] * 1e6 for x in r],
+                "standin_cpu_us_per_token": median(d, "cpu_per_item_s") * 1e6,
+                "rounds": rounds[api],
+            }
+        )
+        print(
+            f"{api:<12s} c={c}: refine cpu {results[-1]['refine_cpu_us_per_token']:6.1f} us/tok  "
+            f"ratio {results[-1]['ratio']:.3f}",
+            flush=True,
+        )
     return results
 
 
 def revision() -> dict[str, Any]:
     """The refine code measured: a figure from an uncommitted tree cannot be traced back to a commit."""
+
     def git(*argv: str) -> str:
         # --no-optional-locks: reading the state must not rewrite the index under the other work in this tree.
         cmd = ["git", "--no-optional-locks", *argv]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     # Results of earlier runs (bench/results) do not make the code measured differ from the commit.
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
@@ -361,8 +423,12 @@ def main() -> None:
     ap.add_argument("--ttft-pairs", type=int, default=400, help="paired requests for the added TTFT at 1 stream")
     ap.add_argument("--chat-concurrency", type=int, default=16, help="concurrency of the non-streaming part")
     ap.add_argument("--workers", type=int, default=None, help="passed to refine as --workers N when given")
-    ap.add_argument("--apis", default="", help="also compare refine's CPU per token across these streaming APIs, "
-                    "comma-separated (completions, chat, responses, messages), rounds interleaved")
+    ap.add_argument(
+        "--apis",
+        default="",
+        help="also compare refine's CPU per token across these streaming APIs, "
+        "comma-separated (completions, chat, responses, messages), rounds interleaved",
+    )
     ap.add_argument("--api-streams", type=int, default=16, help="concurrent streams of the --apis comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
     args = ap.parse_args()
@@ -370,9 +436,21 @@ def main() -> None:
 
     direct_port, refine_port = free_port(), free_port()
     direct, refine = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{refine_port}"
-    standin = Server("stand-in", [str(PYTHON), str(ROOT / "bench" / "standin_upstream.py"), "--port",
-                                  str(direct_port), "--model", MODEL, "--tokens", str(args.tokens),
-                                  "--interval-ms", str(args.interval_ms)])
+    standin = Server(
+        "stand-in",
+        [
+            str(PYTHON),
+            str(ROOT / "bench" / "standin_upstream.py"),
+            "--port",
+            str(direct_port),
+            "--model",
+            MODEL,
+            "--tokens",
+            str(args.tokens),
+            "--interval-ms",
+            str(args.interval_ms),
+        ],
+    )
     proxy_cmd = [str(PYTHON), "-m", "refine_server", "--backend-url", direct, "--port", str(refine_port)]
     if args.workers is not None:  # refine may not know the flag: pass it only when asked
         proxy_cmd += ["--workers", str(args.workers)]
@@ -390,9 +468,10 @@ def main() -> None:
         "refine_command": shlex.join(proxy_cmd),
         "revision": revision(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "tokens": args.tokens, "interval_ms": args.interval_ms, "rounds": args.rounds,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "tokens": args.tokens,
+        "interval_ms": args.interval_ms,
+        "rounds": args.rounds,
         "connection_resets_retried": {"direct" if url == direct else "refine": n for url, n in RESETS.items()},
         **report,
     }

@@ -35,9 +35,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from openai import AsyncOpenAI
-
 from grading import grade, grade_answer
+from openai import AsyncOpenAI
 from stats import mcnemar, paired_bootstrap, ratio_interval, wilson
 from stopping import Replayed, fit_thresholds, forecast_round, pooled_rounds, replay, stop_risk_rule, tokens
 
@@ -67,6 +66,7 @@ def load_items(split: str) -> list[dict]:
 
 # ---- run -------------------------------------------------------------------------------------------------
 
+
 async def run_arm(args: argparse.Namespace) -> None:
     items = load_items(args.split)
     if args.limit:  # an even spread over the tasks, not the first tasks only
@@ -79,15 +79,26 @@ async def run_arm(args: argparse.Namespace) -> None:
         async with gate:
             started = time.perf_counter()
             resp = await client.chat.completions.create(
-                model=args.model, messages=[{"role": "user", "content": item["question"]}],
-                max_tokens=args.max_tokens, temperature=0, seed=seed, extra_body={"refine": refine},
+                model=args.model,
+                messages=[{"role": "user", "content": item["question"]}],
+                max_tokens=args.max_tokens,
+                temperature=0,
+                seed=seed,
+                extra_body={"refine": refine},
             )
         text = resp.choices[0].message.content or ""
         graded = grade(item, text)
         trace = (resp.model_extra or {}).get("refine", {}).get("trace") or {}
-        return {"id": item["id"], "task": item["task"], "correct": graded.correct, "answer": graded.answer,
-                "text": text, "completion_tokens": resp.usage.completion_tokens,
-                "latency_s": round(time.perf_counter() - started, 3), "trace": trace}
+        return {
+            "id": item["id"],
+            "task": item["task"],
+            "correct": graded.correct,
+            "answer": graded.answer,
+            "text": text,
+            "completion_tokens": resp.usage.completion_tokens,
+            "latency_s": round(time.perf_counter() - started, 3),
+            "trace": trace,
+        }
 
     (RESULTS / args.split).mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -97,12 +108,15 @@ async def run_arm(args: argparse.Namespace) -> None:
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
         k = sum(r["correct"] for r in rows)
         lo, hi = wilson(k, len(rows))
-        print(f"{args.arm} seed {seed}: {k}/{len(rows)} = {k / len(rows):.1%} (95% CI {lo:.1%}-{hi:.1%}), "
-              f"{statistics.mean(r['completion_tokens'] for r in rows):.0f} tokens/item, "
-              f"wall {time.perf_counter() - started:.0f}s -> {out}")
+        print(
+            f"{args.arm} seed {seed}: {k}/{len(rows)} = {k / len(rows):.1%} (95% CI {lo:.1%}-{hi:.1%}), "
+            f"{statistics.mean(r['completion_tokens'] for r in rows):.0f} tokens/item, "
+            f"wall {time.perf_counter() - started:.0f}s -> {out}"
+        )
 
 
 # ---- replays over cyberv-full's candidates ---------------------------------------------------------------
+
 
 def _vote(candidates: list[dict]) -> str | None:
     """Self-consistency: the most common answer (the first seen wins a tie), None when nobody answered."""
@@ -111,6 +125,7 @@ def _vote(candidates: list[dict]) -> str | None:
 
 
 # ---- report ----------------------------------------------------------------------------------------------
+
 
 def load_runs(split: str, items: dict[str, dict]) -> dict[str, dict[int, dict[str, dict]]]:
     """arm -> seed -> item id -> row, every returned text graded again by today's grader: a fix to the
@@ -143,14 +158,25 @@ def report(args: argparse.Namespace) -> None:
         lo, hi = wilson(k, total)
         per_item = statistics.mean(seeds[s][i]["completion_tokens"] for s in seeds for i in ids)
         per_seed = [statistics.mean(float(seeds[s][i]["correct"]) for i in ids) for s in seeds]
-        summary["arms"][arm] = {"items": len(ids), "seeds": sorted(seeds), "accuracy": k / total,
-                                "ci95": [lo, hi], "per_seed": per_seed, "tokens_per_item": per_item}
+        summary["arms"][arm] = {
+            "items": len(ids),
+            "seeds": sorted(seeds),
+            "accuracy": k / total,
+            "ci95": [lo, hi],
+            "per_seed": per_seed,
+            "tokens_per_item": per_item,
+        }
         spread = f" (seeds {min(per_seed):.1%}-{max(per_seed):.1%})" if len(seeds) > 1 else ""
-        lines.append(f"| {arm} | {len(ids)} | {len(seeds)} | {k / total:.1%}{spread} | {lo:.1%}-{hi:.1%} | "
-                     f"{per_item:.0f} |")
+        lines.append(
+            f"| {arm} | {len(ids)} | {len(seeds)} | {k / total:.1%}{spread} | {lo:.1%}-{hi:.1%} | {per_item:.0f} |"
+        )
 
-    lines += ["", "| arm vs none (same items) | difference | 95% paired-bootstrap CI | McNemar p (items only the arm / "
-              "only none got right) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| arm vs none (same items) | difference | 95% paired-bootstrap CI | McNemar p (items only the arm / "
+        "only none got right) |",
+        "|---|---|---|---|",
+    ]
     base = runs.get("none")
     for arm, seeds in runs.items():
         if arm == "none" or base is None:
@@ -160,8 +186,11 @@ def report(args: argparse.Namespace) -> None:
         boot = paired_bootstrap(a, b)
         test = mcnemar([x == 1 for x in a], [x == 1 for x in b]) if len(seeds) == 1 else None
         summary["versus_none"][arm] = {
-            "items": len(ids), "difference": boot.diff, "ci95": [boot.low, boot.high],
-            "mcnemar": None if test is None else {"p": test.p_value, "only_arm": test.b_only, "only_none": test.a_only}}
+            "items": len(ids),
+            "difference": boot.diff,
+            "ci95": [boot.low, boot.high],
+            "mcnemar": None if test is None else {"p": test.p_value, "only_arm": test.b_only, "only_none": test.a_only},
+        }
         mc = "-" if test is None else f"{test.p_value:.3f} ({test.b_only} vs {test.a_only})"
         lines.append(f"| {arm} ({len(ids)} items) | {boot.diff:+.1%} | {boot.low:+.1%} to {boot.high:+.1%} | {mc} |")
 
@@ -183,8 +212,10 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
     """Self-consistency at k = 1..n and the stopping rule, replayed over cyberv-full's traced candidates."""
     n = ARMS["cyberv-full"]["n"]
     rows = [(items[i], r) for seeds in full.values() for i, r in seeds.items()]
-    sc_lines = ["| self-consistency over cyberv-full's candidates | accuracy | completion tokens / item |",
-                "|---|---|---|"]
+    sc_lines = [
+        "| self-consistency over cyberv-full's candidates | accuracy | completion tokens / item |",
+        "|---|---|---|",
+    ]
     sc = {}
     for k in range(1, n + 1):
         correct = [grade_answer(item, _vote(r["trace"]["candidates"][:k])).correct for item, r in rows]
@@ -197,10 +228,15 @@ def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], sum
     controlled = [float(r["correct"]) for _, r in rows]
     boot = paired_bootstrap(voted, controlled)
     summary["cyberv_samples"]["cyberv_vs_self_consistency_n"] = {"difference": boot.diff, "ci95": [boot.low, boot.high]}
-    sc_lines.append(f"| cyberv-full's own answer (the controller) | {statistics.mean(controlled):.1%} | "
-                    f"{statistics.mean(r['completion_tokens'] for _, r in rows):.0f} (all its calls) |")
-    sc_lines += ["", f"CyberV's controller against the majority of the same {n} candidates, paired over {len(rows)} "
-                 f"item runs: {boot.diff:+.1%} (95% CI {boot.low:+.1%} to {boot.high:+.1%})."]
+    sc_lines.append(
+        f"| cyberv-full's own answer (the controller) | {statistics.mean(controlled):.1%} | "
+        f"{statistics.mean(r['completion_tokens'] for _, r in rows):.0f} (all its calls) |"
+    )
+    sc_lines += [
+        "",
+        f"CyberV's controller against the majority of the same {n} candidates, paired over {len(rows)} "
+        f"item runs: {boot.diff:+.1%} (95% CI {boot.low:+.1%} to {boot.high:+.1%}).",
+    ]
     return [*sc_lines, "", *stopping_table(full, summary)]
 
 
@@ -209,32 +245,52 @@ def stopping_table(full: dict[int, dict[str, dict]], summary: dict) -> list[str]
     the rounds as run, and at larger n on rounds pooled from the seeds' candidates."""
     n = ARMS["cyberv-full"]["n"]
     stored = [{"id": i, **r["trace"]} for seeds in full.values() for i, r in seeds.items()]
-    lines = ["| n | stopping rule replayed over the same candidates | candidates drawn | completion tokens / round | "
-             "vs self-consistency at n (95% CI) | same decision as all n (95% CI) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| n | stopping rule replayed over the same candidates | candidates drawn | completion tokens / round | "
+        "vs self-consistency at n (95% CI) | same decision as all n (95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
     results = summary["cyberv_samples"]["stopping"] = {}
 
-    def add(size: int, items: list[str], name: str, replayed: Replayed,
-            thresholds: dict[int, float] | None = None) -> None:
+    def add(
+        size: int, items: list[str], name: str, replayed: Replayed, thresholds: dict[int, float] | None = None
+    ) -> None:
         lo, hi = wilson(replayed.agreed, replayed.rounds)
         ratio_lo, ratio_hi = ratio_interval(replayed.spent, replayed.full, items)
         results.setdefault(f"n={size}", {})[name] = {
-            "rounds": replayed.rounds, "mean_drawn": replayed.drawn, "tokens_per_round": replayed.tokens,
-            "tokens_vs_sc_n": replayed.ratio, "tokens_vs_sc_n_ci95": [ratio_lo, ratio_hi],
-            "same_decision_as_full_n": replayed.same, "same_decision_ci95": [lo, hi],
-            **({"thresholds": thresholds} if thresholds else {})}
-        lines.append(f"| {size} | {name} | {replayed.drawn:.1f} | {replayed.tokens:.0f} | {replayed.ratio:.3f}x "
-                     f"({ratio_lo:.3f}-{ratio_hi:.3f}) | {replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |")
+            "rounds": replayed.rounds,
+            "mean_drawn": replayed.drawn,
+            "tokens_per_round": replayed.tokens,
+            "tokens_vs_sc_n": replayed.ratio,
+            "tokens_vs_sc_n_ci95": [ratio_lo, ratio_hi],
+            "same_decision_as_full_n": replayed.same,
+            "same_decision_ci95": [lo, hi],
+            **({"thresholds": thresholds} if thresholds else {}),
+        }
+        lines.append(
+            f"| {size} | {name} | {replayed.drawn:.1f} | {replayed.tokens:.0f} | {replayed.ratio:.3f}x "
+            f"({ratio_lo:.3f}-{ratio_hi:.3f}) | {replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |"
+        )
 
     for size, traces in [(n, stored), *((m, pooled_rounds(full, m)) for m in POOLED_N)]:
         rounds = [forecast_round(trace, size, THETA) for trace in traces]
         items = [trace["id"] for trace in traces]  # an item's rounds are resampled together
         for stop_risk in STOP_RISKS:
             for batch in (1, 2):
-                add(size, items, f"stop_risk {stop_risk}, batches of {batch}",
-                    replay(rounds, stop_risk_rule(size, batch, stop_risk)))
+                add(
+                    size,
+                    items,
+                    f"stop_risk {stop_risk}, batches of {batch}",
+                    replay(rounds, stop_risk_rule(size, batch, stop_risk)),
+                )
         thresholds, fitted = fit_thresholds(rounds, SAME_DECISION_TARGET)
-        add(size, items, "in-sample best: a share threshold per draw fitted to these very outcomes, batches of 1",
-            fitted, thresholds)
+        add(
+            size,
+            items,
+            "in-sample best: a share threshold per draw fitted to these very outcomes, batches of 1",
+            fitted,
+            thresholds,
+        )
     return lines
 
 

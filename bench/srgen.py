@@ -32,15 +32,27 @@ TASKS = Path(__file__).parent / "tasks" / "suite-dev.jsonl"
 FORCE = {"warmup_threshold": 0.0, "min_threshold": 0.0}
 
 
-async def chat(client: httpx.AsyncClient, args, question: str, refine: dict, seed: int, max_tokens: int,
-               stream: bool = False) -> dict:
-    body = {"model": args.model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": args.temperature, "seed": seed, "refine": refine, "stream": stream, "ignore_eos": True}
+async def chat(
+    client: httpx.AsyncClient, args, question: str, refine: dict, seed: int, max_tokens: int, stream: bool = False
+) -> dict:
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": args.temperature,
+        "seed": seed,
+        "refine": refine,
+        "stream": stream,
+        "ignore_eos": True,
+    }
     started = time.perf_counter()
     if not stream:
         resp = (await client.post(f"{args.refine}/v1/chat/completions", json=body)).raise_for_status().json()
-        return {"wall_s": time.perf_counter() - started, "tokens": resp["usage"]["completion_tokens"],
-                "trace": resp["refine"]["trace"]}
+        return {
+            "wall_s": time.perf_counter() - started,
+            "tokens": resp["usage"]["completion_tokens"],
+            "trace": resp["refine"]["trace"],
+        }
     arrivals, trace = [], None
     async with client.stream("POST", f"{args.refine}/v1/chat/completions", json=body) as resp:
         async for line in resp.aiter_lines():
@@ -78,8 +90,9 @@ async def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "srgen.json")
-    ap.add_argument("--stall-only", action="store_true",
-                    help="only measurement 4, written to results/srgen_stall_LABEL.json")
+    ap.add_argument(
+        "--stall-only", action="store_true", help="only measurement 4, written to results/srgen_stall_LABEL.json"
+    )
     ap.add_argument("--label", default="default", help="names the server configuration in the stall report")
     args = ap.parse_args()
     if args.stall_only:
@@ -89,40 +102,59 @@ async def main() -> None:
     lines = TASKS.read_text().splitlines()
     questions = [json.loads(line)["question"] for line in lines][:: max(1, len(lines) // args.requests)]
     questions = [q + " Explain your reasoning." for q in questions[: args.requests]]
-    report: dict = {"command": "bench/srgen.py", "max_tokens": args.max_tokens, "temperature": args.temperature,
-                    "requests": len(questions)}
+    report: dict = {
+        "command": "bench/srgen.py",
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "requests": len(questions),
+    }
     srgen = {"policy": "srgen"}
     async with httpx.AsyncClient(timeout=1200) as client:
         await throughput(client, args, {"policy": "none"}, questions[:2], 2)  # warm-up
         await throughput(client, args, srgen, questions[:2], 2)
-        configs = {"none": {"policy": "none"}, "srgen": srgen,
-                   "srgen_6_forced": {"policy": "srgen", "max_corrections": 6, **FORCE}}
+        configs = {
+            "none": {"policy": "none"},
+            "srgen": srgen,
+            "srgen_6_forced": {"policy": "srgen", "max_corrections": 6, **FORCE},
+        }
         for concurrency in (1, 8):
             runs: dict[str, list[dict]] = {name: [] for name in configs}
             for _ in range(args.rounds):
                 for name, refine in configs.items():
                     runs[name].append(await throughput(client, args, refine, questions, concurrency))
-            level = {name: {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "tokens_per_s")}
-                     | {"corrections_per_request": statistics.median(r["corrections"] for r in rs) / len(questions)}
-                     for name, rs in runs.items()}
+            level = {
+                name: {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "tokens_per_s")}
+                | {"corrections_per_request": statistics.median(r["corrections"] for r in rs) / len(questions)}
+                for name, rs in runs.items()
+            }
             for name in ("srgen", "srgen_6_forced"):
                 level[name]["wall_ratio_vs_none"] = level[name]["wall_s"] / level["none"]["wall_s"]
             report[f"concurrency_{concurrency}"] = level
-            print(f"c={concurrency}: " + " | ".join(
-                f"{name} {v['wall_s']:.1f}s {v['tokens_per_s']:.1f} tok/s {v['corrections_per_request']:.2f} corr/req"
-                + (f" wall x{v['wall_ratio_vs_none']:.3f}" if "wall_ratio_vs_none" in v else "")
-                for name, v in level.items()), flush=True)
+            print(
+                f"c={concurrency}: "
+                + " | ".join(
+                    f"{name} {v['wall_s']:.1f}s {v['tokens_per_s']:.1f} tok/s "
+                    f"{v['corrections_per_request']:.2f} corr/req"
+                    + (f" wall x{v['wall_ratio_vs_none']:.3f}" if "wall_ratio_vs_none" in v else "")
+                    for name, v in level.items()
+                ),
+                flush=True,
+            )
 
         # One decode step vs one correction.
         alone = await chat(client, args, questions[0], {"policy": "none"}, 0, args.max_tokens, stream=True)
         step_s = statistics.median(alone["gaps"])
-        forced = await chat(client, args, questions[1], {"policy": "srgen", "max_corrections": 8, **FORCE}, 0,
-                            args.max_tokens)
+        forced = await chat(
+            client, args, questions[1], {"policy": "srgen", "max_corrections": 8, **FORCE}, 0, args.max_tokens
+        )
         correction_s = statistics.median(c["seconds"] for c in forced["trace"]["corrections"])
         report["decode_step_s"], report["correction_s"] = step_s, correction_s
-        print(f"one decode step {step_s * 1000:.1f} ms (median, lone stream); one correction "
-              f"{correction_s * 1000:.0f} ms (median of 8, context ~{forced['tokens']}+prompt) = "
-              f"{correction_s / step_s:.1f} decode steps", flush=True)
+        print(
+            f"one decode step {step_s * 1000:.1f} ms (median, lone stream); one correction "
+            f"{correction_s * 1000:.0f} ms (median of 8, context ~{forced['tokens']}+prompt) = "
+            f"{correction_s / step_s:.1f} decode steps",
+            flush=True,
+        )
 
         # A plain stream co-batched with an SRGen request that corrects at each of its first 16 tokens.
         together = await asyncio.gather(
@@ -130,13 +162,20 @@ async def main() -> None:
             chat(client, args, questions[1], {"policy": "srgen", "max_corrections": 16, **FORCE}, 0, args.max_tokens),
         )
         gaps = together[0]["gaps"]
-        report["cobatched"] = {"alone_gap_p50_s": step_s, "alone_gap_max_s": max(alone["gaps"]),
-                               "cobatched_gap_p50_s": statistics.median(gaps), "cobatched_gap_max_s": max(gaps),
-                               "cobatched_wall_s": together[0]["wall_s"], "alone_wall_s": alone["wall_s"]}
-        print(f"plain stream alone: gap p50 {step_s * 1000:.1f} ms, max {max(alone['gaps']) * 1000:.0f} ms, "
-              f"wall {alone['wall_s']:.1f}s | co-batched with a correcting SRGen request: gap p50 "
-              f"{statistics.median(gaps) * 1000:.1f} ms, max {max(gaps) * 1000:.0f} ms, "
-              f"wall {together[0]['wall_s']:.1f}s")
+        report["cobatched"] = {
+            "alone_gap_p50_s": step_s,
+            "alone_gap_max_s": max(alone["gaps"]),
+            "cobatched_gap_p50_s": statistics.median(gaps),
+            "cobatched_gap_max_s": max(gaps),
+            "cobatched_wall_s": together[0]["wall_s"],
+            "alone_wall_s": alone["wall_s"],
+        }
+        print(
+            f"plain stream alone: gap p50 {step_s * 1000:.1f} ms, max {max(alone['gaps']) * 1000:.0f} ms, "
+            f"wall {alone['wall_s']:.1f}s | co-batched with a correcting SRGen request: gap p50 "
+            f"{statistics.median(gaps) * 1000:.1f} ms, max {max(gaps) * 1000:.0f} ms, "
+            f"wall {together[0]['wall_s']:.1f}s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -155,11 +194,17 @@ async def stall_report(args) -> None:
     gaps = together[0]["gaps"]
     skipped = sum(len(r["trace"].get("skipped") or []) for r in together[1:])
     corrections = [c for r in together[1:] for c in (r["trace"].get("corrections") or [])]
-    report = {"command": f"bench/srgen.py --stall-only --label {args.label}", "label": args.label,
-              "alone_gap_p50_s": statistics.median(alone["gaps"]), "alone_gap_max_s": max(alone["gaps"]),
-              "cobatched_gap_p50_s": statistics.median(gaps), "cobatched_gap_max_s": max(gaps),
-              "corrections": len(corrections), "max_batch_rows": max((c["batch_rows"] for c in corrections), default=0),
-              "skipped_by_the_limit": skipped}
+    report = {
+        "command": f"bench/srgen.py --stall-only --label {args.label}",
+        "label": args.label,
+        "alone_gap_p50_s": statistics.median(alone["gaps"]),
+        "alone_gap_max_s": max(alone["gaps"]),
+        "cobatched_gap_p50_s": statistics.median(gaps),
+        "cobatched_gap_max_s": max(gaps),
+        "corrections": len(corrections),
+        "max_batch_rows": max((c["batch_rows"] for c in corrections), default=0),
+        "skipped_by_the_limit": skipped,
+    }
     print(json.dumps(report, indent=2))
     out = args.out.parent / f"srgen_stall_{args.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

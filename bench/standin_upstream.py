@@ -38,13 +38,27 @@ def _dumps(obj: Any) -> str:
 
 
 def _event(head: str, choices: str, tail: str = "") -> bytes:
-    return f"data: {head},\"choices\":[{choices}]{tail}}}\n\n".encode()
+    return f'data: {head},"choices":[{choices}]{tail}}}\n\n'.encode()
 
 
 def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> ASGIApp:
-    models = _dumps({"object": "list", "data": [{
-        "id": model, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": model,
-        "parent": None, "max_model_len": 8192, "permission": []}]}).encode()
+    models = _dumps(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "vllm",
+                    "root": model,
+                    "parent": None,
+                    "max_model_len": 8192,
+                    "permission": [],
+                }
+            ],
+        }
+    ).encode()
     interval = interval_ms / 1000
 
     async def respond(send: Callable[[Message], Awaitable[None]], status: int, body: bytes) -> None:
@@ -63,8 +77,9 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
         if not body.get("stream"):
             await asyncio.sleep(n * interval)  # the whole generation, as vLLM would take it
             text = TOKEN * n
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                      else {"index": 0, "text": text})
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            )
             choice |= {"logprobs": None, "finish_reason": "length", "stop_reason": None}
             return await respond(send, 200, _dumps(head | {"choices": [choice], "usage": usage}).encode())
 
@@ -72,16 +87,26 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
             head["object"] = "chat.completion.chunk"
         prefix = _dumps(head)[:-1]  # every chunk of one stream starts the same; only the choice differs
         if chat:
-            first = _event(prefix, '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-                                   '"finish_reason":null}', tail=',"prompt_token_ids":null,"prompt_text":null')
-            middle = _event(prefix, f'{{"index":0,"delta":{{"content":"{TOKEN}"}},"logprobs":null,'
-                                    '"finish_reason":null,"token_ids":null}')
-            last = _event(prefix, f'{{"index":0,"delta":{{"content":"{TOKEN}"}},"logprobs":null,'
-                                  '"finish_reason":"length","stop_reason":null,"token_ids":null}')
+            first = _event(
+                prefix,
+                '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
+                tail=',"prompt_token_ids":null,"prompt_text":null',
+            )
+            middle = _event(
+                prefix,
+                f'{{"index":0,"delta":{{"content":"{TOKEN}"}},"logprobs":null,"finish_reason":null,"token_ids":null}}',
+            )
+            last = _event(
+                prefix,
+                f'{{"index":0,"delta":{{"content":"{TOKEN}"}},"logprobs":null,'
+                '"finish_reason":"length","stop_reason":null,"token_ids":null}',
+            )
         else:
             first = b""
-            choice = '{{"index":0,"text":"{t}","logprobs":null,"finish_reason":{f},"stop_reason":null,' \
-                     '"prompt_token_ids":null,"token_ids":null}}'
+            choice = (
+                '{{"index":0,"text":"{t}","logprobs":null,"finish_reason":{f},"stop_reason":null,'
+                '"prompt_token_ids":null,"token_ids":null}}'
+            )
             middle = _event(prefix, choice.format(t=TOKEN, f="null"))
             last = _event(prefix, choice.format(t=TOKEN, f='"length"'))
 
@@ -98,7 +123,7 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
             await send({"type": "http.response.body", "body": last if k == n else middle, "more_body": True})
         tail = b""
         if (body.get("stream_options") or {}).get("include_usage"):
-            tail = f"data: {prefix},\"choices\":[],\"usage\":{_dumps(usage)}}}\n\n".encode()
+            tail = f'data: {prefix},"choices":[],"usage":{_dumps(usage)}}}\n\n'.encode()
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
     async def generate_named(send: Callable[[Message], Awaitable[None]], api: str, body: dict[str, Any]) -> None:
@@ -108,28 +133,56 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
         prompt_tokens = max(1, len(_dumps(body.get("input") or body.get("messages"))) // 4)
         text = TOKEN * n
         if api == "responses":
-            item = {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
-            answer = {"id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
-                      "model": body.get("model", model), "status": "completed", "output": [item],
-                      "usage": {"input_tokens": prompt_tokens, "output_tokens": n,
-                                "total_tokens": prompt_tokens + n}}
-            delta = {"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0,
-                     "content_index": 0, "delta": TOKEN}
+            item = {
+                "type": "message",
+                "id": "msg_" + uuid.uuid4().hex,
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+            answer = {
+                "id": "resp_" + uuid.uuid4().hex,
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": body.get("model", model),
+                "status": "completed",
+                "output": [item],
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": n, "total_tokens": prompt_tokens + n},
+            }
+            delta = {
+                "type": "response.output_text.delta",
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "delta": TOKEN,
+            }
             opening = [{"type": "response.created", "response": answer | {"status": "in_progress", "output": []}}]
             closing = [{"type": "response.completed", "response": answer}]
         else:
-            answer = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
-                      "model": body.get("model", model), "content": [{"type": "text", "text": text}],
-                      "stop_reason": "max_tokens", "stop_sequence": None,
-                      "usage": {"input_tokens": prompt_tokens, "output_tokens": n}}
+            answer = {
+                "id": "msg_" + uuid.uuid4().hex,
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model", model),
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens",
+                "stop_sequence": None,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": n},
+            }
             delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": TOKEN}}
-            opening = [{"type": "message_start", "message": answer | {"content": [], "stop_reason": None}},
-                       {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}]
-            closing = [{"type": "content_block_stop", "index": 0},
-                       {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-                        "usage": {"output_tokens": n}},
-                       {"type": "message_stop"}]
+            opening = [
+                {"type": "message_start", "message": answer | {"content": [], "stop_reason": None}},
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ]
+            closing = [
+                {"type": "content_block_stop", "index": 0},
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                    "usage": {"output_tokens": n},
+                },
+                {"type": "message_stop"},
+            ]
         if not body.get("stream"):
             await asyncio.sleep(n * interval)
             return await respond(send, 200, _dumps(answer).encode())
@@ -149,8 +202,9 @@ def app(model: str = "standin", tokens: int = 64, interval_ms: float = 5.0) -> A
             await send({"type": "http.response.body", "body": middle, "more_body": True})
         await send({"type": "http.response.body", "body": b"".join(map(named, closing))})
 
-    async def asgi(scope: Message, receive: Callable[[], Awaitable[Message]],
-                   send: Callable[[Message], Awaitable[None]]) -> None:
+    async def asgi(
+        scope: Message, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
         if scope["type"] == "lifespan":  # nothing to set up: acknowledge start-up, then shut-down
             await receive()
             await send({"type": "lifespan.startup.complete"})
@@ -189,8 +243,13 @@ def main() -> None:
     import uvicorn
 
     # No access log: one line per request would cost more CPU than answering it.
-    uvicorn.run(app(args.model, args.tokens, args.interval_ms), host=args.host, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        app(args.model, args.tokens, args.interval_ms),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], reps: int = 10_000,
     """
     _check_paired(a, b)
     diffs = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    result = stats.bootstrap((diffs,), np.mean, n_resamples=reps, method="percentile",
-                             rng=np.random.default_rng(seed))
+    result = stats.bootstrap((diffs,), np.mean, n_resamples=reps, method="percentile", rng=np.random.default_rng(seed))
     interval = result.confidence_interval
     return Bootstrap(float(diffs.mean()), float(interval.low), float(interval.high))
 
@@ -72,12 +71,17 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], reps: int = 10_000,
 def median_interval(ordered: Sequence[float], z: float = 1.96) -> tuple[float, float]:
     """A 95% interval for the median of sorted values, from order statistics (no assumption on their shape)."""
     n = len(ordered)
-    half = z * n ** 0.5 / 2
+    half = z * n**0.5 / 2
     return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(n / 2 + half))]
 
 
-def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], clusters: Sequence[str],
-                   reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    clusters: Sequence[str],
+    reps: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """The 95% percentile bootstrap interval of sum(numerators) / sum(denominators), resampling clusters with
     replacement: the rounds of one item go together, since they share its difficulty."""
     index = {c: i for i, c in enumerate(dict.fromkeys(clusters))}

@@ -72,11 +72,12 @@ def pooled_rounds(runs: dict[int, dict[str, dict]], n: int) -> list[dict]:
     for lead, seed in enumerate(seeds):
         order = seeds[lead:] + seeds[:lead]
         for item_id, row in runs[seed].items():
-            reasoning = [c for s in order for c in runs[s][item_id]["trace"]["candidates"]
-                         if c["kind"] == "reasoning"]
+            reasoning = [c for s in order for c in runs[s][item_id]["trace"]["candidates"] if c["kind"] == "reasoning"]
             if len(reasoning) < n - 1:
-                raise ValueError(f"{len(seeds)} runs hold {len(reasoning)} reasoning candidates of {item_id}, "
-                                 f"not the {n - 1} a round of {n} needs")
+                raise ValueError(
+                    f"{len(seeds)} runs hold {len(reasoning)} reasoning candidates of {item_id}, "
+                    f"not the {n - 1} a round of {n} needs"
+                )
             candidates = [row["trace"]["candidates"][0], *reasoning[: n - 1]]
             rounds.append({"id": item_id, "candidates": [{**c, "index": i} for i, c in enumerate(candidates)]})
     return rounds
@@ -112,8 +113,15 @@ def forecast_round(trace: dict, n: int, theta: float) -> Round:
         drawn = ballots(candidates[:m], n)
         stop = outlook(drawn, n, n * theta, stop_risk=0.5)
         same = bool(stop.settled) and same_decision(decision(drawn, n, theta, stop), full)
-        steps.append(Step(m, tokens(candidates[:m]), stop.certain and bool(stop.settled),
-                          stop.share if stop.settled else 0.0, same))
+        steps.append(
+            Step(
+                m,
+                tokens(candidates[:m]),
+                stop.certain and bool(stop.settled),
+                stop.share if stop.settled else 0.0,
+                same,
+            )
+        )
     return Round(n, tokens(candidates), steps)
 
 
@@ -157,8 +165,9 @@ def replay(rounds: list[Round], thresholds: dict[int, float]) -> Replayed:
     drawn = agreed = 0
     spent = []
     for r in rounds:
-        stop = next((s for s in r.steps if s.drawn in thresholds and (s.certain or s.share >= thresholds[s.drawn])),
-                    None)
+        stop = next(
+            (s for s in r.steps if s.drawn in thresholds and (s.certain or s.share >= thresholds[s.drawn])), None
+        )
         drawn += r.n if stop is None else stop.drawn
         spent.append(r.tokens if stop is None else stop.tokens)
         agreed += stop is None or stop.same
@@ -216,8 +225,12 @@ def concentration_prior(traces: list[dict], grid: tuple[float, ...], iterations:
 
 def dev_rounds() -> list[dict]:
     dev = Path(__file__).parent / "results" / "quality" / "dev"
-    return [json.loads(line)["trace"] for path in sorted(dev.glob("cyberv-full-s*.jsonl"))
-            for line in path.read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line)["trace"]
+        for path in sorted(dev.glob("cyberv-full-s*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ SEED = 20261127
 DEV_PER_TASK = 20
 TEST_PER_TASK = 60
 
-BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8"
-                "cfc721c157/bigbench-1.0.0.tar.gz")
+BIGBENCH_URL = (
+    "https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8"
+    "cfc721c157/bigbench-1.0.0.tar.gz"
+)
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 
 # BIG-bench task folder -> kind of answer. Number tasks are graded on the number; the others are lettered options.
@@ -53,8 +55,14 @@ BIGBENCH = {
 # nor always wrong.
 REASONING_GYM = {
     "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "allow_negation": False,
-                         "allow_parentheses": False},
+    "basic_arithmetic": {
+        "min_terms": 2,
+        "max_terms": 2,
+        "min_digits": 1,
+        "max_digits": 1,
+        "allow_negation": False,
+        "allow_parentheses": False,
+    },
     "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
     "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 20},
 }
@@ -65,6 +73,7 @@ LETTERS = "ABCDEFGHIJ"
 
 
 # ---- BIG-bench -------------------------------------------------------------------------------------------
+
 
 def bigbench_archive() -> Path:
     path = CACHE / "bigbench-1.0.0.tar.gz"
@@ -106,8 +115,14 @@ def bigbench_items(name: str, task: dict) -> Iterator[dict]:
             number = next((t for t in targets if t.strip().lstrip("-").isdigit()), None)
             if number is None:
                 continue
-            yield _item(item_id, f"bigbench/{name}", "number", f"{text}\n\n{NUMBER_LINE}", number.strip(),
-                        aliases=[t for t in targets if t != number])
+            yield _item(
+                item_id,
+                f"bigbench/{name}",
+                "number",
+                f"{text}\n\n{NUMBER_LINE}",
+                number.strip(),
+                aliases=[t for t in targets if t != number],
+            )
         else:
             scores = example["target_scores"]
             correct = [option for option, score in scores.items() if score == 1]
@@ -118,22 +133,46 @@ def bigbench_items(name: str, task: dict) -> Iterator[dict]:
 
 # ---- reasoning-gym ---------------------------------------------------------------------------------------
 
+
 def reasoning_gym_items(name: str, size: int) -> Iterator[dict]:
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset(name, size=size, seed=SEED, **REASONING_GYM[name])
     for index, entry in enumerate(dataset):
         gold = str(entry["answer"]).strip()
-        yield _item(f"reasoning_gym/{name}/{index}", f"reasoning_gym/{name}", "number",
-                    f"{entry['question'].strip()}\n\n{NUMBER_LINE}", gold)
+        yield _item(
+            f"reasoning_gym/{name}/{index}",
+            f"reasoning_gym/{name}",
+            "number",
+            f"{entry['question'].strip()}\n\n{NUMBER_LINE}",
+            gold,
+        )
 
 
 # ---- items -----------------------------------------------------------------------------------------------
 
-def _item(item_id: str, task: str, kind: str, question: str, answer: str, *, options: dict | None = None,
-          aliases: list[str] | None = None) -> dict:
-    return {"id": item_id, "split": None, "source": task.split("/")[0], "task": task, "question": question,
-            "kind": kind, "answer": answer, "options": options, "aliases": aliases or []}
+
+def _item(
+    item_id: str,
+    task: str,
+    kind: str,
+    question: str,
+    answer: str,
+    *,
+    options: dict | None = None,
+    aliases: list[str] | None = None,
+) -> dict:
+    return {
+        "id": item_id,
+        "split": None,
+        "source": task.split("/")[0],
+        "task": task,
+        "question": question,
+        "kind": kind,
+        "answer": answer,
+        "options": options,
+        "aliases": aliases or [],
+    }
 
 
 def _choice_item(item_id: str, task: str, text: str, options: list[str], correct: str) -> dict:
@@ -160,8 +199,14 @@ def letter_options(items: list[dict], rng: random.Random) -> list[dict]:
         lettered = dict(zip(LETTERS, others))
         listing = "\n".join(f"({letter}) {option}" for letter, option in lettered.items())
         gold = next(letter for letter, option in lettered.items() if option == item["answer"])
-        out.append({**item, "question": f"{item['question']}\n\n{listing}\n\n{CHOICE_LINE}", "answer": gold,
-                    "options": lettered})
+        out.append(
+            {
+                **item,
+                "question": f"{item['question']}\n\n{listing}\n\n{CHOICE_LINE}",
+                "answer": gold,
+                "options": lettered,
+            }
+        )
     return out
 
 
@@ -173,10 +218,13 @@ def split(items: list[dict]) -> tuple[list[dict], list[dict]]:
         random.Random(f"{SEED}/{task}").shuffle(pool)
         if len(pool) < DEV_PER_TASK + TEST_PER_TASK:
             raise SystemExit(f"{task}: only {len(pool)} usable items")
-        dev += letter_options([{**item, "split": "dev"} for item in pool[:DEV_PER_TASK]],
-                              random.Random(f"{SEED}/{task}/dev"))
-        test += letter_options([{**item, "split": "test"} for item in pool[DEV_PER_TASK:DEV_PER_TASK + TEST_PER_TASK]],
-                               random.Random(f"{SEED}/{task}/test"))
+        dev += letter_options(
+            [{**item, "split": "dev"} for item in pool[:DEV_PER_TASK]], random.Random(f"{SEED}/{task}/dev")
+        )
+        test += letter_options(
+            [{**item, "split": "test"} for item in pool[DEV_PER_TASK : DEV_PER_TASK + TEST_PER_TASK]],
+            random.Random(f"{SEED}/{task}/test"),
+        )
     return dev, test
 
 

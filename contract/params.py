@@ -69,7 +69,11 @@ class SRGenEngineSettings(BaseModel):
 
     # Defaults by keyword: type checkers take a field's default only from `default=`, and the server's
     # settings build this model with no arguments.
-    max_sequences: int = Field(default=16, ge=1,
-                               description="sequences running SRGen at once; later ones run without it")
-    max_rows_per_step: int = Field(default=4, ge=1, description="rows corrected in one engine step; a correction "
-                                   "stalls the whole batch, so this bounds the stall")
+    max_sequences: int = Field(
+        default=16, ge=1, description="sequences running SRGen at once; later ones run without it"
+    )
+    max_rows_per_step: int = Field(
+        default=4,
+        ge=1,
+        description="rows corrected in one engine step; a correction stalls the whole batch, so this bounds the stall",
+    )

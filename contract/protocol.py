@@ -109,6 +109,7 @@ def parse_handshake_reply(message: str) -> Handshake | None:
 
 # ---- signing ----------------------------------------------------------------------------------------------
 
+
 def new_request_key() -> str:
     return secrets.token_hex(16)
 
@@ -125,16 +126,21 @@ def signature(secret: str, key: str, policy: str, params_json: str) -> str:
 def signed_xargs(secret: str, policy: str, params_json: str, key: str | None = None) -> dict[str, str]:
     """Proxy side: the `vllm_xargs` that ask the plugin to run `policy` with these parameters."""
     key = key or new_request_key()
-    return {POLICY_ARG: policy, PARAMS_ARG: params_json, REQUEST_KEY_ARG: key,
-            SIGNATURE_ARG: signature(secret, key, policy, params_json)}
+    return {
+        POLICY_ARG: policy,
+        PARAMS_ARG: params_json,
+        REQUEST_KEY_ARG: key,
+        SIGNATURE_ARG: signature(secret, key, policy, params_json),
+    }
 
 
 def check_signature(args: dict[str, Any], secret: str | None) -> str:
     """Engine side: "ok", "no secret" or "mismatch" for a request's refine arguments."""
     if not secret:
         return "no secret"
-    expected = signature(secret, str(args.get(REQUEST_KEY_ARG)), str(args.get(POLICY_ARG)),
-                         str(args.get(PARAMS_ARG, "{}")))
+    expected = signature(
+        secret, str(args.get(REQUEST_KEY_ARG)), str(args.get(POLICY_ARG)), str(args.get(PARAMS_ARG, "{}"))
+    )
     return "ok" if hmac.compare_digest(expected, str(args.get(SIGNATURE_ARG, ""))) else "mismatch"
 
 
@@ -154,6 +160,7 @@ def engine_policy_limits() -> dict[str, dict[str, Any]]:
 
 
 # ---- events -----------------------------------------------------------------------------------------------
+
 
 def events_dir() -> Path:
     """Where event files live: $REFINE_ENGINE_EVENTS_DIR, else a fixed folder under the system temp dir."""

@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from refine_server.contract.params import PolicyParams, enforce_limits
+from refine_server.contract.params import (
+    SRGEN,
+    PolicyParams,
+    SRGenEngineSettings,
+    SRGenLimits,
+    SRGenParams,
+    enforce_limits,
+)
 from refine_server.contract.protocol import (
     ALLOW_FAULTS_ENV,
     FAULT_ARG,
@@ -37,7 +44,6 @@ from refine_server.contract.protocol import (
     handshake_reply,
     is_request_key,
 )
-from refine_server.contract.params import SRGEN, SRGenEngineSettings, SRGenLimits, SRGenParams
 from refine_server.engine_plugin.tap import read_facts
 
 IN_ENGINE_POLICIES = (SRGEN, TOKEN_STATS)
@@ -84,8 +90,10 @@ def validate(sampling_params: Any) -> None:
     if not is_request_key(args.get(REQUEST_KEY_ARG)):
         raise ValueError(f"{PLUGIN_MARKER}: {REQUEST_KEY_ARG} must be 32 lowercase hex digits")
     if signed != "ok":
-        raise ValueError(f"{PLUGIN_MARKER}: in-engine policies run only for requests that refine signed "
-                         f"({signed}); send them through refine")
+        raise ValueError(
+            f"{PLUGIN_MARKER}: in-engine policies run only for requests that refine signed "
+            f"({signed}); send them through refine"
+        )
     if FAULT_ARG in args and not faults_allowed():
         raise ValueError(f"{PLUGIN_MARKER}: {FAULT_ARG} is for test engines only")
     if policy == TOKEN_STATS:
@@ -122,6 +130,12 @@ def _answer_handshake(args: dict[str, Any], signed: str) -> None:
         append_event(events_dir(), key, {"event": "handshake"})
     # The sensor is offered only where it can report: that one check is how a proxy tells whether to fall back.
     offered = [p for p in IN_ENGINE_POLICIES if p != TOKEN_STATS or not unsupported("token_stats_unsupported")]
-    report = Handshake(protocol=PROTOCOL_VERSION, version=plugin_version(), policies=offered,
-                       signature=signed, limits={SRGEN: srgen_limits().model_dump()}, unsupported=unsupported())
+    report = Handshake(
+        protocol=PROTOCOL_VERSION,
+        version=plugin_version(),
+        policies=offered,
+        signature=signed,
+        limits={SRGEN: srgen_limits().model_dump()},
+        unsupported=unsupported(),
+    )
     raise ValueError(handshake_reply(report))

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from refine_server.contract.params import SRGEN, SRGenParams
+from refine_server.contract.protocol import FAULT_ARG, PARAMS_ARG, POLICY_ARG, REQUEST_KEY_ARG, events_dir
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.events import EventWriter
-from refine_server.contract.protocol import FAULT_ARG, PARAMS_ARG, POLICY_ARG, REQUEST_KEY_ARG, events_dir
 from refine_server.engine_plugin.sequences import SequenceTable, SRGenSequence
 from refine_server.engine_plugin.srgen import EntropyMonitor, ReflectionInput, reflect
-from refine_server.contract.params import SRGEN, SRGenParams
 from refine_server.engine_plugin.tap import HIDDEN_STATES, HiddenStateTap
 from refine_server.kernels.distribution_stats import token_stats
 
@@ -47,14 +47,27 @@ def make_srgen(vllm_config) -> SRGenCorrector:
     """The corrector a logits processor of either runner drives, set up from the engine's config."""
     settings = admission.srgen_engine_settings()
     model = vllm_config.model_config
-    return SRGenCorrector(HIDDEN_STATES, EventWriter(events_dir(), model.tokenizer),
-                          SequenceTable(settings.max_sequences), vocab_size=model.get_vocab_size(),
-                          max_len=model.max_model_len, max_rows_per_step=settings.max_rows_per_step)
+    return SRGenCorrector(
+        HIDDEN_STATES,
+        EventWriter(events_dir(), model.tokenizer),
+        SequenceTable(settings.max_sequences),
+        vocab_size=model.get_vocab_size(),
+        max_len=model.max_model_len,
+        max_rows_per_step=settings.max_rows_per_step,
+    )
 
 
 class SRGenCorrector:
-    def __init__(self, tap: HiddenStateTap, events: EventWriter, table: SequenceTable, *, vocab_size: int,
-                 max_len: int, max_rows_per_step: int):
+    def __init__(
+        self,
+        tap: HiddenStateTap,
+        events: EventWriter,
+        table: SequenceTable,
+        *,
+        vocab_size: int,
+        max_len: int,
+        max_rows_per_step: int,
+    ):
         self.tap = tap
         self.events = events
         self.table = table
@@ -78,8 +91,15 @@ class SRGenCorrector:
         temperature = sampling_params.temperature if (sampling_params.temperature or 0) > 1e-5 else 1.0
         fault = args.get(FAULT_ARG) if admission.faults_allowed() else None
         full = self.table.full()
-        seq = self.table.add(sampling_params, key=args[REQUEST_KEY_ARG], params=params, temperature=temperature,
-                             prompt_len=prompt_len, monitor=EntropyMonitor(params), fault=fault)
+        seq = self.table.add(
+            sampling_params,
+            key=args[REQUEST_KEY_ARG],
+            params=params,
+            temperature=temperature,
+            prompt_len=prompt_len,
+            monitor=EntropyMonitor(params),
+            fault=fault,
+        )
         self.events.emit(seq.key, {"event": "admitted", "sequence": seq.ordinal})
         if full:
             self.stop(seq, f"this engine already runs SRGen for {self.table.max_sequences} sequences (its limit)")
@@ -102,8 +122,7 @@ class SRGenCorrector:
         monitored = [r for r in ready if r.context_len > r.seq.prompt_len]
         if not monitored:
             return
-        temperatures = torch.tensor([r.seq.temperature for r in monitored], dtype=torch.float32,
-                                    device=logits.device)
+        temperatures = torch.tensor([r.seq.temperature for r in monitored], dtype=torch.float32, device=logits.device)
         entropy, _, _ = token_stats(logits[[r.row for r in monitored]], temperatures)
         triggered: list[tuple[SRGenRow, float, float]] = []
         for r, h in zip(monitored, entropy.tolist()):
@@ -112,12 +131,19 @@ class SRGenCorrector:
                 triggered.append((r, h, tau))
         if not triggered:
             return
-        for r, h, _ in triggered[self.max_rows_per_step:]:
+        for r, h, _ in triggered[self.max_rows_per_step :]:
             # Over the per-step limit: decoded uncorrected, the budget not spent, and the trace says so.
             r.seq.monitor.refund()
-            self.events.emit(r.seq.key, {"event": "skipped", "sequence": r.seq.ordinal,
-                                         "output_index": r.context_len - r.seq.prompt_len, "entropy": round(h, 4),
-                                         "reason": f"more than {self.max_rows_per_step} rows triggered this step"})
+            self.events.emit(
+                r.seq.key,
+                {
+                    "event": "skipped",
+                    "sequence": r.seq.ordinal,
+                    "output_index": r.context_len - r.seq.prompt_len,
+                    "entropy": round(h, 4),
+                    "reason": f"more than {self.max_rows_per_step} rows triggered this step",
+                },
+            )
         self._correct(logits, triggered[: self.max_rows_per_step])
         self.events.flush()
 
@@ -129,13 +155,16 @@ class SRGenCorrector:
         seq, missing = r.seq, r.context_len - r.seq.filled
         sampled = self.tap.sampled
         if missing == 1 and sampled is not None and sampled.shape[0] == logits.shape[0]:
-            return seq.store(sampled[r.row: r.row + 1], r.context_len - 1, self.max_len)
+            return seq.store(sampled[r.row : r.row + 1], r.context_len - 1, self.max_len)
         if missing <= 0:
             return True
         capture = self.tap.forward
         if capture is None or capture.query_start_loc is None:
-            self.stop(seq, "this step's prompt hidden states were not captured (a full CUDA graph replay, or an "
-                           "attention backend without query_start_loc)")
+            self.stop(
+                seq,
+                "this step's prompt hidden states were not captured (a full CUDA graph replay, or an "
+                "attention backend without query_start_loc)",
+            )
             return False
         start, end, first = capture.host_rows[r.row]
         if end <= start:
@@ -153,8 +182,11 @@ class SRGenCorrector:
         for r, h, tau in triggered:
             ids = r.token_ids()[: r.context_len].to(device=logits.device, dtype=torch.long)
             if ids.numel() != r.context_len or bool(((ids < 0) | (ids >= self.vocab_size)).any()):
-                self.stop(r.seq, "the engine had not committed this sequence's last tokens (placeholders under "
-                                 "async scheduling of the V1 runner)")
+                self.stop(
+                    r.seq,
+                    "the engine had not committed this sequence's last tokens (placeholders under "
+                    "async scheduling of the V1 runner)",
+                )
                 continue
             # Hidden states are freed only once a sequence is done (stopped, or its budget spent): step() skips those.
             assert r.seq.hidden is not None
@@ -178,18 +210,21 @@ class SRGenCorrector:
         for (r, h, tau), shift in zip(kept, shifts):
             before = self._top_token(logits[r.row], r.seq.temperature)
             logits[r.row] += shift
-            self.events.emit(r.seq.key, {
-                "event": "correction",
-                "sequence": r.seq.ordinal,
-                "output_index": r.context_len - r.seq.prompt_len,
-                "position": r.context_len,
-                "entropy": round(h, 4),
-                "threshold": round(tau, 4),
-                "token_before": before,
-                "token_after": self._top_token(logits[r.row], r.seq.temperature),
-                "seconds": round(seconds, 4),
-                "batch_rows": len(kept),
-            })
+            self.events.emit(
+                r.seq.key,
+                {
+                    "event": "correction",
+                    "sequence": r.seq.ordinal,
+                    "output_index": r.context_len - r.seq.prompt_len,
+                    "position": r.context_len,
+                    "entropy": round(h, 4),
+                    "threshold": round(tau, 4),
+                    "token_before": before,
+                    "token_after": self._top_token(logits[r.row], r.seq.temperature),
+                    "seconds": round(seconds, 4),
+                    "batch_rows": len(kept),
+                },
+            )
             if r.seq.done:
                 r.seq.release()
 

@@ -30,15 +30,20 @@ def register() -> None:
 
     def load_model_with_tap(self, vllm_config, model_config, prefix: str = ""):
         from refine_server.contract.protocol import events_dir
-        from refine_server.engine_plugin.tap import HIDDEN_STATES, write_facts
         from refine_server.engine_plugin.sensor import token_stats_unsupported
+        from refine_server.engine_plugin.tap import HIDDEN_STATES, write_facts
 
         model = original(self, vllm_config, model_config, prefix=prefix)
         if hasattr(model, "lm_head"):
             HIDDEN_STATES.attach(model, vllm_config)
-            write_facts(events_dir(), {"version": admission.plugin_version(),
-                                       "unsupported": HIDDEN_STATES.unsupported,
-                                       "token_stats_unsupported": token_stats_unsupported(vllm_config)})
+            write_facts(
+                events_dir(),
+                {
+                    "version": admission.plugin_version(),
+                    "unsupported": HIDDEN_STATES.unsupported,
+                    "token_stats_unsupported": token_stats_unsupported(vllm_config),
+                },
+            )
         return model
 
     load_model_with_tap._refine_tap = True  # type: ignore[attr-defined]

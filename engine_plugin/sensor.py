@@ -48,10 +48,15 @@ log = logging.getLogger(__name__)
 class TokenStatsEngineSettings(BaseModel):
     """Set by the operator (`REFINE_ENGINE_TOKEN_STATS`, JSON), read by the plugin."""
 
-    max_rows_per_step: int = Field(64, ge=1, description=(
-        "rows measured in one engine step. Each keeps a float32 copy of its logits row until the sampler has "
-        "drawn (max_rows_per_step * vocabulary * 4 bytes, allocated on first use, outside vLLM's memory "
-        "profile); rows over it get no record that step, and the proxy reports those tokens as missing"))
+    max_rows_per_step: int = Field(
+        64,
+        ge=1,
+        description=(
+            "rows measured in one engine step. Each keeps a float32 copy of its logits row until the sampler has "
+            "drawn (max_rows_per_step * vocabulary * 4 bytes, allocated on first use, outside vLLM's memory "
+            "profile); rows over it get no record that step, and the proxy reports those tokens as missing"
+        ),
+    )
 
 
 @cache
@@ -103,8 +108,12 @@ class _Pending:
 
 def make_sensor(vllm_config: Any) -> TokenStatsSensor:
     """The sensor a logits processor of either runner drives, set up from the engine's config."""
-    return TokenStatsSensor(events_dir(), vocab_size=vllm_config.model_config.get_vocab_size(),
-                            capacity=token_stats_engine_settings().max_rows_per_step, reports=_reporting_rank())
+    return TokenStatsSensor(
+        events_dir(),
+        vocab_size=vllm_config.model_config.get_vocab_size(),
+        capacity=token_stats_engine_settings().max_rows_per_step,
+        reports=_reporting_rank(),
+    )
 
 
 def _reporting_rank() -> bool:
@@ -181,8 +190,12 @@ class TokenStatsSensor:
     def _measure(self, logits: torch.Tensor, rows: list[StatsRow]) -> _Pending:
         if len(rows) > self.capacity:
             if not self._overflow_logged:
-                log.warning("refine token statistics: %d rows asked in one step, %d measured "
-                            "(max_rows_per_step); the rest are reported missing", len(rows), self.capacity)
+                log.warning(
+                    "refine token statistics: %d rows asked in one step, %d measured "
+                    "(max_rows_per_step); the rest are reported missing",
+                    len(rows),
+                    self.capacity,
+                )
                 self._overflow_logged = True
             rows = rows[: self.capacity]
         kept, lse, values = self._buffers(logits.device)
@@ -203,8 +216,11 @@ class TokenStatsSensor:
         if pending is None:
             return
         if token_ids.shape[0] < pending.rows_needed:  # not the draw `observe` measured for: drop the step
-            log.warning("refine token statistics: the sampler drew %d rows, the step had %d; step dropped",
-                        token_ids.shape[0], pending.rows_needed)
+            log.warning(
+                "refine token statistics: the sampler drew %d rows, the step had %d; step dropped",
+                token_ids.shape[0],
+                pending.rows_needed,
+            )
             return
         assert self._kept is not None and self._lse is not None and self._values is not None and self._writer
         k = len(pending.places)

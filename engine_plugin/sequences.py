@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refine_server.engine_plugin.srgen import EntropyMonitor
 from refine_server.contract.params import SRGenParams
+from refine_server.engine_plugin.srgen import EntropyMonitor
 
 
 @dataclass
@@ -67,7 +67,7 @@ class SRGenSequence:
             return False
         for other in self.family:
             if other is not self and other.hidden is not None and other.filled >= upto:
-                self._write(other.hidden[self.filled:upto], self.filled, max_len)
+                self._write(other.hidden[self.filled : upto], self.filled, max_len)
                 return True
         return False
 

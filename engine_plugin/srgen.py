@@ -26,8 +26,8 @@ import torch
 from refine_server.contract.params import SRGenParams
 from refine_server.kernels.srgen_loss import srgen_loss_and_grad
 
-
 # ---- monitor ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class EntropyMonitor:
@@ -41,7 +41,7 @@ class EntropyMonitor:
         p = self.params
         if len(self.history) < p.window:
             return p.warmup_threshold
-        recent = self.history[-p.window:]
+        recent = self.history[-p.window :]
         return max(statistics.fmean(recent) + p.k * max(statistics.stdev(recent), p.min_std), p.min_threshold)
 
     def observe(self, entropy: float) -> tuple[bool, float]:
@@ -59,6 +59,7 @@ class EntropyMonitor:
 
 
 # ---- reflect ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ReflectionInput:
@@ -82,8 +83,9 @@ def reflect(rows: list[ReflectionInput], weight: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(False):
         hidden = [r.hidden.detach() for r in rows]  # the engine dtype: the kernels upcast chunk by chunk
         targets = [r.token_ids[1:].detach().clone() for r in rows]
-        deltas = [torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device, requires_grad=True)
-                  for _ in rows]
+        deltas = [
+            torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device, requires_grad=True) for _ in rows
+        ]
         # AdamW as in the official code: weight_decay=1e-8, eps=1e-5, per-request learning rate.
         optimizer = torch.optim.AdamW(
             [{"params": [d], "lr": r.params.lr} for d, r in zip(deltas, rows)], weight_decay=1e-8, eps=1e-5

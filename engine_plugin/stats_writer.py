@@ -85,7 +85,8 @@ class StatsWriter:
         by_key: dict[str, list[bytes]] = {}
         for place, (token, entropy, varentropy, margin, prob) in zip(places, rows):
             by_key.setdefault(place.key, []).append(
-                RECORD.pack(place.sequence, place.output_index, int(token), entropy, varentropy, margin, prob))
+                RECORD.pack(place.sequence, place.output_index, int(token), entropy, varentropy, margin, prob)
+            )
         self._folder.mkdir(parents=True, exist_ok=True)
         for key, records in by_key.items():
             if is_request_key(key):  # checked at admission too: a key never names a path outside the folder

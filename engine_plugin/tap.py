@@ -113,7 +113,9 @@ def unsupported_reasons(model: torch.nn.Module, vllm_config: Any) -> list[str]:
         reasons.append("the model has no lm_head weight")
     else:
         if not lm_head.weight.is_floating_point() or type(getattr(lm_head, "quant_method", None)).__name__ not in (
-            "NoneType", "UnquantizedEmbeddingMethod"):
+            "NoneType",
+            "UnquantizedEmbeddingMethod",
+        ):
             reasons.append("a quantised lm_head")
         if getattr(lm_head, "bias", None) is not None:
             reasons.append("an lm_head with a bias")

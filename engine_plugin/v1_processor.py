@@ -17,9 +17,9 @@ from vllm.v1.sample.sampler import Sampler
 from refine_server.engine_plugin import admission
 from refine_server.engine_plugin.corrector import SRGenCorrector, SRGenRow, make_srgen
 from refine_server.engine_plugin.sampler_hook import SAMPLED_TOKENS, wrap_sampler
+from refine_server.engine_plugin.sensor import StatsRow, StatsSequence, TokenStatsSensor, make_sensor
 from refine_server.engine_plugin.sequences import SRGenSequence
 from refine_server.engine_plugin.tap import HIDDEN_STATES
-from refine_server.engine_plugin.sensor import StatsRow, StatsSequence, TokenStatsSensor, make_sensor
 
 
 @dataclass

@@ -45,8 +45,9 @@ def token_stats(logits: Tensor, temperature: Tensor | float = 1.0, *, lse_out: T
     return token_stats_torch(logits, temperature, lse_out=lse_out)
 
 
-def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0, *,
-                      lse_out: Tensor | None = None) -> TokenStats:
+def token_stats_torch(
+    logits: Tensor, temperature: Tensor | float = 1.0, *, lse_out: Tensor | None = None
+) -> TokenStats:
     """PyTorch version of token_stats(): works on any device, materialises a few [R, V] float32 tensors."""
     temps = _temperature_per_row(temperature, logits.shape[0], logits.device)
     scaled = logits.float() / temps[:, None]
@@ -61,8 +62,9 @@ def token_stats_torch(logits: Tensor, temperature: Tensor | float = 1.0, *,
     return entropy, varentropy, _top2_margin(p)
 
 
-def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0, *,
-                       lse_out: Tensor | None = None) -> TokenStats:
+def token_stats_triton(
+    logits: Tensor, temperature: Tensor | float = 1.0, *, lse_out: Tensor | None = None
+) -> TokenStats:
     """Triton version of token_stats(): one program per row, two streaming passes over the vocabulary.
 
     Meant for CUDA tensors; also runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
@@ -76,9 +78,16 @@ def token_stats_triton(logits: Tensor, temperature: Tensor | float = 1.0, *,
     entropy, varentropy, margin = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if rows > 0:  # a launch with an empty grid is an error
         _token_stats_kernel[(rows,)](
-            logits, logits.stride(0), temps, vocab, entropy, varentropy, margin,
+            logits,
+            logits.stride(0),
+            temps,
+            vocab,
+            entropy,
+            varentropy,
+            margin,
             entropy if lse_out is None else lse_out,  # a placeholder pointer when WRITE_LSE is off
-            BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK), WRITE_LSE=lse_out is not None,
+            BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK),
+            WRITE_LSE=lse_out is not None,
         )
     return entropy, varentropy, margin
 
@@ -101,8 +110,16 @@ if triton is not None:
 
     @triton.jit
     def _token_stats_kernel(
-        logits_ptr, row_stride, temperature_ptr, vocab, entropy_ptr, varentropy_ptr, margin_ptr, lse_ptr,
-        BLOCK: tl.constexpr, WRITE_LSE: tl.constexpr,
+        logits_ptr,
+        row_stride,
+        temperature_ptr,
+        vocab,
+        entropy_ptr,
+        varentropy_ptr,
+        margin_ptr,
+        lse_ptr,
+        BLOCK: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
     ):
         """One row: pass 1 finds max, normaliser, entropy and the top two; pass 2 needs H for the varentropy.
 

@@ -161,8 +161,10 @@ def _check_shapes(hidden: Tensor, delta: Tensor, weight: Tensor, targets: Tensor
     if positions == 0:
         raise ValueError("hidden has no positions")
     if delta.shape != (dim,) or weight.ndim != 2 or weight.shape[1] != dim:
-        raise ValueError(f"shapes disagree: hidden {tuple(hidden.shape)}, delta {tuple(delta.shape)}, "
-                         f"weight {tuple(weight.shape)}; expected [L, d], [d], [V, d]")
+        raise ValueError(
+            f"shapes disagree: hidden {tuple(hidden.shape)}, delta {tuple(delta.shape)}, "
+            f"weight {tuple(weight.shape)}; expected [L, d], [d], [V, d]"
+        )
     if targets.shape != (positions - 1,):
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected [{positions - 1}] for L = {positions}")
 
@@ -189,7 +191,11 @@ def _ce_chunk_triton(logits: Tensor, targets: Tensor) -> Tensor:
     rows, vocab = logits.shape
     ce = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _ce_residual_kernel[(rows,)](
-        logits, logits.stride(0), targets, vocab, ce,
+        logits,
+        logits.stride(0),
+        targets,
+        vocab,
+        ce,
         BLOCK=min(triton.next_power_of_2(vocab), _MAX_BLOCK),
     )
     return ce.sum()

@@ -13,10 +13,10 @@ from typing import Any
 from refine_server.policies.base import (
     LimitExceeded,
     Policy,
+    PolicyError,
     PolicyLimits,
     PolicyMetric,
     PolicyParams,
-    PolicyError,
     PolicyRequestError,
     PolicyUnavailable,
     enforce_limits,
@@ -75,9 +75,12 @@ class PolicyRegistry:
             raise ValueError(f"limits given for unknown policies: {sorted(unknown)}")
         parsed = {name: self._policies[name].Limits.model_validate(dict(caps)) for name, caps in limits.items()}
         if only_given:
-            parsed = {name: caps.model_copy(update={f: None for f in type(caps).model_fields
-                                                    if f not in caps.model_fields_set})
-                      for name, caps in parsed.items()}
+            parsed = {
+                name: caps.model_copy(
+                    update={f: None for f in type(caps).model_fields if f not in caps.model_fields_set}
+                )
+                for name, caps in parsed.items()
+            }
         return parsed
 
     def resolve(
@@ -94,5 +97,16 @@ class PolicyRegistry:
         return policy, params
 
 
-__all__ = ["BUILTIN_POLICIES", "LimitExceeded", "Policy", "PolicyError", "PolicyLimits", "PolicyMetric",
-           "PolicyParams", "PolicyRegistry", "PolicyRequestError", "PolicyUnavailable", "UnknownPolicy"]
+__all__ = [
+    "BUILTIN_POLICIES",
+    "LimitExceeded",
+    "Policy",
+    "PolicyError",
+    "PolicyLimits",
+    "PolicyMetric",
+    "PolicyParams",
+    "PolicyRegistry",
+    "PolicyRequestError",
+    "PolicyUnavailable",
+    "UnknownPolicy",
+]

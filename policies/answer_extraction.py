@@ -66,8 +66,9 @@ MAX_TEXT_WORDS = 8
 # "approximately 3.5", "a total of 42": a number this many words into the span still is the answer.
 MAX_WORDS_BEFORE_NUMBER = 3
 # Normalised spans that are the template of an answer rather than one ("The answer is X.").
-PLACEHOLDERS = frozenset({"x", "answer", "your answer", "final answer", "your final answer", "answer here",
-                          "your answer here"})
+PLACEHOLDERS = frozenset(
+    {"x", "answer", "your answer", "final answer", "your final answer", "answer here", "your answer here"}
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ _NEGATED = re.compile(
     re.IGNORECASE,
 )
 # Where the first clause of a span ends: what follows is a reason or a restatement, not the answer.
-_CLAUSE_END = re.compile(r",\s|;|\s\u2014|\s(?:because|since|as|so|which|where|given|but|while|when|if)\b",
-                         re.IGNORECASE)
+_CLAUSE_END = re.compile(
+    r",\s|;|\s\u2014|\s(?:because|since|as|so|which|where|given|but|while|when|if)\b", re.IGNORECASE
+)
 _CHOICE = re.compile(
     rf"^(?:{_MARKUP})*"
     r"(?:(?P<option>(?i:option|choice))\s+)?"
@@ -131,14 +133,22 @@ _HEDGE = re.compile(
     r"can not|cant|impossible to|insufficient|no answer|no idea|none of above|dont know|do not know|it depends)\b"
 )
 _BRACKETED_WORDS = re.compile(r"\s*(?:\[[^\]\d]*[A-Za-z]{2}[^\]\d]*\]|<[^>\d]*[A-Za-z]{2}[^>\d]*>)\s*")
-_NEGATION_WORD = re.compile(r"\b(?:not|no|never|neither|nor|cannot|cant|isnt|arent|wasnt|werent|dont|doesnt|"
-                            r"didnt|wont|wouldnt|couldnt|shouldnt)\b")
+_NEGATION_WORD = re.compile(
+    r"\b(?:not|no|never|neither|nor|cannot|cant|isnt|arent|wasnt|werent|dont|doesnt|"
+    r"didnt|wont|wouldnt|couldnt|shouldnt)\b"
+)
 
 
 # ---- public API ------------------------------------------------------------------------------------------
 
-def extract_answer(text: str, kind_hint: AnswerKind | None = None, options: Mapping[str, str] | None = None,
-                   *, marked_only: bool = False) -> Answer | None:
+
+def extract_answer(
+    text: str,
+    kind_hint: AnswerKind | None = None,
+    options: Mapping[str, str] | None = None,
+    *,
+    marked_only: bool = False,
+) -> Answer | None:
     """The answer a whole reply gives, or None when it gives none (see the module docstring for the rules).
 
     `options`: the question's options (letter -> text, as `question_options` returns them), so that a reply
@@ -155,8 +165,9 @@ def extract_answer(text: str, kind_hint: AnswerKind | None = None, options: Mapp
     return None if marked_only else _unmarked_answer(text, kind_hint, options)
 
 
-def parse_answer(text: str, kind_hint: AnswerKind | None = None,
-                 options: Mapping[str, str] | None = None) -> Answer | None:
+def parse_answer(
+    text: str, kind_hint: AnswerKind | None = None, options: Mapping[str, str] | None = None
+) -> Answer | None:
     """The answer a text starts with, read up to the end of its first sentence (" 42." -> 42).
 
     Leading blanks and a colon are skipped (":\\n\\n42" -> 42). A \\boxed{...} that opens within that sentence
@@ -171,7 +182,7 @@ def parse_answer(text: str, kind_hint: AnswerKind | None = None,
     start = leading.end()
     restated = _RESTATEMENT.match(text, start)
     if restated:
-        return extract_answer(text[restated.end():_sentence_end(text, restated.end())], kind_hint, options)
+        return extract_answer(text[restated.end() : _sentence_end(text, restated.end())], kind_hint, options)
     end = _sentence_end(text, start)
     boxed = next((span for span in _boxed_spans(text) if span[0] <= end), None)
     start, end = boxed or (start, end)
@@ -201,12 +212,12 @@ def question_options(question: str) -> dict[str, str]:
         line_end = question.find("\n", m.end())
         end = min(e for e in (line_end, after.start() if after else -1, len(question)) if e >= 0)
         # An inline option ends where the next begins: drop the ", or" between them and the question's own "?".
-        options[_mark_letter(m)] = re.sub(r"(?:[\s,;.?]|\bor\b)+$", "", question[m.end():end].strip())
+        options[_mark_letter(m)] = re.sub(r"(?:[\s,;.?]|\bor\b)+$", "", question[m.end() : end].strip())
     return options
 
 
 def question_kind(question: str) -> AnswerKind | None:
-    """"choice" when the question lists options (see `question_options`), else None: the hint for extraction."""
+    """ "choice" when the question lists options (see `question_options`), else None: the hint for extraction."""
     return "choice" if question_options(question) else None
 
 
@@ -218,6 +229,7 @@ def normalise_text(text: str) -> str:
 
 
 # ---- spans -----------------------------------------------------------------------------------------------
+
 
 def _marked_spans(text: str) -> list[tuple[int, int]]:
     spans = [(m.end(), _sentence_end(text, m.end())) for m in _MARKER.finditer(text)]
@@ -243,14 +255,15 @@ def _sentence_end(text: str, start: int) -> int:
 def _first_clause(text: str, start: int, end: int) -> tuple[int, int]:
     """The part of a span that states the answer: after a negated part, before a reason or restatement."""
     negated = _NEGATED.match(text, start, end)
-    if negated and text[negated.end():end].strip():
+    if negated and text[negated.end() : end].strip():
         start = negated.end()
     cut = _CLAUSE_END.search(text, start, end)
     return start, cut.start() if cut else end
 
 
-def _parse_span(text: str, start: int, end: int, kind_hint: AnswerKind | None,
-                options: Mapping[str, str] | None) -> Answer | None:
+def _parse_span(
+    text: str, start: int, end: int, kind_hint: AnswerKind | None, options: Mapping[str, str] | None
+) -> Answer | None:
     start, end = _first_clause(text, start, end)
     span = text[start:end]
     stripped = span.strip()
@@ -335,8 +348,9 @@ def _unmarked_answer(text: str, kind_hint: AnswerKind | None, options: Mapping[s
         # A reply that opens with an option ("B: it is implausible", "A) 04/22/2016") chose that option.
         opening = bare or (_CHOICE.match(stripped) if kind_hint == "choice" else None)
         if opening and _is_option(opening, kind_hint, leading=True):
-            return Answer("choice", opening["letter"].upper(), offset + opening.start("letter"),
-                          offset + opening.end("letter"))
+            return Answer(
+                "choice", opening["letter"].upper(), offset + opening.start("letter"), offset + opening.end("letter")
+            )
     if kind_hint == "choice":
         return None
     if kind_hint == "text":
@@ -356,10 +370,10 @@ def _parenthesised(text: str) -> list[tuple[int, int]]:
     """The outermost ( ... ) of a text; not LaTeX's \\( \\), which delimits maths rather than an aside."""
     spans, depth, opened = [], 0, 0
     for i, char in enumerate(text):
-        if char == "(" and text[i - 1:i] != "\\":
+        if char == "(" and text[i - 1 : i] != "\\":
             opened = i if depth == 0 else opened
             depth += 1
-        elif char == ")" and depth and text[i - 1:i] != "\\":
+        elif char == ")" and depth and text[i - 1 : i] != "\\":
             depth -= 1
             if depth == 0:
                 spans.append((opened, i + 1))
@@ -367,6 +381,7 @@ def _parenthesised(text: str) -> list[tuple[int, int]]:
 
 
 # ---- numbers ---------------------------------------------------------------------------------------------
+
 
 def _numbers(text: str) -> Iterator[tuple[str, tuple[int, int]]]:
     """Every number in the text: (canonical value, (start, end))."""

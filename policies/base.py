@@ -67,24 +67,46 @@ class PolicyMetric:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _COUNTS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
-CORRECTION_SECONDS = PolicyMetric("refine_correction_seconds", "Time a policy spent correcting, per request",
-                                  "histogram", LATENCY_BUCKETS, unset=0.0)
-CORRECTIONS = PolicyMetric("refine_corrections_per_request", "Corrections a policy made in one request",
-                           "histogram", (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), header="x-refine-corrections")
-ROUNDS = PolicyMetric("refine_rounds_per_request",
-                      "Rounds of generation a policy ran for one request (CyberV: 1 or 2)", "histogram",
-                      (1, 2, 3, 5, 8), header="x-refine-rounds")
-EXTRA_TOKENS = PolicyMetric("refine_extra_tokens", "Tokens a policy generated beyond the answers it returned",
-                            "counter")
-SEARCH_ITERATIONS = PolicyMetric("refine_search_iterations_per_request",
-                                 "Search iterations a searching policy (RAIN) ran for one request", "histogram",
-                                 _COUNTS, header="x-refine-search-iterations")
-REWINDS = PolicyMetric("refine_rewinds_per_request",
-                       "Search iterations whose explored tokens were rewound for good (not under the committed set)",
-                       "histogram", _COUNTS)
-ENGINE_CALLS = PolicyMetric("refine_engine_calls_per_request",
-                            "Generation calls to the backend for one request (searching policies)", "histogram",
-                            _COUNTS, header="x-refine-engine-calls")
+CORRECTION_SECONDS = PolicyMetric(
+    "refine_correction_seconds", "Time a policy spent correcting, per request", "histogram", LATENCY_BUCKETS, unset=0.0
+)
+CORRECTIONS = PolicyMetric(
+    "refine_corrections_per_request",
+    "Corrections a policy made in one request",
+    "histogram",
+    (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89),
+    header="x-refine-corrections",
+)
+ROUNDS = PolicyMetric(
+    "refine_rounds_per_request",
+    "Rounds of generation a policy ran for one request (CyberV: 1 or 2)",
+    "histogram",
+    (1, 2, 3, 5, 8),
+    header="x-refine-rounds",
+)
+EXTRA_TOKENS = PolicyMetric(
+    "refine_extra_tokens", "Tokens a policy generated beyond the answers it returned", "counter"
+)
+SEARCH_ITERATIONS = PolicyMetric(
+    "refine_search_iterations_per_request",
+    "Search iterations a searching policy (RAIN) ran for one request",
+    "histogram",
+    _COUNTS,
+    header="x-refine-search-iterations",
+)
+REWINDS = PolicyMetric(
+    "refine_rewinds_per_request",
+    "Search iterations whose explored tokens were rewound for good (not under the committed set)",
+    "histogram",
+    _COUNTS,
+)
+ENGINE_CALLS = PolicyMetric(
+    "refine_engine_calls_per_request",
+    "Generation calls to the backend for one request (searching policies)",
+    "histogram",
+    _COUNTS,
+    header="x-refine-engine-calls",
+)
 
 
 @dataclass

@@ -66,8 +66,9 @@ class Cost:
         details = usage.get("prompt_tokens_details")
         if details is not None:
             self.cached_prompt_tokens = (self.cached_prompt_tokens or 0) + (details.get("cached_tokens") or 0)
-            self.observed_prompt_tokens += (observed_prompt_tokens if observed_prompt_tokens is not None
-                                            else usage.get("prompt_tokens") or 0)
+            self.observed_prompt_tokens += (
+                observed_prompt_tokens if observed_prompt_tokens is not None else usage.get("prompt_tokens") or 0
+            )
 
     def merge(self, other: Cost) -> None:
         self.calls += other.calls
@@ -78,11 +79,18 @@ class Cost:
             self.observed_prompt_tokens += other.observed_prompt_tokens
 
     def as_dict(self) -> dict[str, Any]:
-        hit_rate = (None if self.cached_prompt_tokens is None or not self.observed_prompt_tokens
-                    else round(self.cached_prompt_tokens / self.observed_prompt_tokens, 4))
-        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens,
-                "cached_prompt_tokens": self.cached_prompt_tokens, "completion_tokens": self.completion_tokens,
-                "prefix_cache_hit_rate": hit_rate}
+        hit_rate = (
+            None
+            if self.cached_prompt_tokens is None or not self.observed_prompt_tokens
+            else round(self.cached_prompt_tokens / self.observed_prompt_tokens, 4)
+        )
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prefix_cache_hit_rate": hit_rate,
+        }
 
 
 @dataclass
@@ -114,8 +122,14 @@ class EngineClient:
     """The backend for one client request. Every generation call carries the client's model, and its seed
     unless the call sets its own, and `fields`' length bound and priority where it sets none."""
 
-    def __init__(self, backend: Transport, request: ClientRequest, budget: Budget | None = None,
-                 tracer: CallTracer = NO_TRACER, fields: CallFields | None = None):
+    def __init__(
+        self,
+        backend: Transport,
+        request: ClientRequest,
+        budget: Budget | None = None,
+        tracer: CallTracer = NO_TRACER,
+        fields: CallFields | None = None,
+    ):
         self._backend = backend
         self.request = request
         self.model = request.model
@@ -154,8 +168,12 @@ class EngineClient:
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
         body = self.fields.fill(body, LENGTH_FIELDS[self.request.endpoint])
-        result = await self.tracer.call("relay", self.request.endpoint, body, lambda: self._backend.post_json(
-            self.request.path, body, endpoint=self.request.endpoint))
+        result = await self.tracer.call(
+            "relay",
+            self.request.endpoint,
+            body,
+            lambda: self._backend.post_json(self.request.path, body, endpoint=self.request.endpoint),
+        )
         self.relayed_tokens += _tokens(result.get("usage"))
         return result
 
@@ -167,22 +185,26 @@ class EngineClient:
         count = self.fields.count_stream_usage
         if count and not named:  # the named-event APIs report usage in their final events unasked
             body = {**body, "stream_options": {**options, "include_usage": True}}
-        chunks = self.tracer.stream("relay", self.request.endpoint, body, self._backend.stream_events(
-            self.request.path, body, endpoint=self.request.endpoint, named=named))
+        chunks = self.tracer.stream(
+            "relay",
+            self.request.endpoint,
+            body,
+            self._backend.stream_events(self.request.path, body, endpoint=self.request.endpoint, named=named),
+        )
         if not count:
             return chunks
         return self._count_usage(chunks, named=named, keep_usage_chunk=named or bool(options.get("include_usage")))
 
-    async def _count_usage(self, chunks: AsyncGenerator[RelayedChunk, None], *, named: bool,
-                           keep_usage_chunk: bool) -> AsyncGenerator[RelayedChunk, None]:
+    async def _count_usage(
+        self, chunks: AsyncGenerator[RelayedChunk, None], *, named: bool, keep_usage_chunk: bool
+    ) -> AsyncGenerator[RelayedChunk, None]:
         """The relayed stream, the usage it reports counted: chat's usage chunk (choices empty, the last),
         dropped unless kept; or the named events that carry usage (Responses' final event, Messages' start
         and delta)."""
         async with aclosing(chunks) as stream:
             async for chunk in stream:
                 if _USAGE in chunk and (named or NO_CHOICES in chunk):
-                    self.relayed_tokens += _tokens(_usage_of(decode(chunk.partition(b"data: ")[2] if named
-                                                                    else chunk)))
+                    self.relayed_tokens += _tokens(_usage_of(decode(chunk.partition(b"data: ")[2] if named else chunk)))
                     if not keep_usage_chunk:
                         continue
                 yield chunk
@@ -192,14 +214,16 @@ class EngineClient:
     async def chat(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
         return await self._generate(purpose, "chat", {"messages": messages, **fields})
 
-    async def completions(self, purpose: str, prompt: list[int] | list[list[int]] | str,
-                          **fields: Any) -> dict[str, Any]:
+    async def completions(
+        self, purpose: str, prompt: list[int] | list[list[int]] | str, **fields: Any
+    ) -> dict[str, Any]:
         # vLLM reports cache hits for the last prompt of a batch only: count the hit rate over that one.
         observed = len(prompt[-1]) if _is_batch(prompt) else None
         return await self._generate(purpose, "completions", {"prompt": prompt, **fields}, observed)
 
-    async def stream_completions(self, purpose: str, prompt: list[int], *, budgeted: bool = True,
-                                 **fields: Any) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_completions(
+        self, purpose: str, prompt: list[int], *, budgeted: bool = True, **fields: Any
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """A streamed completion, chunk by chunk. The caller may stop reading at any point: that closes the
         connection and vLLM aborts the rest; the usage reported so far is still counted.
         `budgeted=False`: the call finishes an answer after the budget ran out, so it is not checked."""
@@ -207,12 +231,19 @@ class EngineClient:
             self._check_budget()
         cost = self._charge(purpose)
         body = self._body({"prompt": prompt, "stream": True, **fields})
-        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True,
-                                  **(fields.get("stream_options") or {})}
+        body["stream_options"] = {
+            "include_usage": True,
+            "continuous_usage_stats": True,
+            **(fields.get("stream_options") or {}),
+        }
         usage: dict[str, Any] = {}
         try:
-            chunks = self.tracer.stream(purpose, "completions", body,
-                                        self._backend.stream_json(PATHS["completions"], body, endpoint="completions"))
+            chunks = self.tracer.stream(
+                purpose,
+                "completions",
+                body,
+                self._backend.stream_json(PATHS["completions"], body, endpoint="completions"),
+            )
             async with aclosing(chunks) as stream:
                 async for chunk in stream:
                     usage = chunk.get("usage") or usage
@@ -233,18 +264,19 @@ class EngineClient:
         """Why this backend cannot report token statistics (fall back to top_logprobs), or None when it can."""
         return await unavailable_reason(self)
 
-    async def chat_with_token_stats(self, purpose: str, messages: list[dict[str, Any]],
-                                    **fields: Any) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
+    async def chat_with_token_stats(
+        self, purpose: str, messages: list[dict[str, Any]], **fields: Any
+    ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`chat`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
         return await measure(self, fields, lambda body: self.chat(purpose, messages, **body))
 
-    async def completions_with_token_stats(self, purpose: str, prompt: list[int] | list[list[int]] | str,
-                                           **fields: Any) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
+    async def completions_with_token_stats(
+        self, purpose: str, prompt: list[int] | list[list[int]] | str, **fields: Any
+    ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`completions`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
         return await measure(self, fields, lambda body: self.completions(purpose, prompt, **body))
 
-    async def relay_with_token_stats(self, body: dict[str, Any]) -> tuple[dict[str, Any],
-                                                                          dict[int, ChoiceTokenStats]]:
+    async def relay_with_token_stats(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`relay`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
         return await measure(self, body, self.relay)
 
@@ -277,21 +309,26 @@ class EngineClient:
     def usage(self) -> dict[str, Any]:
         """The OpenAI usage of the whole request: every engine call, not only the answer's tokens."""
         total = self.spend.total()
-        usage: dict[str, Any] = {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
-                                 "total_tokens": total.prompt_tokens + total.completion_tokens}
+        usage: dict[str, Any] = {
+            "prompt_tokens": total.prompt_tokens,
+            "completion_tokens": total.completion_tokens,
+            "total_tokens": total.prompt_tokens + total.completion_tokens,
+        }
         if total.cached_prompt_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": total.cached_prompt_tokens}
         return usage
 
     # ---- internals ---------------------------------------------------------------------------------------
 
-    async def _generate(self, purpose: str, endpoint: Endpoint, fields: dict[str, Any],
-                        observed_prompt_tokens: int | None = None) -> dict[str, Any]:
+    async def _generate(
+        self, purpose: str, endpoint: Endpoint, fields: dict[str, Any], observed_prompt_tokens: int | None = None
+    ) -> dict[str, Any]:
         self._check_budget()
         cost = self._charge(purpose)
         body = self._body(fields)
-        result = await self.tracer.call(purpose, endpoint, body, lambda: self._backend.post_json(
-            PATHS[endpoint], body, endpoint=endpoint))
+        result = await self.tracer.call(
+            purpose, endpoint, body, lambda: self._backend.post_json(PATHS[endpoint], body, endpoint=endpoint)
+        )
         cost.add(result.get("usage") or {}, observed_prompt_tokens)
         return result
 
@@ -327,15 +364,20 @@ _USAGE = b'"usage":{'
 
 
 # Where each endpoint takes its length bound, for the server's default on a relayed request.
-LENGTH_FIELDS: dict[Endpoint, str] = {"chat": "max_completion_tokens", "completions": "max_tokens",
-                                      "responses": "max_output_tokens", "messages": "max_tokens"}
+LENGTH_FIELDS: dict[Endpoint, str] = {
+    "chat": "max_completion_tokens",
+    "completions": "max_tokens",
+    "responses": "max_output_tokens",
+    "messages": "max_tokens",
+}
 
 
 def _tokens(usage: dict[str, Any] | None) -> int:
     """Prompt and completion tokens of a usage, in OpenAI's names or the Responses and Messages APIs'."""
     usage = usage or {}
-    return ((usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-            + (usage.get("completion_tokens") or usage.get("output_tokens") or 0))
+    return (usage.get("prompt_tokens") or usage.get("input_tokens") or 0) + (
+        usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    )
 
 
 def _usage_of(event: dict[str, Any]) -> dict[str, Any] | None:
@@ -344,8 +386,6 @@ def _usage_of(event: dict[str, Any]) -> dict[str, Any] | None:
         return event["usage"]
     inner = event.get("response") or event.get("message") or {}
     return inner.get("usage") if isinstance(inner, dict) else None
-
-
 
 
 def _is_batch(prompt: list[int] | list[list[int]] | str) -> TypeGuard[list[list[int]]]:

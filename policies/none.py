@@ -31,8 +31,10 @@ class NonePolicy(Policy[PolicyParams]):
         if not _wants_token_stats(params):
             return await call.engine.relay(call.request.body)
         if call.request.endpoint not in ("chat", "completions"):
-            raise PolicyRequestError("refine.token_stats summarises choices: it is for the chat and completions "
-                                     "endpoints", "refine.token_stats")
+            raise PolicyRequestError(
+                "refine.token_stats summarises choices: it is for the chat and completions endpoints",
+                "refine.token_stats",
+            )
         return await _with_token_stats_summary(call)
 
     def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncGenerator[RelayedChunk, None]:
@@ -58,6 +60,8 @@ async def _with_token_stats_summary(call: PolicyCall) -> dict[str, Any]:
         for choice in result.get("choices") or ():
             choice.pop("token_ids", None)
             choice.pop("prompt_token_ids", None)
-    call.trace.data = {"token_stats": "reported",
-                       "choices": [{"index": index, **stats[index].summary()} for index in sorted(stats)]}
+    call.trace.data = {
+        "token_stats": "reported",
+        "choices": [{"index": index, **stats[index].summary()} for index in sorted(stats)],
+    }
     return result

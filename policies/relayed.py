@@ -108,13 +108,21 @@ class StreamFormat:
 
 
 CHOICE_CHUNKS = StreamFormat(named=False)
-RESPONSE_EVENTS = StreamFormat(named=True, final_types=("response.completed", "response.incomplete",
-                                                        "response.failed"),
-                               token_types=("response.output_text.delta",), ends_with_done=False)
-MESSAGE_EVENTS = StreamFormat(named=True, final_types=("message_stop",), token_types=("content_block_delta",),
-                              ends_with_done=False)
-STREAM_FORMATS = {"chat": CHOICE_CHUNKS, "completions": CHOICE_CHUNKS, "responses": RESPONSE_EVENTS,
-                  "messages": MESSAGE_EVENTS}
+RESPONSE_EVENTS = StreamFormat(
+    named=True,
+    final_types=("response.completed", "response.incomplete", "response.failed"),
+    token_types=("response.output_text.delta",),
+    ends_with_done=False,
+)
+MESSAGE_EVENTS = StreamFormat(
+    named=True, final_types=("message_stop",), token_types=("content_block_delta",), ends_with_done=False
+)
+STREAM_FORMATS = {
+    "chat": CHOICE_CHUNKS,
+    "completions": CHOICE_CHUNKS,
+    "responses": RESPONSE_EVENTS,
+    "messages": MESSAGE_EVENTS,
+}
 
 
 def finished_choices(chunk: dict[str, Any]) -> set[int]:

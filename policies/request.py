@@ -12,8 +12,12 @@ from refine_server.policies.relayed import STREAM_FORMATS, StreamFormat
 # (refine translates a Responses or Messages request into chat for it); a relaying policy (`none`, SRGen) may
 # see any of them, and forwards the body to vLLM's endpoint of the same name.
 Endpoint = Literal["chat", "completions", "responses", "messages"]
-PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-                              "responses": "/v1/responses", "messages": "/v1/messages"}
+PATHS: dict[Endpoint, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -87,13 +91,15 @@ class ClientRequest:
         messages = self.messages or [{}]
         last = messages[-1]
         if last.get("role") != "user":
-            raise PolicyRequestError(f"policy {policy} answers the last message, which must come from the user",
-                                     "messages")
+            raise PolicyRequestError(
+                f"policy {policy} answers the last message, which must come from the user", "messages"
+            )
         content = last.get("content")
         if isinstance(content, list):
             if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
-                raise PolicyRequestError(f"policy {policy} reads text only: the last message has non-text parts",
-                                         "messages")
+                raise PolicyRequestError(
+                    f"policy {policy} reads text only: the last message has non-text parts", "messages"
+                )
             content = "\n".join(str(part.get("text", "")) for part in content)
         if not isinstance(content, str):
             raise PolicyRequestError("the last user message has no text to answer", "messages")

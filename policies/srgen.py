@@ -12,8 +12,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refine_server.contract.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.contract.params import SRGEN, SRGenLimits, SRGenParams
+from refine_server.contract.protocol import REQUEST_KEY_ARG, discard_events, read_events, signed_xargs
 from refine_server.policies.base import CORRECTION_SECONDS, CORRECTIONS, Policy, PolicyCall
 from refine_server.policies.relayed import RelayedChunk
 
@@ -59,8 +59,11 @@ class SRGenPolicy(Policy[SRGenParams]):
 def _engine_body(call: PolicyCall, params: SRGenParams) -> dict[str, Any]:
     # The client's own vllm_xargs (only keys the operator opened) travel alongside refine's.
     fields = srgen_fields(call.engine, params)
-    return {**call.request.body, **fields,
-            "vllm_xargs": {**(call.request.body.get("vllm_xargs") or {}), **fields["vllm_xargs"]}}
+    return {
+        **call.request.body,
+        **fields,
+        "vllm_xargs": {**(call.request.body.get("vllm_xargs") or {}), **fields["vllm_xargs"]},
+    }
 
 
 def srgen_fields(engine: EngineClient, params: SRGenParams) -> dict[str, Any]:
@@ -90,9 +93,12 @@ def _fill_trace(call: PolicyCall, folder: Path, key: str) -> None:
 
 def _report(events: list[dict[str, Any]] | None) -> dict[str, Any]:
     if events is None:
-        return {"engine_events": "unavailable: the engine's event file was not found (do refine and vLLM share "
-                                 "engine_events_dir? corrections, if any, were made but cannot be listed)",
-                "num_corrections": None, "corrections": None}
+        return {
+            "engine_events": "unavailable: the engine's event file was not found (do refine and vLLM share "
+            "engine_events_dir? corrections, if any, were made but cannot be listed)",
+            "num_corrections": None,
+            "corrections": None,
+        }
     corrections = _of_kind(events, "correction")
     # Triggers the engine's per-step limit left uncorrected (the token was decoded as the engine had it).
     skipped = _of_kind(events, "skipped")

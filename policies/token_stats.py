@@ -63,10 +63,12 @@ class ChoiceTokenStats:
     def summary(self) -> dict[str, Any]:
         """Mean and max entropy over the tokens reported, and how many tokens there are."""
         known = [h for h in self.entropy if not math.isnan(h)]
-        return {"tokens": len(self.token_ids),
-                "mean_entropy": round(sum(known) / len(known), 4) if known else None,
-                "max_entropy": round(max(known), 4) if known else None,
-                **({"missing": self.missing} if self.missing else {})}
+        return {
+            "tokens": len(self.token_ids),
+            "mean_entropy": round(sum(known) / len(known), 4) if known else None,
+            "max_entropy": round(max(known), 4) if known else None,
+            **({"missing": self.missing} if self.missing else {}),
+        }
 
 
 async def unavailable_reason(engine: EngineClient) -> str | None:
@@ -81,9 +83,9 @@ async def unavailable_reason(engine: EngineClient) -> str | None:
     return problem
 
 
-async def measure(engine: EngineClient, body: dict[str, Any],
-                  send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> tuple[dict[str, Any],
-                                                                                       dict[int, ChoiceTokenStats]]:
+async def measure(
+    engine: EngineClient, body: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
     """`send(body)` with the sensor switched on; the response and each choice's statistics by choice index.
     The response's choices carry `token_ids`. Raises TokenStatsUnavailable where the backend cannot report."""
     reason = await unavailable_reason(engine)
@@ -102,8 +104,9 @@ async def measure(engine: EngineClient, body: dict[str, Any],
         discard_stats(folder, key)
 
 
-async def read_choices(folder: Path, key: str, choices: dict[int, list[int]],
-                       wait_s: float = RECORDS_WAIT_S) -> dict[int, ChoiceTokenStats]:
+async def read_choices(
+    folder: Path, key: str, choices: dict[int, list[int]], wait_s: float = RECORDS_WAIT_S
+) -> dict[int, ChoiceTokenStats]:
     """Each choice's statistics from the request's file, once every token of every choice has its record (or
     `wait_s` has passed: what is still missing is reported as such)."""
     deadline = time.monotonic() + wait_s
@@ -115,8 +118,9 @@ async def read_choices(folder: Path, key: str, choices: dict[int, list[int]],
         await asyncio.sleep(_POLL_S)
 
 
-def match_choices(choices: dict[int, list[int]], sequences: dict[int, dict[int, StatsRecord]], *,
-                  final: bool) -> dict[int, ChoiceTokenStats] | None:
+def match_choices(
+    choices: dict[int, list[int]], sequences: dict[int, dict[int, StatsRecord]], *, final: bool
+) -> dict[int, ChoiceTokenStats] | None:
     """Give each choice the engine sequence that drew its tokens. None while some choice's tokens are not all
     recorded yet (unless `final`: then they are reported missing).
 

@@ -32,8 +32,9 @@ class Transport(Protocol):
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]: ...
 
-    def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str,
-                      named: bool = False) -> AsyncGenerator[bytes, None]:
+    def stream_events(
+        self, path: str, body: dict[str, Any], *, endpoint: str, named: bool = False
+    ) -> AsyncGenerator[bytes, None]:
         """The stream's events as the engine sent them (their JSON bytes; `named`: each event whole, its
         `event:` line included), starting with `relayed.ACCEPTED`."""
         ...
@@ -46,13 +47,15 @@ class Transport(Protocol):
 class CallTracer(Protocol):
     """Wraps each engine call a policy makes (a span per call, when the server traces)."""
 
-    async def call(self, purpose: str, endpoint: str, body: dict[str, Any],
-                   send: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def call(
+        self, purpose: str, endpoint: str, body: dict[str, Any], send: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
         """One non-streaming call: runs `send()` and returns its result."""
         ...
 
-    def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    def stream(
+        self, purpose: str, endpoint: str, body: dict[str, Any], chunks: AsyncGenerator[T, None]
+    ) -> AsyncGenerator[T, None]:
         """One streaming call: the same chunks, in order."""
         ...
 
@@ -60,12 +63,14 @@ class CallTracer(Protocol):
 class NoTracer:
     """The tracer when tracing is off: each call runs as it is, a stream is passed on untouched."""
 
-    async def call(self, purpose: str, endpoint: str, body: dict[str, Any],
-                   send: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def call(
+        self, purpose: str, endpoint: str, body: dict[str, Any], send: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
         return await send()
 
-    def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    def stream(
+        self, purpose: str, endpoint: str, body: dict[str, Any], chunks: AsyncGenerator[T, None]
+    ) -> AsyncGenerator[T, None]:
         return chunks
 
 

@@ -18,20 +18,26 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from refine_server.gatekeeping.policy_slots import Admission
 from refine_server.auth import KeyRing
 from refine_server.backend import Backend
-from refine_server.contract.protocol import EngineLink
 from refine_server.config import Settings
+from refine_server.contract.protocol import (
+    EVENTS_DIR_ENV,
+    LIMITS_ENV,
+    SECRET_ENV,
+    SRGEN_ENGINE_ENV,
+    EngineLink,
+    events_dir,
+)
 from refine_server.discovery import install_openapi
 from refine_server.discovery import router as discovery_router
 from refine_server.engine import EmbeddedEngine, EngineSpec
 from refine_server.engine_fields import check_allow_list
+from refine_server.errors import install_handlers
 from refine_server.gatekeeping.engine_priority import Priorities
 from refine_server.gatekeeping.gatekeeper import Gatekeeper
 from refine_server.gatekeeping.key_budgets import KeyMetrics
-from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV, SRGEN_ENGINE_ENV, events_dir
-from refine_server.errors import install_handlers
+from refine_server.gatekeeping.policy_slots import Admission
 from refine_server.metrics import Metrics
 from refine_server.models.resolve import resolve_model
 from refine_server.openai_api import router as openai_router
@@ -57,8 +63,7 @@ def engine_link(settings: Settings) -> EngineLink:
     return EngineLink(secret=secret, events_dir=settings.engine_events_dir or events_dir())
 
 
-def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink,
-                    metrics: Metrics) -> EmbeddedEngine:
+def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLink, metrics: Metrics) -> EmbeddedEngine:
     """The engine for `settings.model`; an unknown model raises `UnknownModel` here, at start."""
     model = resolve_model(settings.model)
     name = settings.served_model_name or model.name
@@ -87,8 +92,9 @@ def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLi
     return EmbeddedEngine(spec, metrics, start_timeout_s=settings.engine_start_timeout_s)
 
 
-def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
-               span_exporter: SpanExporter | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, registry: PolicyRegistry | None = None, *, span_exporter: SpanExporter | None = None
+) -> FastAPI:
     """`span_exporter`: trace into it (tests: the SDK's InMemorySpanExporter) whatever the settings say."""
     registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits)
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
@@ -109,17 +115,27 @@ def create_app(settings: Settings, registry: PolicyRegistry | None = None, *,
         engine = None if settings.backend_url else embedded_engine(settings, registry, link, metrics)
         if engine:
             engine.start()
-            backends = [Backend(engine.url, metrics, link, timeout_s=settings.upstream_timeout_s,
-                                readiness=engine.is_ready, readiness_reason=lambda: engine.reason)]
+            backends = [
+                Backend(
+                    engine.url,
+                    metrics,
+                    link,
+                    timeout_s=settings.upstream_timeout_s,
+                    readiness=engine.is_ready,
+                    readiness_reason=lambda: engine.reason,
+                )
+            ]
         else:
-            backends = [Backend(url, metrics, link, timeout_s=settings.upstream_timeout_s)
-                        for url in settings.backend_url]
+            backends = [
+                Backend(url, metrics, link, timeout_s=settings.upstream_timeout_s) for url in settings.backend_url
+            ]
         upstreams = Upstreams(backends, metrics)
         upstreams.start()
         warm_up = WarmUp(registry, enabled=settings.warm_up)
         warm_up.start(upstreams)
-        runtime = app.state.runtime = Runtime(settings, registry, metrics, upstreams, engine, keys, open_engine_fields,
-                                              gatekeeper, warm_up)
+        runtime = app.state.runtime = Runtime(
+            settings, registry, metrics, upstreams, engine, keys, open_engine_fields, gatekeeper, warm_up
+        )
         try:
             with on_shutdown_signal(runtime.begin_shutdown):
                 yield

@@ -28,8 +28,12 @@ class Grant:
 
     def check_policy(self, name: str) -> None:
         if self.policies is not None and name not in self.policies:
-            raise APIError(403, f"policy {name!r} is not allowed for this API key", param="refine.policy",
-                           code="policy_not_allowed")
+            raise APIError(
+                403,
+                f"policy {name!r} is not allowed for this API key",
+                param="refine.policy",
+                code="policy_not_allowed",
+            )
 
 
 class KeyRing:
@@ -46,9 +50,13 @@ class KeyRing:
                 raise ValueError(f"api_keys: two keys are named {key_name!r}")
             names.add(key_name)
             budget = KeyBudget(key_name, entry.requests_per_minute, entry.tokens_per_minute, metrics)
-            grant = Grant(frozenset(entry.policies) if entry.policies is not None else None,
-                          registry.parse_limits(entry.policy_limits, only_given=True), key_name, budget,
-                          dict(entry.policy_priority))
+            grant = Grant(
+                frozenset(entry.policies) if entry.policies is not None else None,
+                registry.parse_limits(entry.policy_limits, only_given=True),
+                key_name,
+                budget,
+                dict(entry.policy_priority),
+            )
             self._keys.append((entry.key.get_secret_value().encode(), grant))
 
     def authenticate(self, request: Request) -> Grant:
@@ -64,6 +72,9 @@ class KeyRing:
             if secrets.compare_digest(presented, key) and matched is None:
                 matched = grant
         if matched is None:
-            raise APIError(401, "invalid or missing API key (send it as 'Authorization: Bearer KEY' or 'x-api-key')",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "invalid or missing API key (send it as 'Authorization: Bearer KEY' or 'x-api-key')",
+                code="invalid_api_key",
+            )
         return matched

@@ -162,8 +162,9 @@ class Backend:
             raise _error_from_response(resp.status, content)
         return msgspec.json.decode(content)
 
-    async def stream_events(self, path: str, body: dict[str, Any], *, endpoint: str,
-                            named: bool = False) -> AsyncGenerator[bytes, None]:
+    async def stream_events(
+        self, path: str, body: dict[str, Any], *, endpoint: str, named: bool = False
+    ) -> AsyncGenerator[bytes, None]:
         """One streaming call, yielding each server-sent event's data (its JSON, as bytes, as the backend sent
         it) as it arrives: relaying it unchanged costs no decoding. `named`: the endpoint names its events
         (Responses, Messages), and each is yielded whole, its `event:` line included. An error event is raised
@@ -202,8 +203,9 @@ class Backend:
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, endpoint) from exc
 
-    async def stream_json(self, path: str, body: dict[str, Any], *,
-                          endpoint: str) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_json(
+        self, path: str, body: dict[str, Any], *, endpoint: str
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """`stream_events`, each event's JSON decoded: for policies that read the stream."""
         async with aclosing(self.stream_events(path, body, endpoint=endpoint)) as events:
             async for payload in events:
@@ -228,8 +230,12 @@ class Backend:
 
 
 def _plugin_mismatch(problem: str) -> APIError:
-    return APIError(502, f"the backend's refine engine plugin does not match this refine: {problem} (install "
-                         "the same refine version in the engine's environment)", code="engine_plugin_mismatch")
+    return APIError(
+        502,
+        f"the backend's refine engine plugin does not match this refine: {problem} (install "
+        "the same refine version in the engine's environment)",
+        code="engine_plugin_mismatch",
+    )
 
 
 def _error_from_response(status: int, content: bytes) -> APIError:

@@ -29,5 +29,6 @@ def main() -> None:
     from refine_server.app import create_app  # imported here: serve_workers must set up metrics first
 
     # refine's own access log would print every request line; its metrics already count them.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+    )

@@ -15,7 +15,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from refine_server.contract.params import SRGenEngineSettings
 from refine_server.models.catalog import BUNDLED, DEFAULT_MODEL
 
-
 DEFAULT_MAX_TOKENS = 1024
 PLAIN_PRIORITY = 0  # the client's own request, relayed (policy none): vLLM's default priority
 POLICY_PRIORITY = 1  # every other policy's engine calls: after plain requests waiting beside them
@@ -32,16 +31,20 @@ class APIKey(BaseModel):
         default_factory=dict, description="this key's own caps per policy, on top of the server's"
     )
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="the key's name in metrics and logs (never the secret). Unset: key-N, its place in the list",
     )
     requests_per_minute: int | None = Field(None, ge=1, description="this key's request budget (unset: none)")
     tokens_per_minute: int | None = Field(
-        None, ge=1, description="this key's engine-token budget: prompt and completion tokens of every engine "
+        None,
+        ge=1,
+        description="this key's engine-token budget: prompt and completion tokens of every engine "
         "call its requests make (unset: none)",
     )
     policy_priority: dict[str, int] = Field(
-        default_factory=dict, description="this key's own engine priority per policy, over the server's",
+        default_factory=dict,
+        description="this key's own engine priority per policy, over the server's",
     )
 
 
@@ -51,7 +54,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address refine listens on")
     port: int = Field(8000, description="port refine listens on")
     workers: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="HTTP worker processes sharing the port. Unset: 1 in embedded mode on a CPU (the engine "
         "needs the cores), else one per 4 CPUs, 1 to 4. With several, the embedded engine is still started once.",
     )
@@ -77,8 +81,9 @@ class Settings(BaseSettings):
         "environment when they are missing. Off: a missing package is an error that names the command.",
     )
     served_model_name: str | None = Field(
-        None, description="embedded mode: the model name clients send (default: the bundled model's name, or the "
-        "model folder's name)"
+        None,
+        description="embedded mode: the model name clients send (default: the bundled model's name, or the "
+        "model folder's name)",
     )
     cache_dir: Path = Field(Path.home() / ".cache" / "refine", description="where converted models are kept")
     engine_port: int = Field(8100, description="embedded mode: loopback port of the child vLLM server")
@@ -98,7 +103,8 @@ class Settings(BaseSettings):
     )
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="max_tokens of a request that sets neither max_tokens nor max_completion_tokens, and of "
         "any engine call a policy makes without one (vLLM's own default is the rest of the context). At most "
         f"max_tokens_limit. Unset: {DEFAULT_MAX_TOKENS}, or max_tokens_limit where that is lower.",
@@ -109,19 +115,21 @@ class Settings(BaseSettings):
         "not named is unlimited. Per HTTP worker process.",
     )
     policy_queue_timeout: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="longest wait, in seconds, for a slot of a policy at its concurrency limit: a request that "
         "cannot start in time gets a 429 with Retry-After",
     )
     policy_priority: dict[str, int] = Field(
         default_factory=dict,
         description="vLLM scheduling priority of each policy's engine calls (lower: scheduled first), e.g. "
-        f'\'{{"rain": 2}}\' (JSON). A policy not named: {PLAIN_PRIORITY} for plain requests (policy none), '
+        f"'{{\"rain\": 2}}' (JSON). A policy not named: {PLAIN_PRIORITY} for plain requests (policy none), "
         f"{POLICY_PRIORITY} for every other. Sent only where the engine schedules by priority "
         "(engine_priority_scheduling).",
     )
     warm_up: bool = Field(
-        True, description="load what policies need (RAIN's embedding model and tokenizers) in the background once "
+        True,
+        description="load what policies need (RAIN's embedding model and tokenizers) in the background once "
         "a backend is ready, rather than in their first request",
     )
     engine_priority_scheduling: bool | None = Field(
@@ -137,7 +145,7 @@ class Settings(BaseSettings):
 
     api_keys: list[APIKey] = Field(
         default_factory=list,
-        description='accepted Bearer API keys (JSON list). Each is a string, or an object '
+        description="accepted Bearer API keys (JSON list). Each is a string, or an object "
         '{"key": ..., "policies": [...], "policy_limits": {...}} that limits what the key may use. '
         "Empty: no authentication.",
     )
@@ -175,8 +183,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_within_limit(self) -> Settings:
         if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
-                             f"({self.max_tokens_limit})")
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+            )
         return self
 
     def answer_tokens_default(self) -> int:

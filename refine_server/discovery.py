@@ -44,6 +44,7 @@ REFINE_DESCRIPTION = (
 
 # ---- the request bodies ----------------------------------------------------------------------------------
 
+
 def policy_description(policy: Policy[Any]) -> str:
     """The policy class's docstring, or else its module's: the first paragraph, on one line."""
     cls = type(policy)
@@ -58,19 +59,31 @@ def refine_models(registry: PolicyRegistry) -> list[type[BaseModel]]:
 
 def _refine_model(name: str, policy: Policy[Any]) -> type[BaseModel]:
     name_type: Any = Literal[name]  # a type made at run time, which mypy cannot follow
-    return create_model(f"Refine_{name}", __base__=policy.Params, __doc__=policy_description(policy),
-                        policy=(name_type, Field(description="the policy's name")))
+    return create_model(
+        f"Refine_{name}",
+        __base__=policy.Params,
+        __doc__=policy_description(policy),
+        policy=(name_type, Field(description="the policy's name")),
+    )
 
 
 def request_models(registry: PolicyRegistry) -> dict[Endpoint, type[BaseModel]]:
     """Each generation endpoint's request body, with `refine` as one of the registered policies' schemas."""
     variants = refine_models(registry)
     # Union[...] of a tuple made at run time, which `|` cannot spell.
-    refine: Any = variants[0] if len(variants) == 1 else Annotated[Union[tuple(variants)],  # noqa: UP007
-                                                                   Field(discriminator="policy")]
+    refine: Any = (
+        variants[0]
+        if len(variants) == 1
+        else Annotated[
+            Union[tuple(variants)],  # noqa: UP007
+            Field(discriminator="policy"),
+        ]
+    )
     field = (refine | None, Field(None, description=REFINE_DESCRIPTION))
-    return {endpoint: create_model(model.__name__, __base__=model, refine=field)
-            for endpoint, model in REQUEST_MODELS.items()}
+    return {
+        endpoint: create_model(model.__name__, __base__=model, refine=field)
+        for endpoint, model in REQUEST_MODELS.items()
+    }
 
 
 # ---- the responses ---------------------------------------------------------------------------------------
@@ -96,13 +109,16 @@ _ERRORS = {
 def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[str, Any]:
     ok = {
         "description": "the answer; with `stream: true`, server-sent events: chat and completions send chunks "
-                       "ended by `data: [DONE]`, the Responses and Messages APIs their own named events",
-        "headers": {name: {"description": text, "schema": {"type": "string"}}
-                    for name, text in _SUMMARY_HEADERS.items()},
+        "ended by `data: [DONE]`, the Responses and Messages APIs their own named events",
+        "headers": {
+            name: {"description": text, "schema": {"type": "string"}} for name, text in _SUMMARY_HEADERS.items()
+        },
         "content": {"application/json": {"schema": response_ref}, "text/event-stream": {"schema": {"type": "string"}}},
     }
-    errors = {status: {"description": text, "content": {"application/json": {"schema": error_ref}}}
-              for status, text in _ERRORS.items()}
+    errors = {
+        status: {"description": text, "content": {"application/json": {"schema": error_ref}}}
+        for status, text in _ERRORS.items()
+    }
     return {"200": ok, **errors}
 
 
@@ -112,10 +128,15 @@ def _responses(error_ref: dict[str, str], response_ref: dict[str, str]) -> dict[
 _OPERATIONS: dict[Endpoint, tuple[str, str]] = {
     "chat": ("createChatCompletion", "A chat completion, under the policy the request's `refine` names"),
     "completions": ("createCompletion", "A (legacy) text completion, under the policy the request's `refine` names"),
-    "responses": ("createResponse", "A response (OpenAI's Responses API), under the policy the request's `refine` "
-                  "names"),
-    "messages": ("createMessage", "A message (Anthropic's Messages API), under the policy the request's `refine` "
-                 "names; errors in Anthropic's format"),
+    "responses": (
+        "createResponse",
+        "A response (OpenAI's Responses API), under the policy the request's `refine` names",
+    ),
+    "messages": (
+        "createMessage",
+        "A message (Anthropic's Messages API), under the policy the request's `refine` "
+        "names; errors in Anthropic's format",
+    ),
 }
 
 
@@ -138,7 +159,8 @@ def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> 
     requests = request_models(registry)
     keys: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         *((model, "validation") for model in requests.values()),
-        (ErrorResponse, "serialization"), (AnthropicErrorResponse, "serialization"),
+        (ErrorResponse, "serialization"),
+        (AnthropicErrorResponse, "serialization"),
         (GenerationResponse, "serialization"),
     ]
     refs, defs = models_json_schema(keys, ref_template="#/components/schemas/{model}")
@@ -149,19 +171,25 @@ def _generation_operations(schema: dict[str, Any], registry: PolicyRegistry) -> 
         error = AnthropicErrorResponse if endpoint == "messages" else ErrorResponse
         operation_id, summary = _OPERATIONS[endpoint]
         body = {"required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
-        paths[PATHS[endpoint]] = {"post": {"operationId": operation_id, "summary": summary, "requestBody": body,
-                                           "responses": _responses(refs[(error, "serialization")], answer)}}
+        paths[PATHS[endpoint]] = {
+            "post": {
+                "operationId": operation_id,
+                "summary": summary,
+                "requestBody": body,
+                "responses": _responses(refs[(error, "serialization")], answer),
+            }
+        }
     return paths
 
 
 # ---- GET /v1/refine/policies -----------------------------------------------------------------------------
 
+
 @router.get("/v1/refine/policies", response_model=PolicyList)
 async def list_policies(rt: Runtime = Depends(get_runtime), grant: Grant = Depends(get_grant)) -> PolicyList:
     """The policies this caller may use, with their parameters' schemas, defaults and this server's caps."""
     names = [n for n in rt.registry.names if grant.policies is None or n in grant.policies]
-    return PolicyList(default_policy=rt.settings.default_policy,
-                      data=[_describe(rt, name, grant) for name in names])
+    return PolicyList(default_policy=rt.settings.default_policy, data=[_describe(rt, name, grant) for name in names])
 
 
 def _describe(rt: Runtime, name: str, grant: Grant) -> PolicyInfo:
@@ -174,8 +202,11 @@ def _describe(rt: Runtime, name: str, grant: Grant) -> PolicyInfo:
         runs_in_engine=policy.needs_engine_plugin,
         refuses_fields=list(policy.refuses_fields),
         params_schema=policy.Params.model_json_schema(),
-        defaults={f: to_jsonable_python(info.get_default(call_default_factory=True))
-                  for f, info in fields.items() if not info.is_required()},
+        defaults={
+            f: to_jsonable_python(info.get_default(call_default_factory=True))
+            for f, info in fields.items()
+            if not info.is_required()
+        },
         limits=_caps(registry, name, grant),
         metrics=[m.name for m in policy.metrics],
         warm=rt.warm_up.is_warm(name),

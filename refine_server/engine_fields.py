@@ -36,11 +36,15 @@ def check_allow_list(allowed: Iterable[str]) -> frozenset[str]:
         if entry.startswith(f"{XARGS}."):
             key = entry.removeprefix(f"{XARGS}.")
             if not key or key.startswith(RESERVED_XARGS_PREFIX):
-                raise ValueError(f"client_engine_fields: {entry!r} cannot be opened to clients "
-                                 f"({XARGS} keys starting {RESERVED_XARGS_PREFIX!r} are refine's own)")
+                raise ValueError(
+                    f"client_engine_fields: {entry!r} cannot be opened to clients "
+                    f"({XARGS} keys starting {RESERVED_XARGS_PREFIX!r} are refine's own)"
+                )
         elif entry not in RESTRICTED_FIELDS:
-            raise ValueError(f"client_engine_fields: unknown entry {entry!r}; entries are "
-                             f"{', '.join(sorted(RESTRICTED_FIELDS))} or '{XARGS}.KEY'")
+            raise ValueError(
+                f"client_engine_fields: unknown entry {entry!r}; entries are "
+                f"{', '.join(sorted(RESTRICTED_FIELDS))} or '{XARGS}.KEY'"
+            )
     return entries
 
 
@@ -48,8 +52,11 @@ def check_engine_fields(body: Mapping[str, Any], allowed: frozenset[str]) -> Non
     """A 400 naming the first field a client may not send through this server."""
     for name, why in RESTRICTED_FIELDS.items():
         if name in body and name not in allowed:
-            raise invalid_request(f"{name} is not accepted by this server: it {why}, so it is closed to "
-                                  "clients unless the operator allows it (client_engine_fields)", name)
+            raise invalid_request(
+                f"{name} is not accepted by this server: it {why}, so it is closed to "
+                "clients unless the operator allows it (client_engine_fields)",
+                name,
+            )
     xargs = body.get(XARGS)
     if xargs is None:
         return
@@ -58,9 +65,15 @@ def check_engine_fields(body: Mapping[str, Any], allowed: frozenset[str]) -> Non
     for key in xargs:
         param = f"{XARGS}.{key}"
         if str(key).startswith(RESERVED_XARGS_PREFIX):
-            raise invalid_request(f"{param} is refine's own engine argument; choose an in-engine policy with "
-                                  '{"refine": {"policy": ...}} instead', param)
+            raise invalid_request(
+                f"{param} is refine's own engine argument; choose an in-engine policy with "
+                '{"refine": {"policy": ...}} instead',
+                param,
+            )
         if param not in allowed:
-            raise invalid_request(f"{param} is not accepted by this server: {XARGS} reach the engine's plugins "
-                                  "and are closed to clients unless the operator allows a key "
-                                  "(client_engine_fields)", param)
+            raise invalid_request(
+                f"{param} is not accepted by this server: {XARGS} reach the engine's plugins "
+                "and are closed to clients unless the operator allows a key "
+                "(client_engine_fields)",
+                param,
+            )

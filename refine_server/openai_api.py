@@ -21,6 +21,7 @@ from refine_server.serving import GenerationServing
 
 router = APIRouter()
 
+
 @router.get("/v1/models", dependencies=[Depends(get_grant)])
 async def list_models(rt: Runtime = Depends(get_runtime)) -> dict[str, Any]:
     return await rt.upstreams.best().backend.get_json("/v1/models")
@@ -47,7 +48,11 @@ async def messages(request: Request) -> Response:
 # dependencies, parsing parameters, an exit stack) would only delay the first token (bench/proxy.py).
 # discovery.py writes their OpenAPI operations.
 _ROUTES: dict[Endpoint, Callable[[Request], Awaitable[Response]]] = {
-    "chat": chat_completions, "completions": completions, "responses": responses, "messages": messages}
+    "chat": chat_completions,
+    "completions": completions,
+    "responses": responses,
+    "messages": messages,
+}
 for _endpoint, _route in _ROUTES.items():
     router.add_route(PATHS[_endpoint], _route, methods=["POST"])
 

@@ -22,6 +22,7 @@ class _Open(BaseModel):
 
 # ---- the requests ----------------------------------------------------------------------------------------
 
+
 class RefineSpec(_Open):
     """The `refine` object: a policy name and that policy's parameters (validated by the policy)."""
 
@@ -92,8 +93,14 @@ class _GenerationRequest(_Open):
         """What policies receive: this request typed, with `body` (the client's, `refine` removed) to forward."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         return ClientRequest(
-            endpoint=endpoint, body=body, model=self.model, n=self.n or 1, max_tokens=self.requested_max_tokens(),
-            seed=self.seed, stop=stop, stream=bool(self.stream),
+            endpoint=endpoint,
+            body=body,
+            model=self.model,
+            n=self.n or 1,
+            max_tokens=self.requested_max_tokens(),
+            seed=self.seed,
+            stop=stop,
+            stream=bool(self.stream),
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
             messages=body.get("messages") if endpoint == "chat" else None,
             prompt=body.get("prompt") if endpoint == "completions" else None,
@@ -111,7 +118,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = Field(
-        None, description="policies that write their own answer refuse it (400)")
+        None, description="policies that write their own answer refuse it (400)"
+    )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -178,12 +186,15 @@ class MessagesRequest(_Open):
 
 GenerationRequest = _GenerationRequest | ResponsesRequest | MessagesRequest
 REQUEST_MODELS: dict[Endpoint, type[GenerationRequest]] = {
-    "chat": ChatCompletionRequest, "completions": CompletionRequest, "responses": ResponsesRequest,
+    "chat": ChatCompletionRequest,
+    "completions": CompletionRequest,
+    "responses": ResponsesRequest,
     "messages": MessagesRequest,
 }
 
 
 # ---- the responses ---------------------------------------------------------------------------------------
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -217,7 +228,8 @@ class RefineBlock(BaseModel):
     params: dict[str, Any] = Field(description="the parameters in effect, defaults included")
     trace: dict[str, Any] = Field(description="the policy's own account of its work")
     server_defaults: dict[str, Any] | None = Field(
-        None, description="what the server filled in that the request left out: {\"max_tokens\": N}")
+        None, description='what the server filled in that the request left out: {"max_tokens": N}'
+    )
 
 
 class GenerationResponse(BaseModel):
@@ -230,24 +242,31 @@ class GenerationResponse(BaseModel):
 
 # ---- GET /v1/refine/policies -----------------------------------------------------------------------------
 
+
 class PolicyInfo(BaseModel):
     name: str
     description: str
     runs_in_engine: bool = Field(description="needs refine's plugin in vLLM (refused on a backend without it)")
-    refuses_fields: list[str] = Field(description="request fields the policy cannot honour: a request with one "
-                                      "is a 400 naming it")
+    refuses_fields: list[str] = Field(
+        description="request fields the policy cannot honour: a request with one is a 400 naming it"
+    )
     params_schema: dict[str, Any] = Field(description="the JSON schema of the policy's `refine` parameters")
     defaults: dict[str, Any] = Field(description="the value each parameter takes when the request leaves it out")
-    limits: dict[str, int | float] = Field(description="this server's caps on parameters, for this caller "
-                                           "(the server's, tightened by the API key's own)")
+    limits: dict[str, int | float] = Field(
+        description="this server's caps on parameters, for this caller (the server's, tightened by the API key's own)"
+    )
     metrics: list[str] = Field(description="the Prometheus metrics the policy reports, labelled policy=<name>")
-    warm: bool = Field(description="what the policy needs (models, tokenizers) is loaded: its first request "
-                       "does not wait for it")
-    warm_up: str = Field(description="warm, pending (waiting for a backend), warming, failed: <why> (then it "
-                         "loads on first use), or off: loads on first use (--warm-up false)")
+    warm: bool = Field(
+        description="what the policy needs (models, tokenizers) is loaded: its first request does not wait for it"
+    )
+    warm_up: str = Field(
+        description="warm, pending (waiting for a backend), warming, failed: <why> (then it "
+        "loads on first use), or off: loads on first use (--warm-up false)"
+    )
     admission: dict[str, int | float | None] = Field(
         description="concurrency_limit (null: unlimited), running and waiting requests now (this worker "
-        "process), queue_timeout_s, engine_priority (lower is scheduled first; null: none is sent)")
+        "process), queue_timeout_s, engine_priority (lower is scheduled first; null: none is sent)"
+    )
 
 
 class PolicyList(BaseModel):

@@ -156,15 +156,20 @@ class GenerationServing:
 
     def latency(self) -> StreamLatency:
         metrics = self._rt.metrics
-        return StreamLatency(metrics.ttft.labels(self._policy_label), metrics.itl.labels(self._policy_label),
-                             self._started)
+        return StreamLatency(
+            metrics.ttft.labels(self._policy_label), metrics.itl.labels(self._policy_label), self._started
+        )
 
     def refine_block(self) -> dict[str, Any]:
         """The `refine` block of the answer; the policy's metrics are observed as it is made."""
         call = self._calls[-1]
         self._rt.metrics.observe_policy(self._policy_label, call.trace.values)
-        return {"policy": self.policy.name, "params": self.params.model_dump(mode="json"), "trace": call.trace.data,
-                **server_defaults(self.request)}
+        return {
+            "policy": self.policy.name,
+            "params": self.params.model_dump(mode="json"),
+            "trace": call.trace.data,
+            **server_defaults(self.request),
+        }
 
     async def reopen(self, failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
         """The stream again on another replica, after `failure` before its first event; or `failure` raised."""
@@ -227,8 +232,13 @@ class GenerationServing:
     def _refuse_unhonoured_fields(self) -> None:
         for field in self.policy.refuses_fields:
             if self.request.asks_for(field):
-                raise APIError(400, f"policy {self.policy.name!r} cannot honour {field!r}: send the request without "
-                               "it, or choose another policy", param=field, code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"policy {self.policy.name!r} cannot honour {field!r}: send the request without "
+                    "it, or choose another policy",
+                    param=field,
+                    code="unsupported_parameter",
+                )
 
     async def _suits(self, backend: Backend) -> None:
         """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy; such a policy
@@ -238,18 +248,26 @@ class GenerationServing:
         plugin = await backend.plugin(self.request.model)
         where = f"the backend at {backend.base_url}"
         if plugin is None:
-            problem = (f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
-                       "environment and restart it")
+            problem = (
+                f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
+                "environment and restart it"
+            )
         elif self.policy.name not in plugin.handshake.policies:
             problem = f"{where} has refine's engine plugin {plugin.handshake.version}, which does not offer it"
         elif plugin.handshake.signature != "ok":
             secret = "no" if plugin.handshake.signature == "no secret" else "another"
-            problem = (f"{where} has refine's engine plugin but {secret} engine secret: set the same "
-                       "REFINE_ENGINE_SECRET for refine and in vLLM's environment")
+            problem = (
+                f"{where} has refine's engine plugin but {secret} engine secret: set the same "
+                "REFINE_ENGINE_SECRET for refine and in vLLM's environment"
+            )
         else:
             return
-        raise APIError(400, f"policy {self.policy.name!r} runs inside vLLM, but {problem}", param="refine.policy",
-                       code="engine_plugin_missing")
+        raise APIError(
+            400,
+            f"policy {self.policy.name!r} runs inside vLLM, but {problem}",
+            param="refine.policy",
+            code="engine_plugin_missing",
+        )
 
     def _summary_headers(self) -> dict[str, str]:
         """The policy's name and the counts it recorded that have a header (corrections, rounds, ...)."""

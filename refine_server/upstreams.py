@@ -73,8 +73,9 @@ class Upstreams:
         """The least loaded available replica (ties taken in turn), not one of `exclude`. A 503 when none is."""
         turn = next(self._turn)
         n = len(self.replicas)
-        candidates = [(r.in_flight, (i - turn) % n, r) for i, r in enumerate(self.replicas)
-                      if r.usable and id(r) not in exclude]
+        candidates = [
+            (r.in_flight, (i - turn) % n, r) for i, r in enumerate(self.replicas) if r.usable and id(r) not in exclude
+        ]
         if not candidates:
             reason = self.first.unavailable_reason() if n == 1 else "no backend is healthy"
             raise APIError(503, f"backend not ready: {reason}", code="backend_unavailable")
@@ -116,8 +117,9 @@ class Route:
         self._tried: set[int] = set()
         self.replica: Replica | None = None
 
-    async def run(self, attempt: Callable[[Backend], Awaitable[T]],
-                  suits: Callable[[Backend], Awaitable[None]] | None = None) -> T:
+    async def run(
+        self, attempt: Callable[[Backend], Awaitable[T]], suits: Callable[[Backend], Awaitable[None]] | None = None
+    ) -> T:
         """`attempt(backend)` on the best replica; on another when the backend could not be reached and nothing
         has been sent to the client yet (the attempt's whole result is still ahead). `suits` may refuse a
         replica by raising APIError (an in-engine policy on a backend without the plugin): the next is tried."""

@@ -25,8 +25,9 @@ class WarmUp:
     def __init__(self, registry: PolicyRegistry, *, enabled: bool):
         self._registry = registry
         self._enabled = enabled
-        self.state = {name: ("pending" if enabled else OFF) if registry.get(name).warms_up else "warm"
-                      for name in registry.names}
+        self.state = {
+            name: ("pending" if enabled else OFF) if registry.get(name).warms_up else "warm" for name in registry.names
+        }
         self._task: asyncio.Task[None] | None = None
 
     def is_warm(self, policy: str) -> bool:

@@ -50,8 +50,15 @@ def serve_workers(settings: Settings, workers: int) -> None:
         if engine:
             engine.start()
             os.environ.update(engine.worker_environment())
-        uvicorn.run("refine_server.workers:worker_app", factory=True, workers=workers, host=settings.host,
-                    port=settings.port, log_level=settings.log_level, access_log=False)
+        uvicorn.run(
+            "refine_server.workers:worker_app",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
     finally:
         if engine:
             engine.stop()
@@ -88,8 +95,12 @@ class _EngineThread:
 
     def worker_environment(self) -> dict[str, str]:
         """What turns a worker's settings into this engine's: external mode against it, its vLLM metrics too."""
-        return {"REFINE_BACKEND_URL": self.engine.url, "REFINE_ENGINE_SECRET": self.link.secret or "",
-                "REFINE_ENGINE_EVENTS_DIR": str(self.link.events_dir), "REFINE_BACKEND_METRICS": "true"}
+        return {
+            "REFINE_BACKEND_URL": self.engine.url,
+            "REFINE_ENGINE_SECRET": self.link.secret or "",
+            "REFINE_ENGINE_EVENTS_DIR": str(self.link.events_dir),
+            "REFINE_BACKEND_METRICS": "true",
+        }
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.engine.stop(), self._loop).result(timeout=90)

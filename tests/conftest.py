@@ -40,8 +40,11 @@ ENGINE_EVENTS_DIR = Path(os.environ.get("REFINE_TEST_EVENTS_DIR", "/tmp/refine-t
 # The test engine's KV cache holds one full-length sequence and little more (66 blocks of 32 tokens; vLLM wants a
 # bit more than max_model_len), so a few long concurrent requests get preempted and resumed, as on a busy GPU.
 ENGINE_KV_BLOCKS = 66
-ENGINE_ENV = {"REFINE_ENGINE_SECRET": ENGINE_SECRET, "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
-              "REFINE_ENGINE_ALLOW_FAULTS": "1"}
+ENGINE_ENV = {
+    "REFINE_ENGINE_SECRET": ENGINE_SECRET,
+    "REFINE_ENGINE_EVENTS_DIR": str(ENGINE_EVENTS_DIR),
+    "REFINE_ENGINE_ALLOW_FAULTS": "1",
+}
 # A second engine on the default model, in float32, for the checks against a float32 recomputation (the session's
 # engine computes in bf16 on a CPU with bf16 units, whose numbers differ from float32 ones by far more than the
 # sensor's 1e-3, and whose SRGen gradients flip the sign of AdamW's first steps on small coordinates).
@@ -62,15 +65,19 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_refine(name: str, port: int, *args: str, ready_timeout_s: float = 900.0,
-                 env: dict[str, str] | None = None) -> RunningServer:
+def start_refine(
+    name: str, port: int, *args: str, ready_timeout_s: float = 900.0, env: dict[str, str] | None = None
+) -> RunningServer:
     """`python -m refine_server` as a user would run it, logging to a file; waits for /ready."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "refine_server", "--port", str(port), *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     server = RunningServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout_s
@@ -124,11 +131,21 @@ def metric_total(exposition: str, name: str) -> float:
 
 @pytest.fixture(scope="session")
 def refine_server() -> Iterator[RunningServer]:
-    server = start_refine("embedded", REFINE_PORT, "--engine-port", str(ENGINE_PORT),
-                          "--engine-max-model-len", "2048", "--max-tokens-limit", "3000",
-                          "--engine-args", json.dumps(["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS),
-                                                       "--served-model-name", MODEL, SECOND_MODEL_NAME]),
-                          env=ENGINE_ENV)
+    server = start_refine(
+        "embedded",
+        REFINE_PORT,
+        "--engine-port",
+        str(ENGINE_PORT),
+        "--engine-max-model-len",
+        "2048",
+        "--max-tokens-limit",
+        "3000",
+        "--engine-args",
+        json.dumps(
+            ["--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS), "--served-model-name", MODEL, SECOND_MODEL_NAME]
+        ),
+        env=ENGINE_ENV,
+    )
     yield server
     stop_refine(server)
 

@@ -47,11 +47,16 @@ async def _completions(request: Request):
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
     words = [" tok"] * 50 if prompt == "LONG_STREAM" else ["alpha", " beta", " gamma"]
     if not body.get("stream"):
-        return JSONResponse({
-            "id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
-            "choices": [{"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
-        })
+        return JSONResponse(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 0,
+                "model": MODEL,
+                "choices": [{"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+            }
+        )
 
     choices = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
 
@@ -71,15 +76,23 @@ async def _completions(request: Request):
                 await asyncio.sleep(0.1)
             for index in range(choices):
                 finish = "stop" if i == len(words) - 1 else None
-                chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
-                         "choices": [{"index": index, "text": word, "finish_reason": finish}]}
+                chunk = {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [{"index": index, "text": word, "finish_reason": finish}],
+                }
                 # Compact like vLLM's JSON, but for one space that no JSON encoder would write: a relay that
                 # decodes and re-encodes a chunk changes its bytes.
                 data = json.dumps(chunk, separators=(",", ":")).replace('"created":', '"created": ')
                 yield f"data: {data}\n\n"
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 1, "completion_tokens": len(words) * choices,
-                     "total_tokens": 1 + len(words) * choices}
+            usage = {
+                "prompt_tokens": 1,
+                "completion_tokens": len(words) * choices,
+                "total_tokens": 1 + len(words) * choices,
+            }
             yield "data: " + json.dumps({"id": "cmpl-1", "choices": [], "usage": usage}, separators=(",", ":")) + "\n\n"
         yield "data: [DONE]\n\n"
 
@@ -101,18 +114,32 @@ async def _responses(request: Request):
     if body.get("input") == "FAIL_500":
         return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError"}}, 500)
     words = ["alpha", " beta", " gamma"]
-    item = {"type": "message", "id": "msg-1", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
-    response = {"id": "resp-1", "object": "response", "created_at": 0, "model": MODEL, "status": "completed",
-                "output": [item], "usage": {"input_tokens": 1, "output_tokens": 3, "total_tokens": 4}}
+    item = {
+        "type": "message",
+        "id": "msg-1",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "".join(words), "annotations": []}],
+    }
+    response = {
+        "id": "resp-1",
+        "object": "response",
+        "created_at": 0,
+        "model": MODEL,
+        "status": "completed",
+        "output": [item],
+        "usage": {"input_tokens": 1, "output_tokens": 3, "total_tokens": 4},
+    }
     if not body.get("stream"):
         return JSONResponse(response)
 
     async def events():
         yield _named("response.created", {"sequence_number": 0, "response": {**response, "output": []}})
         for i, word in enumerate(words):
-            yield _named("response.output_text.delta", {"sequence_number": i + 1, "item_id": "msg-1",
-                                                         "output_index": 0, "content_index": 0, "delta": word})
+            yield _named(
+                "response.output_text.delta",
+                {"sequence_number": i + 1, "item_id": "msg-1", "output_index": 0, "content_index": 0, "delta": word},
+            )
         yield _named("response.completed", {"sequence_number": len(words) + 1, "response": response})
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -125,9 +152,16 @@ async def _messages(request: Request):
     if any(key.startswith("refine_") for key in body.get("vllm_xargs") or {}):
         request.app.state.stats["refine_xargs_requests"] += 1
     words = ["alpha", " beta", " gamma"]
-    message = {"id": "msg-1", "type": "message", "role": "assistant", "model": MODEL,
-               "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "end_turn",
-               "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 3}}
+    message = {
+        "id": "msg-1",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "".join(words)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 3},
+    }
     if not body.get("stream"):
         return JSONResponse(message)
 
@@ -137,8 +171,10 @@ async def _messages(request: Request):
         for word in words:
             yield _named("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
         yield _named("content_block_stop", {"index": 0})
-        yield _named("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                       "usage": {"output_tokens": 3}})
+        yield _named(
+            "message_delta",
+            {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 3}},
+        )
         yield _named("message_stop", {})
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -147,12 +183,23 @@ async def _messages(request: Request):
 async def _chat(request: Request):
     body = await request.json()
     request.app.state.bodies.append(body)
-    return JSONResponse({
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "alpha beta gamma"},
-                     "finish_reason": "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
-    })
+    return JSONResponse(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "alpha beta gamma"},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+        }
+    )
 
 
 async def _bodies(request: Request):
@@ -177,17 +224,19 @@ async def _traceparents(request: Request):
 
 def make_app(drops_streams: bool = False) -> Starlette:
     """A fake vLLM with its own request counts (`GET /fake/stats`)."""
-    fake = Starlette(routes=[
-        Route("/v1/completions", _completions, methods=["POST"]),
-        Route("/v1/responses", _responses, methods=["POST"]),
-        Route("/v1/messages", _messages, methods=["POST"]),
-        Route("/v1/chat/completions", _chat, methods=["POST"]),
-        Route("/fake/bodies", _bodies),
-        Route("/v1/models", _models),
-        Route("/health", _health),
-        Route("/fake/stats", _stats),
-        Route("/fake/traceparents", _traceparents),
-    ])
+    fake = Starlette(
+        routes=[
+            Route("/v1/completions", _completions, methods=["POST"]),
+            Route("/v1/responses", _responses, methods=["POST"]),
+            Route("/v1/messages", _messages, methods=["POST"]),
+            Route("/v1/chat/completions", _chat, methods=["POST"]),
+            Route("/fake/bodies", _bodies),
+            Route("/v1/models", _models),
+            Route("/health", _health),
+            Route("/fake/stats", _stats),
+            Route("/fake/traceparents", _traceparents),
+        ]
+    )
     fake.state.stats = {"completions": 0, "responses": 0, "messages": 0, "refine_xargs_requests": 0}
     fake.state.traceparents = []
     fake.state.bodies = []

@@ -33,14 +33,22 @@ class CyberVParams(PolicyParams):
     adaptive: bool = Field(True, description="draw round 1 in batches and stop once the decision cannot change")
     batch_size: int = Field(2, ge=1, description="reasoning samples per engine call when adaptive")
     stop_risk: float = Field(
-        0.05, ge=0, le=0.5, description="adaptive: also stop when one decision of all n comes out of at least "
-                                        "1 - stop_risk of random completions of round 1; 0: only when certain")
+        0.05,
+        ge=0,
+        le=0.5,
+        description="adaptive: also stop when one decision of all n comes out of at least "
+        "1 - stop_risk of random completions of round 1; 0: only when certain",
+    )
     decode: SRGenDecode | None = Field(
-        None, description="decode every engine call of cyberv with an in-engine policy: {\"policy\": \"srgen\", "
-                          "...SRGen's parameters}; needs refine's engine plugin upstream")
+        None,
+        description='decode every engine call of cyberv with an in-engine policy: {"policy": "srgen", '
+        "...SRGen's parameters}; needs refine's engine plugin upstream",
+    )
     sensor: Literal["auto", "top_logprobs"] = Field(
-        "auto", description="auto: the engine's token statistics where the upstream has refine's plugin, else "
-                            "top_logprobs; top_logprobs: always the API's (to compare the two)")
+        "auto",
+        description="auto: the engine's token statistics where the upstream has refine's plugin, else "
+        "top_logprobs; top_logprobs: always the API's (to compare the two)",
+    )
     progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
 
 

@@ -96,8 +96,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
-
-from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.contract.params import SRGEN
 from refine_server.policies.answer_extraction import Answer, extract_answer, parse_answer, question_options
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
@@ -108,9 +107,7 @@ from refine_server.policies.base import (
     PolicyCall,
     PolicyRequestError,
 )
-from refine_server.contract.params import SRGEN
-from refine_server.policies.engine_client import run_together
-from refine_server.policies.srgen import srgen_fields, srgen_report
+from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams, SRGenDecode
 from refine_server.policies.cyberv.sensor import (
     Candidate,
     Decision,
@@ -121,8 +118,10 @@ from refine_server.policies.cyberv.sensor import (
     round4,
     sense,
 )
-from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams, SRGenDecode
 from refine_server.policies.cyberv.stopping import Outlook, outlook, settle
+from refine_server.policies.engine_client import run_together
+from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.policies.srgen import srgen_fields, srgen_report
 
 if TYPE_CHECKING:
     from refine_server.policies.request import ClientRequest
@@ -144,6 +143,7 @@ def _prompt(name: str, **fields: str) -> str:
 
 
 # ---- the client's request --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Question:
@@ -190,16 +190,18 @@ def read_question(request: ClientRequest) -> Question:
         history, text = request.question("cyberv")
     else:
         if not isinstance(request.prompt, str):
-            raise PolicyRequestError("policy cyberv needs the prompt as one string (not a list or token ids)",
-                                     "prompt")
+            raise PolicyRequestError("policy cyberv needs the prompt as one string (not a list or token ids)", "prompt")
         history, text = [], request.prompt
     if not text.strip():
-        raise PolicyRequestError("policy cyberv needs a question, and this one has no text",
-                                 "messages" if request.endpoint == "chat" else "prompt")
+        raise PolicyRequestError(
+            "policy cyberv needs a question, and this one has no text",
+            "messages" if request.endpoint == "chat" else "prompt",
+        )
     return Question(history=history, text=text, max_tokens=request.max_tokens, options=question_options(text))
 
 
 # ---- one request -----------------------------------------------------------------------------------------
+
 
 class CyberVRun:
     """One request through the loop: round 1, the decision, maybe the feedback round, then the answer."""
@@ -248,18 +250,21 @@ class CyberVRun:
             return await self._decoded_generations(self.params.decode, purpose, messages, **fields)
         if self.sensor_source == "engine":
             # The API still gives each token's text (its offsets in the answer); no alternatives are needed.
-            result, stats = await self.engine.chat_with_token_stats(purpose, messages, logprobs=True, top_logprobs=0,
-                                                                    **fields)
+            result, stats = await self.engine.chat_with_token_stats(
+                purpose, messages, logprobs=True, top_logprobs=0, **fields
+            )
         else:
             result = await self.engine.chat(purpose, messages, logprobs=True, top_logprobs=TOP_LOGPROBS, **fields)
             stats = {}
         choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
         return [Generation.from_choice(c, stats.get(c.get("index", 0))) for c in choices]
 
-    async def _decoded_generations(self, decode: SRGenDecode, purpose: str, messages: list[dict[str, Any]], *,
-                                   n: int = 1, **fields: Any) -> list[Generation]:
+    async def _decoded_generations(
+        self, decode: SRGenDecode, purpose: str, messages: list[dict[str, Any]], *, n: int = 1, **fields: Any
+    ) -> list[Generation]:
         """Generations decoded by SRGen inside the engine: one request per generation (SRGen reports per
         request, so each candidate gets its own corrections), each with its own seed when sampled."""
+
         async def one(seed: Any) -> Generation:
             decoded = srgen_fields(self.engine, decode.srgen())
             body = {**fields, **decoded, **({"seed": seed} if n > 1 else {})}
@@ -279,12 +284,14 @@ class CyberVRun:
     async def _direct(self) -> Candidate:
         prompt = self.question.messages(_prompt("direct.txt", question=self.question.text))
         (generation,) = await self._generations(
-            "round1", prompt, temperature=0.0, max_tokens=self.question.cap(self.params.max_reasoning_tokens))
+            "round1", prompt, temperature=0.0, max_tokens=self.question.cap(self.params.max_reasoning_tokens)
+        )
         candidate = Candidate(0, "direct", generation)
         text = candidate.generation.text
         # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
         own = self.question.read(text) or (
-            self.question.parse(text) if len(text.split()) <= BARE_ANSWER_WORDS else None)
+            self.question.parse(text) if len(text.split()) <= BARE_ANSWER_WORDS else None
+        )
         await self._read_answer("round1", candidate, prompt, own)
         return candidate
 
@@ -292,16 +299,24 @@ class CyberVRun:
         p = self.params
         prompt = self.question.messages(_prompt("reason.txt", question=self.question.text))
         generations = await self._generations(
-            "round1", prompt, n=count, temperature=p.reasoning_temperature, top_p=p.reasoning_top_p,
-            top_k=p.reasoning_top_k, seed=self.engine.next_seed(), max_tokens=self.question.cap(p.max_reasoning_tokens),
+            "round1",
+            prompt,
+            n=count,
+            temperature=p.reasoning_temperature,
+            top_p=p.reasoning_top_p,
+            top_k=p.reasoning_top_k,
+            seed=self.engine.next_seed(),
+            max_tokens=self.question.cap(p.max_reasoning_tokens),
         )
         candidates = [Candidate(i, "reasoning", g) for i, g in enumerate(generations, start=start)]
-        await run_together(*(self._read_answer("round1", c, prompt, self.question.read(c.generation.text))
-                             for c in candidates))
+        await run_together(
+            *(self._read_answer("round1", c, prompt, self.question.read(c.generation.text)) for c in candidates)
+        )
         return candidates
 
-    async def _read_answer(self, purpose: str, candidate: Candidate, prompt: list[dict[str, Any]],
-                           own: Answer | None) -> None:
+    async def _read_answer(
+        self, purpose: str, candidate: Candidate, prompt: list[dict[str, Any]], own: Answer | None
+    ) -> None:
         """The candidate's own answer; else the official greedy final-answer step's; else its unmarked one."""
         if own is not None:
             candidate.take_answer(own, "own_text")
@@ -317,11 +332,14 @@ class CyberVRun:
 
     async def _final_step(self, purpose: str, prompt: list[dict[str, Any]], text: str) -> Generation:
         """Let the model state the answer of what it wrote, greedily, after the official format instruction."""
-        written = {"role": "assistant",
-                   "content": _prompt("final.txt", candidate=text, form=self.question.answer_form)}
+        written = {"role": "assistant", "content": _prompt("final.txt", candidate=text, form=self.question.answer_form)}
         (generation,) = await self._generations(
-            purpose, [*prompt, written], add_generation_prompt=False, continue_final_message=True,
-            temperature=0.0, max_tokens=FINAL_STEP_TOKENS,
+            purpose,
+            [*prompt, written],
+            add_generation_prompt=False,
+            continue_final_message=True,
+            temperature=0.0,
+            max_tokens=FINAL_STEP_TOKENS,
         )
         return generation
 
@@ -341,14 +359,17 @@ class CyberVRun:
         span = self.feedback_span()
         prompt = self.question.messages(_prompt("feedback.txt", question=self.question.text, span=span))
         result = await self.engine.chat(
-            "feedback", prompt, temperature=self.params.feedback_temperature,
+            "feedback",
+            prompt,
+            temperature=self.params.feedback_temperature,
             max_tokens=self.question.cap(self.params.max_feedback_tokens),
         )
         rechecked = Candidate(len(self.candidates), "reasoning", Generation.from_choice(result["choices"][0]))
         await self._read_answer("feedback", rechecked, prompt, self.question.read(rechecked.generation.text))
         accepted, reason = judge_feedback(rechecked.answer, self.candidates)
-        self.feedback = Feedback(self.decided.best.index, span, rechecked, accepted, reason,
-                                 time.perf_counter() - started)
+        self.feedback = Feedback(
+            self.decided.best.index, span, rechecked, accepted, reason, time.perf_counter() - started
+        )
         return self.feedback
 
     # -- the outcome --
@@ -379,17 +400,25 @@ class CyberVRun:
         self.call.trace.data = {
             "candidates": [c.trace() for c in self.candidates],
             "answers": [
-                {"answer": t.answer.value, "kind": t.answer.kind, "score": round4(t.score),
-                 "candidates": [c.index for c in t.candidates]}
+                {
+                    "answer": t.answer.value,
+                    "kind": t.answer.kind,
+                    "score": round4(t.score),
+                    "candidates": [c.index for c in t.candidates],
+                }
                 for t in d.tallies
             ],
             "threshold": round4(d.threshold),
             "sensor_source": self.sensor_source,
             **({"decode": self.decode_summary()} if self.params.decode is not None else {}),
-            "round1": {"planned": self.params.n, "drawn": len(self.candidates), "adaptive": self.params.adaptive,
-                       "stopped_early": self.stop is not None,
-                       "stop_certain": self.stop.certain if self.stop else None,
-                       "stop_reason": self.stop.reason if self.stop else None},
+            "round1": {
+                "planned": self.params.n,
+                "drawn": len(self.candidates),
+                "adaptive": self.params.adaptive,
+                "stopped_early": self.stop is not None,
+                "stop_certain": self.stop.certain if self.stop else None,
+                "stop_reason": self.stop.reason if self.stop else None,
+            },
             "decision": d.action,
             "reason": d.reason,
             "feedback": self.feedback.trace() if self.feedback else None,
@@ -398,28 +427,43 @@ class CyberVRun:
                 "candidate": None if chosen_feedback else d.best.index,
                 "answer": self.chosen.answer.value if self.chosen.answer else None,
             },
-            "rounds": {name: {"engine_calls": c.calls, "prompt_tokens": c.prompt_tokens,
-                              "completion_tokens": c.completion_tokens,
-                              "total_tokens": c.prompt_tokens + c.completion_tokens}
-                       for name, c in self.engine.spend.by_purpose.items()},
+            "rounds": {
+                name: {
+                    "engine_calls": c.calls,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                    "total_tokens": c.prompt_tokens + c.completion_tokens,
+                }
+                for name, c in self.engine.spend.by_purpose.items()
+            },
         }
         trace = self.call.trace
         trace.record(CORRECTIONS, 1 if self.feedback else 0)
         trace.record(CORRECTION_SECONDS, self.feedback.seconds if self.feedback else 0.0)
         trace.record(ROUNDS, 2 if self.feedback else 1)
         # Round-1 candidates carry their logprobs, one per token; the feedback round's are counted by its usage.
-        returned = (self.engine.spend.by_purpose["feedback"].completion_tokens if chosen_feedback
-                    else self.chosen.completion_tokens)
+        returned = (
+            self.engine.spend.by_purpose["feedback"].completion_tokens
+            if chosen_feedback
+            else self.chosen.completion_tokens
+        )
         trace.record(EXTRA_TOKENS, self.engine.spend.completion_tokens - returned)
 
     def decode_summary(self) -> dict[str, Any]:
         """SRGen's work over every decoded generation (each candidate's own is in its trace entry)."""
         rechecked = [self.feedback.rechecked] if self.feedback else []
-        reports = [g.decoded for c in [*self.candidates, *rechecked] for g in (c.generation, c.final)
-                   if g is not None and g.decoded is not None]
+        reports = [
+            g.decoded
+            for c in [*self.candidates, *rechecked]
+            for g in (c.generation, c.final)
+            if g is not None and g.decoded is not None
+        ]
         counts = [r["num_corrections"] for r in reports]
-        return {"policy": "srgen", "generations": len(reports),
-                "num_corrections": None if None in counts else sum(counts)}
+        return {
+            "policy": "srgen",
+            "generations": len(reports),
+            "num_corrections": None if None in counts else sum(counts),
+        }
 
     def response(self) -> dict[str, Any]:
         return self.shapes.response(self.chosen_text, self.chosen.generation.finish_reason, self.engine.usage())
@@ -431,8 +475,9 @@ class CyberVRun:
 
     def answer_chunks(self) -> list[dict[str, Any]]:
         """The chosen text in pieces of a few words (the first with the role), then the finishing chunk."""
-        chunks = [self.shapes.piece(piece, first=i == 0)
-                  for i, piece in enumerate(split_for_streaming(self.chosen_text))]
+        chunks = [
+            self.shapes.piece(piece, first=i == 0) for i, piece in enumerate(split_for_streaming(self.chosen_text))
+        ]
         chunks.append(self.shapes.finish(self.chosen.generation.finish_reason))
         if self.call.request.include_usage:
             chunks.append(self.shapes.chunk([], usage=self.engine.usage()))
@@ -468,7 +513,9 @@ class CyberVPolicy(Policy[CyberVParams]):
         decision = await run.round1()
         if params.progress:
             yield run.progress(
-                "round1_done", candidates=len(run.candidates), threshold=round4(decision.threshold),
+                "round1_done",
+                candidates=len(run.candidates),
+                threshold=round4(decision.threshold),
                 answers=[{"answer": t.answer.value, "score": round4(t.score)} for t in decision.tallies],
             )
         if decision.action == "feedback":
@@ -480,7 +527,9 @@ class CyberVPolicy(Policy[CyberVParams]):
         if params.progress:
             answer = run.chosen.answer
             yield run.progress(
-                "decided", decision=decision.action, answer=answer.value if answer else None,
+                "decided",
+                decision=decision.action,
+                answer=answer.value if answer else None,
                 feedback_accepted=run.feedback.accepted if run.feedback else None,
             )
         for chunk in run.answer_chunks():

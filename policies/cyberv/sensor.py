@@ -27,6 +27,7 @@ SPAN_CHARS = 80  # feedback (refine's transfer to text): characters quoted on ei
 
 # ---- what the engine wrote -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Token:
     text: str
@@ -117,6 +118,7 @@ def find_spike(generation: Generation) -> Spike | None:
 
 # ---- candidates and the sensor ---------------------------------------------------------------------------
 
+
 @dataclass
 class Candidate:
     index: int
@@ -168,8 +170,10 @@ class Candidate:
             "completion_tokens": self.completion_tokens,
         }
         if self.generation.decoded is not None:
-            entry["decoded"] = {"generation": self.generation.decoded,
-                                "final_step": self.final.decoded if self.final else None}
+            entry["decoded"] = {
+                "generation": self.generation.decoded,
+                "final_step": self.final.decoded if self.final else None,
+            }
         if self.answer is None:
             entry["reason"] = "no extractable answer"
         return entry
@@ -212,7 +216,7 @@ def has_repetition(text: str) -> bool:
     """
     if len(text) <= 2 * REPEAT_LENGTH:  # the official code's floor
         return False
-    windows = Counter(text[i:i + REPEAT_LENGTH] for i in range(len(text) - REPEAT_LENGTH + 1))
+    windows = Counter(text[i : i + REPEAT_LENGTH] for i in range(len(text) - REPEAT_LENGTH + 1))
     return any(count >= REPEAT_TIMES and text.count(sub) >= REPEAT_TIMES for sub, count in windows.items())
 
 
@@ -238,6 +242,7 @@ def rank_ascending(values: list[float]) -> list[int]:
 
 # ---- the controller --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     answer: Answer
@@ -258,15 +263,30 @@ def decide(candidates: list[Candidate], threshold: float) -> Decision:
     """The official gate: accept the best answer if its summed score exceeds the threshold (n * theta)."""
     tallies = tally(candidates)
     if not tallies:
-        return Decision("no_answer", candidates[0], [], threshold,
-                        "no candidate has an extractable answer: returning the direct answer")
+        return Decision(
+            "no_answer",
+            candidates[0],
+            [],
+            threshold,
+            "no candidate has an extractable answer: returning the direct answer",
+        )
     top = tallies[0]
     best = max(top.candidates, key=lambda c: c.score)
     if top.score > threshold:
-        return Decision("accepted", best, tallies, threshold,
-                        f"answer {top.answer} scored {top.score:.3f} > n*theta = {threshold:.3f}")
-    return Decision("feedback", best, tallies, threshold,
-                    f"best answer {top.answer} scored {top.score:.3f} <= n*theta = {threshold:.3f}")
+        return Decision(
+            "accepted",
+            best,
+            tallies,
+            threshold,
+            f"answer {top.answer} scored {top.score:.3f} > n*theta = {threshold:.3f}",
+        )
+    return Decision(
+        "feedback",
+        best,
+        tallies,
+        threshold,
+        f"best answer {top.answer} scored {top.score:.3f} <= n*theta = {threshold:.3f}",
+    )
 
 
 def tally(candidates: list[Candidate]) -> list[Tally]:
@@ -289,6 +309,7 @@ def quote_span(candidate: Candidate) -> str:
 
 
 # ---- the feedback round ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Feedback:

@@ -81,12 +81,19 @@ def outlook(candidates: list[Candidate], n: int, threshold: float, stop_risk: fl
     top = tallies[0]
     rivals = max([fresh, *(upper(t) for t in tallies[1:])])
     if top.score > threshold and top.score > rivals:
-        return Outlook("accepted", f"{drawn}, answer {top.answer} has {top.score:.3f} > n*theta = {threshold:.3f} "
-                                   f"and no other answer can reach it (at most {rivals:.3f})", top.answer)
+        return Outlook(
+            "accepted",
+            f"{drawn}, answer {top.answer} has {top.score:.3f} > n*theta = {threshold:.3f} "
+            f"and no other answer can reach it (at most {rivals:.3f})",
+            top.answer,
+        )
     reachable = max([fresh, *(upper(t) for t in tallies)])
     if reachable <= threshold:
-        return Outlook("feedback", f"{drawn}, no answer can exceed n*theta = {threshold:.3f} "
-                                   f"(at most {reachable:.3f}): the feedback round runs")
+        return Outlook(
+            "feedback",
+            f"{drawn}, no answer can exceed n*theta = {threshold:.3f} "
+            f"(at most {reachable:.3f}): the feedback round runs",
+        )
     return forecast(candidates, n, threshold, stop_risk) if stop_risk > 0 else Outlook(None, "")
 
 
@@ -136,14 +143,23 @@ def forecast(candidates: list[Candidate], n: int, threshold: float, stop_risk: f
         if not isinstance(answer, Answer):  # an answer nobody has given: no text to return
             return Outlook(None, "")
         now = next(t.score for t in tally(candidates) if t.answer == answer)
-        return Outlook("accepted", f"{drawn}, answer {answer} has {now:.3f}; with all {n} it exceeds n*theta = "
-                                   f"{threshold:.3f} as the best answer {held}", answer, certain=False, share=share)
-    return Outlook("feedback", f"{drawn}, no answer exceeds n*theta = {threshold:.3f} {held}: the feedback round "
-                               f"runs", certain=False, share=share)
+        return Outlook(
+            "accepted",
+            f"{drawn}, answer {answer} has {now:.3f}; with all {n} it exceeds n*theta = "
+            f"{threshold:.3f} as the best answer {held}",
+            answer,
+            certain=False,
+            share=share,
+        )
+    return Outlook(
+        "feedback",
+        f"{drawn}, no answer exceeds n*theta = {threshold:.3f} {held}: the feedback round runs",
+        certain=False,
+        share=share,
+    )
 
 
-def concentration_likelihood(samples: int, distinct: int,
-                             grid: tuple[float, ...] = CONCENTRATIONS) -> list[float]:
+def concentration_likelihood(samples: int, distinct: int, grid: tuple[float, ...] = CONCENTRATIONS) -> list[float]:
     """Ewens' likelihood of each concentration of `grid` given `distinct` answers among `samples` draws of the
     urn, theta^k * Gamma(theta) / Gamma(theta + m), scaled so that the largest is 1. Under the equal prior, the
     forecast's posterior weights."""
@@ -180,5 +196,6 @@ def settle(candidates: list[Candidate], threshold: float, stop: Outlook | None) 
     if decision.action == "accepted" and decision.tallies[0].answer == stop.answer:
         return decision
     chosen = next(t for t in decision.tallies if t.answer == stop.answer)
-    return dataclasses.replace(decision, action="accepted", best=max(chosen.candidates, key=lambda c: c.score),
-                               reason=stop.reason)
+    return dataclasses.replace(
+        decision, action="accepted", best=max(chosen.candidates, key=lambda c: c.score), reason=stop.reason
+    )

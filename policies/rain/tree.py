@@ -146,8 +146,15 @@ class SearchTree:
 
     @staticmethod
     def _child(parent: Node, s: TokenSet, prior: float) -> Node:
-        return Node(tokens=s.tokens, prior=prior, depth=parent.depth + 1, parent=parent,
-                    probability=s.probability, greedy=s.greedy, ends_answer=s.ends_answer)
+        return Node(
+            tokens=s.tokens,
+            prior=prior,
+            depth=parent.depth + 1,
+            parent=parent,
+            probability=s.probability,
+            greedy=s.greedy,
+            ends_answer=s.ends_answer,
+        )
 
     # ---- backup ------------------------------------------------------------------------------------------
 
@@ -164,8 +171,9 @@ class SearchTree:
             node.visits += 1
             node.true_visits += 1
             vector = np.asarray(embedding, dtype=np.float64)
-            node.embedding = vector if node.embedding is None else (
-                node.embedding + (vector - node.embedding) / node.true_visits)
+            node.embedding = (
+                vector if node.embedding is None else (node.embedding + (vector - node.embedding) / node.true_visits)
+            )
             self._share_with_similar_siblings(node, value)
             node.q += (value - node.q) / node.visits
             self.q_min = min(self.q_min, node.q)

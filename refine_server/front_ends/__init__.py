@@ -11,7 +11,9 @@ from refine_server.front_ends.responses import ResponsesFrontEnd
 from refine_server.policies.request import Endpoint
 
 FRONT_ENDS: dict[Endpoint, FrontEnd] = {
-    "chat": FrontEnd("chat"), "completions": FrontEnd("completions"), "responses": ResponsesFrontEnd(),
+    "chat": FrontEnd("chat"),
+    "completions": FrontEnd("completions"),
+    "responses": ResponsesFrontEnd(),
     "messages": MessagesFrontEnd(),
 }
 

@@ -63,5 +63,9 @@ class FrontEnd:
 
 def unsupported(param: str, why: str = "a policy that writes its own answer cannot honour it") -> APIError:
     """The 400 for a field of another API that a translated request cannot carry."""
-    return APIError(400, f"{param!r}: {why}; send the request without it, or use policy none or srgen",
-                    param=param, code="unsupported_parameter")
+    return APIError(
+        400,
+        f"{param!r}: {why}; send the request without it, or use policy none or srgen",
+        param=param,
+        code="unsupported_parameter",
+    )

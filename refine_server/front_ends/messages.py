@@ -20,9 +20,17 @@ from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, MessagesRequest
 
 # Anthropic's error types by HTTP status (its SDK raises by status; the type names the kind).
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 499: "api_error",
-                503: "overloaded_error", 529: "overloaded_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    499: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 
 
@@ -37,9 +45,19 @@ class MessagesFrontEnd(FrontEnd):
 
     def relayed(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, MessagesRequest)
-        return ClientRequest(endpoint="messages", body=body, model=parsed.model, n=1, max_tokens=parsed.max_tokens,
-                             seed=body.get("seed"), stop=list(parsed.stop_sequences or ()),
-                             stream=bool(parsed.stream), include_usage=True, messages=None, prompt=None)
+        return ClientRequest(
+            endpoint="messages",
+            body=body,
+            model=parsed.model,
+            n=1,
+            max_tokens=parsed.max_tokens,
+            seed=body.get("seed"),
+            stop=list(parsed.stop_sequences or ()),
+            stream=bool(parsed.stream),
+            include_usage=True,
+            messages=None,
+            prompt=None,
+        )
 
     def translate(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, MessagesRequest)
@@ -60,17 +78,34 @@ class MessagesFrontEnd(FrontEnd):
             chat["stop"] = stop
         if parsed.stream:
             chat |= {"stream": True, "stream_options": {"include_usage": True}}
-        return ClientRequest(endpoint="chat", body=chat, model=parsed.model, n=1, max_tokens=parsed.max_tokens,
-                             seed=body.get("seed"), stop=stop, stream=bool(parsed.stream), include_usage=True,
-                             messages=messages, prompt=None)
+        return ClientRequest(
+            endpoint="chat",
+            body=chat,
+            model=parsed.model,
+            n=1,
+            max_tokens=parsed.max_tokens,
+            seed=body.get("seed"),
+            stop=stop,
+            stream=bool(parsed.stream),
+            include_usage=True,
+            messages=messages,
+            prompt=None,
+        )
 
     def answer(self, result: dict[str, Any], request: ClientRequest) -> dict[str, Any]:
         choice = (result.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
         reason, sequence = _stop(choice)
-        return {"id": _new_id(), "type": "message", "role": "assistant", "model": request.model,
-                "content": [{"type": "text", "text": text}], "stop_reason": reason, "stop_sequence": sequence,
-                "usage": _usage(result.get("usage"))}
+        return {
+            "id": _new_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": request.model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": reason,
+            "stop_sequence": sequence,
+            "usage": _usage(result.get("usage")),
+        }
 
     def events(self, chunks: AsyncGenerator[Chunk, None], request: ClientRequest) -> AsyncGenerator[Chunk, None]:
         return _message_stream(chunks, request)
@@ -135,14 +170,22 @@ async def _message_stream(chunks: AsyncGenerator[Chunk, None], request: ClientRe
             yield event
     reason, sequence = _stop(finishing)
     yield {"type": "content_block_stop", "index": 0}
-    yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-           "usage": _usage(usage)}
+    yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": _usage(usage)}
     yield {"type": "message_stop"}
 
 
 def _opening(request: ClientRequest) -> list[dict[str, Any]]:
     message: dict[str, Any] = {
-        "id": _new_id(), "type": "message", "role": "assistant", "model": request.model, "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
-    return [{"type": "message_start", "message": message},
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}]
+        "id": _new_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": request.model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    return [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ]

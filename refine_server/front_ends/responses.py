@@ -34,9 +34,19 @@ class ResponsesFrontEnd(FrontEnd):
 
     def relayed(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, ResponsesRequest)
-        return ClientRequest(endpoint="responses", body=body, model=parsed.model, n=1,
-                             max_tokens=parsed.max_output_tokens, seed=body.get("seed"), stop=[],
-                             stream=bool(parsed.stream), include_usage=True, messages=None, prompt=None)
+        return ClientRequest(
+            endpoint="responses",
+            body=body,
+            model=parsed.model,
+            n=1,
+            max_tokens=parsed.max_output_tokens,
+            seed=body.get("seed"),
+            stop=[],
+            stream=bool(parsed.stream),
+            include_usage=True,
+            messages=None,
+            prompt=None,
+        )
 
     def translate(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, ResponsesRequest)
@@ -44,21 +54,40 @@ class ResponsesFrontEnd(FrontEnd):
         messages = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
         messages += _conversation(parsed.input)
         chat: dict[str, Any] = {"model": parsed.model, "messages": messages}
-        for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
-                             ("top_p", "top_p"), ("seed", "seed")):
+        for ours, theirs in (
+            ("max_output_tokens", "max_tokens"),
+            ("temperature", "temperature"),
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+        ):
             if body.get(ours) is not None:
                 chat[theirs] = body[ours]
         if parsed.stream:
             chat |= {"stream": True, "stream_options": {"include_usage": True}}
-        return ClientRequest(endpoint="chat", body=chat, model=parsed.model, n=1,
-                             max_tokens=parsed.max_output_tokens, seed=body.get("seed"), stop=[],
-                             stream=bool(parsed.stream), include_usage=True, messages=messages, prompt=None)
+        return ClientRequest(
+            endpoint="chat",
+            body=chat,
+            model=parsed.model,
+            n=1,
+            max_tokens=parsed.max_output_tokens,
+            seed=body.get("seed"),
+            stop=[],
+            stream=bool(parsed.stream),
+            include_usage=True,
+            messages=messages,
+            prompt=None,
+        )
 
     def answer(self, result: dict[str, Any], request: ClientRequest) -> dict[str, Any]:
         choice = (result.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
-        return _response(_new_id("resp"), request, _message_item(_new_id("msg"), text, "completed"),
-                         choice.get("finish_reason"), result.get("usage"))
+        return _response(
+            _new_id("resp"),
+            request,
+            _message_item(_new_id("msg"), text, "completed"),
+            choice.get("finish_reason"),
+            result.get("usage"),
+        )
 
     def events(self, chunks: AsyncGenerator[Chunk, None], request: ClientRequest) -> AsyncGenerator[Chunk, None]:
         return _ResponseStream(request).events(chunks)
@@ -66,8 +95,7 @@ class ResponsesFrontEnd(FrontEnd):
 
 def _refuse(body: dict[str, Any]) -> None:
     """A 400 naming each field a policy that writes its own answer cannot honour."""
-    for field in ("tools", "previous_response_id", "background", "conversation", "prompt", "reasoning",
-                  "include"):
+    for field in ("tools", "previous_response_id", "background", "conversation", "prompt", "reasoning", "include"):
         if body.get(field):
             raise unsupported(field)
     choice = body.get("tool_choice")
@@ -114,22 +142,43 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if not usage:
         return None
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0),
-            "total_tokens": usage.get("total_tokens", 0), "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens_details": {"reasoning_tokens": 0}}
+    return {
+        "input_tokens": usage.get("prompt_tokens", 0),
+        "output_tokens": usage.get("completion_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
-def _response(response_id: str, request: ClientRequest, item: dict[str, Any] | None, finish_reason: str | None,
-              usage: dict[str, Any] | None, status: str | None = None) -> dict[str, Any]:
+def _response(
+    response_id: str,
+    request: ClientRequest,
+    item: dict[str, Any] | None,
+    finish_reason: str | None,
+    usage: dict[str, Any] | None,
+    status: str | None = None,
+) -> dict[str, Any]:
     incomplete = finish_reason == "length"
     body = request.body
     return {
-        "id": response_id, "object": "response", "created_at": int(time.time()), "model": request.model,
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": request.model,
         "status": status or ("incomplete" if incomplete else "completed"),
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete and not status else None,
-        "error": None, "instructions": None, "metadata": {}, "output": [item] if item else [],
-        "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "temperature": body.get("temperature"),
-        "top_p": body.get("top_p"), "max_output_tokens": request.max_tokens, "text": {"format": {"type": "text"}},
+        "error": None,
+        "instructions": None,
+        "metadata": {},
+        "output": [item] if item else [],
+        "parallel_tool_calls": False,
+        "tool_choice": "none",
+        "tools": [],
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "max_output_tokens": request.max_tokens,
+        "text": {"format": {"type": "text"}},
         "usage": _usage(usage),
     }
 
@@ -187,8 +236,10 @@ class _ResponseStream:
         return [
             self._event("response.created", response=started),
             self._event("response.in_progress", response=started),
-            self._event("response.output_item.added", output_index=0,
-                        item=_message_item(self._item_id, None, "in_progress")),
-            self._event("response.content_part.added", item_id=self._item_id, output_index=0, content_index=0,
-                        part=part),
+            self._event(
+                "response.output_item.added", output_index=0, item=_message_item(self._item_id, None, "in_progress")
+            ),
+            self._event(
+                "response.content_part.added", item_id=self._item_id, output_index=0, content_index=0, part=part
+            ),
         ]

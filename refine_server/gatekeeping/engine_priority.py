@@ -24,8 +24,9 @@ class Priorities:
         if unknown:
             raise ValueError(f"policy_priority names unknown policies: {sorted(unknown)}")
         self._send = send
-        self._by_policy = {name: configured.get(name, PLAIN_PRIORITY if name == PLAIN_POLICY else POLICY_PRIORITY)
-                           for name in names}
+        self._by_policy = {
+            name: configured.get(name, PLAIN_PRIORITY if name == PLAIN_POLICY else POLICY_PRIORITY) for name in names
+        }
 
     def of(self, policy: str, key_priorities: Mapping[str, int]) -> int | None:
         """The priority of `policy`'s engine calls for a key with `key_priorities`; None: send none."""

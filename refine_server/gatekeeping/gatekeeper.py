@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from starlette.types import Receive
 
-from refine_server.gatekeeping.policy_slots import Admission, Slot
 from refine_server.auth import Grant
 from refine_server.disconnect import cancel_on_disconnect
 from refine_server.gatekeeping.engine_priority import Priorities
+from refine_server.gatekeeping.policy_slots import Admission, Slot
 from refine_server.policies.call_fields import CallFields
 from refine_server.policies.engine_client import EngineClient
 
@@ -62,8 +62,11 @@ class Gatekeeper:
         slot = self.admission.try_enter(policy)
         if slot is None:
             slot = await cancel_on_disconnect(receive, self.admission.enter(policy, grant.name))
-        fields = CallFields(max_tokens=self._default_max_tokens, priority=self.priorities.of(policy, grant.priorities),
-                            count_stream_usage=grant.budget is not None and grant.budget.counts_tokens)
+        fields = CallFields(
+            max_tokens=self._default_max_tokens,
+            priority=self.priorities.of(policy, grant.priorities),
+            count_stream_usage=grant.budget is not None and grant.budget.counts_tokens,
+        )
         return Ticket(slot, fields, grant)
 
     def describe(self, policy: str, grant: Grant) -> dict[str, int | float | None]:
@@ -71,8 +74,13 @@ class Gatekeeper:
         requests running and waiting now (in this worker process), the queue timeout, and the engine priority
         of the caller's requests."""
         gate = self.admission.gate(policy)
-        return {"concurrency_limit": gate.limit, "running": gate.running, "waiting": gate.waiting,
-                "queue_timeout_s": gate.timeout_s, "engine_priority": self.priorities.of(policy, grant.priorities)}
+        return {
+            "concurrency_limit": gate.limit,
+            "running": gate.running,
+            "waiting": gate.waiting,
+            "queue_timeout_s": gate.timeout_s,
+            "engine_priority": self.priorities.of(policy, grant.priorities),
+        }
 
     def close(self) -> None:
         """Shutdown has begun: requests waiting for a slot get a 503 now, later ones at once."""

@@ -20,13 +20,19 @@ from refine_server.errors import APIError
 
 class KeyMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter("refine_key_requests", "Requests admitted, by API key name", ["key"],
-                                registry=registry)
-        self.tokens = Counter("refine_key_engine_tokens", "Engine tokens (prompt and completion, every engine "
-                              "call) of requests, by API key name", ["key"], registry=registry)
-        self.rejected = Counter("refine_key_rejections", "Requests refused for a spent budget, by API key name "
-                                "and budget (requests_per_minute, tokens_per_minute)", ["key", "budget"],
-                                registry=registry)
+        self.requests = Counter("refine_key_requests", "Requests admitted, by API key name", ["key"], registry=registry)
+        self.tokens = Counter(
+            "refine_key_engine_tokens",
+            "Engine tokens (prompt and completion, every engine call) of requests, by API key name",
+            ["key"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "refine_key_rejections",
+            "Requests refused for a spent budget, by API key name and budget (requests_per_minute, tokens_per_minute)",
+            ["key", "budget"],
+            registry=registry,
+        )
 
 
 class Bucket:
@@ -56,8 +62,14 @@ class Bucket:
 class KeyBudget:
     """One key's budgets (either may be None: no budget) and its metrics."""
 
-    def __init__(self, name: str, requests_per_minute: int | None, tokens_per_minute: int | None,
-                 metrics: KeyMetrics, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        name: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        metrics: KeyMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.name = name
         self._requests = Bucket(requests_per_minute, clock) if requests_per_minute else None
         self._tokens = Bucket(tokens_per_minute, clock) if tokens_per_minute else None
@@ -71,13 +83,19 @@ class KeyBudget:
 
     def admit(self) -> None:
         """Take one request from the key's budget, or a 429 with Retry-After when a budget is spent."""
-        for budget, bucket, need in (("requests_per_minute", self._requests, 1.0),
-                                     ("tokens_per_minute", self._tokens, 1.0)):
+        for budget, bucket, need in (
+            ("requests_per_minute", self._requests, 1.0),
+            ("tokens_per_minute", self._tokens, 1.0),
+        ):
             if bucket is not None and bucket.level() < need:
                 self._rejected.labels(self.name, budget).inc()
                 wait = max(1, math.ceil(bucket.seconds_until(need)))
-                raise APIError(429, f"this API key's {budget} budget is spent; retry after {wait} s",
-                               code="key_budget_exceeded", headers={"Retry-After": str(wait)})
+                raise APIError(
+                    429,
+                    f"this API key's {budget} budget is spent; retry after {wait} s",
+                    code="key_budget_exceeded",
+                    headers={"Retry-After": str(wait)},
+                )
         if self._requests is not None:
             self._requests.take(1)
         self._admitted.inc()

@@ -41,15 +41,33 @@ class AdmissionMetrics:
     """Queue depth, running requests, wait times and rejections, by policy."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.waiting = Gauge("refine_admission_queue_depth", "Requests waiting for a slot of their policy",
-                             ["policy"], registry=registry, multiprocess_mode="livesum")
-        self.running = Gauge("refine_admission_running", "Requests of each policy holding a slot",
-                             ["policy"], registry=registry, multiprocess_mode="livesum")
-        self.wait = Histogram("refine_admission_wait_seconds", "Time a request waited for a slot of its policy "
-                              "(0 for one that started at once)", ["policy"], buckets=LATENCY_BUCKETS,
-                              registry=registry)
-        self.rejected = Counter("refine_admission_rejections", "Requests refused a slot: queue_timeout (429) or "
-                                "shutting_down (503)", ["policy", "reason"], registry=registry)
+        self.waiting = Gauge(
+            "refine_admission_queue_depth",
+            "Requests waiting for a slot of their policy",
+            ["policy"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.running = Gauge(
+            "refine_admission_running",
+            "Requests of each policy holding a slot",
+            ["policy"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.wait = Histogram(
+            "refine_admission_wait_seconds",
+            "Time a request waited for a slot of its policy (0 for one that started at once)",
+            ["policy"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "refine_admission_rejections",
+            "Requests refused a slot: queue_timeout (429) or shutting_down (503)",
+            ["policy", "reason"],
+            registry=registry,
+        )
 
 
 class Slot:
@@ -201,8 +219,9 @@ def _holds(waiter: asyncio.Future[None]) -> bool:
 class Admission:
     """Every policy's gate; built once per server start from `policy_concurrency`."""
 
-    def __init__(self, policies: Iterable[str], limits: Mapping[str, int], timeout_s: float,
-                 registry: CollectorRegistry):
+    def __init__(
+        self, policies: Iterable[str], limits: Mapping[str, int], timeout_s: float, registry: CollectorRegistry
+    ):
         names = set(policies)
         unknown = set(limits) - names
         if unknown:
@@ -228,8 +247,13 @@ class Admission:
         try:
             return await self._gates[policy].enter(key)
         except QueueTimeout as exc:
-            raise APIError(429, f"{exc}; retry after {exc.retry_after_s} s", code="policy_busy",
-                           param="refine.policy", headers={"Retry-After": str(exc.retry_after_s)}) from None
+            raise APIError(
+                429,
+                f"{exc}; retry after {exc.retry_after_s} s",
+                code="policy_busy",
+                param="refine.policy",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
         except ShuttingDown:
             raise _shutting_down() from None
 

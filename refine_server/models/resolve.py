@@ -34,5 +34,7 @@ def resolve_model(value: str) -> ModelChoice:
     folder = Path(value).expanduser()
     if folder.is_dir():
         return ModelChoice(None, folder)
-    raise UnknownModel(f"--model {value!r} is neither a bundled model nor a model folder; the bundled models are: "
-                       f"{', '.join(BUNDLED)} (or give the path of a local Hugging Face model folder)")
+    raise UnknownModel(
+        f"--model {value!r} is neither a bundled model nor a model folder; the bundled models are: "
+        f"{', '.join(BUNDLED)} (or give the path of a local Hugging Face model folder)"
+    )

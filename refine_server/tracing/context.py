@@ -28,5 +28,3 @@ def trace_headers(context: Any) -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
     return carrier
-
-

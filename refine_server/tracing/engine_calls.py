@@ -28,8 +28,9 @@ class EngineCallSpans:
         self.input_tokens = 0  # over every engine call, for a response that reports no usage (a stream)
         self.output_tokens = 0
 
-    async def call(self, purpose: str, endpoint: str, body: dict[str, Any],
-                   send: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def call(
+        self, purpose: str, endpoint: str, body: dict[str, Any], send: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
         """One non-streaming engine call, `send()`, in a span of its own."""
         span, headers = self._start_call(purpose, endpoint, body)
         token = OUTGOING.set(headers)
@@ -45,14 +46,16 @@ class EngineCallSpans:
         span.end()
         return result
 
-    def stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-               chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    def stream(
+        self, purpose: str, endpoint: str, body: dict[str, Any], chunks: AsyncGenerator[T, None]
+    ) -> AsyncGenerator[T, None]:
         """One streaming engine call, `chunks` (decoded or the engine's JSON bytes), in a span of its own that
         ends with the stream."""
         return self._stream(purpose, endpoint, body, chunks)
 
-    async def _stream(self, purpose: str, endpoint: str, body: dict[str, Any],
-                      chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    async def _stream(
+        self, purpose: str, endpoint: str, body: dict[str, Any], chunks: AsyncGenerator[T, None]
+    ) -> AsyncGenerator[T, None]:
         span, headers = self._start_call(purpose, endpoint, body)
         usage: dict[str, Any] | None = None
         try:
@@ -86,7 +89,8 @@ class EngineCallSpans:
 
         self.calls += 1
         attributes: dict[str, Any] = {
-            "refine.engine.purpose": purpose, "gen_ai.operation.name": OPERATIONS.get(endpoint, endpoint),
+            "refine.engine.purpose": purpose,
+            "gen_ai.operation.name": OPERATIONS.get(endpoint, endpoint),
             "refine.engine.stream": bool(body.get("stream")),
         }
         if isinstance(body.get("model"), str):
@@ -99,8 +103,7 @@ class EngineCallSpans:
         wanted = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(wanted, int):
             attributes["gen_ai.request.max_tokens"] = wanted
-        span = self._tracer.start_span(purpose, context=self._parent, kind=trace.SpanKind.CLIENT,
-                                       attributes=attributes)
+        span = self._tracer.start_span(purpose, context=self._parent, kind=trace.SpanKind.CLIENT, attributes=attributes)
         return span, trace_headers(trace.set_span_in_context(span))
 
     def _count(self, span: Span, usage: Any) -> None:

@@ -29,7 +29,9 @@ class RequestSpan:
 
         self._operation = OPERATIONS[endpoint]
         self.span: Span = tracer.start_span(
-            self._operation, context=propagate.extract(headers), kind=trace.SpanKind.SERVER,
+            self._operation,
+            context=propagate.extract(headers),
+            kind=trace.SpanKind.SERVER,
             attributes={"gen_ai.operation.name": self._operation, "http.request.method": "POST", "url.path": path},
         )
         context = trace.set_span_in_context(self.span)
@@ -55,8 +57,11 @@ class RequestSpan:
         span = self.span
         span.update_name(f"{self._operation} {request.model}")
         body = request.body
-        attributes: dict[str, Any] = {"gen_ai.request.model": request.model, "refine.policy": policy,
-                                      "refine.stream": request.stream}
+        attributes: dict[str, Any] = {
+            "gen_ai.request.model": request.model,
+            "refine.policy": policy,
+            "refine.stream": request.stream,
+        }
         if request.max_tokens is not None:
             attributes["gen_ai.request.max_tokens"] = request.max_tokens
         for field, name in (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p")):
@@ -77,14 +82,16 @@ class RequestSpan:
         reasons = [str(c.get("finish_reason")) for c in result.get("choices") or () if isinstance(c, dict)]
         self._set_response(reasons, result.get("usage"), result.get("id"), result.get("model"))
 
-    def watch_stream(self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
-                     ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
+    def watch_stream(
+        self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
+    ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
         """A policy's chunks as they go to the client, read for finish reasons and usage; each step taken with
         the request's trace context current (the policy's engine calls run in it)."""
         return self._watch(chunks)
 
-    async def _watch(self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
-                     ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
+    async def _watch(
+        self, chunks: AsyncGenerator[dict[str, Any] | bytes, None]
+    ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
         async with aclosing(chunks):
             while True:
                 with self.active():
@@ -112,8 +119,9 @@ class RequestSpan:
         """The request is over with this HTTP status (499: the client went away): the span ends."""
         span = self.span
         if self._finish_reasons:
-            self._set_response([self._finish_reasons[i] for i in sorted(self._finish_reasons)],
-                               self._stream_usage, None, None)
+            self._set_response(
+                [self._finish_reasons[i] for i in sorted(self._finish_reasons)], self._stream_usage, None, None
+            )
         elif self._stream_usage is not None:
             self._set_response([], self._stream_usage, None, None)
         if not span.is_recording():
@@ -141,8 +149,10 @@ class RequestSpan:
         if reasons:
             attributes["gen_ai.response.finish_reasons"] = reasons
         if isinstance(usage, dict):
-            for key, name in (("prompt_tokens", "gen_ai.usage.input_tokens"),
-                              ("completion_tokens", "gen_ai.usage.output_tokens")):
+            for key, name in (
+                ("prompt_tokens", "gen_ai.usage.input_tokens"),
+                ("completion_tokens", "gen_ai.usage.output_tokens"),
+            ):
                 if isinstance(usage.get(key), int):
                     attributes[name] = usage[key]
         if isinstance(response_id, str):
@@ -159,5 +169,6 @@ class RequestSpan:
         if isinstance(corrections, list):
             for correction in corrections:
                 if isinstance(correction, dict):
-                    span.add_event("refine.correction", {k: v for k, v in correction.items()
-                                                         if isinstance(v, _SCALARS)})
+                    span.add_event(
+                        "refine.correction", {k: v for k, v in correction.items() if isinstance(v, _SCALARS)}
+                    )

@@ -37,8 +37,7 @@ def otlp_endpoint(settings: Settings) -> str | None:
         return None
     if settings.otel_endpoint:
         return traces_url(settings.otel_endpoint)
-    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
 def traces_url(endpoint: str) -> str:
@@ -66,8 +65,10 @@ class Tracing:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         except ImportError as exc:
-            raise RuntimeError("tracing is configured but OpenTelemetry is not installed: pip install "
-                               "opentelemetry-sdk opentelemetry-exporter-otlp-proto-http") from exc
+            raise RuntimeError(
+                "tracing is configured but OpenTelemetry is not installed: pip install "
+                "opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
+            ) from exc
         attributes = {"service.instance.id": uuid.uuid4().hex}  # one per worker process
         if not os.environ.get("OTEL_SERVICE_NAME"):
             attributes["service.name"] = settings.otel_service_name

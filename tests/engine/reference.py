@@ -65,7 +65,7 @@ def assert_token_stats_match(model: Any, choice: dict, got: ChoiceTokenStats) ->
     ids = torch.tensor([choice["prompt_token_ids"] + choice["token_ids"]])
     prompt_len = len(choice["prompt_token_ids"])
     with torch.no_grad():
-        logits = model(ids).logits[0, prompt_len - 1: -1]  # row j: the distribution token j was drawn from
+        logits = model(ids).logits[0, prompt_len - 1 : -1]  # row j: the distribution token j was drawn from
     log_p = torch.log_softmax(logits.double(), dim=-1)
     p = log_p.exp()
     entropy = -(p * log_p).sum(dim=-1)

@@ -22,12 +22,21 @@ pytestmark = pytest.mark.engine
 
 
 def test_metrics_carry_refine_histograms_by_policy_next_to_vllm(client: OpenAI, refine_server) -> None:
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                   stream=True, extra_body={"refine": {"policy": "none"}}).close()
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        stream=True,
+        extra_body={"refine": {"policy": "none"}},
+    ).close()
     list(client.completions.create(model=MODEL, prompt="a b c", max_tokens=4, stream=True))
     text = httpx.get(f"{refine_server.url}/metrics").text
-    for family in ("refine_request_duration_seconds", "refine_time_to_first_token_seconds",
-                   "refine_inter_token_latency_seconds", "refine_correction_seconds"):
+    for family in (
+        "refine_request_duration_seconds",
+        "refine_time_to_first_token_seconds",
+        "refine_inter_token_latency_seconds",
+        "refine_correction_seconds",
+    ):
         assert re.search(rf'^{family}_bucket{{.*policy="none".*}} ', text, re.M), family
     assert re.search(r'^refine_requests_total{endpoint="completions",policy="none",status="200"} ', text, re.M)
     assert metric_total(text, "refine_upstream_request_duration_seconds_count") > 0
@@ -44,12 +53,17 @@ def _engine_counters(engine_url: str) -> tuple[float, float]:
 
 
 def _refine_disconnects(refine_url: str) -> float:
-    return sum(float(v) for v in re.findall(r'^refine_requests_total{[^}]*status="499"[^}]*} (\S+)$',
-                                            httpx.get(f"{refine_url}/metrics").text, re.M))
+    return sum(
+        float(v)
+        for v in re.findall(
+            r'^refine_requests_total{[^}]*status="499"[^}]*} (\S+)$', httpx.get(f"{refine_url}/metrics").text, re.M
+        )
+    )
 
 
-def _assert_generation_stopped(refine_url: str, engine_url: str, tokens_before: float,
-                               disconnects_before: float, max_tokens: int) -> None:
+def _assert_generation_stopped(
+    refine_url: str, engine_url: str, tokens_before: float, disconnects_before: float, max_tokens: int
+) -> None:
     """refine records the 499 only after the request's engine calls were cancelled and awaited, so once it is
     counted no new generation can start for it; once the engine runs nothing, the token count is final."""
     deadline = time.monotonic() + 30  # guards against waiting forever; no assertion depends on the clock
@@ -63,18 +77,27 @@ def _assert_generation_stopped(refine_url: str, engine_url: str, tokens_before: 
     assert 0 < tokens - tokens_before < max_tokens / 2
 
 
-@pytest.mark.parametrize("stream, refine", [
-    (True, {"policy": "none"}),
-    (False, {"policy": "none"}),
-    (False, {"policy": "srgen", "max_corrections": 1}),  # in the engine
-    (False, {"policy": "cyberv", "n": 2, "max_reasoning_tokens": 1900}),  # several engine calls at once
-], ids=["none-stream", "none", "srgen", "cyberv"])
-def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str, stream: bool,
-                                                  refine: dict) -> None:
+@pytest.mark.parametrize(
+    "stream, refine",
+    [
+        (True, {"policy": "none"}),
+        (False, {"policy": "none"}),
+        (False, {"policy": "srgen", "max_corrections": 1}),  # in the engine
+        (False, {"policy": "cyberv", "n": 2, "max_reasoning_tokens": 1900}),  # several engine calls at once
+    ],
+    ids=["none-stream", "none", "srgen", "cyberv"],
+)
+def test_client_disconnect_cancels_the_generation(refine_server, engine_url: str, stream: bool, refine: dict) -> None:
     """Streaming, the client leaves after a few chunks; not streaming, before any byte of the answer."""
     max_tokens = 1900  # fits the test server's 2048-token context
-    body = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": stream, "refine": refine}
+    body = {
+        "model": MODEL,
+        "prompt": "Tell a long story:",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+        "refine": refine,
+    }
     before, _ = _engine_counters(engine_url)
     disconnects = _refine_disconnects(refine_server.url)
     if stream:
@@ -105,20 +128,32 @@ async def _leave_once_generating(url: str, body: dict, engine_url: str, tokens_b
 
 def test_external_mode_serves_an_existing_vllm_with_per_key_policies(engine_url: str) -> None:
     keys = json.dumps(["admin", {"key": "plain-only", "policies": ["none"]}])
-    server = start_refine("external", free_port(), "--backend-url", engine_url, ready_timeout_s=60,
-                          env={**ENGINE_ENV, "REFINE_API_KEYS": keys})
+    server = start_refine(
+        "external",
+        free_port(),
+        "--backend-url",
+        engine_url,
+        ready_timeout_s=60,
+        env={**ENGINE_ENV, "REFINE_API_KEYS": keys},
+    )
     try:
         admin = OpenAI(base_url=f"{server.url}/v1", api_key="admin", max_retries=0)
         plain = OpenAI(base_url=f"{server.url}/v1", api_key="plain-only", max_retries=0)
-        resp = plain.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
-                                             max_tokens=5, temperature=0)
+        resp = plain.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0
+        )
         assert resp.choices[0].message.content
         assert resp.model_extra["refine"]["policy"] == "none"
         with pytest.raises(openai.PermissionDeniedError):
             plain.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"refine": {"policy": "srgen"}})
         # External mode signs with the secret the operator gave both sides, and reads the shared events folder.
-        srgen = admin.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0, extra_body={
-            "refine": {"policy": "srgen", "max_corrections": 1, "warmup_threshold": 0, "min_threshold": 0}})
+        srgen = admin.completions.create(
+            model=MODEL,
+            prompt="hi",
+            max_tokens=4,
+            temperature=0,
+            extra_body={"refine": {"policy": "srgen", "max_corrections": 1, "warmup_threshold": 0, "min_threshold": 0}},
+        )
         assert srgen.model_extra["refine"]["trace"]["num_corrections"] == 1
         # External mode scrapes only refine: the fleet is scraped where it runs.
         assert "vllm:" not in httpx.get(f"{server.url}/metrics").text
@@ -127,16 +162,29 @@ def test_external_mode_serves_an_existing_vllm_with_per_key_policies(engine_url:
 
 
 def test_several_workers_share_one_port_and_their_metrics_add_up(engine_url: str) -> None:
-    server = start_refine("workers", free_port(), "--backend-url", engine_url, "--workers", "2",
-                          "--backend-metrics", "true", ready_timeout_s=60, env=ENGINE_ENV)
+    server = start_refine(
+        "workers",
+        free_port(),
+        "--backend-url",
+        engine_url,
+        "--workers",
+        "2",
+        "--backend-metrics",
+        "true",
+        ready_timeout_s=60,
+        env=ENGINE_ENV,
+    )
     try:
         workers = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         sent = 8
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2),
-                          range(sent)))
+            list(
+                pool.map(
+                    lambda i: client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2), range(sent)
+                )
+            )
         # Each scrape is answered by whichever worker accepts it; every one must see all workers' requests.
         scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(6)]
         assert [metric_total(s, "refine_requests_total") for s in scrapes] == [sent] * 6
@@ -148,17 +196,28 @@ def test_several_workers_share_one_port_and_their_metrics_add_up(engine_url: str
 def test_srgen_goes_only_to_the_backend_whose_plugin_runs_it(engine_url: str) -> None:
     """The real engine (with the plugin) and a fake vLLM (without) behind one refine."""
     with serve_in_thread(make_app()) as fake:
-        server = start_refine("two-backends", free_port(), "--backend-url", f"{fake},{engine_url}",
-                              "--workers", "1", ready_timeout_s=60, env=ENGINE_ENV)
+        server = start_refine(
+            "two-backends",
+            free_port(),
+            "--backend-url",
+            f"{fake},{engine_url}",
+            "--workers",
+            "1",
+            ready_timeout_s=60,
+            env=ENGINE_ENV,
+        )
         try:
             client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
             forced = {"policy": "srgen", "max_corrections": 1, "warmup_threshold": 0, "min_threshold": 0}
             for _ in range(3):
-                resp = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0,
-                                                 extra_body={"refine": forced})
+                resp = client.completions.create(
+                    model=MODEL, prompt="hi", max_tokens=4, temperature=0, extra_body={"refine": forced}
+                )
                 assert resp.model_extra["refine"]["trace"]["num_corrections"] == 1
-            plain = {client.completions.create(model=MODEL, prompt="hi", max_tokens=3,
-                                               temperature=0).choices[0].text for _ in range(4)}
+            plain = {
+                client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0).choices[0].text
+                for _ in range(4)
+            }
             assert "alpha beta gamma" in plain and len(plain) == 2  # plain requests go to both
             assert httpx.get(f"{fake}/fake/stats").json()["completions"] == 2 + 1  # + the one handshake
         finally:
@@ -172,8 +231,16 @@ def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_pro
     port = free_port()
     fake = serve_in_thread(make_app(), port)
     fake_url = fake.__enter__()
-    server = start_refine("failover", free_port(), "--backend-url", f"{fake_url},{engine_url}", "--workers", "1",
-                          ready_timeout_s=60, env=ENGINE_ENV)
+    server = start_refine(
+        "failover",
+        free_port(),
+        "--backend-url",
+        f"{fake_url},{engine_url}",
+        "--workers",
+        "1",
+        ready_timeout_s=60,
+        env=ENGINE_ENV,
+    )
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
@@ -181,12 +248,14 @@ def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_pro
             found = set()
             for _ in range(count):
                 if stream:
-                    chunks = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0,
-                                                       stream=True)
+                    chunks = client.completions.create(
+                        model=MODEL, prompt="hi", max_tokens=3, temperature=0, stream=True
+                    )
                     found.add("".join(c.choices[0].text for c in chunks if c.choices))
                 else:
-                    found.add(client.completions.create(model=MODEL, prompt="hi", max_tokens=3,
-                                                        temperature=0).choices[0].text)
+                    found.add(
+                        client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0).choices[0].text
+                    )
             return found
 
         spread = texts(4)
@@ -207,4 +276,3 @@ def test_with_a_replica_gone_the_real_engine_takes_every_request_until_it_is_pro
 
 
 FAKE_TEXT = "alpha beta gamma"  # what tests/fake_vllm.py answers
-

@@ -9,7 +9,6 @@ from openai import OpenAI
 from refine_server.policies.answer_extraction import extract_answer, question_kind, question_options
 from tests.conftest import MODEL
 
-
 EASY = [{"role": "user", "content": "What is 1 + 1?"}]
 
 
@@ -29,8 +28,9 @@ def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI)
     # 4 and 8). If that stops holding (another engine dtype, another model build), the first assertion fails
     # and prints the trace: re-probe, don't loosen it. stop_risk 0: round 1 stops only when certain (the
     # forecast's stops are unit-tested in tests/unit/policies/test_cyberv_sensor.py).
-    resp = client.chat.completions.create(model=MODEL, messages=EASY, seed=0,
-                                          extra_body={"refine": {**DEFAULTS, "stop_risk": 0}})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=EASY, seed=0, extra_body={"refine": {**DEFAULTS, "stop_risk": 0}}
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["decision"] == "accepted" and trace["answers"][0]["answer"] == "2", trace
     assert trace["answers"][0]["score"] > trace["threshold"] == 2.4
@@ -47,8 +47,12 @@ def test_engine_unanimous_easy_question_stops_early_and_says_why(client: OpenAI)
 @pytest.mark.engine
 def test_engine_answer_text_states_the_voted_answer_on_a_multiple_choice_question(client: OpenAI) -> None:
     question = "Which number is the largest?\n\n(A) 12\n(B) 95\n(C) 40\n\nChoose one option and give its letter."
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], seed=0,
-                                          extra_body={"refine": {**DEFAULTS, "adaptive": False}})
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        seed=0,
+        extra_body={"refine": {**DEFAULTS, "adaptive": False}},
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert len(trace["candidates"]) == 8 and not trace["round1"]["stopped_early"]
     assert all(c["answer_kind"] in ("choice", None) for c in trace["candidates"]), trace["candidates"]
@@ -87,8 +91,9 @@ def test_engine_unreachable_gate_runs_the_feedback_round(client: OpenAI) -> None
 
 @pytest.mark.engine
 def test_engine_stream_with_progress(client: OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=EASY, stream=True, seed=0,
-                                            extra_body={"refine": {**DEFAULTS, "progress": True}})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=EASY, stream=True, seed=0, extra_body={"refine": {**DEFAULTS, "progress": True}}
+    )
     chunks = list(stream)
     progress = [c.model_extra["refine_progress"]["stage"] for c in chunks if c.model_extra.get("refine_progress")]
     first_answer = next(i for i, c in enumerate(chunks) if c.choices)
@@ -107,11 +112,17 @@ def test_engine_cyberv_decoded_by_srgen_lists_srgen_corrections_per_candidate(cl
     # Thresholds of 0 make every token a trigger, so each generation is corrected up to max_corrections.
     decode = {"policy": "srgen", "warmup_threshold": 0.0, "min_threshold": 0.0, "max_corrections": 2}
     resp = client.chat.completions.create(
-        model=MODEL, messages=EASY, seed=0,
-        extra_body={"refine": {**DEFAULTS, "n": 3, "adaptive": False, "max_reasoning_tokens": 24, "decode": decode}})
+        model=MODEL,
+        messages=EASY,
+        seed=0,
+        extra_body={"refine": {**DEFAULTS, "n": 3, "adaptive": False, "max_reasoning_tokens": 24, "decode": decode}},
+    )
     trace = resp.model_extra["refine"]["trace"]
-    assert trace["decode"] == {"policy": "srgen", "generations": trace["decode"]["generations"],
-                               "num_corrections": trace["decode"]["num_corrections"]}
+    assert trace["decode"] == {
+        "policy": "srgen",
+        "generations": trace["decode"]["generations"],
+        "num_corrections": trace["decode"]["num_corrections"],
+    }
     for candidate in trace["candidates"]:
         generation = candidate["decoded"]["generation"]
         assert generation["engine_events"] == "reported" and generation["num_corrections"] == 2, candidate
@@ -124,6 +135,7 @@ def test_engine_decode_with_a_plain_policy_is_a_400(client: OpenAI) -> None:
     import openai
 
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=EASY,
-                                       extra_body={"refine": {**DEFAULTS, "decode": {"policy": "cyberv"}}})
+        client.chat.completions.create(
+            model=MODEL, messages=EASY, extra_body={"refine": {**DEFAULTS, "decode": {"policy": "cyberv"}}}
+        )
     assert "decode" in str(err.value)

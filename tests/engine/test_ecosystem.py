@@ -14,18 +14,28 @@ from tests.conftest import MODEL, RunningServer
 
 pytestmark = pytest.mark.engine
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.mark.parametrize("policy", ["none", "srgen"])
 def test_a_tool_request_is_accepted_and_answered_in_openais_shape(client: OpenAI, policy: str) -> None:
     """The 135M model may or may not call the tool; vLLM must accept the request and answer well-formed."""
-    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=48,
-                                          temperature=0, extra_body={"refine": {"policy": policy}})
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        max_tokens=48,
+        temperature=0,
+        extra_body={"refine": {"policy": policy}},
+    )
     choice = resp.choices[0]
     assert choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length", "tool_calls")
@@ -38,8 +48,9 @@ def test_a_tool_request_is_accepted_and_answered_in_openais_shape(client: OpenAI
 
 def test_a_required_tool_call_comes_back_parsed(client: OpenAI) -> None:
     """tool_choice="required": vLLM constrains the output to a call, and its parser turns it into tool_calls."""
-    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="required",
-                                          max_tokens=64, temperature=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0
+    )
     [call] = resp.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments), dict)
@@ -47,20 +58,23 @@ def test_a_required_tool_call_comes_back_parsed(client: OpenAI) -> None:
 
 def test_a_policy_that_writes_its_own_answer_refuses_tools(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=8,
-                                       extra_body={"refine": {"policy": "cyberv"}})
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=8, extra_body={"refine": {"policy": "cyberv"}}
+        )
     assert err.value.body["param"] == "tools"
 
 
 def test_headers_summarise_a_real_response(client: OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, extra_body={"refine": {"policy": "srgen"}})
+        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, extra_body={"refine": {"policy": "srgen"}}
+    )
     assert raw.headers["x-refine-policy"] == "srgen"
     trace = raw.parse().model_extra["refine"]["trace"]
     assert raw.headers["x-refine-corrections"] == str(trace["num_corrections"])
 
     streamed = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=True)
+        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=True
+    )
     assert streamed.headers["x-refine-policy"] == "none"
     assert "x-refine-corrections" not in streamed.headers
     assert [c for c in streamed.parse() if c.choices]
@@ -68,12 +82,14 @@ def test_headers_summarise_a_real_response(client: OpenAI) -> None:
 
 # ---- LangChain ---------------------------------------------------------------------------------------------
 
+
 def _chat_openai(refine_server: RunningServer, **kwargs):
     import langchain_openai  # in the test extra: a missing one is a failure, not a skip
 
     settings = {"temperature": 0, "max_tokens": 16, "max_retries": 0, "timeout": 120, **kwargs}
-    return langchain_openai.ChatOpenAI(base_url=f"{refine_server.url}/v1", api_key="unused", model=MODEL,
-                                       include_response_headers=True, **settings)
+    return langchain_openai.ChatOpenAI(
+        base_url=f"{refine_server.url}/v1", api_key="unused", model=MODEL, include_response_headers=True, **settings
+    )
 
 
 def test_langchain_invoke_and_stream_see_the_policy_in_the_headers(refine_server: RunningServer) -> None:

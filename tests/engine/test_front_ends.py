@@ -17,8 +17,7 @@ POLICIES = {
     "none": {"policy": "none"},
     "srgen": {"policy": "srgen", "max_corrections": 1},
     "cyberv": {"policy": "cyberv", "n": 2, "max_reasoning_tokens": 16, "max_feedback_tokens": 8},
-    "rain": {"policy": "rain", "max_iterations_per_commit": 2, "min_iterations_per_commit": 1,
-             "max_engine_calls": 60},
+    "rain": {"policy": "rain", "max_iterations_per_commit": 2, "min_iterations_per_commit": 1, "max_engine_calls": 60},
 }
 
 
@@ -30,13 +29,17 @@ def anthropic_client(refine_server: RunningServer) -> anthropic.Anthropic:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_responses_create_plain_and_streamed_for_every_policy(client: OpenAI, policy: str) -> None:
     refine = POLICIES[policy]
-    resp = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0,
-                                   extra_body={"refine": refine})
+    resp = client.responses.create(
+        model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0, extra_body={"refine": refine}
+    )
     assert resp.output_text.strip() and resp.status in ("completed", "incomplete")
     assert resp.usage.output_tokens > 0 and resp.model_extra["refine"]["policy"] == policy
 
-    events = list(client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0,
-                                          stream=True, extra_body={"refine": refine}))
+    events = list(
+        client.responses.create(
+            model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0, stream=True, extra_body={"refine": refine}
+        )
+    )
     kinds = [e.type for e in events]
     assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
     streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -54,8 +57,7 @@ def test_messages_create_and_stream_for_every_policy(anthropic_client: anthropic
     assert message.content[0].text.strip() and message.stop_reason in ("end_turn", "max_tokens")
     assert message.usage.output_tokens > 0 and message.model_extra["refine"]["policy"] == policy
 
-    with anthropic_client.messages.stream(model=MODEL, max_tokens=12, messages=messages,
-                                          extra_body=extra) as stream:
+    with anthropic_client.messages.stream(model=MODEL, max_tokens=12, messages=messages, extra_body=extra) as stream:
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert streamed and final.content[0].text == streamed
@@ -64,14 +66,20 @@ def test_messages_create_and_stream_for_every_policy(anthropic_client: anthropic
 def test_srgen_corrects_through_the_responses_api(client: OpenAI) -> None:
     """The relayed Responses request carries SRGen's signed arguments: the engine reports its corrections."""
     force = {"warmup_threshold": 0, "min_threshold": 0, "k": 0, "min_std": 0}
-    resp = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=6, temperature=0,
-                                   extra_body={"refine": {"policy": "srgen", "max_corrections": 2, **force}})
+    resp = client.responses.create(
+        model=MODEL,
+        input=QUESTION,
+        max_output_tokens=6,
+        temperature=0,
+        extra_body={"refine": {"policy": "srgen", "max_corrections": 2, **force}},
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["engine_events"] == "reported" and trace["num_corrections"] == 2
 
 
-def test_a_relayed_response_stream_is_the_engines_but_the_refine_block(refine_server: RunningServer,
-                                                                       engine_url: str) -> None:
+def test_a_relayed_response_stream_is_the_engines_but_the_refine_block(
+    refine_server: RunningServer, engine_url: str
+) -> None:
     body = {"model": MODEL, "input": QUESTION, "max_output_tokens": 8, "temperature": 0, "stream": True}
 
     def events(url: str) -> list[bytes]:
@@ -98,11 +106,18 @@ def test_an_agents_sdk_agent_calls_a_function_tool_through_refine(refine_server:
         calls.append(city)
         return f"sunny in {city}"
 
-    model = OpenAIResponsesModel(model=MODEL, openai_client=AsyncOpenAI(
-        base_url=f"{refine_server.url}/v1", api_key="unused", max_retries=0))
-    agent = Agent(name="weather", instructions="Use the tool.", tools=[get_weather], model=model,
-                  model_settings=ModelSettings(tool_choice="required", max_tokens=64, temperature=0),
-                  tool_use_behavior="stop_on_first_tool")
-    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=2,
-                             run_config=RunConfig(tracing_disabled=True))
+    model = OpenAIResponsesModel(
+        model=MODEL, openai_client=AsyncOpenAI(base_url=f"{refine_server.url}/v1", api_key="unused", max_retries=0)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="Use the tool.",
+        tools=[get_weather],
+        model=model,
+        model_settings=ModelSettings(tool_choice="required", max_tokens=64, temperature=0),
+        tool_use_behavior="stop_on_first_tool",
+    )
+    result = Runner.run_sync(
+        agent, "What is the weather in Paris?", max_turns=2, run_config=RunConfig(tracing_disabled=True)
+    )
     assert len(calls) == 1 and result.final_output == f"sunny in {calls[0]}"

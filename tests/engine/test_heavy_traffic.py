@@ -23,16 +23,29 @@ from tests.fake_vllm import free_port
 pytestmark = pytest.mark.engine
 
 QUESTION = [{"role": "user", "content": "Explain in detail how a bicycle works."}]
-KEYS = [{"key": "interactive-key", "name": "interactive"},
-        # Its plain requests go at the priority policies' calls get by default, and lower still.
-        {"key": "batch-key", "name": "batch", "policy_priority": {"none": 5}}]
+KEYS = [
+    {"key": "interactive-key", "name": "interactive"},
+    # Its plain requests go at the priority policies' calls get by default, and lower still.
+    {"key": "batch-key", "name": "batch", "policy_priority": {"none": 5}},
+]
 
 
 @pytest.fixture(scope="module")
 def heavy(engine_url: str) -> Iterator[RunningServer]:
-    server = start_refine("wt30-heavy", free_port(), "--backend-url", engine_url, "--default-max-tokens", "8",
-                          "--engine-priority-scheduling", "true", "--api-keys", json.dumps(KEYS),
-                          ready_timeout_s=60, env=ENGINE_ENV)
+    server = start_refine(
+        "wt30-heavy",
+        free_port(),
+        "--backend-url",
+        engine_url,
+        "--default-max-tokens",
+        "8",
+        "--engine-priority-scheduling",
+        "true",
+        "--api-keys",
+        json.dumps(KEYS),
+        ready_timeout_s=60,
+        env=ENGINE_ENV,
+    )
     yield server
     stop_refine(server)
 
@@ -46,23 +59,28 @@ def test_a_request_without_max_tokens_is_bounded_by_the_default_on_both_endpoint
     chat = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
     assert chat.usage.completion_tokens == 8 and chat.choices[0].finish_reason == "length"
     assert chat.model_extra["refine"]["server_defaults"] == {"max_tokens": 8}
-    text = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0,
-                                     extra_body={"ignore_eos": True})
+    text = client.completions.create(
+        model=MODEL, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}
+    )
     assert text.usage.completion_tokens == 8 and text.model_extra["refine"]["server_defaults"] == {"max_tokens": 8}
 
 
 def test_a_policys_answer_and_engine_calls_are_bounded_by_the_default(heavy: RunningServer) -> None:
     resp = _client(heavy, "interactive-key").chat.completions.create(
-        model=MODEL, messages=QUESTION, extra_body={"refine": {"policy": "rain", "max_engine_calls": 40}})
+        model=MODEL, messages=QUESTION, extra_body={"refine": {"policy": "rain", "max_engine_calls": 40}}
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["max_tokens"] == 8 and trace["answer_tokens"] <= 8
     assert resp.model_extra["refine"]["server_defaults"] == {"max_tokens": 8}
 
 
 def test_the_embedded_engine_schedules_by_priority(refine_server: RunningServer) -> None:
-    engine = next(p for p in psutil.process_iter(["cmdline"])
-                  if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or [])
-                  and str(ENGINE_PORT) in (p.info["cmdline"] or []))
+    engine = next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or [])
+        and str(ENGINE_PORT) in (p.info["cmdline"] or [])
+    )
     args = engine.info["cmdline"]
     assert args[args.index("--scheduling-policy") + 1] == "priority"
     listing = httpx.get(f"{refine_server.url}/v1/refine/policies").json()["data"]
@@ -82,8 +100,9 @@ def test_the_engine_serves_a_higher_priority_request_before_lower_ones_that_came
     def run(key: str, label: str, words: int, max_tokens: int) -> None:
         # Each prompt starts differently: with one prompt the prefix cache would share its blocks.
         prompt = f"Request {label}." + " word" * words
-        resp = _client(heavy, key).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                                      temperature=0, extra_body={"ignore_eos": True})
+        resp = _client(heavy, key).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert resp.usage.completion_tokens == max_tokens
         finished[label] = time.monotonic()
 

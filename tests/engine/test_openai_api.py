@@ -38,18 +38,26 @@ def test_chat_forwards_sampling_fields_to_the_engine(client: OpenAI) -> None:
     model_dir = next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     (forced,) = tokenizer.encode(" Paris", add_special_tokens=False)
-    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0,
-                                          logit_bias={str(forced): 100})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
     assert resp.choices[0].message.content == tokenizer.decode([forced] * 3)
     assert resp.choices[0].finish_reason == "length"
 
 
 def test_chat_stream_equals_non_stream_and_reports_usage(client: OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"refine": {"policy": "none"}},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"refine": {"policy": "none"}},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -66,25 +74,27 @@ def test_completions_with_logprobs_stop_and_n(client: OpenAI) -> None:
     assert choice.finish_reason == "stop"
     assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) > 0
 
-    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0,
-                                     seed=7)
-    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0,
-                                      seed=7)
+    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0, seed=7)
+    again = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0, seed=7
+    )
     assert len(many.choices) == 3
     assert [c.text for c in many.choices] == [c.text for c in again.choices]
 
 
 def test_completions_stream_with_n_puts_the_refine_block_after_both_choices(client: OpenAI) -> None:
-    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, n=2, temperature=1.0,
-                                            seed=1, stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, n=2, temperature=1.0, seed=1, stream=True)
+    )
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finished) == 2
     assert [c.model_extra.get("refine") is not None for c in finished] == [False, True]
 
 
 def test_chat_logprobs_parse(client: OpenAI) -> None:
-    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
-                                          logprobs=True, top_logprobs=3)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 for t in content)
@@ -93,8 +103,14 @@ def test_chat_logprobs_parse(client: OpenAI) -> None:
 def test_stream_is_not_buffered(refine_server, engine_url: str) -> None:
     """Tokens must reach the client as they are made, not in one burst at the end: the first chunk arrives
     while the engine is still generating the request (read from the engine's own counters, not clocks)."""
-    body = {"model": MODEL, "prompt": "Write a story about a dog:", "max_tokens": 400, "stream": True,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Write a story about a dog:",
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     chunks = 0
     with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=300) as resp:
         assert resp.headers["cache-control"] == "no-cache"
@@ -105,11 +121,14 @@ def test_stream_is_not_buffered(refine_server, engine_url: str) -> None:
             if chunks == 1:
                 engine = httpx.get(f"{engine_url}/metrics").text
                 assert metric_total(engine, "vllm:num_requests_running") >= 1, (
-                    "the stream arrived after the engine finished")
+                    "the stream arrived after the engine finished"
+                )
                 generated_at_first_chunk = metric_total(engine, "vllm:generation_tokens_total")
     assert chunks == 400
-    assert metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:generation_tokens_total") \
-        >= generated_at_first_chunk + 300  # most of the answer was generated after the first chunk arrived
+    assert (
+        metric_total(httpx.get(f"{engine_url}/metrics").text, "vllm:generation_tokens_total")
+        >= generated_at_first_chunk + 300
+    )  # most of the answer was generated after the first chunk arrived
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -132,13 +151,25 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
         ({**CHAT, "refine": "none"}, 400, "refine"),
         ({**CHAT, "model": "not-a-model"}, 404, "model"),
     ],
-    ids=["malformed", "not-object", "missing-messages", "n-string", "temperature", "max-tokens-0",
-         "max-tokens-over-limit", "unknown-policy", "unknown-param", "refine-not-object", "unknown-model"],
+    ids=[
+        "malformed",
+        "not-object",
+        "missing-messages",
+        "n-string",
+        "temperature",
+        "max-tokens-0",
+        "max-tokens-over-limit",
+        "unknown-policy",
+        "unknown-param",
+        "refine-not-object",
+        "unknown-model",
+    ],
 )
 def test_chat_rejects_bad_input(refine_server, body, status: int, param: str | None) -> None:
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    resp = httpx.post(f"{refine_server.url}/v1/chat/completions", timeout=30,
-                      headers={"content-type": "application/json"}, **kwargs)
+    resp = httpx.post(
+        f"{refine_server.url}/v1/chat/completions", timeout=30, headers={"content-type": "application/json"}, **kwargs
+    )
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert error["message"] and error["type"]
@@ -177,8 +208,13 @@ def test_a_burst_of_seeded_sampled_requests_does_not_kill_the_engine(refine_serv
 
         async def one(i: int) -> int:
             resp = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Question {i}: {question}"}], n=7,
-                temperature=1.0, seed=i, max_tokens=4)
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Question {i}: {question}"}],
+                n=7,
+                temperature=1.0,
+                seed=i,
+                max_tokens=4,
+            )
             return len(resp.choices)
 
         return await asyncio.gather(*(one(i) for i in range(40)), return_exceptions=True)

@@ -29,8 +29,11 @@ def test_self_evaluation_rejects_the_greedy_token_and_the_search_commits_another
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
     resp = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=1,
-        extra_body=_rain(criterion="custom", question="Is the first word of the reply a name?"))
+        model=MODEL,
+        messages=messages,
+        max_tokens=1,
+        extra_body=_rain(criterion="custom", question="Is the first word of the reply a name?"),
+    )
     trace = resp.model_extra["refine"]["trace"]
     (commit,) = trace["commits"]
     greedy = next(c for c in commit["children"] if c["greedy"])
@@ -52,8 +55,13 @@ def test_the_judge_guard_commits_at_once_when_the_model_answers_by_position(clie
     Probed on the bundled model (no request field can force the judge's letters): if its behaviour moves, the
     first assertion fails and prints the judge's counts. Re-probe, don't loosen it."""
     messages = [{"role": "user", "content": "How do I make my coffee less bitter?"}]
-    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, seed=0,
-                                          extra_body=_rain(max_iterations_per_commit=12, min_iterations_per_commit=12))
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=3,
+        seed=0,
+        extra_body=_rain(max_iterations_per_commit=12, min_iterations_per_commit=12),
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert [c["stopped"] for c in trace["commits"]] == ["no_signal", "no_signal"], trace["judge"]  # 1 and 2 tokens
     for commit, evaluations in zip(trace["commits"], (4, 1), strict=True):
@@ -67,8 +75,12 @@ def test_the_judge_guard_commits_at_once_when_the_model_answers_by_position(clie
     assert trace["tokenizer"] == "local" and trace["tokenizer_calls"] <= 1  # only the chat template's
 
     exact = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=1, seed=0,
-        extra_body=_rain(judge_guard=False, max_iterations_per_commit=12, min_iterations_per_commit=12))
+        model=MODEL,
+        messages=messages,
+        max_tokens=1,
+        seed=0,
+        extra_body=_rain(judge_guard=False, max_iterations_per_commit=12, min_iterations_per_commit=12),
+    )
     (commit,) = exact.model_extra["refine"]["trace"]["commits"]
     assert commit["stopped"] == "iterations" and commit["iterations"] == 12
     assert exact.model_extra["refine"]["trace"]["judge"]["guard"] is False
@@ -81,14 +93,17 @@ def test_a_separate_judge_model_answers_the_self_evaluation(client: OpenAI) -> N
     import openai
 
     resp = client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=2, seed=0,
-        extra_body=_rain(judge_model=SECOND_MODEL_NAME, max_iterations_per_commit=3, min_iterations_per_commit=3))
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=2,
+        seed=0,
+        extra_body=_rain(judge_model=SECOND_MODEL_NAME, max_iterations_per_commit=3, min_iterations_per_commit=3),
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["judge"]["model"] == SECOND_MODEL_NAME and trace["judge"]["evaluations"] > 0
     assert trace["engine"]["evaluate"]["calls"] > 0 and resp.choices[0].text
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1,
-                                  extra_body=_rain(judge_model="no-such-model"))
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body=_rain(judge_model="no-such-model"))
     assert err.value.body["param"] == "refine.judge_model" and "no-such-model" in err.value.body["message"]
 
 
@@ -96,8 +111,12 @@ def test_a_separate_judge_model_answers_the_self_evaluation(client: OpenAI) -> N
 def test_option_tokens_are_the_serving_tokenizers(client: OpenAI) -> None:
     from transformers import AutoTokenizer
 
-    resp = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1,
-                                     extra_body=_rain(max_iterations_per_commit=1, min_iterations_per_commit=1))
+    resp = client.completions.create(
+        model=MODEL,
+        prompt="Hello",
+        max_tokens=1,
+        extra_body=_rain(max_iterations_per_commit=1, min_iterations_per_commit=1),
+    )
     ids = resp.model_extra["refine"]["trace"]["option_token_ids"]
     model_dir = next(m for m in client.models.list() if m.id == MODEL).model_extra["root"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -110,8 +129,13 @@ def test_option_tokens_are_the_serving_tokenizers(client: OpenAI) -> None:
 @pytest.mark.engine
 def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, engine_url: str) -> None:
     stream = client.completions.create(
-        model=MODEL, prompt="The three primary colours are", max_tokens=16, seed=3, stream=True,
-        extra_body=_rain(max_iterations_per_commit=4, min_iterations_per_commit=4))
+        model=MODEL,
+        prompt="The three primary colours are",
+        max_tokens=16,
+        seed=3,
+        stream=True,
+        extra_body=_rain(max_iterations_per_commit=4, min_iterations_per_commit=4),
+    )
     pieces, refine, generated_at_first_piece = [], None, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -134,7 +158,8 @@ def test_streaming_sends_each_committed_set_as_it_is_committed(client: OpenAI, e
 @pytest.mark.engine
 @pytest.mark.parametrize("together", [True, False])
 def test_a_levels_sets_drawn_together_generate_fewer_tokens_and_the_same_greedy_set(
-        client: OpenAI, engine_url: str, together: bool) -> None:
+    client: OpenAI, engine_url: str, together: bool
+) -> None:
     """The bundled model's files are readable here, so by default an expansion's greedy set and 9 samples are
     drawn together (policies/rain/set_drawing.py); `draw_together: false` asks vLLM for `n=9` samples. One expansion of
     the root into 4-token sets: either way the greedy child is what the engine decodes greedily and every set has
@@ -142,13 +167,24 @@ def test_a_levels_sets_drawn_together_generate_fewer_tokens_and_the_same_greedy_
     beginnings once), where `n` generates all 40."""
     prompt = "Once upon a time"
     resp = client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=4, seed=3,
-        extra_body=_rain(set_lengths=[4], max_iterations_per_commit=2, min_iterations_per_commit=2,
-                         judge_guard=False, draw_together=together))
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=4,
+        seed=3,
+        extra_body=_rain(
+            set_lengths=[4],
+            max_iterations_per_commit=2,
+            min_iterations_per_commit=2,
+            judge_guard=False,
+            draw_together=together,
+        ),
+    )
     trace = resp.model_extra["refine"]["trace"]
     (commit,) = trace["commits"]
-    plain = httpx.post(f"{engine_url}/v1/completions", json={
-        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True}).json()
+    plain = httpx.post(
+        f"{engine_url}/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True},
+    ).json()
     greedy = next(c for c in commit["children"] if c["greedy"])
     assert greedy["tokens"] == plain["choices"][0]["token_ids"]
     assert all(len(c["tokens"]) == 4 for c in commit["children"]) and trace["set_tokens"] == 40
@@ -162,8 +198,9 @@ def _engine_tokens(engine_url: str) -> float:
 
 @pytest.mark.engine
 def test_an_exhausted_call_budget_commits_the_best_node_then_decodes_plainly(client: OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt="List three fruits:", max_tokens=12, temperature=0,
-                                     extra_body=_rain(max_engine_calls=6))
+    resp = client.completions.create(
+        model=MODEL, prompt="List three fruits:", max_tokens=12, temperature=0, extra_body=_rain(max_engine_calls=6)
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["budget_exhausted"] == "max_engine_calls"
     engine = trace["engine"]
@@ -177,8 +214,11 @@ def test_an_exhausted_call_budget_commits_the_best_node_then_decodes_plainly(cli
 @pytest.mark.engine
 def test_the_wall_time_budget_bounds_the_search(client: OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=40,
-        extra_body=_rain(max_seconds=2.0))
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me about the sea."}],
+        max_tokens=40,
+        extra_body=_rain(max_seconds=2.0),
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert trace["budget_exhausted"] == "max_seconds"
     assert sum(c["seconds"] for c in trace["commits"]) < 2.0 + 3.0  # unbounded: a minute or more
@@ -188,8 +228,12 @@ def test_the_wall_time_budget_bounds_the_search(client: OpenAI) -> None:
 @pytest.mark.engine
 def test_a_stop_string_ends_the_answer_where_it_appears(client: OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
-        stop=[" "], extra_body=_rain(max_iterations_per_commit=3, min_iterations_per_commit=3))
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        stop=[" "],
+        extra_body=_rain(max_iterations_per_commit=3, min_iterations_per_commit=3),
+    )
     text = resp.choices[0].message.content
     assert resp.choices[0].finish_reason == "stop"
     assert text and " " not in text
@@ -199,9 +243,14 @@ def test_a_stop_string_ends_the_answer_where_it_appears(client: OpenAI) -> None:
 @pytest.mark.engine
 def test_parallel_leaves_search_on_the_real_engine(client: OpenAI) -> None:
     resp = client.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=3, seed=1,
-        extra_body=_rain(parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8,
-                         judge_guard=False))
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=3,
+        seed=1,
+        extra_body=_rain(
+            parallel_leaves=4, max_iterations_per_commit=8, min_iterations_per_commit=8, judge_guard=False
+        ),
+    )
     trace = resp.model_extra["refine"]["trace"]
     assert [c["iterations"] for c in trace["commits"]] == [8, 8]  # sets of 1 and 2 tokens
     assert trace["answer_tokens"] == 3 and resp.choices[0].text
@@ -212,8 +261,11 @@ def test_bad_rain_parameters_are_400s(client: OpenAI) -> None:
     import openai
 
     messages = [{"role": "user", "content": "Hi"}]
-    for refine, param in [({"criterion": "custom"}, "refine"), ({"max_iterations_per_commit": 1000},
-                          "refine.max_iterations_per_commit"), ({"set_lengths": [0]}, "refine")]:
+    for refine, param in [
+        ({"criterion": "custom"}, "refine"),
+        ({"max_iterations_per_commit": 1000}, "refine.max_iterations_per_commit"),
+        ({"set_lengths": [0]}, "refine"),
+    ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL, messages=messages, extra_body=_rain(**refine))
         assert err.value.body["param"].startswith(param)
@@ -224,11 +276,18 @@ def test_bad_rain_parameters_are_400s(client: OpenAI) -> None:
 
 @pytest.mark.engine
 def test_search_metrics_are_exported_per_policy(client: OpenAI, refine_server) -> None:
-    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
-                              extra_body=_rain(max_iterations_per_commit=2, min_iterations_per_commit=2))
+    client.completions.create(
+        model=MODEL,
+        prompt="Hi",
+        max_tokens=2,
+        extra_body=_rain(max_iterations_per_commit=2, min_iterations_per_commit=2),
+    )
     text = httpx.get(f"{refine_server.url}/metrics").text
-    for family in ("refine_search_iterations_per_request", "refine_rewinds_per_request",
-                   "refine_engine_calls_per_request"):
+    for family in (
+        "refine_search_iterations_per_request",
+        "refine_rewinds_per_request",
+        "refine_engine_calls_per_request",
+    ):
         assert re.search(rf'^{family}_count{{policy="rain"}} [1-9]', text, re.M), family
     assert re.search(r'^refine_engine_calls_per_request_sum{policy="rain"} [1-9]', text, re.M)
 
@@ -251,8 +310,13 @@ def _engine_idle_for(engine_url: str, seconds: float) -> bool:
 @pytest.mark.engine
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_leaves_stops_the_search(refine_server, engine_url: str, stream: bool) -> None:
-    body = {"model": MODEL, "prompt": "Write a long story about a dragon:", "max_tokens": 300, "stream": stream,
-            **_rain(max_iterations_per_commit=5, min_iterations_per_commit=5)}
+    body = {
+        "model": MODEL,
+        "prompt": "Write a long story about a dragon:",
+        "max_tokens": 300,
+        "stream": stream,
+        **_rain(max_iterations_per_commit=5, min_iterations_per_commit=5),
+    }
     if stream:
         with httpx.stream("POST", f"{refine_server.url}/v1/completions", json=body, timeout=60) as resp:
             assert resp.status_code == 200

@@ -42,9 +42,12 @@ def client(float32_server: RunningServer) -> OpenAI:
 @pytest.fixture
 async def engine(float32_server: RunningServer) -> AsyncIterator[EngineClient]:
     """An EngineClient on the float32 engine, as a policy gets one from refine."""
-    backend = Backend(f"http://127.0.0.1:{ENGINE_PORT + FLOAT32_PORT_OFFSET}",
-                      Metrics({"none": NonePolicy.metrics}), timeout_s=120,
-                      link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR))
+    backend = Backend(
+        f"http://127.0.0.1:{ENGINE_PORT + FLOAT32_PORT_OFFSET}",
+        Metrics({"none": NonePolicy.metrics}),
+        timeout_s=120,
+        link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR),
+    )
     try:
         yield policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend).engine
     finally:
@@ -57,7 +60,8 @@ async def test_the_handshake_says_the_engine_reports_token_stats(engine: EngineC
 
 
 async def test_greedy_token_stats_match_a_transformers_recomputation_over_the_whole_vocabulary(
-        engine: EngineClient, client: OpenAI) -> None:
+    engine: EngineClient, client: OpenAI
+) -> None:
     response, stats = await engine.completions_with_token_stats("test", PROMPT, max_tokens=12, temperature=0)
     (choice,) = response["choices"]
     got = stats[0]
@@ -66,8 +70,7 @@ async def test_greedy_token_stats_match_a_transformers_recomputation_over_the_wh
 
 
 async def test_each_choice_of_an_n2_request_gets_its_own_stream(engine: EngineClient) -> None:
-    response, stats = await engine.completions_with_token_stats("test", PROMPT, n=2, max_tokens=16,
-                                                                temperature=1.0)
+    response, stats = await engine.completions_with_token_stats("test", PROMPT, n=2, max_tokens=16, temperature=1.0)
     choices = {c["index"]: c["token_ids"] for c in response["choices"]}
     assert choices[0] != choices[1], "both choices drew the same tokens: the test lost its point"
     for index, ids in choices.items():
@@ -79,8 +82,13 @@ async def test_each_choice_of_an_n2_request_gets_its_own_stream(engine: EngineCl
 def test_none_summarises_each_choices_token_stats_for_the_official_client(client: OpenAI) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
-    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                          extra_body={"refine": {"policy": "none", "token_stats": True}})
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"refine": {"policy": "none", "token_stats": True}},
+    )
     assert resp.choices[0].message.content == plain.choices[0].message.content
     assert "token_ids" not in (resp.choices[0].model_extra or {})  # the sensor needed them, the client did not ask
     trace = resp.model_extra["refine"]["trace"]
@@ -89,8 +97,14 @@ def test_none_summarises_each_choices_token_stats_for_the_official_client(client
     assert summary["index"] == 0 and summary["tokens"] == resp.usage.completion_tokens
     assert 0 <= summary["mean_entropy"] <= summary["max_entropy"]
 
-    two = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=1.0, n=2,
-                                         extra_body={"refine": {"policy": "none", "token_stats": True}})
+    two = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        temperature=1.0,
+        n=2,
+        extra_body={"refine": {"policy": "none", "token_stats": True}},
+    )
     summaries = two.model_extra["refine"]["trace"]["choices"]
     assert [s["index"] for s in summaries] == [0, 1] and all("missing" not in s for s in summaries)
     assert sum(s["tokens"] for s in summaries) == two.usage.completion_tokens

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from refine_server.contract.protocol import FAULT_ARG, read_events, signed_xargs
 from refine_server.contract.params import SRGenParams
+from refine_server.contract.protocol import FAULT_ARG, read_events, signed_xargs
 from refine_server.policies.srgen import _fill_trace
 from tests.conftest import ENGINE_EVENTS_DIR, ENGINE_SECRET, MODEL, RunningServer, metric_total, policy_call
 from tests.engine.reference import assert_correction_matches, load_float32, model_dir, srgen_distributions
@@ -27,8 +27,13 @@ pytestmark = pytest.mark.engine
 
 def _complete(client: OpenAI, refine: dict, max_tokens: int = 24, **kwargs):
     kwargs.setdefault("temperature", 0)
-    return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens,
-                                     extra_body={"refine": refine, **kwargs.pop("extra_body", {})}, **kwargs)
+    return client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=max_tokens,
+        extra_body={"refine": refine, **kwargs.pop("extra_body", {})},
+        **kwargs,
+    )
 
 
 def _trace(resp) -> dict:
@@ -58,8 +63,12 @@ def test_srgen_that_never_triggers_equals_policy_none_token_for_token(client: Op
 
 
 def test_concurrent_srgen_and_plain_requests_each_get_their_own_behaviour(client: OpenAI) -> None:
-    jobs = [{"policy": "srgen", "max_corrections": 1, **FORCE}, {"policy": "none"},
-            {"policy": "srgen", "max_corrections": 3, **FORCE}, {"policy": "none"}]
+    jobs = [
+        {"policy": "srgen", "max_corrections": 1, **FORCE},
+        {"policy": "none"},
+        {"policy": "srgen", "max_corrections": 3, **FORCE},
+        {"policy": "none"},
+    ]
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda refine: _complete(client, refine), jobs))
     traces = [_trace(r) for r in results]
@@ -68,15 +77,17 @@ def test_concurrent_srgen_and_plain_requests_each_get_their_own_behaviour(client
 
 
 def test_a_correction_reaches_the_output_and_matches_an_independent_recomputation(
-        float32_server: RunningServer) -> None:
+    float32_server: RunningServer,
+) -> None:
     """The third correction (output index 3) recomputed with transformers + autograd from the token ids the
     engine returned: the corrected distribution's top token and probability agree, and it is the token emitted.
     On conftest's float32 engine: in bf16 the gradient's small coordinates change sign, and AdamW's first steps
     (about lr per coordinate, whatever the gradient's size) carry that into a different correction."""
     client = OpenAI(base_url=f"{float32_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     params = SRGenParams(lr=0.5, steps=3, lam=0.05, max_corrections=3, **FORCE)
-    resp = _complete(client, {"policy": "srgen", **params.model_dump()}, max_tokens=6,
-                     extra_body={"return_token_ids": True})
+    resp = _complete(
+        client, {"policy": "srgen", **params.model_dump()}, max_tokens=6, extra_body={"return_token_ids": True}
+    )
     correction = _trace(resp)["corrections"][2]
     assert correction["output_index"] == 3
     output_ids = resp.choices[0].model_extra["token_ids"]
@@ -104,21 +115,30 @@ def test_logit_bias_still_holds_under_forced_corrections(client: OpenAI) -> None
     first = _complete(client, refine, max_tokens=3, extra_body={"return_token_ids": True})
     corrected = _trace(first)["corrections"][0]["token_after"]["id"]
     assert first.choices[0].model_extra["token_ids"][1] == corrected
-    banned = _complete(client, refine, max_tokens=3, logit_bias={str(corrected): -100},
-                       extra_body={"return_token_ids": True})
+    banned = _complete(
+        client, refine, max_tokens=3, logit_bias={str(corrected): -100}, extra_body={"return_token_ids": True}
+    )
     assert banned.choices[0].model_extra["token_ids"][1] != corrected
     assert _trace(banned)["corrections"][0]["token_after"]["id"] != corrected
 
 
-def test_a_failing_correction_leaves_the_engine_serving_and_the_trace_says_why(engine_url: str,
-                                                                              client: OpenAI) -> None:
+def test_a_failing_correction_leaves_the_engine_serving_and_the_trace_says_why(engine_url: str, client: OpenAI) -> None:
     """Faults are injected through a signed request straight to the test engine (which allows them)."""
     xargs = signed_xargs(ENGINE_SECRET, "srgen", json.dumps({"max_corrections": 2, **FORCE}))
     xargs[FAULT_ARG] = "correction"
     key = xargs["refine_request_key"]
-    resp = httpx.post(f"{engine_url}/v1/completions", timeout=120, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "vllm_xargs": xargs,
-        "cache_salt": key})
+    resp = httpx.post(
+        f"{engine_url}/v1/completions",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": 5,
+            "temperature": 0,
+            "vllm_xargs": xargs,
+            "cache_salt": key,
+        },
+    )
     assert resp.status_code == 200 and resp.json()["choices"][0]["text"]
     events = read_events(ENGINE_EVENTS_DIR, key)
     assert events is not None
@@ -146,9 +166,19 @@ def test_a_preempted_request_keeps_its_srgen_state_and_keeps_correcting(engine_u
         # A window longer than the run keeps the (zero) warm-up threshold for every token.
         forced = {"max_corrections": budget, "window": budget + 8, "steps": 1, **FORCE}
         xargs = signed_xargs(ENGINE_SECRET, "srgen", json.dumps(forced))
-        resp = httpx.post(f"{engine_url}/v1/completions", timeout=600, json={
-            "model": MODEL, "prompt": prompt, "max_tokens": budget + 8, "temperature": 0, "ignore_eos": True,
-            "vllm_xargs": xargs, "cache_salt": xargs["refine_request_key"]})
+        resp = httpx.post(
+            f"{engine_url}/v1/completions",
+            timeout=600,
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": budget + 8,
+                "temperature": 0,
+                "ignore_eos": True,
+                "vllm_xargs": xargs,
+                "cache_salt": xargs["refine_request_key"],
+            },
+        )
         assert resp.status_code == 200
         return read_events(ENGINE_EVENTS_DIR, xargs["refine_request_key"])
 

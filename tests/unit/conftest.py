@@ -20,8 +20,13 @@ ENGINE_FIXTURES = {"refine_server", "engine_url", "second_family_server"}
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    misplaced = [item.nodeid for item in items if UNIT_TESTS in item.path.parents
-                 and (item.get_closest_marker("engine") or ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())))]
+    misplaced = [
+        item.nodeid
+        for item in items
+        if UNIT_TESTS in item.path.parents
+        and (item.get_closest_marker("engine") or ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())))
+    ]
     if misplaced:
-        raise pytest.UsageError("these tests need the real engine; move them to tests/engine/:\n  "
-                                + "\n  ".join(misplaced))
+        raise pytest.UsageError(
+            "these tests need the real engine; move them to tests/engine/:\n  " + "\n  ".join(misplaced)
+        )

@@ -44,15 +44,22 @@ def _offending(folder: str, allowed_refine: tuple[str, ...], banned: tuple[str, 
     return sorted(bad)
 
 
-@pytest.mark.parametrize(("folder", "allowed", "banned"), [
-    ("policies", ("refine_server.policies", "refine_server.contract"), ("fastapi", "starlette", "aiohttp")),
-    ("engine_plugin", ("refine_server.engine_plugin", "refine_server.contract", "refine_server.kernels"),
-     ("fastapi", "starlette", "aiohttp")),
-    ("contract", ("refine_server.contract",), ("torch", "vllm", "fastapi", "starlette", "numpy")),
-    ("kernels", ("refine_server.kernels",), ("vllm", "fastapi")),
-])
-def test_each_folder_imports_only_across_the_lines_it_may(folder: str, allowed: tuple[str, ...],
-                                                          banned: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("folder", "allowed", "banned"),
+    [
+        ("policies", ("refine_server.policies", "refine_server.contract"), ("fastapi", "starlette", "aiohttp")),
+        (
+            "engine_plugin",
+            ("refine_server.engine_plugin", "refine_server.contract", "refine_server.kernels"),
+            ("fastapi", "starlette", "aiohttp"),
+        ),
+        ("contract", ("refine_server.contract",), ("torch", "vllm", "fastapi", "starlette", "numpy")),
+        ("kernels", ("refine_server.kernels",), ("vllm", "fastapi")),
+    ],
+)
+def test_each_folder_imports_only_across_the_lines_it_may(
+    folder: str, allowed: tuple[str, ...], banned: tuple[str, ...]
+) -> None:
     assert _offending(folder, allowed, banned) == []
 
 
@@ -60,7 +67,8 @@ def test_the_rule_sees_an_import_under_type_checking(tmp_path: Path, monkeypatch
     """The check reads TYPE_CHECKING imports too: a policy that types against the server is caught."""
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "sneaky.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from refine_server.backend import Backend\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from refine_server.backend import Backend\n"
+    )
     monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
     assert _offending("policies", ("refine_server.policies",)) == ["policies/sneaky.py: refine_server.backend"]
 

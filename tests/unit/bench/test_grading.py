@@ -5,25 +5,51 @@ from __future__ import annotations
 import pytest
 from grading import Graded, grade, grade_answer
 
-NUMBER = {"id": "n", "question": "What is 3 x 100?", "kind": "number", "answer": "300", "options": None,
-          "aliases": []}
-CHOICE = {"id": "c", "question": "Which is a fruit?\n(A) Carrot\n(B) Leek\n(C) Apple", "kind": "choice",
-          "answer": "C", "options": {"A": "Carrot", "B": "Leek", "C": "Apple"}, "aliases": []}
-TEXT = {"id": "t", "question": "What is the capital of Italy? Answer with one word.", "kind": "text",
-        "answer": "Rome", "options": None, "aliases": ["Roma"]}
+NUMBER = {"id": "n", "question": "What is 3 x 100?", "kind": "number", "answer": "300", "options": None, "aliases": []}
+CHOICE = {
+    "id": "c",
+    "question": "Which is a fruit?\n(A) Carrot\n(B) Leek\n(C) Apple",
+    "kind": "choice",
+    "answer": "C",
+    "options": {"A": "Carrot", "B": "Leek", "C": "Apple"},
+    "aliases": [],
+}
+TEXT = {
+    "id": "t",
+    "question": "What is the capital of Italy? Answer with one word.",
+    "kind": "text",
+    "answer": "Rome",
+    "options": None,
+    "aliases": ["Roma"],
+}
 
 
-@pytest.mark.parametrize("text", [
-    "300 (3 x 100)", "300", "The answer is 300.", "3 x 100 = 300", "$\\boxed{300}$", "The answer is 3e2.",
-    "The answer is 300, because 3 x 100 = 300.", "The answer is 300.00", "The answer is not 30, it is 300.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "300 (3 x 100)",
+        "300",
+        "The answer is 300.",
+        "3 x 100 = 300",
+        "$\\boxed{300}$",
+        "The answer is 3e2.",
+        "The answer is 300, because 3 x 100 = 300.",
+        "The answer is 300.00",
+        "The answer is not 30, it is 300.",
+    ],
+)
 def test_numbers(text: str) -> None:
     assert grade(NUMBER, text) == Graded(True, "300", "equals 300")
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("The answer is 30.", "30"), ("3 x 100 = 300, minus 1 is 299", "299"), ("The answer is 301 (not 300).", "301"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("The answer is 30.", "30"),
+        ("3 x 100 = 300, minus 1 is 299", "299"),
+        ("The answer is 301 (not 300).", "301"),
+    ],
+)
 def test_wrong_numbers(text: str, answer: str) -> None:
     assert grade(NUMBER, text) == Graded(False, answer, f"{answer} is not 300")
 
@@ -47,10 +73,19 @@ def test_a_percentage_question_takes_either_scale_and_other_questions_do_not() -
     assert not grade(uses, "The answer is 0.4.").correct
 
 
-@pytest.mark.parametrize("text", [
-    "A) Carrot is a root. The fruit here is the apple, so the answer is (C).", "(C)", "(c)", "The answer is C.",
-    "Apple.", "The answer is Apple.", "The answer is an apple, since it grows on trees.", "C) Apple",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A) Carrot is a root. The fruit here is the apple, so the answer is (C).",
+        "(C)",
+        "(c)",
+        "The answer is C.",
+        "Apple.",
+        "The answer is Apple.",
+        "The answer is an apple, since it grows on trees.",
+        "C) Apple",
+    ],
+)
 def test_choices_are_graded_by_letter(text: str) -> None:
     assert grade(CHOICE, text) == Graded(True, "C", "is option C")
 
@@ -58,12 +93,19 @@ def test_choices_are_graded_by_letter(text: str) -> None:
 def test_a_choice_item_without_options_uses_those_its_question_lists() -> None:
     assert grade({**CHOICE, "options": None}, "Apple.").correct
     assert grade({**CHOICE, "options": None}, "A) Carrot\nB) Leek\nC) Apple\n\nThe answer is A.") == Graded(
-        False, "A", "A is not C")
+        False, "A", "A is not C"
+    )
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("Rome.", "rome"), ("The answer is Rome.", "rome"), ("Roma", "roma"), ("The answer is **rome**!", "rome"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("Rome.", "rome"),
+        ("The answer is Rome.", "rome"),
+        ("Roma", "roma"),
+        ("The answer is **rome**!", "rome"),
+    ],
+)
 def test_text_is_graded_by_normalised_equality_with_the_gold_or_an_alias(text: str, answer: str) -> None:
     graded = grade(TEXT, text)
     assert graded.correct and graded.answer == answer
@@ -74,10 +116,19 @@ def test_wrong_text() -> None:
 
 
 @pytest.mark.parametrize("item", [NUMBER, CHOICE, TEXT])
-@pytest.mark.parametrize("text", [
-    "", "I am not sure.", "The answer is X.", "The answer is [answer].", "The answer is your answer.",
-    "The answer is <answer>.", "The answer is ___.", "The answer is not clear from the text.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "I am not sure.",
+        "The answer is X.",
+        "The answer is [answer].",
+        "The answer is your answer.",
+        "The answer is <answer>.",
+        "The answer is ___.",
+        "The answer is not clear from the text.",
+    ],
+)
 def test_placeholders_hedges_and_silence_are_no_answer(item: dict, text: str) -> None:
     assert grade(item, text) == Graded(False, None, "no answer")
 

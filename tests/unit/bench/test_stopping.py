@@ -140,5 +140,11 @@ def test_the_prior_fit_finds_the_concentration_that_generated_the_rounds() -> No
 
 
 def _stored_candidate(index: int, answer: int) -> dict:
-    return {"index": index, "kind": "reasoning", "answer": str(answer), "answer_kind": "number",
-            "signals": {"s1": 0.9, "s2": 1.0, "s3": 1.0, "s4": 1.0, "s5": 0.5}, "completion_tokens": 10}
+    return {
+        "index": index,
+        "kind": "reasoning",
+        "answer": str(answer),
+        "answer_kind": "number",
+        "signals": {"s1": 0.9, "s2": 1.0, "s3": 1.0, "s4": 1.0, "s5": 0.5},
+        "completion_tokens": 10,
+    }

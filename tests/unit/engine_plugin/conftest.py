@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from refine_server.engine_plugin import admission
 from refine_server.contract.protocol import EVENTS_DIR_ENV, LIMITS_ENV, SECRET_ENV
+from refine_server.engine_plugin import admission
 from tests.unit.engine_plugin.helpers import SECRET
 
 

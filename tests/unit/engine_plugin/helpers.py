@@ -9,7 +9,6 @@ from vllm import SamplingParams
 
 from refine_server.contract.protocol import signed_xargs
 
-
 SECRET = "s" * 64
 
 

@@ -7,8 +7,6 @@ import json
 import pytest
 from vllm import SamplingParams
 
-from refine_server.engine_plugin import admission
-from refine_server.engine_plugin.corrector import INJECTED_FAULT
 from refine_server.contract.protocol import (
     FAULT_ARG,
     HANDSHAKE_POLICY,
@@ -17,6 +15,8 @@ from refine_server.contract.protocol import (
     read_events,
     signed_xargs,
 )
+from refine_server.engine_plugin import admission
+from refine_server.engine_plugin.corrector import INJECTED_FAULT
 from tests.unit.engine_plugin.helpers import SECRET, _srgen, _stats
 
 
@@ -63,8 +63,9 @@ def test_unsupported_engines_refuse_srgen_at_admission(engine_env) -> None:
 
 
 def test_an_engine_that_cannot_report_token_stats_refuses_them_and_does_not_offer_them(engine_env) -> None:
-    (engine_env / "engine-facts.json").write_text(json.dumps({"unsupported": [],
-                                                              "token_stats_unsupported": ["speculative decoding"]}))
+    (engine_env / "engine-facts.json").write_text(
+        json.dumps({"unsupported": [], "token_stats_unsupported": ["speculative decoding"]})
+    )
     with pytest.raises(ValueError, match="cannot report token statistics: speculative decoding"):
         admission.validate(_stats())
     admission.validate(_srgen())  # SRGen's own facts say nothing against it

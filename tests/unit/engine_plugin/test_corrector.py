@@ -13,7 +13,6 @@ from refine_server.engine_plugin.sequences import SequenceTable
 from refine_server.engine_plugin.tap import ForwardCapture, HiddenStateTap
 from tests.unit.engine_plugin.helpers import _srgen
 
-
 FORCE = {"warmup_threshold": 0.0, "min_threshold": 0.0}
 
 
@@ -33,8 +32,9 @@ def _corrector(max_rows_per_step: int = 4, max_sequences: int = 8) -> tuple[SRGe
     tap = HiddenStateTap()
     tap.model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.randn(8, 4)))
     events = _Events()
-    corrector = SRGenCorrector(tap, events, SequenceTable(max_sequences), vocab_size=8, max_len=64,
-                               max_rows_per_step=max_rows_per_step)
+    corrector = SRGenCorrector(
+        tap, events, SequenceTable(max_sequences), vocab_size=8, max_len=64, max_rows_per_step=max_rows_per_step
+    )
     return corrector, tap, events
 
 
@@ -106,8 +106,9 @@ def test_the_first_token_after_the_prompt_is_not_monitored() -> None:
     corrector, tap, _ = _corrector()
     request = _srgen(**FORCE)
     seq = corrector.admit(request, prompt_len=3)
-    tap.forward = ForwardCapture(hidden=torch.randn(3, 4), positions=torch.arange(3),
-                                 query_start_loc=torch.tensor([0, 3]))
+    tap.forward = ForwardCapture(
+        hidden=torch.randn(3, 4), positions=torch.arange(3), query_start_loc=torch.tensor([0, 3])
+    )
     corrector.step(torch.randn(1, 8), [SRGenRow(0, seq, 3, lambda: torch.tensor([1, 2, 3]))])
     assert seq.filled == 3 and seq.monitor.history == []
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from refine_server.engine_plugin.events import EventWriter
 from refine_server.contract.protocol import read_events
+from refine_server.engine_plugin.events import EventWriter
 
 
 def test_event_writer_writes_off_the_caller_and_flush_waits(engine_env) -> None:

@@ -31,6 +31,7 @@ def _config(vocab: int = 8) -> SimpleNamespace:
 
 # ---- vLLM's own loaders --------------------------------------------------------------------------------
 
+
 def test_both_of_vllms_loaders_accept_what_refine_registers() -> None:
     """Model Runner V2 (the CUDA default) refuses any V1-only class in the entry-point group, so vLLM would
     not start; V1 constructs every class with V1's arguments. Both must accept refine's entry point."""
@@ -52,6 +53,7 @@ def test_both_of_vllms_loaders_accept_what_refine_registers() -> None:
 
 
 # ---- state by request (V1 rows, V2 slots) --------------------------------------------------------------
+
 
 def _update(removed=(), added=(), moved=()) -> BatchUpdate:
     return BatchUpdate(batch_size=4, removed=list(removed), added=list(added), moved=list(moved))
@@ -86,7 +88,9 @@ def test_n_choices_are_separate_sequences_of_one_request() -> None:
 def _request_state(slots: int = 4) -> LogitsProcRequestState:
     all_ids = torch.arange(slots * 16, dtype=torch.int32).reshape(slots, 16) % 8
     return LogitsProcRequestState(
-        device=torch.device("cpu"), max_num_reqs=slots, vocab_size=8,
+        device=torch.device("cpu"),
+        max_num_reqs=slots,
+        vocab_size=8,
         all_token_ids=SimpleNamespace(gpu=all_ids),
         prompt_len=SimpleNamespace(np=np.full(slots, 3, dtype=np.int32)),
         prefill_len=SimpleNamespace(np=np.full(slots, 3, dtype=np.int32)),
@@ -100,9 +104,15 @@ def test_v2_slots_are_reset_on_add_and_rows_map_through_the_context() -> None:
     assert proc.add_request(2, a) and not proc.add_request(0, SamplingParams())
     seen: list[SRGenRow] = []
     proc.corrector.step = lambda logits, rows: seen.extend(rows)
-    ctx = LogitsContext(expanded_idx_mapping=None, idx_mapping=None, idx_mapping_np=np.array([0, 2]),
-                        expanded_local_pos=None, input_ids=None, pos=None,
-                        seq_lens_upper_bound_np=np.array([5, 6]))
+    ctx = LogitsContext(
+        expanded_idx_mapping=None,
+        idx_mapping=None,
+        idx_mapping_np=np.array([0, 2]),
+        expanded_local_pos=None,
+        input_ids=None,
+        pos=None,
+        seq_lens_upper_bound_np=np.array([5, 6]),
+    )
     proc.apply(torch.zeros(2, 8), ctx)
     (row,) = seen
     assert (row.row, row.context_len, row.seq.key) == (1, 6, _key(a))

@@ -15,8 +15,8 @@ from vllm.v1.sample.sampler import Sampler as V1Sampler
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.sampler import Sampler as V2Sampler
 
-from refine_server.engine_plugin.sampler_hook import SAMPLED_TOKENS, wrap_sampler
 from refine_server.contract.token_stats_file import read_stats
+from refine_server.engine_plugin.sampler_hook import SAMPLED_TOKENS, wrap_sampler
 from refine_server.engine_plugin.sensor import StatsRow, TokenStatsSensor
 from refine_server.engine_plugin.v1_processor import RefineV1LogitsProcessor
 from refine_server.engine_plugin.v2_processor import RefineV2LogitsProcessor
@@ -86,8 +86,11 @@ def test_v1_measures_the_rows_that_asked_and_follows_moves_and_removals(engine_e
     proc = RefineV1LogitsProcessor(_config(), "cpu", False)
     a, b = _stats(), _stats(temperature=0.7)
     out_a, out_b = [], [5]  # vLLM's live output lists: b has one token already
-    proc.update_state(_update(added=[(0, a, [1, 2], out_a), (1, SamplingParams(), [1], []), (2, _srgen(), [3], []),
-                                     (3, b, [3], out_b)]))
+    proc.update_state(
+        _update(
+            added=[(0, a, [1, 2], out_a), (1, SamplingParams(), [1], []), (2, _srgen(), [3], []), (3, b, [3], out_b)]
+        )
+    )
     assert set(proc.stats_rows) == {0, 3}  # not the plain request, not SRGen's
     logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
     proc.apply(logits.clone())
@@ -132,7 +135,9 @@ def test_n_choices_are_numbered_sequences_and_a_readded_choice_keeps_its_number(
 
 def _request_state(slots: int = 4) -> LogitsProcRequestState:
     return LogitsProcRequestState(
-        device=torch.device("cpu"), max_num_reqs=slots, vocab_size=VOCAB,
+        device=torch.device("cpu"),
+        max_num_reqs=slots,
+        vocab_size=VOCAB,
         all_token_ids=SimpleNamespace(gpu=torch.zeros(slots, 16, dtype=torch.int32)),
         prompt_len=SimpleNamespace(np=np.full(slots, 3, dtype=np.int32)),
         prefill_len=SimpleNamespace(np=np.full(slots, 3, dtype=np.int32)),
@@ -141,9 +146,15 @@ def _request_state(slots: int = 4) -> LogitsProcRequestState:
 
 
 def _ctx(slots: list[int], seq_lens: list[int]) -> LogitsContext:
-    return LogitsContext(expanded_idx_mapping=None, idx_mapping=None, idx_mapping_np=np.array(slots),
-                         expanded_local_pos=None, input_ids=None, pos=None,
-                         seq_lens_upper_bound_np=np.array(seq_lens))
+    return LogitsContext(
+        expanded_idx_mapping=None,
+        idx_mapping=None,
+        idx_mapping_np=np.array(slots),
+        expanded_local_pos=None,
+        input_ids=None,
+        pos=None,
+        seq_lens_upper_bound_np=np.array(seq_lens),
+    )
 
 
 def test_v2_slots_measure_the_rows_that_asked_and_skip_partial_prompt_chunks(engine_env) -> None:

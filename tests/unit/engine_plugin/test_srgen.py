@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refine_server.engine_plugin.srgen import EntropyMonitor
 from refine_server.contract.params import SRGenParams
+from refine_server.engine_plugin.srgen import EntropyMonitor
 
 
 def test_monitor_uses_the_fixed_threshold_until_the_window_fills() -> None:

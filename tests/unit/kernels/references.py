@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 RTOL, ATOL = 1e-5, 1e-6  # float32 results against float64 references
 
 
@@ -19,8 +18,12 @@ def reference_token_stats(logits: torch.Tensor, temps: torch.Tensor) -> tuple[to
 
 
 def reference_srgen(
-    hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    temperature: float, lam: float,
+    hidden: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SRGen loss on all [L, V] logits at once, in float64, with the gradient from autograd."""
     delta = delta.double().clone().requires_grad_()

@@ -8,7 +8,6 @@ import torch
 from refine_server.kernels.distribution_stats import token_stats
 from tests.unit.kernels.references import ATOL, RTOL, reference_token_stats
 
-
 VOCAB_SIZE = 49152  # the default model's vocabulary
 
 
@@ -17,8 +16,9 @@ def assert_token_stats_match(logits: torch.Tensor, temperature: torch.Tensor | f
     got = token_stats(logits, temperature)
     for name, value, expected in zip(("entropy", "varentropy", "margin"), got, reference_token_stats(logits, temps)):
         assert value.dtype == torch.float32 and value.shape == logits.shape[:1], name
-        torch.testing.assert_close(value, expected.float(), rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            value, expected.float(), rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_token_stats_per_row_temperatures_masked_and_tied_rows() -> None:

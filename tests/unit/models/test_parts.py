@@ -14,7 +14,8 @@ from tests.unit.models.conftest import PART_DATA
 
 
 def test_installed_parts_are_found_in_order_and_joined_into_the_pinned_file(
-        fake_model: Callable[..., BundledModel], tmp_path: Path) -> None:
+    fake_model: Callable[..., BundledModel], tmp_path: Path
+) -> None:
     model = fake_model()
     paths = locate_parts(model)
     assert [p.read_bytes() for p in paths] == list(PART_DATA)
@@ -44,7 +45,8 @@ def test_a_package_installed_without_its_part_file_is_named(fake_model: Callable
 
 
 def test_a_part_with_the_wrong_checksum_is_named_and_nothing_is_left_behind(
-        fake_model: Callable[..., BundledModel], tmp_path: Path) -> None:
+    fake_model: Callable[..., BundledModel], tmp_path: Path
+) -> None:
     model = fake_model(data=(PART_DATA[0], b"and part 2!!"))  # same size, other bytes
     dest = tmp_path / "model.gguf"
     with pytest.raises(ModelUnavailable) as err:
@@ -54,8 +56,9 @@ def test_a_part_with_the_wrong_checksum_is_named_and_nothing_is_left_behind(
     assert not list(tmp_path.glob("model.gguf*"))
 
 
-def test_parts_that_pass_alone_but_not_joined_are_refused(fake_model: Callable[..., BundledModel],
-                                                          tmp_path: Path) -> None:
+def test_parts_that_pass_alone_but_not_joined_are_refused(
+    fake_model: Callable[..., BundledModel], tmp_path: Path
+) -> None:
     """A model whose pins were written for other parts (its whole-file pin is checked, not only each part's)."""
     model = fake_model()
     wrong = BundledModel(model.name, model.parts, model.size, hashlib.sha256(b"other").hexdigest(), "hermes")

@@ -27,8 +27,9 @@ def conversions(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return seen
 
 
-def test_the_joined_gguf_is_converted_once_into_the_cache(fake_model: Callable[..., BundledModel],
-                                                           conversions: list[bytes], tmp_path: Path) -> None:
+def test_the_joined_gguf_is_converted_once_into_the_cache(
+    fake_model: Callable[..., BundledModel], conversions: list[bytes], tmp_path: Path
+) -> None:
     model = fake_model()
     cache = tmp_path / "cache"
     first = store.ensure_model(model, cache, install=False)
@@ -38,8 +39,9 @@ def test_the_joined_gguf_is_converted_once_into_the_cache(fake_model: Callable[.
     assert sorted(p.name for p in cache.iterdir()) == [model.name, f"{model.name}.lock"]  # no staging left
 
 
-def test_a_wrong_checksum_stops_before_conversion(fake_model: Callable[..., BundledModel], conversions: list[bytes],
-                                                  tmp_path: Path) -> None:
+def test_a_wrong_checksum_stops_before_conversion(
+    fake_model: Callable[..., BundledModel], conversions: list[bytes], tmp_path: Path
+) -> None:
     model = fake_model(data=(b"GGUF fake part ONE ", PART_DATA[1]))
     with pytest.raises(ModelUnavailable, match=model.parts[0].requirement):
         store.ensure_model(model, tmp_path / "cache", install=False)
@@ -47,9 +49,9 @@ def test_a_wrong_checksum_stops_before_conversion(fake_model: Callable[..., Bund
     assert not (tmp_path / "cache" / model.name).exists()
 
 
-def test_an_interrupted_conversion_is_never_used_and_is_redone(fake_model: Callable[..., BundledModel],
-                                                               conversions: list[bytes], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_conversion_is_never_used_and_is_redone(
+    fake_model: Callable[..., BundledModel], conversions: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = fake_model()
     cache = tmp_path / "cache"
     convert = store.convert_gguf
@@ -69,8 +71,9 @@ def test_an_interrupted_conversion_is_never_used_and_is_redone(fake_model: Calla
     assert len(conversions) == 1
 
 
-def test_a_missing_package_without_install_is_an_error_naming_it(fake_model: Callable[..., BundledModel],
-                                                                  conversions: list[bytes], tmp_path: Path) -> None:
+def test_a_missing_package_without_install_is_an_error_naming_it(
+    fake_model: Callable[..., BundledModel], conversions: list[bytes], tmp_path: Path
+) -> None:
     model = fake_model(installed=())
     with pytest.raises(ModelUnavailable) as err:
         store.ensure_model(model, tmp_path / "cache", install=False)

@@ -13,8 +13,19 @@ from refine_server.policies.request import ClientRequest
 
 def _request(endpoint: str = "chat", max_tokens: int | None = None) -> ClientRequest:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    return ClientRequest(endpoint=endpoint, body=body, model="m", n=1, max_tokens=max_tokens, seed=None, stop=[],
-                         stream=False, include_usage=False, messages=body["messages"], prompt=None)
+    return ClientRequest(
+        endpoint=endpoint,
+        body=body,
+        model="m",
+        n=1,
+        max_tokens=max_tokens,
+        seed=None,
+        stop=[],
+        stream=False,
+        include_usage=False,
+        messages=body["messages"],
+        prompt=None,
+    )
 
 
 def test_fill_adds_only_what_a_call_leaves_out() -> None:

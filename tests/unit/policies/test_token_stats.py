@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from refine_server.contract.protocol import EngineLink, PluginInfo
-from refine_server.contract.protocol import PROTOCOL_VERSION, REQUEST_KEY_ARG, Handshake
+from refine_server.contract.protocol import PROTOCOL_VERSION, REQUEST_KEY_ARG, EngineLink, Handshake, PluginInfo
 from refine_server.contract.token_stats_file import RECORD, StatsRecord, stats_path
-from refine_server.policies.none import NonePolicy, NoneParams
+from refine_server.policies.none import NoneParams, NonePolicy
 from refine_server.policies.token_stats import TokenStatsUnavailable, match_choices, read_choices
 from tests.conftest import policy_call
 
@@ -58,8 +57,9 @@ class PluginBackend:
         self.bodies: list[dict[str, Any]] = []
 
     async def plugin(self, model: str) -> PluginInfo:
-        handshake = Handshake(protocol=PROTOCOL_VERSION, version="1", policies=self.policies, signature="ok",
-                              limits={}, unsupported=[])
+        handshake = Handshake(
+            protocol=PROTOCOL_VERSION, version="1", policies=self.policies, signature="ok", limits={}, unsupported=[]
+        )
         return PluginInfo(handshake, events_shared=True)
 
     async def post_json(self, path: str, body: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
@@ -81,8 +81,10 @@ async def test_none_summarises_token_stats_or_says_why_it_cannot(tmp_path: Path,
     result = await NonePolicy().complete(call, NoneParams(token_stats=True))
     assert result["choices"][0]["text"] == "abc" and "token_ids" not in result["choices"][0]
     if "token_stats" in policies:
-        assert call.trace.data == {"token_stats": "reported",
-                                   "choices": [{"index": 0, "tokens": 3, "mean_entropy": 1.0, "max_entropy": 2.0}]}
+        assert call.trace.data == {
+            "token_stats": "reported",
+            "choices": [{"index": 0, "tokens": 3, "mean_entropy": 1.0, "max_entropy": 2.0}],
+        }
         assert not list(tmp_path.iterdir())  # the file is gone once read
     else:
         assert call.trace.data["token_stats"].startswith("unavailable: ")

@@ -9,7 +9,8 @@ import pytest
 from openai import OpenAI
 
 from refine_server.config import Settings
-from tests.fake_vllm import app as fake_vllm_app, serve_in_thread
+from tests.fake_vllm import app as fake_vllm_app
+from tests.fake_vllm import serve_in_thread
 from tests.unit.proxy.helpers import _serve
 
 

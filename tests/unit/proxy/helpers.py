@@ -112,20 +112,41 @@ class EchoPolicy(Policy):
         call.trace.data = {"messages": call.request.messages}
         words = self._words(call)
         finish = "length" if call.request.max_tokens and call.request.max_tokens < len(words) else "stop"
-        return {"id": "echo-1", "object": "chat.completion", "created": 0, "model": call.request.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}}
+        return {
+            "id": "echo-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": call.request.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)},
+        }
 
     async def stream(self, call: PolicyCall, params: PolicyParams) -> AsyncIterator[dict[str, Any] | bytes]:
         words = self._words(call)
         for i, word in enumerate(words):
-            yield {"id": "echo-1", "object": "chat.completion.chunk", "created": 0, "model": call.request.model,
-                   "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word},
-                                "finish_reason": "stop" if i == len(words) - 1 else None}]}
-        yield {"id": "echo-1", "object": "chat.completion.chunk", "created": 0, "model": call.request.model,
-               "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(words),
-                                        "total_tokens": 7 + len(words)}}
+            yield {
+                "id": "echo-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": call.request.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": (" " if i else "") + word},
+                        "finish_reason": "stop" if i == len(words) - 1 else None,
+                    }
+                ],
+            }
+        yield {
+            "id": "echo-1",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": call.request.model,
+            "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)},
+        }
 
 
 class DraftingPolicy(NonePolicy):
@@ -138,6 +159,18 @@ class DraftingPolicy(NonePolicy):
 
 
 def _serve(settings: Settings):
-    registry = PolicyRegistry([NonePolicy, StepsPolicy, InEnginePolicy, WidgetPolicy, CountingPolicy, BrokenPolicy,
-                               PickyPolicy, EchoPolicy, DraftingPolicy], settings.policy_limits)
+    registry = PolicyRegistry(
+        [
+            NonePolicy,
+            StepsPolicy,
+            InEnginePolicy,
+            WidgetPolicy,
+            CountingPolicy,
+            BrokenPolicy,
+            PickyPolicy,
+            EchoPolicy,
+            DraftingPolicy,
+        ],
+        settings.policy_limits,
+    )
     return serve_in_thread(create_app(settings, registry))

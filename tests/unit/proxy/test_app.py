@@ -42,6 +42,7 @@ def test_a_policy_declares_its_own_metric_and_the_server_serves_it(client: OpenA
 
 def test_a_batch_of_prompts_streams_one_refine_block_and_counts_once(client: OpenAI, proxy: str) -> None:
     """Completions take a list of prompts: n choices for each. The block goes on the last finish only."""
+
     def observed() -> float:
         return metric_total(httpx.get(f"{proxy}/metrics").text, "refine_correction_seconds_count")
 
@@ -76,8 +77,9 @@ def test_parameter_over_the_server_limit_is_a_400_naming_the_field(client: OpenA
 
 def test_wrongly_typed_policy_parameter_is_a_400_naming_the_field(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="hi",
-                                  extra_body={"refine": {"policy": "steps", "max_steps": "x"}})
+        client.completions.create(
+            model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": "x"}}
+        )
     assert err.value.body["param"] == "refine.max_steps"
 
 

@@ -26,8 +26,10 @@ def test_api_keys_are_required_when_configured(fake_backend: str) -> None:
 
 
 def test_api_keys_limit_policies_and_caps_per_key(fake_backend: str) -> None:
-    keys = ["admin-key", {"key": "basic-key", "policies": ["none", "steps"],
-                          "policy_limits": {"steps": {"max_steps": 2}}}]
+    keys = [
+        "admin-key",
+        {"key": "basic-key", "policies": ["none", "steps"], "policy_limits": {"steps": {"max_steps": 2}}},
+    ]
     with _serve(Settings(backend_url=fake_backend, api_keys=keys)) as url:
         basic = OpenAI(base_url=f"{url}/v1", api_key="basic-key", max_retries=0)
         admin = OpenAI(base_url=f"{url}/v1", api_key="admin-key", max_retries=0)
@@ -35,8 +37,9 @@ def test_api_keys_limit_policies_and_caps_per_key(fake_backend: str) -> None:
             basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "in_engine"}})
         assert err.value.body["param"] == "refine.policy" and "in_engine" in err.value.body["message"]
         with pytest.raises(openai.BadRequestError) as err:
-            basic.completions.create(model=MODEL, prompt="hi",
-                                     extra_body={"refine": {"policy": "steps", "max_steps": 3}})
+            basic.completions.create(
+                model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 3}}
+            )
         assert "limit of 2" in err.value.body["message"]
         basic.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "steps", "max_steps": 2}})
         # The other key keeps the server's own caps.

@@ -7,16 +7,21 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from refine_server.backend import Backend
-from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.config import Settings
-from refine_server.contract.protocol import HANDSHAKE_REPLY, PROTOCOL_VERSION, Handshake, handshake_reply
+from refine_server.contract.protocol import (
+    HANDSHAKE_REPLY,
+    PROTOCOL_VERSION,
+    EngineLink,
+    Handshake,
+    PluginInfo,
+    handshake_reply,
+)
 from refine_server.errors import APIError
 from refine_server.metrics import Metrics
 from tests.fake_vllm import MODEL, free_port, serve_in_thread
@@ -67,8 +72,10 @@ def test_backend_down_gives_503_and_not_ready() -> None:
 
 # ---- the handshake's reply, read by the proxy --------------------------------------------------------------
 
+
 def _refusing(message: str) -> Starlette:
     """A server that answers every completion with a 400 carrying `message`, as vLLM relays a plugin's refusal."""
+
     async def completions(_: Request) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": 400}}, 400)
 
@@ -85,8 +92,9 @@ async def _ask(message: str, tmp_path) -> PluginInfo | None:
 
 
 def _reply(**changes) -> str:
-    report = Handshake(protocol=PROTOCOL_VERSION, version="1.2.3", policies=["srgen"], signature="ok",
-                       limits={}, unsupported=[]).model_copy(update=changes)
+    report = Handshake(
+        protocol=PROTOCOL_VERSION, version="1.2.3", policies=["srgen"], signature="ok", limits={}, unsupported=[]
+    ).model_copy(update=changes)
     return handshake_reply(report)
 
 

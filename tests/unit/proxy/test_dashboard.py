@@ -23,10 +23,8 @@ GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "refine.json"
 
 # The sample names prometheus-client exposes for a family of each type.
-_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-             "gauge": ("",)}
-_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset"}
+_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ("",)}
+_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -38,7 +36,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b\d[\w.]*", "", expr)  # numbers and durations (0.95, 5m)
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        is_function = expr[match.end():].lstrip().startswith("(")
+        is_function = expr[match.end() :].lstrip().startswith("(")
         if not is_function and match.group() not in _NOT_METRICS:
             names.add(match.group())
     return names
@@ -76,14 +74,18 @@ def _queries(dashboard: dict[str, Any]) -> list[str]:
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     exprs = [target["expr"] for panel in panels for target in panel["targets"]]
     # A variable's query is Grafana's label_values(METRIC, LABEL): the metric is what must exist.
-    variables = [re.fullmatch(r"label_values\((.+),\s*\w+\)", v["query"]["query"]).group(1)
-                 for v in dashboard["templating"]["list"]]
+    variables = [
+        re.fullmatch(r"label_values\((.+),\s*\w+\)", v["query"]["query"]).group(1)
+        for v in dashboard["templating"]["list"]
+    ]
     return exprs + variables
 
 
 def test_metric_names_finds_every_metric_of_a_query_and_nothing_else() -> None:
-    expr = ('sum by (policy, le) (rate(refine_nope_bucket{policy=~"$policy", status!="200"}[$__rate_interval])) '
-            '/ on (policy) group_left vllm:made_up offset 5m')
+    expr = (
+        'sum by (policy, le) (rate(refine_nope_bucket{policy=~"$policy", status!="200"}[$__rate_interval])) '
+        "/ on (policy) group_left vllm:made_up offset 5m"
+    )
     assert metric_names(expr) == {"refine_nope_bucket", "vllm:made_up"}
 
 
@@ -97,12 +99,21 @@ def test_every_dashboard_query_names_only_metrics_refine_or_vllm_export() -> Non
 
 def test_the_dashboard_shows_what_operators_ask_for() -> None:
     used = set().union(*(metric_names(e) for e in _queries(_dashboard())))
-    for wanted in ("refine_requests_total", "refine_request_duration_seconds_bucket",
-                   "refine_time_to_first_token_seconds_bucket", "refine_inter_token_latency_seconds_bucket",
-                   "refine_corrections_per_request_sum", "refine_rounds_per_request_sum",
-                   "refine_search_iterations_per_request_sum", "refine_upstream_healthy", "refine_build_info",
-                   "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
-                   "vllm:time_to_first_token_seconds_bucket"):
+    for wanted in (
+        "refine_requests_total",
+        "refine_request_duration_seconds_bucket",
+        "refine_time_to_first_token_seconds_bucket",
+        "refine_inter_token_latency_seconds_bucket",
+        "refine_corrections_per_request_sum",
+        "refine_rounds_per_request_sum",
+        "refine_search_iterations_per_request_sum",
+        "refine_upstream_healthy",
+        "refine_build_info",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_bucket",
+    ):
         assert wanted in used, wanted
 
 

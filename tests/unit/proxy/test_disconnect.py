@@ -63,6 +63,7 @@ async def test_a_cancel_from_outside_goes_on_as_a_cancel(client_leaves_too: bool
         async def work() -> None:
             started.set()
             await asyncio.sleep(60)
+
         await cancel_on_disconnect(client.receive, work())
 
     task = asyncio.create_task(request())

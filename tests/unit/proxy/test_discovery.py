@@ -24,14 +24,17 @@ def _openapi(proxy: str) -> dict[str, Any]:
 
 def _validator(doc: dict[str, Any], component: str) -> jsonschema.Draft202012Validator:
     """A validator for one component schema, its references resolved within the document."""
-    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{component}",
-                                            "components": doc["components"]})
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{component}", "components": doc["components"]}
+    )
 
 
-@pytest.mark.parametrize("path, component", [("/v1/chat/completions", "ChatCompletionRequest"),
-                                             ("/v1/completions", "CompletionRequest")])
-def test_openapi_documents_each_generation_body_with_every_policys_schema(proxy: str, path: str,
-                                                                          component: str) -> None:
+@pytest.mark.parametrize(
+    "path, component", [("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")]
+)
+def test_openapi_documents_each_generation_body_with_every_policys_schema(
+    proxy: str, path: str, component: str
+) -> None:
     doc = _openapi(proxy)
     body = doc["paths"][path]["post"]["requestBody"]
     assert body["required"] is True
@@ -48,15 +51,21 @@ def test_openapi_documents_each_generation_body_with_every_policys_schema(proxy:
 
 def test_the_documented_schema_accepts_what_refine_accepts_and_rejects_what_it_refuses(proxy: str) -> None:
     chat = _validator(_openapi(proxy), "ChatCompletionRequest")
-    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-            "vllm_field": 1,  # vLLM's own fields pass through
-            "refine": {"policy": "steps", "max_steps": 4}}
+    good = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "vllm_field": 1,  # vLLM's own fields pass through
+        "refine": {"policy": "steps", "max_steps": 4},
+    }
     chat.validate(good)
-    for bad in ({**good, "refine": {"policy": "steps", "max_step": 4}},  # a typo in a parameter
-                {**good, "refine": {"policy": "nosuch"}},
-                {**good, "n": "2"},
-                {**good, "messages": []}):
+    for bad in (
+        {**good, "refine": {"policy": "steps", "max_step": 4}},  # a typo in a parameter
+        {**good, "refine": {"policy": "nosuch"}},
+        {**good, "n": "2"},
+        {**good, "messages": []},
+    ):
         assert not chat.is_valid(bad), bad
 
 
@@ -66,8 +75,13 @@ def test_openapi_documents_exactly_the_served_operations(proxy: str) -> None:
     doc = _openapi(proxy)
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     app = create_app(Settings(backend_url=["http://127.0.0.1:9"]))
-    served = {(route.path, method) for route in app.routes if getattr(route, "include_in_schema", False)
-              for method in route.methods or () if method != "HEAD"}
+    served = {
+        (route.path, method)
+        for route in app.routes
+        if getattr(route, "include_in_schema", False)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
     assert documented == served
     operation_ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
     assert len(operation_ids) == len(set(operation_ids))
@@ -121,7 +135,13 @@ def test_policies_shows_a_keys_own_policies_and_tightened_caps() -> None:
     # The key's cap tightens the server's; the caps the server configured nothing for keep their defaults.
     assert by_name["cyberv"]["limits"] == {"n": 4, "max_reasoning_tokens": 2048, "max_feedback_tokens": 2048}
     assert by_name["cyberv"]["defaults"]["n"] == 8
-    assert by_name["cyberv"]["refuses_fields"] == ["tools", "tool_choice", "response_format", "logprobs",
-                                                   "top_logprobs", "echo"]
+    assert by_name["cyberv"]["refuses_fields"] == [
+        "tools",
+        "tool_choice",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+    ]
     assert by_name["srgen"]["runs_in_engine"] is True and by_name["srgen"]["refuses_fields"] == []
     assert by_name["srgen"]["limits"]["max_corrections"] == 64

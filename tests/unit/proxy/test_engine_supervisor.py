@@ -43,8 +43,14 @@ class FailingSpec(EngineSpec):
 
 
 def _spec(tmp_path: Path, errors: list[str]) -> FailingSpec:
-    spec = FailingSpec(model_dir=tmp_path, cache_dir=tmp_path, served_model_name="m", port=free_port(),
-                       max_model_len=128, kv_cache_gib=1)
+    spec = FailingSpec(
+        model_dir=tmp_path,
+        cache_dir=tmp_path,
+        served_model_name="m",
+        port=free_port(),
+        max_model_len=128,
+        kv_cache_gib=1,
+    )
     spec.counter, spec.errors = tmp_path / "starts", errors
     return spec
 
@@ -57,21 +63,27 @@ async def _until_failed(engine: EmbeddedEngine, timeout_s: float = 30.0) -> None
 
 
 def test_the_last_error_is_the_exception_line_without_vllms_log_prefix() -> None:
-    output = ("(APIServer pid=7) INFO 12-07 10:00:01 [api_server.py:1] starting\n"
-              "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-              "(EngineCore pid=9) ERROR 12-07 10:00:02 [core.py:7] ValueError: no model in /m\n"
-              "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n")
+    output = (
+        "(APIServer pid=7) INFO 12-07 10:00:01 [api_server.py:1] starting\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "(EngineCore pid=9) ERROR 12-07 10:00:02 [core.py:7] ValueError: no model in /m\n"
+        "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n"
+    )
     assert last_error(output) == "ValueError: no model in /m"
     assert last_error("(APIServer pid=7) WARNING 12-07 10:00:03 [x.py:2] killed\n\n") == "killed"
     # pydantic's errors (vLLM's for a folder without a model) give the reason on the lines after the exception.
-    invalid = ("Traceback (most recent call last):\n"
-               "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
-               "  Value error, Invalid repository ID or local directory specified: '/m'.\n"
-               "Please verify the following requirements:\n1. Provide a valid Hugging Face repository ID.\n"
-               "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n")
-    assert last_error(invalid) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
-                                   "Value error, Invalid repository ID or local directory specified: '/m'. "
-                                   "Please verify the following requirements:")
+    invalid = (
+        "Traceback (most recent call last):\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, Invalid repository ID or local directory specified: '/m'.\n"
+        "Please verify the following requirements:\n1. Provide a valid Hugging Face repository ID.\n"
+        "(APIServer pid=7) INFO 12-07 10:00:03 [launcher.py:2] shutting down\n"
+    )
+    assert last_error(invalid) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+        "Value error, Invalid repository ID or local directory specified: '/m'. "
+        "Please verify the following requirements:"
+    )
     assert last_error("") == "no output"
 
 
@@ -91,8 +103,11 @@ async def test_different_failures_are_retried_and_the_same_one_twice_is_given_up
 
 def test_ready_says_why_the_engine_was_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     errors = ["ValueError: the model folder has no config.json"]
-    monkeypatch.setattr(engine_module.EngineSpec, "command",
-                        lambda spec: [sys.executable, "-c", FAILING_VLLM, str(tmp_path / "starts"), *errors])
+    monkeypatch.setattr(
+        engine_module.EngineSpec,
+        "command",
+        lambda spec: [sys.executable, "-c", FAILING_VLLM, str(tmp_path / "starts"), *errors],
+    )
     settings = Settings(model=str(tmp_path), engine_port=free_port(), engine_secret="s" * 64)
     with serve_in_thread(create_app(settings)) as url:
         deadline = time.monotonic() + 30

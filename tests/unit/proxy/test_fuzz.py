@@ -53,22 +53,32 @@ def _is_api_error(path: str, payload: object) -> bool:
     error = payload["error"]
     if path == "/v1/messages":
         return payload.get("type") == "error" and all(isinstance(error.get(k), str) for k in ("type", "message"))
-    return (isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
-            and {"param", "code"} <= error.keys())
+    return (
+        isinstance(error.get("message"), str)
+        and isinstance(error.get("type"), str)
+        and {"param", "code"} <= error.keys()
+    )
 
 
 # Driven through schemathesis's strategies rather than its pytest plugin (`schema.parametrize`), which does not
 # run under pytest 9 (it reads a node attribute pytest 9 removed).
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"])
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
-def test_no_server_error_and_every_error_in_the_apis_shape(api_schema: schemathesis.BaseSchema, path: str,
-                                                       mode: GenerationMode) -> None:
+def test_no_server_error_and_every_error_in_the_apis_shape(
+    api_schema: schemathesis.BaseSchema, path: str, mode: GenerationMode
+) -> None:
     operation = api_schema[path]["POST"]
     statuses: Counter[int] = Counter()
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=MAX_EXAMPLES // 2, derandomize=True, database=None, deadline=timedelta(seconds=5),
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES // 2,
+        derandomize=True,
+        database=None,
+        deadline=timedelta(seconds=5),
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case: schemathesis.Case) -> None:
         response = case.call(timeout=20)
         statuses[response.status_code] += 1

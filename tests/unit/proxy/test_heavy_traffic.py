@@ -24,8 +24,9 @@ def _last_body(fake_backend: str) -> dict[str, Any]:
     return httpx.get(f"{fake_backend}/fake/bodies").json()[-1]
 
 
-def _complete(url: str, prompt: str = "hi", policy: str = "steps", key: str | None = None,
-              timeout: float = 20, **fields: Any) -> httpx.Response:
+def _complete(
+    url: str, prompt: str = "hi", policy: str = "steps", key: str | None = None, timeout: float = 20, **fields: Any
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": MODEL, "prompt": prompt, "refine": {"policy": policy}, **fields}
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=timeout)
@@ -45,8 +46,10 @@ def _wait_for(condition: Any, timeout_s: float = 3.0) -> None:
 
 # ---- the default max_tokens, and engine priorities ---------------------------------------------------------
 
+
 def test_a_request_without_max_tokens_gets_the_servers_default_on_both_endpoints_and_in_policies(
-        fake_backend: str) -> None:
+    fake_backend: str,
+) -> None:
     with _serve(Settings(backend_url=fake_backend, default_max_tokens=7, max_tokens_limit=64)) as url:
         resp = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"})
         assert resp.status_code == 200
@@ -80,10 +83,12 @@ def test_the_default_is_at_most_the_limit() -> None:
 
 
 def test_plain_requests_go_before_policies_engine_calls_where_the_engine_schedules_by_priority(
-        fake_backend: str) -> None:
+    fake_backend: str,
+) -> None:
     keys = ["plain-key", {"key": "batch-key", "name": "batch", "policy_priority": {"none": 7}}]
-    settings = Settings(backend_url=fake_backend, engine_priority_scheduling=True, policy_priority={"drafting": 3},
-                        api_keys=keys)
+    settings = Settings(
+        backend_url=fake_backend, engine_priority_scheduling=True, policy_priority={"drafting": 3}, api_keys=keys
+    )
     with _serve(settings) as url:
         assert _complete(url, policy="none", key="plain-key").status_code == 200
         assert _last_body(fake_backend)["priority"] == 0
@@ -107,8 +112,10 @@ def test_no_priority_is_sent_to_an_engine_that_does_not_schedule_by_it(proxy: st
 
 # ---- per-policy concurrency ----------------------------------------------------------------------------
 
+
 def test_a_request_that_cannot_start_in_time_gets_a_429_with_retry_after_and_plain_traffic_goes_on(
-        fake_backend: str) -> None:
+    fake_backend: str,
+) -> None:
     settings = Settings(backend_url=fake_backend, policy_concurrency={"steps": 1}, policy_queue_timeout=0.5)
     with _serve(settings) as url, ThreadPoolExecutor(2) as pool:
         holder = pool.submit(_complete, url, "SLOW")
@@ -138,8 +145,13 @@ def test_a_queued_request_starts_when_the_slot_frees(fake_backend: str) -> None:
         _wait_for(lambda: _admission(url, "steps")["waiting"] == 1)
         assert _admission(url, "steps")["concurrency_limit"] == 1
         assert queued.result().status_code == 200 and holder.result().status_code == 200
-        assert _admission(url, "steps") == {"concurrency_limit": 1, "running": 0, "waiting": 0,
-                                            "queue_timeout_s": 10.0, "engine_priority": None}
+        assert _admission(url, "steps") == {
+            "concurrency_limit": 1,
+            "running": 0,
+            "waiting": 0,
+            "queue_timeout_s": 10.0,
+            "engine_priority": None,
+        }
         metrics = httpx.get(f"{url}/metrics").text
         assert metric_total(metrics, "refine_admission_wait_seconds_count") == 2
         assert metric_total(metrics, "refine_admission_wait_seconds_sum") > 1.0  # the queued one waited
@@ -162,10 +174,14 @@ def test_a_waiting_client_that_disconnects_leaves_the_queue_at_once(fake_backend
 
 # ---- per-key budgets -----------------------------------------------------------------------------------
 
+
 def test_per_key_budgets_for_requests_and_engine_tokens(fake_backend: str) -> None:
-    keys = [{"key": "secret-small", "name": "small", "requests_per_minute": 2},
-            {"key": "secret-tokens", "name": "tokens", "tokens_per_minute": 10},
-            {"key": "secret-free"}, {"key": "secret-big", "name": "big", "tokens_per_minute": 1000}]
+    keys = [
+        {"key": "secret-small", "name": "small", "requests_per_minute": 2},
+        {"key": "secret-tokens", "name": "tokens", "tokens_per_minute": 10},
+        {"key": "secret-free"},
+        {"key": "secret-big", "name": "big", "tokens_per_minute": 1000},
+    ]
     with _serve(Settings(backend_url=fake_backend, api_keys=keys)) as url:
         assert [_complete(url, key="secret-small").status_code for _ in range(2)] == [200, 200]
         refused = _complete(url, key="secret-small")
@@ -176,8 +192,12 @@ def test_per_key_budgets_for_requests_and_engine_tokens(fake_backend: str) -> No
         # Every engine call counts: 4 tokens a plain completion; a stream's usage is asked for and counted, and
         # not shown to a client that did not ask for it.
         assert _complete(url, key="secret-tokens").status_code == 200
-        with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": "Bearer secret-tokens"},
-                          json={"model": MODEL, "prompt": "hi", "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            headers={"Authorization": "Bearer secret-tokens"},
+            json={"model": MODEL, "prompt": "hi", "stream": True},
+        ) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert not any('"usage"' in e for e in events) and events[-1] == "data: [DONE]"
         assert _last_body(fake_backend)["stream_options"] == {"include_usage": True}
@@ -187,9 +207,12 @@ def test_per_key_budgets_for_requests_and_engine_tokens(fake_backend: str) -> No
         assert int(refused.headers["retry-after"]) >= 1
 
         # A client that asked for the usage chunk still gets it, once.
-        with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": "Bearer secret-big"},
-                          json={"model": MODEL, "prompt": "hi", "stream": True,
-                                "stream_options": {"include_usage": True}}) as r:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            headers={"Authorization": "Bearer secret-big"},
+            json={"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+        ) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert sum('"usage":{' in e for e in events) == 1 and '"choices":[]' in events[-2]
 
@@ -206,18 +229,30 @@ def test_key_names_must_be_unique() -> None:
     from refine_server.app import create_app
 
     with pytest.raises(ValueError, match="two keys are named"):
-        create_app(Settings(backend_url=["http://127.0.0.1:9"], api_keys=[{"key": "a", "name": "x"},
-                                                                           {"key": "b", "name": "x"}]))
+        create_app(
+            Settings(
+                backend_url=["http://127.0.0.1:9"], api_keys=[{"key": "a", "name": "x"}, {"key": "b", "name": "x"}]
+            )
+        )
 
 
 # ---- shutdown --------------------------------------------------------------------------------------------
 
+
 def test_shutdown_answers_waiting_requests_with_503_at_once_and_finishes_the_running_one(fake_backend: str) -> None:
     """refine as a user runs it (its own process, uvicorn's signal handling): SIGTERM while one request holds
     the only slot of `none` and another waits for it."""
-    server = start_refine("wt30-shutdown", free_port(), "--backend-url", fake_backend,
-                          "--policy-concurrency", '{"none": 1}', "--policy-queue-timeout", "60",
-                          ready_timeout_s=60)
+    server = start_refine(
+        "wt30-shutdown",
+        free_port(),
+        "--backend-url",
+        fake_backend,
+        "--policy-concurrency",
+        '{"none": 1}',
+        "--policy-queue-timeout",
+        "60",
+        ready_timeout_s=60,
+    )
     try:
         with ThreadPoolExecutor(2) as pool:
             holder = pool.submit(_complete, server.url, "SLOW", "none")

@@ -35,8 +35,10 @@ def test_requests_per_minute_then_a_429_with_retry_after_until_the_bucket_refill
     clock.now += 30
     budget.admit()
     assert registry.get_sample_value("refine_key_requests_total", {"key": "team-a"}) == 3
-    assert registry.get_sample_value("refine_key_rejections_total",
-                                     {"key": "team-a", "budget": "requests_per_minute"}) == 1
+    assert (
+        registry.get_sample_value("refine_key_rejections_total", {"key": "team-a", "budget": "requests_per_minute"})
+        == 1
+    )
 
 
 def test_engine_tokens_are_charged_when_a_request_ends_and_a_key_in_debt_waits() -> None:

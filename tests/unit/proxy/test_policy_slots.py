@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from refine_server.gatekeeping.policy_slots import Admission, QueueTimeout, Slot
 from refine_server.errors import APIError
+from refine_server.gatekeeping.policy_slots import Admission, QueueTimeout, Slot
 
 
 def _admission(limit: int | None = 1, timeout_s: float = 5.0) -> tuple[Admission, CollectorRegistry]:
@@ -151,4 +151,3 @@ def test_limits_are_checked_at_start() -> None:
         Admission(["none"], {"nosuch": 1}, 1.0, CollectorRegistry())
     with pytest.raises(ValueError, match="at least 1"):
         Admission(["none"], {"none": 0}, 1.0, CollectorRegistry())
-

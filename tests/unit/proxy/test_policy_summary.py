@@ -27,12 +27,20 @@ def builtin_proxy(fake_backend: str) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("policy", ["cyberv", "rain"])
-@pytest.mark.parametrize("field, value", [("tools", TOOLS), ("tool_choice", "required"),
-                                          ("response_format", {"type": "json_object"}), ("logprobs", True),
-                                          ("top_logprobs", 2)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", TOOLS),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_policy_refuses_a_chat_field_it_cannot_honour_naming_it(builtin_proxy: str, policy: str, field: str,
-                                                                  value: Any, stream: bool) -> None:
+def test_a_policy_refuses_a_chat_field_it_cannot_honour_naming_it(
+    builtin_proxy: str, policy: str, field: str, value: Any, stream: bool
+) -> None:
     body = {**CHAT, field: value, "stream": stream, "refine": {"policy": policy}}
     resp = httpx.post(f"{builtin_proxy}/v1/chat/completions", json=body)
     assert resp.status_code == 400
@@ -43,8 +51,9 @@ def test_a_policy_refuses_a_chat_field_it_cannot_honour_naming_it(builtin_proxy:
 
 @pytest.mark.parametrize("policy", ["cyberv", "rain"])
 @pytest.mark.parametrize("field, value", [("logprobs", 0), ("echo", True)])
-def test_a_policy_refuses_a_completions_field_it_cannot_honour(builtin_proxy: str, policy: str, field: str,
-                                                               value: Any) -> None:
+def test_a_policy_refuses_a_completions_field_it_cannot_honour(
+    builtin_proxy: str, policy: str, field: str, value: Any
+) -> None:
     body = {"model": MODEL, "prompt": "2 + 2 =", field: value, "refine": {"policy": policy}}
     resp = httpx.post(f"{builtin_proxy}/v1/completions", json=body)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == field
@@ -52,22 +61,45 @@ def test_a_policy_refuses_a_completions_field_it_cannot_honour(builtin_proxy: st
 
 def test_a_policy_that_relays_the_request_passes_those_fields_on(builtin_proxy: str) -> None:
     """`none` forwards logprobs (and tools) to vLLM, which answers them."""
-    resp = httpx.post(f"{builtin_proxy}/v1/completions",
-                      json={"model": MODEL, "prompt": "hi", "logprobs": 2, "refine": {"policy": "none"}})
+    resp = httpx.post(
+        f"{builtin_proxy}/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "logprobs": 2, "refine": {"policy": "none"}},
+    )
     assert resp.status_code == 200
 
 
-@pytest.mark.parametrize("field, value, asks", [
-    ("tools", TOOLS, True), ("tools", [], False), ("tools", None, False),
-    ("tool_choice", "auto", True), ("tool_choice", {"type": "function", "function": {"name": "f"}}, True),
-    ("tool_choice", "none", False),
-    ("response_format", {"type": "json_schema", "json_schema": {}}, True), ("response_format", {"type": "text"}, False),
-    ("logprobs", True, True), ("logprobs", False, False), ("logprobs", 0, True), ("top_logprobs", 0, True),
-])
+@pytest.mark.parametrize(
+    "field, value, asks",
+    [
+        ("tools", TOOLS, True),
+        ("tools", [], False),
+        ("tools", None, False),
+        ("tool_choice", "auto", True),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}, True),
+        ("tool_choice", "none", False),
+        ("response_format", {"type": "json_schema", "json_schema": {}}, True),
+        ("response_format", {"type": "text"}, False),
+        ("logprobs", True, True),
+        ("logprobs", False, False),
+        ("logprobs", 0, True),
+        ("top_logprobs", 0, True),
+    ],
+)
 def test_what_counts_as_asking_for_a_field(field: str, value: Any, asks: bool) -> None:
     """Values that ask for nothing, which clients such as LangChain send by default, are not refused."""
-    request = ClientRequest(endpoint="chat", body={field: value}, model=MODEL, n=1, max_tokens=None, seed=None,
-                            stop=[], stream=False, include_usage=False, messages=[], prompt=None)
+    request = ClientRequest(
+        endpoint="chat",
+        body={field: value},
+        model=MODEL,
+        n=1,
+        max_tokens=None,
+        seed=None,
+        stop=[],
+        stream=False,
+        include_usage=False,
+        messages=[],
+        prompt=None,
+    )
     assert request.asks_for(field) is asks
 
 
@@ -76,8 +108,9 @@ def test_headers_carry_the_policy_and_the_counts_it_recorded(client: OpenAI) -> 
     assert plain.headers["x-refine-policy"] == "none"
     assert not [h for h in plain.headers if h.startswith("x-refine-") and h != "x-refine-policy"]
 
-    counted = client.completions.with_raw_response.create(model=MODEL, prompt="hi",
-                                                          extra_body={"refine": {"policy": "counting"}})
+    counted = client.completions.with_raw_response.create(
+        model=MODEL, prompt="hi", extra_body={"refine": {"policy": "counting"}}
+    )
     assert counted.headers["x-refine-policy"] == "counting"
     assert counted.headers["x-refine-corrections"] == "2" and counted.headers["x-refine-rounds"] == "1"
     assert counted.parse().model_extra["refine"]["policy"] == "counting"

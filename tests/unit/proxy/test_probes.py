@@ -37,8 +37,9 @@ def test_readyz_without_a_backend_is_a_503_with_the_reason() -> None:
         assert httpx.get(f"{url}/livez").status_code == 200
 
 
-async def test_readiness_turns_503_as_shutdown_begins_while_liveness_holds(fake_backend: str,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_readiness_turns_503_as_shutdown_begins_while_liveness_holds(
+    fake_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = create_app(Settings(backend_url=[fake_backend]))
     during_shutdown: list[httpx.Response] = []
     close_backends = Upstreams.aclose
@@ -49,8 +50,10 @@ async def test_readiness_turns_503_as_shutdown_begins_while_liveness_holds(fake_
         await close_backends(self)
 
     monkeypatch.setattr(Upstreams, "aclose", probe_then_close)
-    async with (httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://refine") as http,
-                app.router.lifespan_context(app)):
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://refine") as http,
+        app.router.lifespan_context(app),
+    ):
         before = await http.get("/readyz")
     assert before.status_code == 200
     readyz, livez = during_shutdown

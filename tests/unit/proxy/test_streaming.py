@@ -63,8 +63,9 @@ def test_a_policy_that_fails_mid_stream_ends_it_with_an_error_and_is_counted(cli
     before = failures()
     chunks = []
     with pytest.raises(openai.APIError, match="internal error while streaming"):
-        for chunk in client.completions.create(model=MODEL, prompt="hi", stream=True,
-                                               extra_body={"refine": {"policy": "broken"}}):
+        for chunk in client.completions.create(
+            model=MODEL, prompt="hi", stream=True, extra_body={"refine": {"policy": "broken"}}
+        ):
             chunks.append(chunk)
     assert len(chunks) == 1 and failures() == before + 1
 
@@ -84,5 +85,8 @@ def test_a_backend_slower_than_the_upstream_timeout_is_a_504(fake_backend: str) 
 
 def _requests(proxy: str, *labels: str) -> float:
     text = httpx.get(f"{proxy}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("refine_requests_total{") and all(label in line for label in labels))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("refine_requests_total{") and all(label in line for label in labels)
+    )

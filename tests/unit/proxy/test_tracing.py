@@ -28,8 +28,12 @@ from refine_server.tracing import Tracing, otlp_endpoint, traces_url
 from tests.fake_vllm import MODEL, make_app, serve_in_thread
 from tests.unit.proxy.helpers import BrokenPolicy
 
-_OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
-              "REFINE_OTEL_ENDPOINT")
+_OTEL_VARS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SDK_DISABLED",
+    "REFINE_OTEL_ENDPOINT",
+)
 
 
 class MultiCallPolicy(NonePolicy):
@@ -59,12 +63,29 @@ class CorrectingPolicy(NonePolicy):
 
     async def complete(self, call: PolicyCall, params: PolicyParams) -> dict[str, Any]:
         result = await super().complete(call, params)
-        call.trace.data = {"num_corrections": 2, "corrections": [
-            {"sequence": 0, "position": 7, "entropy": 2.5, "threshold": 1.9, "token_before": 11, "token_after": 12,
-             "seconds": 0.01},
-            {"sequence": 0, "position": 9, "entropy": 2.2, "threshold": 1.9, "token_before": 13, "token_after": 14,
-             "seconds": 0.02},
-        ]}
+        call.trace.data = {
+            "num_corrections": 2,
+            "corrections": [
+                {
+                    "sequence": 0,
+                    "position": 7,
+                    "entropy": 2.5,
+                    "threshold": 1.9,
+                    "token_before": 11,
+                    "token_after": 12,
+                    "seconds": 0.01,
+                },
+                {
+                    "sequence": 0,
+                    "position": 9,
+                    "entropy": 2.2,
+                    "threshold": 1.9,
+                    "token_before": 13,
+                    "token_after": 14,
+                    "seconds": 0.02,
+                },
+            ],
+        }
         call.trace.record(CORRECTIONS, 2)
         return result
 
@@ -152,8 +173,9 @@ def test_a_request_is_a_span_with_genai_attributes(traced: str, spans: InMemoryS
     assert sent.rsplit("-", 1)[0] == _traceparent_of(relay) and int(sent[-2:], 16) & 1  # sampled
 
 
-def test_each_engine_call_is_a_child_span_named_by_purpose(traced: str, spans: InMemorySpanExporter,
-                                                           upstream: str) -> None:
+def test_each_engine_call_is_a_child_span_named_by_purpose(
+    traced: str, spans: InMemorySpanExporter, upstream: str
+) -> None:
     before = len(_traceparents(upstream))
     _client(traced).completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "multi"}})
 
@@ -175,14 +197,17 @@ def test_each_engine_call_is_a_child_span_named_by_purpose(traced: str, spans: I
 
 
 def test_a_stream_span_ends_with_the_stream(traced: str, spans: InMemorySpanExporter) -> None:
-    stream = _client(traced).completions.create(model=MODEL, prompt="hi", stream=True,
-                                                extra_body={"refine": {"policy": "multi"}})
+    stream = _client(traced).completions.create(
+        model=MODEL, prompt="hi", stream=True, extra_body={"refine": {"policy": "multi"}}
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == "alpha beta gamma"
 
     found = _finished(spans, 3)
     request = _request_span(found)
-    assert [s.name for s in sorted(found, key=lambda s: s.start_time or 0) if s.kind == SpanKind.CLIENT] == \
-        ["draft", "answer"]
+    assert [s.name for s in sorted(found, key=lambda s: s.start_time or 0) if s.kind == SpanKind.CLIENT] == [
+        "draft",
+        "answer",
+    ]
     assert request.attributes["refine.stream"] is True
     assert request.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert request.attributes["http.response.status_code"] == 200
@@ -200,8 +225,11 @@ def test_corrections_in_the_trace_become_span_events(traced: str, spans: InMemor
 
 def test_the_clients_trace_context_is_the_parent(traced: str, spans: InMemorySpanExporter) -> None:
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    httpx.post(f"{traced}/v1/completions", json={"model": MODEL, "prompt": "hi"},
-               headers={"traceparent": f"00-{trace_id}-{parent_id}-01"}).raise_for_status()
+    httpx.post(
+        f"{traced}/v1/completions",
+        json={"model": MODEL, "prompt": "hi"},
+        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+    ).raise_for_status()
     request = _request_span(_finished(spans, 2))
     assert f"{request.context.trace_id:032x}" == trace_id
     assert f"{request.parent.span_id:016x}" == parent_id
@@ -239,20 +267,22 @@ def test_tracing_off_sends_no_traceparent_and_makes_no_spans(upstream: str, expo
             client = _client(url)
             client.completions.create(model=MODEL, prompt="hi")
             client.completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "multi"}})
-            "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt="hi", stream=True)
-                    if c.choices)
+            "".join(
+                c.choices[0].text for c in client.completions.create(model=MODEL, prompt="hi", stream=True) if c.choices
+            )
             assert app.state.tracing is None
             assert _traceparents(upstream)[before:] == [None] * 6
             assert exporter.get_finished_spans() == ()
 
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
-    code = ("import sys; from refine_server.app import create_app; from refine_server.config import Settings; "
-            "create_app(Settings(backend_url=['http://127.0.0.1:9'])); "
-            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    code = (
+        "import sys; from refine_server.app import create_app; from refine_server.config import Settings; "
+        "create_app(Settings(backend_url=['http://127.0.0.1:9'])); "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in _OTEL_VARS}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
 
 
@@ -287,16 +317,21 @@ def test_spans_reach_an_otlp_collector(upstream: str) -> None:
 
     collector = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
     with serve_in_thread(collector) as collector_url:
-        with serve_in_thread(create_app(Settings(backend_url=[upstream], otel_endpoint=collector_url,
-                                                 otel_service_name="refine-test"), _registry())) as url:
+        with serve_in_thread(
+            create_app(
+                Settings(backend_url=[upstream], otel_endpoint=collector_url, otel_service_name="refine-test"),
+                _registry(),
+            )
+        ) as url:
             _client(url).completions.create(model=MODEL, prompt="hi", extra_body={"refine": {"policy": "multi"}})
         # refine's lifespan has ended: its provider flushed the batch.
         names, services = [], set()
         for body in received:
             export = ExportTraceServiceRequest.FromString(body)
             for resource_spans in export.resource_spans:
-                services |= {a.value.string_value for a in resource_spans.resource.attributes
-                             if a.key == "service.name"}
+                services |= {
+                    a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"
+                }
                 names += [s.name for scope in resource_spans.scope_spans for s in scope.spans]
     assert sorted(names) == sorted([f"text_completion {MODEL}", "draft", "verify", "verify", "final"])
     assert services == {"refine-test"}

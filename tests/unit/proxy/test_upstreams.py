@@ -43,8 +43,11 @@ def _served(backend: str) -> int:
 
 def _metric(refine: str, name: str, backend: str) -> float:
     text = httpx.get(f"{refine}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and f'upstream="{backend}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and f'upstream="{backend}"' in line
+    )
 
 
 def test_requests_spread_over_the_backends_and_keep_all_their_calls_on_one() -> None:
@@ -113,8 +116,11 @@ def test_when_every_backend_is_down_the_client_gets_a_503() -> None:
 def test_a_stream_whose_backend_fails_after_accepting_it_moves_to_another_unseen_by_the_client() -> None:
     """refine answers a relayed stream's headers when the engine accepts it (its 200), before the first token;
     a backend that fails after that but before its first event is replaced, as if it had refused outright."""
-    with serve_in_thread(make_app(drops_streams=True)) as failing, serve_in_thread(make_app()) as working, \
-            _refine([failing, working]) as url:
+    with (
+        serve_in_thread(make_app(drops_streams=True)) as failing,
+        serve_in_thread(make_app()) as working,
+        _refine([failing, working]) as url,
+    ):
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for _ in range(2):  # ties are taken in turn: one of the two starts on the failing backend
             stream = client.completions.create(model=MODEL, prompt="hi", stream=True)

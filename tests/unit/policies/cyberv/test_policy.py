@@ -13,7 +13,6 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from refine_server.errors import APIError
-from refine_server.policies.relayed import CHOICE_CHUNKS
 from refine_server.metrics import Metrics
 from refine_server.policies import LimitExceeded, PolicyRegistry
 from refine_server.policies.base import (
@@ -25,15 +24,16 @@ from refine_server.policies.base import (
     PolicyRequestError,
 )
 from refine_server.policies.cyberv.policy import CyberVParams, CyberVPolicy, split_for_streaming
+from refine_server.policies.relayed import CHOICE_CHUNKS
 from refine_server.streaming import ChunkRelay, StreamLatency
 from tests.conftest import MODEL, policy_call
 from tests.unit.policies.cyberv.responses import DIRECT, SPIKE_WORD, _choice, _response
-
 
 FINAL_MARK = "\nTo conclude, I state the final answer"
 
 
 # ---- a scripted backend ----------------------------------------------------------------------------------------------
+
 
 class ScriptedBackend:
     """Answers cyberv's engine calls as vLLM's chat endpoint would, from a script; records every call.
@@ -57,7 +57,7 @@ class ScriptedBackend:
         if "Recheck" in last:
             return _response([_choice(self.feedback)])
         if "step by step" in last:
-            batch = self.reasoning[self.drawn:self.drawn + body.get("n", 1)]
+            batch = self.reasoning[self.drawn : self.drawn + body.get("n", 1)]
             self.drawn += len(batch)
             return _response([_choice(t, i) for i, t in enumerate(batch)])
         return _response([_choice(self.direct)])
@@ -71,6 +71,7 @@ class ScriptedBackend:
                 return "final"
             last = body["messages"][-1]["content"]
             return "feedback" if "Recheck" in last else "reasoning" if "step by step" in last else "direct"
+
         return [kind(b) for b in self.calls]
 
 
@@ -90,12 +91,16 @@ def _split(feedback: str) -> ScriptedBackend:
 
 def _call(backend: ScriptedBackend, endpoint: str = "chat", **body: Any) -> PolicyCall:
     question = "What is 2 + 2?"
-    base = {"model": MODEL, "messages": [{"role": "user", "content": question}]} if endpoint == "chat" \
+    base = (
+        {"model": MODEL, "messages": [{"role": "user", "content": question}]}
+        if endpoint == "chat"
         else {"model": MODEL, "prompt": question}
+    )
     return policy_call(endpoint, {**base, **body}, backend)
 
 
 # ---- parameters and streaming pieces ---------------------------------------------------------------------------------
+
 
 def test_streaming_pieces_join_back_exactly() -> None:
     for text in ["", "one", "  lead and trail  ", "a b c d e f g h i\n\nj k"]:
@@ -108,9 +113,20 @@ def test_params_and_limits() -> None:
     registry = PolicyRegistry([CyberVPolicy])
     _, params = registry.resolve("cyberv", {})
     assert params.model_dump() == {
-        "n": 8, "theta": 0.3, "reasoning_temperature": 1.0, "reasoning_top_p": 0.5, "reasoning_top_k": 5,
-        "max_reasoning_tokens": 256, "feedback_temperature": 0.01, "max_feedback_tokens": 256, "adaptive": True,
-        "batch_size": 2, "stop_risk": 0.05, "decode": None, "sensor": "auto", "progress": False,
+        "n": 8,
+        "theta": 0.3,
+        "reasoning_temperature": 1.0,
+        "reasoning_top_p": 0.5,
+        "reasoning_top_k": 5,
+        "max_reasoning_tokens": 256,
+        "feedback_temperature": 0.01,
+        "max_feedback_tokens": 256,
+        "adaptive": True,
+        "batch_size": 2,
+        "stop_risk": 0.05,
+        "decode": None,
+        "sensor": "auto",
+        "progress": False,
     }
     with pytest.raises(LimitExceeded):
         registry.resolve("cyberv", {"n": 17})
@@ -122,6 +138,7 @@ def test_params_and_limits() -> None:
 
 # ---- the policy against a scripted backend ---------------------------------------------------------------
 
+
 async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once_settled() -> None:
     backend = _unanimous()
     call = _call(backend, seed=7, max_tokens=100)
@@ -130,8 +147,12 @@ async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once
     ChatCompletion.model_validate(body)
     trace = call.trace.data
     assert trace["decision"] == "accepted" and trace["feedback"] is None
-    assert _reported(call) == {"corrections": 0, "correction_seconds": 0, "rounds": 1,
-                               "extra_tokens": body["usage"]["completion_tokens"] - _chosen_tokens(backend, trace)}
+    assert _reported(call) == {
+        "corrections": 0,
+        "correction_seconds": 0,
+        "rounds": 1,
+        "extra_tokens": body["usage"]["completion_tokens"] - _chosen_tokens(backend, trace),
+    }
     assert trace["answers"][0]["answer"] == "4" and trace["threshold"] == 2.4
     chosen = trace["candidates"][trace["chosen"]["candidate"]]
     assert body["choices"][0]["message"]["content"] == backend.reasoning[chosen["index"] - 1]
@@ -142,18 +163,35 @@ async def test_unanimous_request_is_answered_in_one_round_and_stops_drawing_once
     # more; five agreeing candidates cannot be outvoted by the three left, so it stops. Every answer is marked
     # in its own text, so no final-answer step runs.
     assert backend.kinds() == ["direct", "reasoning", "reasoning"]
-    assert trace["round1"] == {"planned": 8, "drawn": 5, "adaptive": True, "stopped_early": True,
-                               "stop_certain": True, "stop_reason": trace["round1"]["stop_reason"]}
+    assert trace["round1"] == {
+        "planned": 8,
+        "drawn": 5,
+        "adaptive": True,
+        "stopped_early": True,
+        "stop_certain": True,
+        "stop_reason": trace["round1"]["stop_reason"],
+    }
     assert trace["round1"]["stop_reason"].startswith("after 5 of 8 candidates, answer 4 has")
     assert [c["answer_source"] for c in trace["candidates"]] == ["own_text"] * 5
-    assert trace["rounds"] == {"round1": {"engine_calls": 3, "prompt_tokens": 30,
-                                          "completion_tokens": body["usage"]["completion_tokens"],
-                                          "total_tokens": body["usage"]["total_tokens"]}}
+    assert trace["rounds"] == {
+        "round1": {
+            "engine_calls": 3,
+            "prompt_tokens": 30,
+            "completion_tokens": body["usage"]["completion_tokens"],
+            "total_tokens": body["usage"]["total_tokens"],
+        }
+    }
     direct, first, second = backend.calls
     assert direct["temperature"] == 0 and direct["logprobs"] and direct["top_logprobs"] == 5
     assert "Answer directly" in direct["messages"][-1]["content"]
-    assert {k: first[k] for k in ("n", "temperature", "top_p", "top_k", "top_logprobs", "max_tokens")} == \
-        {"n": 2, "temperature": 1.0, "top_p": 0.5, "top_k": 5, "top_logprobs": 5, "max_tokens": 100}
+    assert {k: first[k] for k in ("n", "temperature", "top_p", "top_k", "top_logprobs", "max_tokens")} == {
+        "n": 2,
+        "temperature": 1.0,
+        "top_p": 0.5,
+        "top_k": 5,
+        "top_logprobs": 5,
+        "max_tokens": 100,
+    }
     assert "step by step" in first["messages"][-1]["content"] and second["n"] == 2
     # Each batch is seeded: distinct seeds derived from the client's, so batches are not copies of each other.
     assert direct["seed"] == 7 and len({direct["seed"], first["seed"], second["seed"]}) == 3
@@ -201,9 +239,11 @@ async def test_unmarked_answers_come_from_the_final_step_and_the_returned_text_s
 
 
 async def test_an_answer_nobody_marked_or_stated_falls_back_to_the_text() -> None:
-    backend = ScriptedBackend("I think 2 + 2 is 4 here", ["First 3, then 9 in the end"],
-                              {"I think 2 + 2 is 4 here": (" unclear", 0.5),
-                               "First 3, then 9 in the end": (" unclear", 0.5)})
+    backend = ScriptedBackend(
+        "I think 2 + 2 is 4 here",
+        ["First 3, then 9 in the end"],
+        {"I think 2 + 2 is 4 here": (" unclear", 0.5), "First 3, then 9 in the end": (" unclear", 0.5)},
+    )
     call = _call(backend)
     await CyberVPolicy().complete(call, CyberVParams(n=2))
     candidates = call.trace.data["candidates"]
@@ -263,15 +303,19 @@ async def test_completions_endpoint_uses_the_chat_backend_and_answers_as_a_compl
 
     Completion.model_validate(body)
     assert body["object"] == "text_completion" and body["choices"][0]["text"].endswith("The answer is 4.")
-    assert all(b["messages"][0]["role"] == "user" and "What is 2 + 2?" in b["messages"][0]["content"]
-               for b in backend.calls)
+    assert all(
+        b["messages"][0]["role"] == "user" and "What is 2 + 2?" in b["messages"][0]["content"] for b in backend.calls
+    )
 
 
 async def test_chat_history_is_kept_and_the_last_user_message_is_the_question() -> None:
     backend = _unanimous(n=2)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
+    ]
     call = policy_call("chat", {"model": MODEL, "messages": messages}, backend)
     await CyberVPolicy().complete(call, CyberVParams(n=2))
     for body in backend.calls:
@@ -279,16 +323,22 @@ async def test_chat_history_is_kept_and_the_last_user_message_is_the_question() 
         assert "What is 2 + 2?" in body["messages"][3]["content"]
 
 
-@pytest.mark.parametrize("endpoint, body, param", [
-    ("chat", {"n": 2}, "n"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt"),
-    ("completions", {"prompt": [1, 2, 3]}, "prompt"),
-    ("completions", {"prompt": "  "}, "prompt"),
-    ("chat", {"messages": [{"role": "user", "content": ""}]}, "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
-    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages"),
-])
+@pytest.mark.parametrize(
+    "endpoint, body, param",
+    [
+        ("chat", {"n": 2}, "n"),
+        ("completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("completions", {"prompt": "  "}, "prompt"),
+        ("chat", {"messages": [{"role": "user", "content": ""}]}, "messages"),
+        ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+        ),
+    ],
+)
 async def test_requests_cyberv_cannot_answer_are_400(endpoint: str, body: dict[str, Any], param: str) -> None:
     backend = _unanimous()
     call = _call(backend, endpoint=endpoint, **body)
@@ -302,8 +352,12 @@ async def test_requests_cyberv_cannot_answer_are_400(endpoint: str, body: dict[s
 
 def _reported(call: PolicyCall) -> dict[str, float]:
     """The metric values cyberv reported for one request, by short name."""
-    names = {CORRECTIONS: "corrections", CORRECTION_SECONDS: "correction_seconds", ROUNDS: "rounds",
-             EXTRA_TOKENS: "extra_tokens"}
+    names = {
+        CORRECTIONS: "corrections",
+        CORRECTION_SECONDS: "correction_seconds",
+        ROUNDS: "rounds",
+        EXTRA_TOKENS: "extra_tokens",
+    }
     return {short: call.trace.values[m.name] for m, short in names.items() if m.name in call.trace.values}
 
 
@@ -323,8 +377,9 @@ class _OneChoice:
         self._metrics = Metrics({"cyberv": CyberVPolicy.metrics})
 
     def latency(self) -> StreamLatency:
-        return StreamLatency(self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"),
-                             time.perf_counter())
+        return StreamLatency(
+            self._metrics.ttft.labels("cyberv"), self._metrics.itl.labels("cyberv"), time.perf_counter()
+        )
 
     def refine_block(self) -> dict[str, Any]:
         return {"policy": "cyberv", "trace": self._call.trace.data}
@@ -357,8 +412,12 @@ async def test_stream_with_progress_sends_progress_then_the_answer_then_the_refi
     assert stages == ["round1_done", "feedback_started", "decided"]
     assert all(not e["choices"] for e in events[:3])
     assert events[0]["refine_progress"]["threshold"] == 2.4 and len(events[0]["refine_progress"]["answers"]) == 5
-    assert events[2]["refine_progress"] == {"stage": "decided", "decision": "feedback", "answer": "5",
-                                            "feedback_accepted": True}
+    assert events[2]["refine_progress"] == {
+        "stage": "decided",
+        "decision": "feedback",
+        "answer": "5",
+        "feedback_accepted": True,
+    }
     answer = parsed[3:]
     assert answer[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in answer) == backend.feedback
@@ -382,7 +441,8 @@ async def test_stream_without_progress_is_plain_completion_chunks_with_usage_whe
     assert finishing.choices[0].finish_reason == "stop" and "refine" in events[-2]
     usage = Completion.model_validate(usage_chunk)
     assert usage.choices == [] and usage.usage.total_tokens == sum(
-        r["total_tokens"] for r in call.trace.data["rounds"].values())
+        r["total_tokens"] for r in call.trace.data["rounds"].values()
+    )
 
 
 async def test_a_failing_engine_call_fails_the_request_with_its_error() -> None:
@@ -439,6 +499,7 @@ async def test_without_the_plugin_the_sensor_reads_top_logprobs() -> None:
 
 
 # ---- decoding cyberv's engine calls with SRGen -----------------------------------------------------------------------
+
 
 class PluginBackend(ScriptedBackend):
     """A scripted upstream with refine's plugin: each request that carries SRGen's signed xargs gets one

@@ -48,16 +48,19 @@ def test_split_answers_trigger_feedback() -> None:
 
 
 def test_candidates_without_an_answer_do_not_vote() -> None:
-    candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9),
-                  _candidate(1, "I cannot tell.", " something I really cannot put into a few short words here", 0.9)]
+    candidates = [
+        _candidate(0, "The answer is 4.", " 4.", 0.9),
+        _candidate(1, "I cannot tell.", " something I really cannot put into a few short words here", 0.9),
+    ]
     sense(candidates, len(candidates))
     assert candidates[1].answer is None and candidates[1].trace()["reason"] == "no extractable answer"
     assert [c.index for c in decide(candidates, 0.0).tallies[0].candidates] == [0]
 
 
 def test_no_answer_anywhere_returns_the_direct_answer() -> None:
-    candidates = [_candidate(i, "Hmm.", " unclear, as the question does not say what it is asking", 0.9)
-                  for i in range(3)]
+    candidates = [
+        _candidate(i, "Hmm.", " unclear, as the question does not say what it is asking", 0.9) for i in range(3)
+    ]
     sense(candidates, len(candidates))
     decision = decide(candidates, 0.0)
     assert decision.action == "no_answer" and decision.best is candidates[0]
@@ -84,8 +87,11 @@ def test_rank_signal_gives_the_most_probable_answer_rank_n() -> None:
 
 
 def test_uncertainty_signal_compares_answer_margins_with_the_direct_answer() -> None:
-    candidates = [_candidate(0, "The answer is 4.", " 4.", 0.9), _candidate(1, "The answer is 4.", " 4.", 0.45),
-                  _candidate(2, "The answer is 4.", " 4.", 0.8)]
+    candidates = [
+        _candidate(0, "The answer is 4.", " 4.", 0.9),
+        _candidate(1, "The answer is 4.", " 4.", 0.45),
+        _candidate(2, "The answer is 4.", " 4.", 0.8),
+    ]
     sense(candidates, len(candidates))
     # margins: 0.9 - 0.08 = 0.82 for the direct answer; 0.45 - 0.44 = 0.01 and 0.8 - 0.16 = 0.64
     assert [c.signals["s4"] for c in candidates] == [1.0, 0.0, 1.0]

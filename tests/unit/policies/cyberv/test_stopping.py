@@ -10,11 +10,14 @@ from refine_server.policies.cyberv.stopping import outlook, settle
 from tests.unit.policies.cyberv.test_sensor import _candidate
 
 
-@pytest.mark.parametrize("answers, settled", [
-    ([4, 4, 4, 4, 4], "accepted"),  # 5 of 8 agree: 3 more cannot outvote them
-    ([4, 4, 4, 4], None),  # 4 of 8 agree: 4 more agreeing on something else could win
-    ([4, 4, 4, 5, 5], None),
-])
+@pytest.mark.parametrize(
+    "answers, settled",
+    [
+        ([4, 4, 4, 4, 4], "accepted"),  # 5 of 8 agree: 3 more cannot outvote them
+        ([4, 4, 4, 4], None),  # 4 of 8 agree: 4 more agreeing on something else could win
+        ([4, 4, 4, 5, 5], None),
+    ],
+)
 def test_outlook_accepts_only_when_no_remaining_candidates_could_change_the_answer(answers, settled) -> None:
     candidates = [_candidate(i, "x", f" {k}.", 0.95) for i, k in enumerate(answers)]
     sense(candidates, 8)
@@ -136,6 +139,7 @@ def test_forecast_decides_as_the_full_round_on_nearly_all_random_rounds_and_stop
             else:
                 drawn_likely += m
                 agree += early.action == final.action and (
-                    final.action != "accepted" or early.tallies[0].answer == final.tallies[0].answer)
+                    final.action != "accepted" or early.tallies[0].answer == final.tallies[0].answer
+                )
     assert agree / rounds >= 0.9
     assert drawn_likely < 0.9 * drawn_certain

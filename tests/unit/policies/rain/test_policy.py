@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from refine_server.policies import LimitExceeded, PolicyRegistry
-from refine_server.policies.rain.policy import RainParams, RainPolicy
 from refine_server.policies.rain.embeddings import _encode
+from refine_server.policies.rain.policy import RainParams, RainPolicy
 
 
 def test_params_follow_the_criterion_and_refuse_inconsistent_settings() -> None:

@@ -22,8 +22,8 @@ from refine_server.policies.rain.search import (
 )
 from refine_server.policies.rain.tree import TokenSet
 
-
 # ---- token sets ------------------------------------------------------------------------------------------------------
+
 
 def test_greedy_set_probability_is_clamped_into_the_samples_range() -> None:
     greedy = TokenSet((1, 2), 0.9, greedy=True)
@@ -34,6 +34,7 @@ def test_greedy_set_probability_is_clamped_into_the_samples_range() -> None:
 
 
 # ---- the criteria's prompts ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["harmless", "truthful", "custom"])
 def test_each_criterion_asks_both_option_orders_and_ends_at_the_answer_line(name: str) -> None:
@@ -51,6 +52,7 @@ def test_each_criterion_asks_both_option_orders_and_ends_at_the_answer_line(name
 
 
 # ---- the search against a scripted engine --------------------------------------------------------------
+
 
 class ScriptedEngine:
     """A toy model over integer tokens whose text is "t<id>" per token. Its next-token distribution always
@@ -205,6 +207,7 @@ async def test_the_answer_ends_at_max_tokens_with_sets_cut_to_fit() -> None:
 
 # ---- deferred expansion ----------------------------------------------------------------------------------------------
 
+
 class SeededEngine(ScriptedEngine):
     """Every answer is a pseudo-random function of a fixed seed and the question asked (the prompt, or the text
     judged), never of the order of the questions: two searches that ask the same things get the same answers.
@@ -252,16 +255,27 @@ class SeededEngine(ScriptedEngine):
 
 def _search_record(record) -> tuple:
     """What a commit decided, and the statistics it decided on."""
-    return (record.tokens, record.iterations, record.rewinds, record.stopped,
-            [(c["tokens"], c["true_visits"], c["visits"], c["q"], c["prior"]) for c in record.children])
+    return (
+        record.tokens,
+        record.iterations,
+        record.rewinds,
+        record.stopped,
+        [(c["tokens"], c["true_visits"], c["visits"], c["q"], c["prior"]) for c in record.children],
+    )
 
 
 async def test_deferred_expansion_makes_the_same_visits_and_choices_as_eager_expansion() -> None:
     records, expansions = {}, {}
     for defer in (True, False):
         engine = SeededEngine()
-        search = _search(engine, max_tokens=17, defer_expansion=defer, judge_guard=False,
-                         max_iterations_per_commit=25, min_iterations_per_commit=10)
+        search = _search(
+            engine,
+            max_tokens=17,
+            defer_expansion=defer,
+            judge_guard=False,
+            max_iterations_per_commit=25,
+            min_iterations_per_commit=10,
+        )
         records[defer] = []
         while not search.done:
             records[defer].append(_search_record(await search.commit_next()))
@@ -273,6 +287,7 @@ async def test_deferred_expansion_makes_the_same_visits_and_choices_as_eager_exp
 
 
 # ---- the judge guard -------------------------------------------------------------------------------------------------
+
 
 class PositionJudgeEngine(ScriptedEngine):
     """A judge that prefers option B whatever the order: every value is 0, as the bundled 135M model's."""
@@ -302,8 +317,11 @@ async def test_the_judge_guard_keeps_its_evidence_for_the_request() -> None:
     once gets the full count again at every commit."""
     search = _search(PositionJudgeEngine(), max_tokens=40, max_iterations_per_commit=20)
     first, second, third = [await search.commit_next() for _ in range(3)]
-    assert [(r.stopped, r.iterations) for r in (first, second, third)] == [("no_signal", 4), ("no_signal", 1),
-                                                                           ("no_signal", 1)]
+    assert [(r.stopped, r.iterations) for r in (first, second, third)] == [
+        ("no_signal", 4),
+        ("no_signal", 1),
+        ("no_signal", 1),
+    ]
 
     search = _search(SignalOnceEngine(), max_tokens=40, max_iterations_per_commit=20)
     first, second = await search.commit_next(), await search.commit_next()
@@ -325,14 +343,16 @@ class SignalOnceEngine(PositionJudgeEngine):
 
 
 async def test_the_judge_guard_leaves_a_judge_that_agrees_across_orders_alone() -> None:
-    search = _search(ScriptedEngine(rejected="t1"), max_tokens=40, max_iterations_per_commit=20,
-                     judge_guard_evaluations=2)
+    search = _search(
+        ScriptedEngine(rejected="t1"), max_tokens=40, max_iterations_per_commit=20, judge_guard_evaluations=2
+    )
     record = await search.commit_next()
     assert record.stopped != "no_signal" and record.iterations > 2
     assert record.judge.as_dict()["orders_agree"] == len(record.judge.values)
 
 
 # ---- fixed deviations from the official code -------------------------------------------------------------------------
+
 
 class RecordingEngine(ScriptedEngine):
     """Token 98's text is "." ; records the rollouts asked for and the responses judged."""
@@ -347,8 +367,9 @@ class RecordingEngine(ScriptedEngine):
         return " ".join("." if t == 98 else f"t{t}" for t in tokens)
 
     async def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
-        self.responses.append(re.search(r"(?:Assistant|A): (.*)\n", text.rsplit("Options:", 1)[0].split("\n\n")[-1]
-                                        ).group(1))
+        self.responses.append(
+            re.search(r"(?:Assistant|A): (.*)\n", text.rsplit("Options:", 1)[0].split("\n\n")[-1]).group(1)
+        )
         return [1]
 
     async def rollout(self, prompt, max_tokens, *, to_end=False) -> list[int]:

@@ -139,7 +139,8 @@ async def test_a_sample_that_draws_the_end_id_ends_its_set_without_it() -> None:
 
 
 async def test_samples_that_leave_together_follow_a_path_of_their_own_which_closes_when_they_leave_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     split = {1: [0.0, 0.5, 0.5, 0.0, 0.0], 2: [0.0, 0.0, 0.0, 0.5, 0.5], 4: [0.0, 0.0, 0.0, 0.5, 0.5]}
     model = ToyModel(split)
     # Both samples leave the greedy path (1, 1, 1) for 2, then the path from (2,) (greedy: 3) for 4, then end on 3.
