@@ -33,27 +33,29 @@ CYBERV = {"policy": "cyberv", "n": 4, "batch_size": 2, "max_reasoning_tokens": 3
           "sensor": "top_logprobs"}
 
 
-def cache_counters(engine_urls: list[str]) -> tuple[float, float]:
+def cache_counters(engine_urls: list[str]) -> list[tuple[float, float]]:
+    """(hit tokens, queried tokens) of each engine."""
     def total(url: str, name: str) -> float:
         return sum(scrape(f"{url}/metrics", name).values())
 
-    return (sum(total(url, "vllm:prefix_cache_hits_total") for url in engine_urls),
-            sum(total(url, "vllm:prefix_cache_queries_total") for url in engine_urls))
+    return [(total(url, "vllm:prefix_cache_hits_total"), total(url, "vllm:prefix_cache_queries_total"))
+            for url in engine_urls]
 
 
-def measure(url: str, engine_urls: list[str], questions: list[str]) -> tuple[float, float, int]:
-    """(hit tokens, queried tokens, engine calls) over `questions`, one CyberV request each, from empty caches."""
+def measure(url: str, engine_urls: list[str], questions: list[str]) -> tuple[list[tuple[float, float]], int]:
+    """Each engine's (hit tokens, queried tokens) over `questions`, one CyberV request each, from empty caches; and
+    the engine calls the requests made."""
     for engine in engine_urls:
         httpx.post(f"{engine}/reset_prefix_cache", timeout=30).raise_for_status()
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    hits0, queries0 = cache_counters(engine_urls)
+    before = cache_counters(engine_urls)
     calls = 0
     for question in questions:
         resp = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": question}],
                                               max_tokens=16, seed=0, extra_body={"refine": CYBERV})
         calls += sum(r["engine_calls"] for r in resp.model_extra["refine"]["trace"]["rounds"].values())
-    hits1, queries1 = cache_counters(engine_urls)
-    return hits1 - hits0, queries1 - queries0, calls
+    after = cache_counters(engine_urls)
+    return [(h1 - h0, q1 - q0) for (h0, q0), (h1, q1) in zip(before, after, strict=True)], calls
 
 
 def main() -> None:
@@ -85,12 +87,15 @@ def main() -> None:
             wait_ready(tier, "/readyz", 120)
             shapes[f"refine tier (router {policy} in front of the engines)"] = tier.url
         questions = [f"What is {a} + {2 * a + 7}? Answer with the number." for a in range(11, 11 + args.questions)]
-        print("| shape | CyberV requests | engine calls | prompt tokens from the prefix cache |")
-        print("|---|---|---|---|")
+        print("| shape | CyberV requests | engine calls | prompt tokens from the prefix cache | share of the prompt "
+              "tokens per engine |")
+        print("|---|---|---|---|---|")
         for shape, url in shapes.items():
-            hits, queries, calls = measure(url, engines, questions)
-            print(f"| {shape} | {len(questions)} | {calls} | {hits:.0f} of {queries:.0f} ({hits / queries:.1%}) |",
-                  flush=True)
+            per_engine, calls = measure(url, engines, questions)
+            hits, queries = sum(h for h, _ in per_engine), sum(q for _, q in per_engine)
+            shares = " / ".join(f"{q / queries:.0%}" for _, q in per_engine)
+            print(f"| {shape} | {len(questions)} | {calls} | {hits:.0f} of {queries:.0f} ({hits / queries:.1%}) "
+                  f"| {shares} |", flush=True)
     finally:
         for server in reversed(started):
             server.stop()
