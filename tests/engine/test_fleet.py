@@ -9,8 +9,11 @@ start on a 2-core machine; the pod killed is the one started here.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 from openai import OpenAI
 
 from scripts.fleet import Process, failover_drill, scrape, start_pod, start_router, wait_ready
@@ -74,6 +77,16 @@ def test_every_policy_answers_through_the_router_on_both_pods(fleet: tuple[Proce
     after = routed(router)
     for url in (refine_server.url, pod.url):
         assert after.get(url, 0) - before.get(url, 0) >= len(POLICIES), (before, after)
+
+
+def test_the_router_answers_the_probes_its_manifest_names(fleet: tuple[Process, Process]) -> None:
+    """deploy/kubernetes/base/router.yaml probes the router's own endpoints: the pinned vllm-router serves them."""
+    router, _ = fleet
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "base" / "router.yaml"
+    (deployment,) = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    paths = [container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")]
+    assert [httpx.get(router.url + path, timeout=5).status_code for path in paths] == [200, 200], paths
 
 
 def test_a_pod_killed_under_load_loses_no_request_before_its_first_byte(fleet: tuple[Process, Process],
