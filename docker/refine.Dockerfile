@@ -2,7 +2,9 @@
 FROM python:3.11-slim
 COPY pyproject.toml README.md /opt/refine/
 COPY refine_server /opt/refine/refine_server
+COPY contract /opt/refine/contract
 COPY policies /opt/refine/policies
+COPY engine_plugin /opt/refine/engine_plugin
 COPY kernels /opt/refine/kernels
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu "/opt/refine[rain]"
 EXPOSE 8000
