@@ -151,6 +151,45 @@ def refine_server() -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
+def float32_server() -> Iterator[RunningServer]:
+    """refine on the default model with a float32 engine, started by the first test that asks for it."""
+    server = start_refine(
+        "embedded-float32",
+        REFINE_PORT + FLOAT32_PORT_OFFSET,
+        "--engine-port",
+        str(ENGINE_PORT + FLOAT32_PORT_OFFSET),
+        "--engine-max-model-len",
+        "2048",
+        "--engine-args",
+        json.dumps(["--dtype", "float32", "--num-gpu-blocks-override", str(ENGINE_KV_BLOCKS)]),
+        env=ENGINE_ENV,
+    )
+    yield server
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
+def second_family_server() -> Iterator[RunningServer]:
+    """refine serving the second bundled model by its name, as `refine --model NAME` does. float32: the sensor's
+    numbers are checked against a float32 recomputation within 1e-3, which bf16 logits would miss."""
+    server = start_refine(
+        "embedded-second-family",
+        REFINE_PORT + SECOND_FAMILY_PORT_OFFSET,
+        "--model",
+        SECOND_FAMILY_MODEL,
+        "--engine-port",
+        str(ENGINE_PORT + SECOND_FAMILY_PORT_OFFSET),
+        "--engine-max-model-len",
+        "2048",
+        "--engine-args",
+        json.dumps(["--dtype", "float32"]),
+        env=ENGINE_ENV,
+    )
+    yield server
+    stop_refine(server)
+
+
+@pytest.fixture(scope="session")
 def engine_url(refine_server: RunningServer) -> str:
     """The embedded vLLM itself, for comparing refine's answers with the engine's."""
     return f"http://127.0.0.1:{ENGINE_PORT}"
