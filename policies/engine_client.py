@@ -19,7 +19,7 @@ from typing import Any, TypeGuard, TypeVar, overload
 
 from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.policies.call_fields import CallFields
-from refine_server.policies.relayed import NO_CHOICES, RelayedChunk, decode
+from refine_server.policies.relayed import NO_CHOICES, RelayedChunk
 from refine_server.policies.request import PATHS, ClientRequest, Endpoint
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
 from refine_server.policies.transport import NO_TRACER, CallTracer, Transport
@@ -193,18 +193,19 @@ class EngineClient:
         )
         if not count:
             return chunks
-        return self._count_usage(chunks, named=named, keep_usage_chunk=named or bool(options.get("include_usage")))
+        return self._count_usage(chunks, keep_usage_chunk=named or bool(options.get("include_usage")))
 
     async def _count_usage(
-        self, chunks: AsyncGenerator[RelayedChunk, None], *, named: bool, keep_usage_chunk: bool
+        self, chunks: AsyncGenerator[RelayedChunk, None], *, keep_usage_chunk: bool
     ) -> AsyncGenerator[RelayedChunk, None]:
         """The relayed stream, the usage it reports counted: chat's usage chunk (choices empty, the last),
         dropped unless kept; or the named events that carry usage (Responses' final event, Messages' start
         and delta)."""
+        stream_format = self.request.stream_format
         async with aclosing(chunks) as stream:
             async for chunk in stream:
-                if _USAGE in chunk and (named or NO_CHOICES in chunk):
-                    self.relayed_tokens += _tokens(_usage_of(decode(chunk.partition(b"data: ")[2] if named else chunk)))
+                if _USAGE in chunk and (stream_format.named or NO_CHOICES in chunk):
+                    self.relayed_tokens += _tokens(_usage_of(stream_format.decode_event(chunk)))
                     if not keep_usage_chunk:
                         continue
                 yield chunk

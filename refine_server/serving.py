@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -99,7 +99,7 @@ class GenerationServing:
             call = self._new_call(backend)
             return await cancel_on_disconnect(self._http.receive, self.policy.complete(call, self.params))
 
-        result = await self._route.run(answer, self._suits)
+        result = await self._route.run(answer, self._plugin_check())
         if self._span is not None:
             self._span.answered(result)
         if self._translated:
@@ -114,7 +114,9 @@ class GenerationServing:
         error status, and one that cannot be reached is replaced by another before the client has seen anything
         (and, for a relayed stream, until its first event: `reopen`). The headers go out before the policy's
         work is done: only the policy's name is known by then."""
-        first, chunks = await cancel_on_disconnect(self._http.receive, self._route.run(self._open_stream, self._suits))
+        first, chunks = await cancel_on_disconnect(
+            self._http.receive, self._route.run(self._open_stream, self._plugin_check())
+        )
         relay = ChunkRelay(first, chunks, self)
         return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: self.policy.name})
 
@@ -174,7 +176,7 @@ class GenerationServing:
     async def reopen(self, failure: APIError) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
         """The stream again on another replica, after `failure` before its first event; or `failure` raised."""
         self._route.leave(failure)
-        return await self._route.run(self._open_stream, self._suits)
+        return await self._route.run(self._open_stream, self._plugin_check())
 
     def finished(self, status: int) -> None:
         """The request is over with this HTTP status: count it, free its replica and its slot, end its span."""
@@ -240,11 +242,14 @@ class GenerationServing:
                     code="unsupported_parameter",
                 )
 
+    def _plugin_check(self) -> Callable[[Backend], Awaitable[None]] | None:
+        """What a backend must pass before it gets the request: for an in-engine policy, a plugin that runs it;
+        None (nothing to await per request) for the others."""
+        return self._suits if self.policy.needs_engine_plugin else None
+
     async def _suits(self, backend: Backend) -> None:
         """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy; such a policy
         goes only to a backend whose plugin can."""
-        if not self.policy.needs_engine_plugin:
-            return
         plugin = await backend.plugin(self.request.model)
         where = f"the backend at {backend.base_url}"
         if plugin is None:

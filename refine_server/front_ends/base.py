@@ -69,3 +69,30 @@ def unsupported(param: str, why: str = "a policy that writes its own answer cann
         param=param,
         code="unsupported_parameter",
     )
+
+
+def one_answer_request(
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    model: str,
+    *,
+    max_tokens: int | None,
+    stream: bool | None,
+    stop: list[str] | None = None,
+    messages: list[dict[str, Any]] | None = None,
+) -> ClientRequest:
+    """The request as a policy reads it, for the APIs that ask for one answer and always report usage
+    (Responses, Messages): relayed as sent (`messages` None), or translated into chat."""
+    return ClientRequest(
+        endpoint=endpoint,
+        body=body,
+        model=model,
+        n=1,
+        max_tokens=max_tokens,
+        seed=body.get("seed"),
+        stop=stop or [],
+        stream=bool(stream),
+        include_usage=True,
+        messages=messages,
+        prompt=None,
+    )

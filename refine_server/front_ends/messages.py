@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from refine_server.errors import APIError
-from refine_server.front_ends.base import Chunk, FrontEnd, unsupported
+from refine_server.front_ends.base import Chunk, FrontEnd, one_answer_request, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, MessagesRequest
 
@@ -45,18 +45,13 @@ class MessagesFrontEnd(FrontEnd):
 
     def relayed(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, MessagesRequest)
-        return ClientRequest(
-            endpoint="messages",
-            body=body,
-            model=parsed.model,
-            n=1,
+        return one_answer_request(
+            "messages",
+            body,
+            parsed.model,
             max_tokens=parsed.max_tokens,
-            seed=body.get("seed"),
+            stream=parsed.stream,
             stop=list(parsed.stop_sequences or ()),
-            stream=bool(parsed.stream),
-            include_usage=True,
-            messages=None,
-            prompt=None,
         )
 
     def translate(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
@@ -78,18 +73,8 @@ class MessagesFrontEnd(FrontEnd):
             chat["stop"] = stop
         if parsed.stream:
             chat |= {"stream": True, "stream_options": {"include_usage": True}}
-        return ClientRequest(
-            endpoint="chat",
-            body=chat,
-            model=parsed.model,
-            n=1,
-            max_tokens=parsed.max_tokens,
-            seed=body.get("seed"),
-            stop=stop,
-            stream=bool(parsed.stream),
-            include_usage=True,
-            messages=messages,
-            prompt=None,
+        return one_answer_request(
+            "chat", chat, parsed.model, max_tokens=parsed.max_tokens, stream=parsed.stream, stop=stop, messages=messages
         )
 
     def answer(self, result: dict[str, Any], request: ClientRequest) -> dict[str, Any]:

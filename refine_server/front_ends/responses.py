@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from refine_server.front_ends.base import Chunk, FrontEnd, unsupported
+from refine_server.front_ends.base import Chunk, FrontEnd, one_answer_request, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, ResponsesRequest
 
@@ -34,18 +34,8 @@ class ResponsesFrontEnd(FrontEnd):
 
     def relayed(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
         assert isinstance(parsed, ResponsesRequest)
-        return ClientRequest(
-            endpoint="responses",
-            body=body,
-            model=parsed.model,
-            n=1,
-            max_tokens=parsed.max_output_tokens,
-            seed=body.get("seed"),
-            stop=[],
-            stream=bool(parsed.stream),
-            include_usage=True,
-            messages=None,
-            prompt=None,
+        return one_answer_request(
+            "responses", body, parsed.model, max_tokens=parsed.max_output_tokens, stream=parsed.stream
         )
 
     def translate(self, parsed: GenerationRequest, body: dict[str, Any]) -> ClientRequest:
@@ -64,18 +54,8 @@ class ResponsesFrontEnd(FrontEnd):
                 chat[theirs] = body[ours]
         if parsed.stream:
             chat |= {"stream": True, "stream_options": {"include_usage": True}}
-        return ClientRequest(
-            endpoint="chat",
-            body=chat,
-            model=parsed.model,
-            n=1,
-            max_tokens=parsed.max_output_tokens,
-            seed=body.get("seed"),
-            stop=[],
-            stream=bool(parsed.stream),
-            include_usage=True,
-            messages=messages,
-            prompt=None,
+        return one_answer_request(
+            "chat", chat, parsed.model, max_tokens=parsed.max_output_tokens, stream=parsed.stream, messages=messages
         )
 
     def answer(self, result: dict[str, Any], request: ClientRequest) -> dict[str, Any]:
