@@ -21,8 +21,7 @@ from starlette.responses import JSONResponse, Response
 from refine_server.errors import APIError
 from refine_server.policies.request import ClientRequest, Endpoint
 from refine_server.schemas import REQUEST_MODELS, GenerationRequest
-
-Chunk = bytes | dict[str, Any]  # the engine's event bytes, relayed as they came, or an event refine wrote
+from refine_server.streaming import Chunk
 
 
 class FrontEnd:

@@ -15,9 +15,10 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from refine_server.errors import APIError
-from refine_server.front_ends.base import Chunk, FrontEnd, one_answer_request, unsupported
+from refine_server.front_ends.base import FrontEnd, one_answer_request, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, MessagesRequest
+from refine_server.streaming import Chunk
 
 # Anthropic's error types by HTTP status (its SDK raises by status; the type names the kind).
 _ERROR_TYPES = {

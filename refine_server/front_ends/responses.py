@@ -15,9 +15,10 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from refine_server.front_ends.base import Chunk, FrontEnd, one_answer_request, unsupported
+from refine_server.front_ends.base import FrontEnd, one_answer_request, unsupported
 from refine_server.policies.request import ClientRequest
 from refine_server.schemas import GenerationRequest, ResponsesRequest
+from refine_server.streaming import Chunk
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
