@@ -14,7 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,13 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from refine_server.backend import Backend
+from refine_server.contract.protocol import EngineLink
+from refine_server.metrics import Metrics
 from refine_server.models.catalog import DEFAULT_MODEL, QWEN25_CODER
 from refine_server.policies.base import PolicyCall
 from refine_server.policies.engine_client import EngineClient
+from refine_server.policies.none import NonePolicy
 from refine_server.schemas import ChatCompletionRequest, CompletionRequest
 
 MODEL = DEFAULT_MODEL.name
@@ -122,6 +127,24 @@ def policy_call(endpoint: str, body: dict, backend: object) -> PolicyCall:
     parsed = (ChatCompletionRequest if endpoint == "chat" else CompletionRequest).model_validate(body)
     request = parsed.client_request(endpoint, dict(body))  # type: ignore[arg-type]
     return PolicyCall(request, EngineClient(backend, request))  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def engine_client_on(
+    engine_port: int, prompt: str, *, model: str = MODEL, timeout_s: float = 120
+) -> AsyncIterator[EngineClient]:
+    """An EngineClient straight on a test engine's port (its secret and events folder), as a policy gets one
+    from refine: for tests that drive the engine plugin without a policy in between."""
+    backend = Backend(
+        f"http://127.0.0.1:{engine_port}",
+        Metrics({"none": NonePolicy.metrics}),
+        timeout_s=timeout_s,
+        link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR),
+    )
+    try:
+        yield policy_call("completions", {"model": model, "prompt": prompt}, backend).engine
+    finally:
+        await backend.aclose()
 
 
 def metric_total(exposition: str, name: str) -> float:

@@ -13,20 +13,15 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from refine_server.backend import Backend, EngineLink
 from refine_server.contract.params import SRGenParams
-from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient
-from refine_server.policies.none import NonePolicy
 from refine_server.policies.rain.search import ANSWER_LINE
 from tests.conftest import (
-    ENGINE_EVENTS_DIR,
     ENGINE_PORT,
-    ENGINE_SECRET,
     SECOND_FAMILY_MODEL,
     SECOND_FAMILY_PORT_OFFSET,
     RunningServer,
-    policy_call,
+    engine_client_on,
 )
 from tests.engine.reference import (
     assert_correction_matches,
@@ -70,16 +65,8 @@ def reference(folder: Path) -> Iterator[Any]:
 @pytest.fixture
 async def engine(second_family_server: RunningServer) -> AsyncIterator[EngineClient]:
     """An EngineClient on the second model's engine, as a policy gets one from refine."""
-    backend = Backend(
-        f"http://127.0.0.1:{ENGINE_PORT + SECOND_FAMILY_PORT_OFFSET}",
-        Metrics({"none": NonePolicy.metrics}),
-        timeout_s=300,
-        link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR),
-    )
-    try:
-        yield policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend).engine
-    finally:
-        await backend.aclose()
+    async with engine_client_on(ENGINE_PORT + SECOND_FAMILY_PORT_OFFSET, PROMPT, model=MODEL, timeout_s=300) as engine:
+        yield engine
 
 
 def _end_ids(folder: Path) -> set[int]:

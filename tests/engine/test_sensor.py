@@ -13,19 +13,14 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import OpenAI
 
-from refine_server.backend import Backend, EngineLink
 from refine_server.contract.protocol import TOKEN_STATS
-from refine_server.metrics import Metrics
 from refine_server.policies.engine_client import EngineClient
-from refine_server.policies.none import NonePolicy
 from tests.conftest import (
-    ENGINE_EVENTS_DIR,
     ENGINE_PORT,
-    ENGINE_SECRET,
     FLOAT32_PORT_OFFSET,
     MODEL,
     RunningServer,
-    policy_call,
+    engine_client_on,
 )
 from tests.engine.reference import assert_token_stats_match, load_float32, model_dir
 
@@ -42,16 +37,8 @@ def client(float32_server: RunningServer) -> OpenAI:
 @pytest.fixture
 async def engine(float32_server: RunningServer) -> AsyncIterator[EngineClient]:
     """An EngineClient on the float32 engine, as a policy gets one from refine."""
-    backend = Backend(
-        f"http://127.0.0.1:{ENGINE_PORT + FLOAT32_PORT_OFFSET}",
-        Metrics({"none": NonePolicy.metrics}),
-        timeout_s=120,
-        link=EngineLink(secret=ENGINE_SECRET, events_dir=ENGINE_EVENTS_DIR),
-    )
-    try:
-        yield policy_call("completions", {"model": MODEL, "prompt": PROMPT}, backend).engine
-    finally:
-        await backend.aclose()
+    async with engine_client_on(ENGINE_PORT + FLOAT32_PORT_OFFSET, PROMPT, timeout_s=120) as engine:
+        yield engine
 
 
 async def test_the_handshake_says_the_engine_reports_token_stats(engine: EngineClient) -> None:
