@@ -1,4 +1,5 @@
-"""Parameter models every policy uses (per-request parameters and the server's caps on them), and SRGen's.
+"""Parameter models every policy uses (per-request parameters and the server's caps on them), SRGen's, and the
+token-statistics sensor's (with its optional confidence stop).
 
 They are part of the contract because in-engine policies validate their parameters in vLLM too (defence in
 depth); this module imports nothing but pydantic, so the proxy and the engine share it.
@@ -6,9 +7,10 @@ depth); this module imports nothing but pydantic, so the proxy and the engine sh
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class PolicyParams(BaseModel):
@@ -77,3 +79,50 @@ class SRGenEngineSettings(BaseModel):
         ge=1,
         description="rows corrected in one engine step; a correction stalls the whole batch, so this bounds the stall",
     )
+
+
+# ---- the token-statistics sensor and its confidence stop (DeepConf) ---------------------------------------
+MAX_CONFIDENCE_K = 20  # vLLM's top_logprobs limit, and the k of the DeepConf authors' scripts
+
+
+class ConfidenceStopParams(BaseModel):
+    """DeepConf's online stop, run in the engine: once at least `stop_after` tokens exist and the mean token
+    confidence over the last `window` of them falls below `threshold`, the sequence may only end (EOS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(description="group confidence below which the sequence stops (finite)")
+    window: int = Field(64, ge=1, le=32_768, description="tokens in the sliding window of the group confidence")
+    stop_after: int | None = Field(
+        None, ge=1, description="tokens before the stop may act (default: `window`, as the authors' code)"
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("threshold must be a finite number")
+        return value
+
+    @property
+    def first_check(self) -> int:
+        """Tokens that must exist before the stop may act."""
+        return self.stop_after if self.stop_after is not None else self.window
+
+
+class TokenStatsParams(PolicyParams):
+    """What a request asks of the sensor: the k of the confidence it reports, and optionally a confidence stop."""
+
+    confidence_k: int = Field(
+        MAX_CONFIDENCE_K,
+        ge=1,
+        le=MAX_CONFIDENCE_K,
+        description="k of the token confidence -(1/k) * sum of the top-k log probabilities",
+    )
+    stop: ConfidenceStopParams | None = None
+
+
+class ConfidenceStopLimits(PolicyLimits):
+    """The server's cap on the stop's window (the plugin keeps it per sequence)."""
+
+    window: int | None = 4096

@@ -54,7 +54,7 @@ HANDSHAKE_POLICY = "__handshake__"
 TOKEN_STATS = "token_stats"
 HANDSHAKE_REPLY = f"{PLUGIN_MARKER} handshake reply: "
 # Bumped when a field of this contract changes meaning: a proxy refuses a plugin of another protocol version.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: token confidence and the confidence stop in the statistics
 
 SECRET_ENV = "REFINE_ENGINE_SECRET"
 LIMITS_ENV = "REFINE_ENGINE_POLICY_LIMITS"

@@ -11,8 +11,10 @@ writer thread appends one fixed-size little-endian record per sampled token of e
     16      float32  varentropy    variance of the surprisal -log p under that distribution
     20      float32  margin        p_top1 - p_top2
     24      float32  prob          p(token_id) under that distribution
+    28      float32  confidence    DeepConf's token confidence -(1/k) * sum of the k largest log p, at T = 1
+    32      int32    stopped       1 when the confidence stop forced this token (end-of-sequence), else 0
 
-28 bytes a token, no header: the plugin's version travels in the handshake. The same (sequence, output_index)
+36 bytes a token, no header: the plugin's version travels in the handshake. The same (sequence, output_index)
 may appear more than once (a partial prompt chunk's discarded draw, a preempted sequence recomputed): the
 later record is the one that counts. Records for one step are appended in one write, so a reader may see a
 file that ends mid-step, never mid-record; it reads whole records only.
@@ -24,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-RECORD = struct.Struct("<iiiffff")
+RECORD = struct.Struct("<iiiffffi")
 SUFFIX = ".stats"
 
 
@@ -37,6 +39,8 @@ class StatsRecord:
     varentropy: float
     margin: float
     prob: float
+    confidence: float
+    stopped: int
 
 
 def stats_path(folder: Path, key: str) -> Path:
