@@ -7,7 +7,8 @@ Starts refine twice on the embedded engine, one configuration after the other:
 
 - before: `--engine-priority-scheduling false` (vLLM first come, first served), no concurrency limits;
 - after:  the engine under `--scheduling-policy priority` (plain 0, policies 1) and `--policy-concurrency`
-  (default `{"rain": 2, "cyberv": 2}`), `--policy-queue-timeout` 30.
+  (default `{"rain": 2, "cyberv": 2}`), `--policy-queue-timeout` 30, and `--plain-first-wait-s` (default 0: off;
+  each engine call of a heavy request waits up to that long while plain requests run).
 
 In each, `plain` streaming chat requests (8) run back to back for `duration` seconds, alone and then beside
 `rain` (4) and `cyberv` (4) clients that send one request after another (a 429 is retried after its
@@ -178,13 +179,21 @@ async def main() -> None:
     parser.add_argument("--cyberv", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64, help="plain streams' max_tokens")
     parser.add_argument("--concurrency", default='{"rain": 2, "cyberv": 2}', help="after: --policy-concurrency")
+    parser.add_argument("--plain-first-wait-s", type=float, default=0.0, help="after: --plain-first-wait-s")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--engine-port", type=int, default=8100)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results = {}
     for name, extra in CONFIGS.items():
-        extra = [*extra, "--policy-concurrency", args.concurrency] if name == "after" else extra
+        if name == "after":
+            extra = [
+                *extra,
+                "--policy-concurrency",
+                args.concurrency,
+                "--plain-first-wait-s",
+                str(args.plain_first_wait_s),
+            ]
         results[name] = await run_config(args, extra)
     print(table(results))
     if args.out:

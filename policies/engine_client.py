@@ -22,7 +22,7 @@ from refine_server.policies.call_fields import CallFields
 from refine_server.policies.relayed import NO_CHOICES, RelayedChunk
 from refine_server.policies.request import PATHS, ClientRequest, Endpoint
 from refine_server.policies.token_stats import ChoiceTokenStats, measure, unavailable_reason
-from refine_server.policies.transport import NO_TRACER, CallTracer, Transport
+from refine_server.policies.transport import NO_TRACER, CallTracer, Pacer, Transport
 
 T = TypeVar("T")
 T1 = TypeVar("T1")
@@ -129,6 +129,7 @@ class EngineClient:
         budget: Budget | None = None,
         tracer: CallTracer = NO_TRACER,
         fields: CallFields | None = None,
+        pacer: Pacer | None = None,
     ):
         self._backend = backend
         self.request = request
@@ -141,6 +142,7 @@ class EngineClient:
         self._seed_counter = 0
         # A span per engine call when the server traces; NO_TRACER passes each call through as it is.
         self.tracer = tracer
+        self._pacer = pacer  # None: every call goes at once
 
     @property
     def link(self) -> EngineLink:
@@ -230,6 +232,7 @@ class EngineClient:
         `budgeted=False`: the call finishes an answer after the budget ran out, so it is not checked."""
         if budgeted:
             self._check_budget()
+        await self._turn()
         cost = self._charge(purpose)
         body = self._body({"prompt": prompt, "stream": True, **fields})
         body["stream_options"] = {
@@ -325,6 +328,7 @@ class EngineClient:
         self, purpose: str, endpoint: Endpoint, fields: dict[str, Any], observed_prompt_tokens: int | None = None
     ) -> dict[str, Any]:
         self._check_budget()
+        await self._turn()
         cost = self._charge(purpose)
         body = self._body(fields)
         result = await self.tracer.call(
@@ -342,6 +346,10 @@ class EngineClient:
     async def _tokenizer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.spend.tokenizer_calls += 1
         return await self._backend.post_json(path, {"model": self.model, **body}, endpoint="tokenize")
+
+    async def _turn(self) -> None:
+        if self._pacer is not None:
+            await self._pacer.turn()
 
     def _check_budget(self) -> None:
         b, s = self.budget, self.spend

@@ -1,4 +1,4 @@
-"""What policies need of the server, as Protocols of their own: a transport to the engine, and a tracer.
+"""What policies need of the server, as Protocols of their own: a transport to the engine, a tracer, a pacer.
 
 The server (refine_server) implements both: its `Backend` is a `Transport`, its request span is a `CallTracer`.
 Policies type against these and never import the server, so the dependency runs one way: the server knows
@@ -75,3 +75,10 @@ class NoTracer:
 
 
 NO_TRACER = NoTracer()
+
+
+class Pacer(Protocol):
+    """Awaited before each generation call a policy makes: the server may hold it back for a while (plain
+    traffic first, `gatekeeping/plain_first.py`)."""
+
+    async def turn(self) -> None: ...

@@ -37,6 +37,7 @@ from refine_server.errors import install_handlers
 from refine_server.gatekeeping.engine_priority import Priorities
 from refine_server.gatekeeping.gatekeeper import Gatekeeper
 from refine_server.gatekeeping.key_budgets import KeyMetrics
+from refine_server.gatekeeping.plain_first import PlainFirst
 from refine_server.gatekeeping.policy_slots import Admission
 from refine_server.metrics import Metrics
 from refine_server.models.resolve import resolve_model
@@ -105,6 +106,7 @@ def create_app(
         Admission(registry.names, settings.policy_concurrency, settings.policy_queue_timeout, metrics.registry),
         Priorities(registry.names, settings.policy_priority, send=settings.sends_priority()),
         settings.answer_tokens_default(),
+        PlainFirst(settings.plain_first_wait_s, metrics.registry),
     )
     link = engine_link(settings)
 

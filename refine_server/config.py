@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         description="longest wait, in seconds, for a slot of a policy at its concurrency limit: a request that "
         "cannot start in time gets a 429 with Retry-After",
     )
+    plain_first_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="longest wait, in seconds, of each engine call a policy makes while plain requests (policy "
+        "none) are in flight: heavy traffic yields the engine's steps to plain traffic for at most this long "
+        "per call (0: no wait). Per HTTP worker process.",
+    )
     policy_priority: dict[str, int] = Field(
         default_factory=dict,
         description="vLLM scheduling priority of each policy's engine calls (lower: scheduled first), e.g. "

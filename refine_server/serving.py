@@ -135,7 +135,9 @@ class GenerationServing:
     def _new_call(self, backend: Backend) -> PolicyCall:
         assert self._ticket is not None  # admitted before any call
         tracer = NO_TRACER if self._span is None else self._span.engine_calls
-        engine = EngineClient(backend, self.request, tracer=tracer, fields=self._ticket.fields)
+        engine = EngineClient(
+            backend, self.request, tracer=tracer, fields=self._ticket.fields, pacer=self._ticket.pacer
+        )
         call = PolicyCall(self.request, self._ticket.track(engine))
         self._calls.append(call)
         if self._span is not None:

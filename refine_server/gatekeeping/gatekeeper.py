@@ -1,6 +1,7 @@
 """What a generation request passes once its policy is known, before the policy runs, and what it settles
-when it ends: the API key's budgets, a slot of the policy (policy_slots.py), and the fields every engine call
-of the request carries (its length bound and engine priority).
+when it ends: the API key's budgets, a slot of the policy (policy_slots.py), the fields every engine call
+of the request carries (its length bound and engine priority), and the pacing of a heavy request's engine
+calls behind plain traffic (plain_first.py).
 
 The route calls `Gatekeeper.admit` once the policy is chosen, builds each `EngineClient` with the ticket's
 `fields` and shows it to `Ticket.track`, and calls `Ticket.finish` exactly once when the request is over
@@ -13,7 +14,8 @@ from starlette.types import Receive
 
 from refine_server.auth import Grant
 from refine_server.disconnect import cancel_on_disconnect
-from refine_server.gatekeeping.engine_priority import Priorities
+from refine_server.gatekeeping.engine_priority import PLAIN_POLICY, Priorities
+from refine_server.gatekeeping.plain_first import CallPacer, PlainFirst
 from refine_server.gatekeeping.policy_slots import Admission, Slot
 from refine_server.policies.call_fields import CallFields
 from refine_server.policies.engine_client import EngineClient
@@ -22,10 +24,12 @@ from refine_server.policies.engine_client import EngineClient
 class Ticket:
     """One admitted request: its slot, its engine calls' fields, the engine clients that spent its tokens."""
 
-    def __init__(self, slot: Slot, fields: CallFields, grant: Grant):
+    def __init__(self, slot: Slot, fields: CallFields, grant: Grant, pacer: CallPacer | None, plain: PlainFirst | None):
         self._slot = slot
         self.fields = fields
         self._grant = grant
+        self.pacer = pacer  # paces this request's engine calls behind plain traffic (None: they go at once)
+        self._plain = plain  # set for a plain request: it counts as plain traffic until it finishes
         self._engines: list[EngineClient] = []
         self._finished = False
 
@@ -43,14 +47,19 @@ class Ticket:
             return
         self._finished = True
         self._slot.release()
+        if self._plain is not None:
+            self._plain.plain_finished()
+        if self.pacer is not None:
+            self.pacer.finish()
         if self._grant.budget is not None:
             self._grant.budget.charge_tokens(self.engine_tokens())
 
 
 class Gatekeeper:
-    def __init__(self, admission: Admission, priorities: Priorities, default_max_tokens: int):
+    def __init__(self, admission: Admission, priorities: Priorities, default_max_tokens: int, plain_first: PlainFirst):
         self.admission = admission
         self.priorities = priorities
+        self.plain_first = plain_first
         self._default_max_tokens = default_max_tokens
 
     async def admit(self, policy: str, grant: Grant, receive: Receive) -> Ticket:
@@ -67,7 +76,11 @@ class Gatekeeper:
             priority=self.priorities.of(policy, grant.priorities),
             count_stream_usage=grant.budget is not None and grant.budget.counts_tokens,
         )
-        return Ticket(slot, fields, grant)
+        plain = None
+        if policy == PLAIN_POLICY:
+            plain = self.plain_first
+            plain.plain_started()
+        return Ticket(slot, fields, grant, self.plain_first.pacer(policy), plain)
 
     def describe(self, policy: str, grant: Grant) -> dict[str, int | float | None]:
         """What GET /v1/refine/policies shows of `policy`'s admission: its limit (None: unlimited), the

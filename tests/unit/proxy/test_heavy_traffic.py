@@ -267,3 +267,46 @@ def test_shutdown_answers_waiting_requests_with_503_at_once_and_finishes_the_run
             assert holder.result().status_code == 200  # what was running is finished, not cut off
     finally:
         stop_refine(server)
+
+
+# ---- plain traffic first -----------------------------------------------------------------------------------
+
+
+def test_a_policys_engine_call_waits_for_running_plain_requests_at_most_plain_first_wait_s(
+    fake_backend: str,
+) -> None:
+    settings = Settings(backend_url=fake_backend, plain_first_wait_s=2.0)
+    with _serve(settings) as url, ThreadPoolExecutor(2) as pool:
+        # Nothing plain in flight: the policy's call goes at once.
+        started = time.monotonic()
+        assert _complete(url, policy="drafting").status_code == 200
+        assert time.monotonic() - started < 1.5
+
+        # A plain request that runs 3 s: the policy's call waits 2 s for it, then goes anyway.
+        plain = pool.submit(_complete, url, "SLOW", "none")
+        _wait_for(lambda: len(httpx.get(f"{fake_backend}/fake/bodies").json()) >= 2)  # the plain one arrived
+        started = time.monotonic()
+        assert _complete(url, policy="drafting").status_code == 200
+        assert 1.9 <= time.monotonic() - started < 4
+        assert plain.result().status_code == 200
+
+        # Plain requests themselves never wait.
+        blocker = pool.submit(_complete, url, "SLOW", "none")
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert _complete(url, policy="none").status_code == 200
+        assert time.monotonic() - started < 1.5
+        assert blocker.result().status_code == 200
+
+        waited = metric_total(httpx.get(f"{url}/metrics").text, "refine_plain_first_wait_seconds_sum")
+        assert 1.9 <= waited < 3.2  # only the one wait, recorded once the request ended
+
+
+def test_without_plain_first_wait_s_a_policys_call_does_not_wait(fake_backend: str) -> None:
+    with _serve(Settings(backend_url=fake_backend)) as url, ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(_complete, url, "SLOW", "none")
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert _complete(url, policy="drafting").status_code == 200
+        assert time.monotonic() - started < 1.5
+        assert plain.result().status_code == 200
