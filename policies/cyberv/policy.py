@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ from refine_server.policies.cyberv.sensor import (
 )
 from refine_server.policies.cyberv.stopping import Outlook, outlook, settle
 from refine_server.policies.engine_client import run_together
-from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.policies.response_bodies import AnswerShapes, split_for_streaming
 from refine_server.policies.srgen import srgen_fields, srgen_report
 
 if TYPE_CHECKING:
@@ -128,7 +127,6 @@ if TYPE_CHECKING:
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
-WORDS_PER_CHUNK = 4  # streaming: words per content chunk
 BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
@@ -487,11 +485,6 @@ class CyberVRun:
 def reasoning_batches(samples: int, batch_size: int) -> list[int]:
     """The reasoning samples of round 1 in batches of `batch_size` (the last may be smaller)."""
     return [min(batch_size, samples - start) for start in range(0, samples, batch_size)]
-
-
-def split_for_streaming(text: str) -> list[str]:
-    """Pieces of WORDS_PER_CHUNK words that join back to exactly `text`."""
-    return re.findall(rf"\s*(?:\S+\s*){{1,{WORDS_PER_CHUNK}}}", text) or [text]
 
 
 class CyberVPolicy(Policy[CyberVParams]):
