@@ -2,8 +2,9 @@
 optional budget, and concurrent calls that cancel together.
 
 Policies never build URLs or read HTTP statuses: they call `chat`, `completions`, `stream_completions`,
-`stream_chat`, the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the backend's errors,
-which the route turns into the client's; a spent budget is `BudgetExhausted`, which the policy handles.
+`stream_chat`, the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the
+backend's errors, which the route turns into the client's; a spent budget is `BudgetExhausted`, which the
+policy handles.
 `chat_with_token_stats` / `completions_with_token_stats` / `relay_with_token_stats` also return per-token
 statistics measured in the engine (`policies/token_stats.py`), where `token_stats_unavailable()` is None.
 """

@@ -21,9 +21,7 @@ class DeepConfParams(PolicyParams):
     warmup: int = Field(
         4, ge=1, description="traces drawn in full to set the stop threshold (paper: 16; 4 keeps a CPU request short)"
     )
-    max_traces: int = Field(
-        16, ge=1, description="traces at most, warmup included (paper: 512, reproduce script: 256)"
-    )
+    max_traces: int = Field(16, ge=1, description="traces at most, warmup included (paper: 512, reproduce script: 256)")
     batch_size: int = Field(
         4, ge=1, description="traces per engine call after the warmup; the consensus is checked after each batch"
     )
@@ -38,8 +36,10 @@ class DeepConfParams(PolicyParams):
         "thresholds): no warmup is drawn",
     )
     window: int = Field(
-        64, ge=1, description="tokens in the sliding window of the group confidence (paper: 2048; answers of the "
-        "bundled models are tens to a few hundred tokens, so 2048 would never fill)"
+        64,
+        ge=1,
+        description="tokens in the sliding window of the group confidence (paper: 2048; answers of the "
+        "bundled models are tens to a few hundred tokens, so 2048 would never fill)",
     )
     stop_after: int | None = Field(
         None, ge=1, description="tokens before the stop may act (default: `window`, as the authors' code)"

@@ -97,7 +97,9 @@ def read_question(call: PolicyCall) -> Question:
         messages = list(request.messages or ())
     else:
         if not isinstance(request.prompt, str):
-            raise PolicyRequestError("policy deepconf needs the prompt as one string (not a list or token ids)", "prompt")
+            raise PolicyRequestError(
+                "policy deepconf needs the prompt as one string (not a list or token ids)", "prompt"
+            )
         text = request.prompt
         messages = [{"role": "user", "content": text}]
     if not text.strip():
@@ -177,13 +179,16 @@ class DeepConfRun:
                 self.threshold = threshold_from_warmup([t.confidence.lowest_group for t in self.traces], p.variant)
             except ValueError:
                 raise PolicyUnavailable(
-                    f"policy deepconf: the upstream reported no token confidence for any warmup trace ({self.sensor_source})"
+                    "policy deepconf: the upstream reported no token confidence for any warmup trace "
+                    f"({self.sensor_source})"
                 ) from None
             self._vote()
             yield self.progress("warmup_done")
-        while not self.consensus_reached and len(self.traces) < p.max_traces:
-            stop = self.threshold if p.early_stop else None
-            await self._batch("final", min(p.batch_size, p.max_traces - len(self.traces)), stop=stop)
+        asked = len(self.traces)  # counted by what was asked, so that a short answer cannot loop forever
+        while not self.consensus_reached and asked < p.max_traces:
+            count = min(p.batch_size, p.max_traces - asked)
+            asked += count
+            await self._batch("final", count, stop=self.threshold if p.early_stop else None)
             self._vote()
             yield self.progress("batch_done")
 

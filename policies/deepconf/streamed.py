@@ -48,9 +48,7 @@ class StreamedTrace:
     stopped_at: int | None = None
 
 
-async def read_trace(
-    chunks: AsyncGenerator[dict[str, Any], None], k: int, stop: WindowStop | None
-) -> StreamedTrace:
+async def read_trace(chunks: AsyncGenerator[dict[str, Any], None], k: int, stop: WindowStop | None) -> StreamedTrace:
     """Read a chat stream (one choice, `logprobs` with `top_logprobs` = k) until it ends or `stop` says so;
     leaving the stream closes the connection and vLLM aborts the generation. A stopped trace finishes as the
     engine's stop makes it finish: `stop`, at the token after the one that fell below."""
