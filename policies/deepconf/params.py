@@ -21,6 +21,11 @@ class DeepConfParams(PolicyParams):
     warmup: int = Field(
         4, ge=1, description="traces drawn in full to set the stop threshold (paper: 16; 4 keeps a CPU request short)"
     )
+    threshold: float | None = Field(
+        None,
+        description="a fixed stop threshold instead of the warmup's (the reproduce script's predefined "
+        "thresholds): no warmup is drawn",
+    )
     max_traces: int = Field(16, ge=1, description="traces at most, warmup included (paper: 512, reproduce script: 256)")
     batch_size: int = Field(
         4, ge=1, description="traces per engine call after the warmup; the consensus is checked after each batch"
@@ -29,11 +34,6 @@ class DeepConfParams(PolicyParams):
         "high",
         description="high: the threshold at the 10th percentile of the warmup's lowest group confidences (keeps "
         "the top 90%); low: the 90th percentile (keeps the top 10%, the paper's aggressive setting)",
-    )
-    threshold: float | None = Field(
-        None,
-        description="a fixed stop threshold instead of the warmup's (the reproduce script's predefined "
-        "thresholds): no warmup is drawn",
     )
     window: int = Field(
         64,
@@ -87,7 +87,8 @@ class DeepConfParams(PolicyParams):
     @field_validator("max_traces")
     @classmethod
     def _room_for_the_warmup(cls, value: int, info: ValidationInfo) -> int:
-        if value < info.data.get("warmup", 1):
+        # A fixed threshold draws no warmup.
+        if info.data.get("threshold") is None and value < info.data.get("warmup", 1):
             raise ValueError("max_traces must be at least warmup (the warmup's traces count in the budget)")
         return value
 

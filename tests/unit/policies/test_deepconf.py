@@ -362,3 +362,7 @@ def test_trace_entries_are_json() -> None:
     from refine_server.policies.confidence import trace_confidence
 
     assert json.dumps(trace_confidence([], 4).as_dict(), allow_nan=False)
+
+
+def test_a_fixed_threshold_needs_no_room_for_a_warmup() -> None:
+    assert DeepConfParams(threshold=5.0, max_traces=2).max_traces == 2
