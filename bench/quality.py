@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 from grading import grade, grade_answer
 from openai import AsyncOpenAI
@@ -79,7 +81,7 @@ async def run_arm(args: argparse.Namespace) -> None:
     client = AsyncOpenAI(base_url=f"{args.refine}/v1", api_key="unused", timeout=3600, max_retries=0)
     gate = asyncio.Semaphore(args.concurrency)
 
-    async def one(item: dict, seed: int) -> dict:
+    async def one(item: dict, seed: int, log: TextIO) -> dict:
         async with gate:
             started = time.perf_counter()
             resp = await client.chat.completions.create(
@@ -93,7 +95,7 @@ async def run_arm(args: argparse.Namespace) -> None:
         text = resp.choices[0].message.content or ""
         graded = grade(item, text)
         trace = (resp.model_extra or {}).get("refine", {}).get("trace") or {}
-        return {
+        row = {
             "id": item["id"],
             "task": item["task"],
             "correct": graded.correct,
@@ -103,21 +105,41 @@ async def run_arm(args: argparse.Namespace) -> None:
             "latency_s": round(time.perf_counter() - started, 3),
             "trace": trace,
         }
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        return row
 
     folder = RESULTS / args.model / args.split
     folder.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         started = time.perf_counter()
-        rows = await asyncio.gather(*(one(item, seed) for item in items))
         out = folder / f"{args.arm}-s{seed}.jsonl"
+        # Each finished item is appended here at once: a run that is stopped resumes where it was (long runs
+        # on a shared CPU), and the run's file is written only once every item has its row.
+        partial = out.with_name(out.name + ".partial")
+        done = {r["id"]: r for r in map(json.loads, partial.read_text().splitlines())} if partial.exists() else {}
+        with partial.open("a") as log:
+            todo = [item for item in interleaved(items) if item["id"] not in done]
+            done |= {r["id"]: r for r in await asyncio.gather(*(one(item, seed, log) for item in todo))}
+        rows = [done[item["id"]] for item in items]
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        partial.unlink()
         k = sum(r["correct"] for r in rows)
         lo, hi = wilson(k, len(rows))
         print(
             f"{args.arm} seed {seed}: {k}/{len(rows)} = {k / len(rows):.1%} (95% CI {lo:.1%}-{hi:.1%}), "
             f"{statistics.mean(r['completion_tokens'] for r in rows):.0f} tokens/item, "
-            f"wall {time.perf_counter() - started:.0f}s -> {out}"
+            f"wall {time.perf_counter() - started:.0f}s ({len(rows) - len(todo)} items resumed) -> {out}"
         )
+
+
+def interleaved(items: list[dict]) -> list[dict]:
+    """The items with the tasks in turn (each task's first item, then each one's second, ...), so that the rows
+    of a run stopped part-way spread over every task."""
+    by_task: dict[str, list[dict]] = {}
+    for item in items:
+        by_task.setdefault(item["task"], []).append(item)
+    return [item for turn in itertools.zip_longest(*by_task.values()) for item in turn if item is not None]
 
 
 # ---- replays over cyberv-full's candidates ---------------------------------------------------------------
