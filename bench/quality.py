@@ -7,21 +7,25 @@ item by item.
     .venv/bin/python bench/quality.py run rain --limit 40
     .venv/bin/python bench/quality.py run deepconf --seeds 0 1 2     # and self-consistency, cyberv-confstop
     .venv/bin/python bench/quality.py report                         # tables + README section from the runs
+    .venv/bin/python bench/quality.py run none --model Qwen2.5-Coder-0.5B-Instruct  # another served model
+    .venv/bin/python bench/quality.py report --model Qwen2.5-Coder-0.5B-Instruct
 
 `run` sends each item of the split (`--split test` by default: the frozen one) as one chat request through
-refine with the arm's `refine` object, and writes bench/results/quality/<split>/<arm>-s<seed>.jsonl: per item the
-returned text, the extracted answer, whether it is right, the usage and the trace's summary. Every arm is
-graded by `grading.grade` on the text the client receives: the same extractor and the same comparison.
+refine with the arm's `refine` object (`--model`: the served model, SmolLM2-135M-Instruct by default), and writes
+bench/results/quality/<model>/<split>/<arm>-s<seed>.jsonl: per item the returned text, the extracted answer,
+whether it is right, the usage and the trace's summary. Every arm is graded by `grading.grade` on the text the
+client receives: the same extractor and the same comparison.
 
-`report` reads every run of the split and writes bench/results/quality/<split>.json and, for the test split,
-the README's quality section (between its `quality:start` / `quality:end` markers):
+`report --model M` reads every run of M on the split and writes bench/results/quality/<M>/<split>.json and, for the
+test split, M's table in the README's quality section (between its `quality:<M>:start` / `quality:<M>:end` markers):
 - accuracy per arm with a 95% Wilson interval (sampled arms: pooled over seeds, per-seed spread shown);
 - each arm against `none`, paired by item: the difference with a 95% paired-bootstrap interval (items
   resampled; a sampled arm's item score is its mean over seeds) and, for single runs, McNemar's exact p;
 - from cyberv-full's own samples (the same candidates, no new engine calls): self-consistency (majority of
   the first k candidates' answers, k = 1..n), and the adaptive stopping rule replayed over them
   (`stopping.py`: certain, and at several `stop_risk`s): the tokens it would have drawn, and how often it
-  decides as all n do; the same at n = 12 and 16 over rounds pooled from the seeds' candidates; and, for each
+  decides as all n do; the same at n = 12 and 16 over rounds pooled from the seeds' candidates (where the
+  seeds hold enough of them: 2 seeds for 12, 3 for 16); and, for each
   n, the cheapest thresholds on the forecast that reach 95% the same decision when fitted to the outcomes
   themselves (the in-sample best of this forecast, not a rule: `stopping.fit_thresholds`).
 """
@@ -30,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 from grading import grade, grade_answer
 from openai import AsyncOpenAI
@@ -82,7 +88,7 @@ async def run_arm(args: argparse.Namespace) -> None:
     client = AsyncOpenAI(base_url=f"{args.refine}/v1", api_key="unused", timeout=3600, max_retries=0)
     gate = asyncio.Semaphore(args.concurrency)
 
-    async def one(item: dict, seed: int) -> dict:
+    async def one(item: dict, seed: int, log: TextIO) -> dict:
         async with gate:
             started = time.perf_counter()
             resp = await client.chat.completions.create(
@@ -96,7 +102,7 @@ async def run_arm(args: argparse.Namespace) -> None:
         text = resp.choices[0].message.content or ""
         graded = grade(item, text)
         trace = (resp.model_extra or {}).get("refine", {}).get("trace") or {}
-        return {
+        row = {
             "id": item["id"],
             "task": item["task"],
             "correct": graded.correct,
@@ -106,20 +112,41 @@ async def run_arm(args: argparse.Namespace) -> None:
             "latency_s": round(time.perf_counter() - started, 3),
             "trace": trace,
         }
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        return row
 
-    (RESULTS / args.split).mkdir(parents=True, exist_ok=True)
+    folder = RESULTS / args.model / args.split
+    folder.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         started = time.perf_counter()
-        rows = await asyncio.gather(*(one(item, seed) for item in items))
-        out = RESULTS / args.split / f"{args.arm}-s{seed}.jsonl"
+        out = folder / f"{args.arm}-s{seed}.jsonl"
+        # Each finished item is appended here at once: a run that is stopped resumes where it was (long runs
+        # on a shared CPU), and the run's file is written only once every item has its row.
+        partial = out.with_name(out.name + ".partial")
+        done = {r["id"]: r for r in map(json.loads, partial.read_text().splitlines())} if partial.exists() else {}
+        with partial.open("a") as log:
+            todo = [item for item in interleaved(items) if item["id"] not in done]
+            done |= {r["id"]: r for r in await asyncio.gather(*(one(item, seed, log) for item in todo))}
+        rows = [done[item["id"]] for item in items]
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        partial.unlink()
         k = sum(r["correct"] for r in rows)
         lo, hi = wilson(k, len(rows))
         print(
             f"{args.arm} seed {seed}: {k}/{len(rows)} = {k / len(rows):.1%} (95% CI {lo:.1%}-{hi:.1%}), "
             f"{statistics.mean(r['completion_tokens'] for r in rows):.0f} tokens/item, "
-            f"wall {time.perf_counter() - started:.0f}s -> {out}"
+            f"wall {time.perf_counter() - started:.0f}s ({len(rows) - len(todo)} items resumed) -> {out}"
         )
+
+
+def interleaved(items: list[dict]) -> list[dict]:
+    """The items with the tasks in turn (each task's first item, then each one's second, ...), so that the rows
+    of a run stopped part-way spread over every task."""
+    by_task: dict[str, list[dict]] = {}
+    for item in items:
+        by_task.setdefault(item["task"], []).append(item)
+    return [item for turn in itertools.zip_longest(*by_task.values()) for item in turn if item is not None]
 
 
 # ---- replays over cyberv-full's candidates ---------------------------------------------------------------
@@ -134,11 +161,11 @@ def _vote(candidates: list[dict]) -> str | None:
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def load_runs(split: str, items: dict[str, dict]) -> dict[str, dict[int, dict[str, dict]]]:
+def load_runs(folder: Path, items: dict[str, dict]) -> dict[str, dict[int, dict[str, dict]]]:
     """arm -> seed -> item id -> row, every returned text graded again by today's grader: a fix to the
     grader applies to every arm alike, never to some runs only."""
     runs: dict[str, dict[int, dict[str, dict]]] = {}
-    for path in sorted((RESULTS / split).glob("*-s*.jsonl")):
+    for path in sorted(folder.glob("*-s*.jsonl")):
         arm, seed = path.stem.rsplit("-s", 1)
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         for row in rows:
@@ -155,7 +182,7 @@ def item_scores(runs: dict[int, dict[str, dict]], ids: list[str]) -> list[float]
 
 def report(args: argparse.Namespace) -> None:
     items = {item["id"]: item for item in load_items(args.split)}
-    runs = load_runs(args.split, items)
+    runs = load_runs(RESULTS / args.model / args.split, items)
     summary: dict = {"split": args.split, "arms": {}, "versus_none": {}, "cyberv_samples": {}}
     lines = ["| arm | items | runs | accuracy | 95% CI | completion tokens / item |", "|---|---|---|---|---|---|"]
     for arm, seeds in runs.items():
@@ -205,14 +232,14 @@ def report(args: argparse.Namespace) -> None:
     if full:
         lines += ["", *cyberv_samples(full, items, summary)]
     text = "\n".join(lines)
-    (RESULTS / f"{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / args.model / f"{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(text)
     readme = README.read_text()
-    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
+    start, end = f"<!-- quality:{args.model}:start -->", f"<!-- quality:{args.model}:end -->"
     if args.split == "test" and start in readme and end in readme:
         head, rest = readme.split(start, 1)
         README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
-        print(f"README quality section rewritten from {RESULTS}")
+        print(f"README quality section of {args.model} rewritten from {RESULTS / args.model}")
 
 
 def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], summary: dict) -> list[str]:
@@ -279,7 +306,9 @@ def stopping_table(full: dict[int, dict[str, dict]], summary: dict) -> list[str]
             f"({ratio_lo:.3f}-{ratio_hi:.3f}) | {replayed.same:.1%} ({lo:.1%}-{hi:.1%}) |"
         )
 
-    for size, traces in [(n, stored), *((m, pooled_rounds(full, m)) for m in POOLED_N)]:
+    # A pooled round of m needs m - 1 reasoning candidates per item: n - 1 from each seed's run.
+    pooled = [m for m in POOLED_N if m - 1 <= len(full) * (n - 1)]
+    for size, traces in [(n, stored), *((m, pooled_rounds(full, m)) for m in pooled)]:
         rounds = [forecast_round(trace, size, THETA) for trace in traces]
         items = [trace["id"] for trace in traces]  # an item's rounds are resampled together
         for stop_risk in STOP_RISKS:
@@ -309,12 +338,12 @@ def main() -> None:
     run.add_argument("--params", default="{}", help="extra policy parameters as a JSON object")
     run.add_argument("--seeds", type=int, nargs="+", default=[0])
     run.add_argument("--refine", default="http://127.0.0.1:8000")
-    run.add_argument("--model", default="SmolLM2-135M-Instruct")
     run.add_argument("--max-tokens", type=int, default=256)
     run.add_argument("--concurrency", type=int, default=16)
     run.add_argument("--limit", type=int, default=0, help="an even spread of N items (0: all)")
     for parser in (run, sub.add_parser("report", help="tables and the README section from the runs")):
         parser.add_argument("--split", default="test", choices=["dev", "test"])
+        parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model id")
     args = ap.parse_args()
     if args.command == "run":
         asyncio.run(run_arm(args))

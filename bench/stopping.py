@@ -11,7 +11,7 @@ stopping tables from these.
   any threshold on this forecast could go;
 - `pooled_rounds`: rounds of more than the stored n, the reasoning candidates of several seeds' runs joined;
 - `concentration_prior`: a prior over the forecast urn's concentration fitted to stored rounds (empirical
-  Bayes); `python bench/stopping.py` prints it for the dev split over a grid wider than the forecast's, which
+  Bayes); `python bench/stopping.py` prints it for SmolLM2's dev split over a grid wider than the forecast's, which
   is why `stopping.CONCENTRATIONS` ends where it does.
 """
 
@@ -224,7 +224,7 @@ def concentration_prior(traces: list[dict], grid: tuple[float, ...], iterations:
 
 
 def dev_rounds() -> list[dict]:
-    dev = Path(__file__).parent / "results" / "quality" / "dev"
+    dev = Path(__file__).parent / "results" / "quality" / "SmolLM2-135M-Instruct" / "dev"
     return [
         json.loads(line)["trace"]
         for path in sorted(dev.glob("cyberv-full-s*.jsonl"))

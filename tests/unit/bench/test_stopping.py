@@ -30,7 +30,8 @@ from refine_server.policies.cyberv.stopping import CONCENTRATIONS, outlook
 def _runs(limit: int) -> dict[int, dict[str, dict]]:
     runs = {}
     for seed in (0, 1, 2):
-        rows = (RESULTS / "test" / f"cyberv-full-s{seed}.jsonl").read_text().splitlines()[:limit]
+        path = RESULTS / "SmolLM2-135M-Instruct" / "test" / f"cyberv-full-s{seed}.jsonl"
+        rows = path.read_text().splitlines()[:limit]
         runs[seed] = {row["id"]: row for row in map(json.loads, rows)}
     return runs
 
