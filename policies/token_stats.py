@@ -29,7 +29,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,8 @@ class ChoiceTokenStats:
     margin: list[float]  # p_top1 - p_top2
     prob: list[float]  # probability of the token drawn, token_ids[j]
     missing: int  # tokens the engine reported nothing for (NaN in every list); 0 normally
+    # DeepConf's token confidence -(1/k) * sum of the top-k log p (at T = 1); empty: not reported
+    confidence: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Mean and max entropy over the tokens reported, and how many tokens there are."""
@@ -154,4 +156,5 @@ def _choice_stats(ids: list[int], records: dict[int, StatsRecord]) -> ChoiceToke
         margin=[r.margin if r else nan for r in rows],
         prob=[r.prob if r else nan for r in rows],
         missing=sum(1 for r in rows if r is None),
+        confidence=[r.confidence if r else nan for r in rows],
     )

@@ -94,7 +94,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.contract.params import SRGEN
 from refine_server.policies.answer_extraction import Answer, extract_answer, parse_answer, question_options
@@ -124,7 +124,10 @@ from refine_server.policies.response_bodies import AnswerShapes
 from refine_server.policies.srgen import srgen_fields, srgen_report
 
 if TYPE_CHECKING:
+    from refine_server.policies.engine_client import EngineClient
     from refine_server.policies.request import ClientRequest
+
+SensorSource = Literal["engine", "top_logprobs"]
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
@@ -203,18 +206,38 @@ def read_question(request: ClientRequest) -> Question:
 # ---- one request -----------------------------------------------------------------------------------------
 
 
-class CyberVRun:
-    """One request through the loop: round 1, the decision, maybe the feedback round, then the answer."""
+def direct_call(question: Question, params: CyberVParams) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Candidate 0's engine call: the direct prompt, greedy, within the reasoning budget (the sensor's fields
+    are added by whoever makes the call). `auto` makes this call itself and hands its generation over."""
+    messages = question.messages(_prompt("direct.txt", question=question.text))
+    return messages, {"temperature": 0.0, "max_tokens": question.cap(params.max_reasoning_tokens)}
 
-    def __init__(self, call: PolicyCall, params: CyberVParams):
+
+async def sensor_source(engine: EngineClient, params: CyberVParams) -> SensorSource:
+    """Where cyberv's calls read their per-token statistics: the engine's sensor where the upstream reports
+    them and the request allows it, else the API's top_logprobs. A `decode`d call carries SRGen's signed
+    request and the plugin runs one policy per request, so it reads top_logprobs."""
+    if params.decode is None and params.sensor == "auto" and await engine.token_stats_unavailable() is None:
+        return "engine"
+    return "top_logprobs"
+
+
+class CyberVRun:
+    """One request through the loop: round 1, the decision, maybe the feedback round, then the answer.
+
+    `direct`: candidate 0's generation when the caller already made `direct_call` (with this run's sensor
+    fields); round 1 then does not make it again."""
+
+    def __init__(self, call: PolicyCall, params: CyberVParams, direct: Generation | None = None):
         self.call = call
         self.params = params
+        self.given_direct = direct
         self.question = read_question(call.request)
         self.engine = call.engine
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
         self.stop: Outlook | None = None  # why round 1 stopped before drawing all n
-        self.sensor_source = "top_logprobs"  # or "engine": where the per-token statistics come from
+        self.sensor_source: SensorSource = "top_logprobs"  # where the per-token statistics come from
         self.feedback: Feedback | None = None
         self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
 
@@ -225,11 +248,8 @@ class CyberVRun:
         threshold = p.n * p.theta
         batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
         if p.decode is not None:
-            # A decoded call carries SRGen's signed request, and the plugin runs one policy per request: the
-            # sensor reads top_logprobs then.
             await self._require_srgen()
-        elif p.sensor == "auto" and await self.engine.token_stats_unavailable() is None:
-            self.sensor_source = "engine"
+        self.sensor_source = await sensor_source(self.engine, p)
         direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
         self.candidates = [direct, *first]
         for size in batches[1:]:
@@ -282,10 +302,11 @@ class CyberVRun:
             raise PolicyRequestError(f"refine.decode runs SRGen inside vLLM, but {problem}", "refine.decode")
 
     async def _direct(self) -> Candidate:
-        prompt = self.question.messages(_prompt("direct.txt", question=self.question.text))
-        (generation,) = await self._generations(
-            "round1", prompt, temperature=0.0, max_tokens=self.question.cap(self.params.max_reasoning_tokens)
-        )
+        prompt, fields = direct_call(self.question, self.params)
+        if self.given_direct is not None:
+            generation = self.given_direct
+        else:
+            (generation,) = await self._generations("round1", prompt, **fields)
         candidate = Candidate(0, "direct", generation)
         text = candidate.generation.text
         # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
@@ -410,6 +431,7 @@ class CyberVRun:
             ],
             "threshold": round4(d.threshold),
             "sensor_source": self.sensor_source,
+            "direct_answer": "given" if self.given_direct is not None else "generated",
             **({"decode": self.decode_summary()} if self.params.decode is not None else {}),
             "round1": {
                 "planned": self.params.n,
@@ -501,15 +523,20 @@ class CyberVPolicy(Policy[CyberVParams]):
     metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS)
     refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
 
-    async def complete(self, call: PolicyCall, params: CyberVParams) -> dict[str, Any]:
-        run = CyberVRun(call, params)
+    # `direct`: candidate 0, already generated by the caller with `direct_call` (auto's first answer).
+    async def complete(
+        self, call: PolicyCall, params: CyberVParams, direct: Generation | None = None
+    ) -> dict[str, Any]:
+        run = CyberVRun(call, params, direct)
         if (await run.round1()).action == "feedback":
             await run.feedback_round()
         run.fill_trace()
         return run.response()
 
-    async def stream(self, call: PolicyCall, params: CyberVParams) -> AsyncGenerator[dict[str, Any], None]:
-        run = CyberVRun(call, params)
+    async def stream(
+        self, call: PolicyCall, params: CyberVParams, direct: Generation | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        run = CyberVRun(call, params, direct)
         decision = await run.round1()
         if params.progress:
             yield run.progress(
