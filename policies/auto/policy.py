@@ -334,8 +334,9 @@ def _question_text(call: PolicyCall) -> str:
 
 def _with_top(choice: dict[str, Any], k: int) -> dict[str, Any]:
     """A chat choice whose tokens show only their top k alternatives."""
-    content = [{**item, "top_logprobs": (item.get("top_logprobs") or [])[:k]} for item in choice["logprobs"]["content"]]
-    return {**choice, "logprobs": {**choice["logprobs"], "content": content}}
+    logprobs = choice.get("logprobs") or {}
+    content = [{**item, "top_logprobs": (item.get("top_logprobs") or [])[:k]} for item in logprobs.get("content") or ()]
+    return {**choice, "logprobs": {**logprobs, "content": content}}
 
 
 def _as_asked(result: dict[str, Any], body: dict[str, Any], chat: bool, wanted: int) -> None:
