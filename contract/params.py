@@ -83,18 +83,19 @@ class SRGenEngineSettings(BaseModel):
 
 # ---- the token-statistics sensor and its confidence stop (DeepConf) ---------------------------------------
 MAX_CONFIDENCE_K = 20  # vLLM's top_logprobs limit, and the k of the DeepConf authors' scripts
+MAX_STOP_WINDOW = 32_768  # the largest window a confidence stop may keep, whatever the server's cap
 
 
-class ConfidenceStopParams(BaseModel):
+class ConfidenceStopParams(PolicyParams):
     """DeepConf's online stop, run in the engine: once at least `stop_after` tokens exist and the mean token
     confidence over the last `window` of them falls below `threshold`, the sequence may only end (EOS)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     threshold: float = Field(description="group confidence below which the sequence stops (finite)")
-    window: int = Field(64, ge=1, le=32_768, description="tokens in the sliding window of the group confidence")
+    window: int = Field(
+        default=64, ge=1, le=MAX_STOP_WINDOW, description="tokens in the sliding window of the group confidence"
+    )
     stop_after: int | None = Field(
-        None, ge=1, description="tokens before the stop may act (default: `window`, as the authors' code)"
+        default=None, ge=1, description="tokens before the stop may act (default: `window`, as the authors' code)"
     )
 
     @field_validator("threshold")
@@ -114,7 +115,7 @@ class TokenStatsParams(PolicyParams):
     """What a request asks of the sensor: the k of the confidence it reports, and optionally a confidence stop."""
 
     confidence_k: int = Field(
-        MAX_CONFIDENCE_K,
+        default=MAX_CONFIDENCE_K,
         ge=1,
         le=MAX_CONFIDENCE_K,
         description="k of the token confidence -(1/k) * sum of the top-k log probabilities",

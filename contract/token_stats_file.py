@@ -12,7 +12,8 @@ writer thread appends one fixed-size little-endian record per sampled token of e
     20      float32  margin        p_top1 - p_top2
     24      float32  prob          p(token_id) under that distribution
     28      float32  confidence    DeepConf's token confidence -(1/k) * sum of the k largest log p, at T = 1
-    32      int32    stopped       1 when the confidence stop forced this token (end-of-sequence), else 0
+    32      int32    stopped       1 when the confidence stop forced this token (end-of-sequence); -1 when the
+                                   sequence asked for a stop the engine could not give it (no free slot); else 0
 
 36 bytes a token, no header: the plugin's version travels in the handshake. The same (sequence, output_index)
 may appear more than once (a partial prompt chunk's discarded draw, a preempted sequence recomputed): the
@@ -26,7 +27,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-RECORD = struct.Struct("<iiiffffi")
+RECORD = struct.Struct("<iiifffffi")  # 36 bytes: the table above
+STOPPED = 1  # `stopped`: the confidence stop forced this token
+STOP_WAIVED = -1  # `stopped`: the sequence runs without the stop it asked for
 SUFFIX = ".stats"
 
 

@@ -18,10 +18,11 @@ from pydantic import ValidationError
 
 from refine_server.contract.params import (
     SRGEN,
-    PolicyParams,
+    ConfidenceStopLimits,
     SRGenEngineSettings,
     SRGenLimits,
     SRGenParams,
+    TokenStatsParams,
     enforce_limits,
 )
 from refine_server.contract.protocol import (
@@ -62,6 +63,11 @@ def srgen_limits() -> SRGenLimits:
 
 
 @cache
+def confidence_stop_limits() -> ConfidenceStopLimits:
+    return ConfidenceStopLimits.model_validate(engine_policy_limits().get(TOKEN_STATS, {}))
+
+
+@cache
 def srgen_engine_settings() -> SRGenEngineSettings:
     return SRGenEngineSettings.model_validate_json(os.environ.get(SRGEN_ENGINE_ENV) or "{}")
 
@@ -97,18 +103,34 @@ def validate(sampling_params: Any) -> None:
     if FAULT_ARG in args and not faults_allowed():
         raise ValueError(f"{PLUGIN_MARKER}: {FAULT_ARG} is for test engines only")
     if policy == TOKEN_STATS:
-        _validate_token_stats(args)
+        _validate_token_stats(sampling_params, args)
     else:
         _validate_srgen(args)
 
 
-def _validate_token_stats(args: dict[str, Any]) -> None:
+def _validate_token_stats(sampling_params: Any, args: dict[str, Any]) -> None:
     try:
-        PolicyParams.model_validate_json(str(args.get(PARAMS_ARG, "{}")))  # the sensor takes no parameters
+        params = TokenStatsParams.model_validate_json(str(args.get(PARAMS_ARG, "{}")))
+        if params.stop is not None:
+            enforce_limits(params.stop, confidence_stop_limits())
     except ValidationError as exc:
-        raise ValueError(f"{PLUGIN_MARKER}: bad {PARAMS_ARG}: {exc.errors()[0]['msg']}") from None
+        raise ValueError(f"{PLUGIN_MARKER}: {_field_error(exc)}") from None
+    except ValueError as exc:  # LimitExceeded
+        raise ValueError(f"{PLUGIN_MARKER}: {PARAMS_ARG}.stop.{exc}") from None
+    if params.stop is not None and sampling_params.ignore_eos:
+        raise ValueError(
+            f"{PLUGIN_MARKER}: {PARAMS_ARG}.stop: the confidence stop ends a sequence with its end-of-sequence "
+            "token, which ignore_eos forbids; send the request without ignore_eos or without the stop"
+        )
     if reasons := unsupported("token_stats_unsupported"):
         raise ValueError(f"{PLUGIN_MARKER}: this engine cannot report token statistics: {'; '.join(reasons)}")
+
+
+def _field_error(exc: ValidationError) -> str:
+    """The first error, named by its field's path inside the parameters: `refine_params.stop.threshold: ...`."""
+    error = exc.errors()[0]
+    path = ".".join(str(part) for part in (PARAMS_ARG, *error["loc"]))
+    return f"{path}: {error['msg']}"
 
 
 def _validate_srgen(args: dict[str, Any]) -> None:
@@ -135,7 +157,7 @@ def _answer_handshake(args: dict[str, Any], signed: str) -> None:
         version=plugin_version(),
         policies=offered,
         signature=signed,
-        limits={SRGEN: srgen_limits().model_dump()},
+        limits={SRGEN: srgen_limits().model_dump(), TOKEN_STATS: confidence_stop_limits().model_dump()},
         unsupported=unsupported(),
     )
     raise ValueError(handshake_reply(report))

@@ -1,6 +1,6 @@
 """The token-statistics writer: one device-to-host copy per step, and the files written by a thread.
 
-The sampler's thread only enqueues: it copies the step's [rows, 5] statistics into one of a few pinned host
+The sampler's thread only enqueues: it copies the step's [rows, COLUMNS] statistics into one of a few pinned host
 buffers (non-blocking on a GPU, with an event recorded behind the copy) and hands the buffer to the thread.
 The thread waits for the event (the sampler never waits for the GPU on the statistics' behalf), turns the rows
 into `token_stats_file` records and appends them, one write per request file per step. A buffer returns to the ring
@@ -23,8 +23,8 @@ from refine_server.contract.token_stats_file import RECORD, stats_path
 log = logging.getLogger(__name__)
 
 # Columns of a step's statistics on the device: token id (as a float: exact below 2^24, above any vocabulary),
-# entropy, varentropy, margin, probability of the sampled token.
-COLUMNS = 5
+# entropy, varentropy, margin, probability of the sampled token, token confidence, stopped (0 or 1).
+COLUMNS = 7
 RING = 4  # host buffers: steps the thread may fall behind before the sampler waits
 
 
@@ -83,9 +83,19 @@ class StatsWriter:
 
     def _append(self, places: list[RecordPlace], rows: list[list[float]]) -> None:
         by_key: dict[str, list[bytes]] = {}
-        for place, (token, entropy, varentropy, margin, prob) in zip(places, rows):
+        for place, (token, entropy, varentropy, margin, prob, confidence, stopped) in zip(places, rows):
             by_key.setdefault(place.key, []).append(
-                RECORD.pack(place.sequence, place.output_index, int(token), entropy, varentropy, margin, prob)
+                RECORD.pack(
+                    place.sequence,
+                    place.output_index,
+                    int(token),
+                    entropy,
+                    varentropy,
+                    margin,
+                    prob,
+                    confidence,
+                    int(stopped),
+                )
             )
         self._folder.mkdir(parents=True, exist_ok=True)
         for key, records in by_key.items():

@@ -1,5 +1,5 @@
-"""SRGen and the token-statistics sensor behind vLLM's V1 logits-processor interface (the runner the CPU build
-uses): rows follow BatchUpdate.
+"""SRGen, the token-statistics sensor and its confidence stop behind vLLM's V1 logits-processor interface (the
+runner the CPU build uses): rows follow BatchUpdate.
 
 V1 keys everything by batch row and tells the processor, before each step, which rows were added, removed or
 moved. A row's sequence is looked up by its SamplingParams (SRGen's `SequenceTable`, the sensor's own table),
@@ -84,7 +84,11 @@ class RefineV1LogitsProcessor(LogitsProcessor):
             rows = [SRGenRow(i, r.seq, r.context_len(), r.token_ids) for i, r in self.rows.items()]
             self.corrector.step(logits, rows)
         # After any correction: the statistics describe the distribution the sampler draws from.
-        self.sensor.observe(logits, [StatsRow(i, r.seq, len(r.output_ids)) for i, r in self.stats_rows.items()])
+        measured = self.sensor.observe(
+            logits, [StatsRow(i, r.seq, len(r.output_ids)) for i, r in self.stats_rows.items()]
+        )
+        # Measured first: the record of a token the stop forces describes the model's own distribution.
+        self.sensor.stop.apply(logits, measured)
         HIDDEN_STATES.begin_step()
         return logits
 

@@ -1,5 +1,5 @@
-"""SRGen and the token-statistics sensor behind vLLM's Model Runner V2 interface (the CUDA default): state by
-request slot, committed tokens from the runner.
+"""SRGen, the token-statistics sensor and its confidence stop behind vLLM's Model Runner V2 interface (the CUDA
+default): state by request slot, committed tokens from the runner.
 
 V2 keeps a request in a persistent slot and says nothing when it leaves (slots are recycled), so every
 `add_request` starts the slot afresh; the sequence itself is looked up by its SamplingParams (SRGen's
@@ -64,7 +64,9 @@ class RefineV2LogitsProcessor(LogitsProcessor):
         if rows:
             self.corrector.step(logits, rows)
         # After any correction: the statistics describe the distribution the sampler draws from.
-        self.sensor.observe(logits, stats_rows)
+        measured = self.sensor.observe(logits, stats_rows)
+        # Measured first: the record of a token the stop forces describes the model's own distribution.
+        self.sensor.stop.apply(logits, measured)
         HIDDEN_STATES.begin_step()
         return logits
 

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar, overload
 
+from refine_server.contract.params import TokenStatsParams
 from refine_server.contract.protocol import EngineLink, PluginInfo
 from refine_server.policies.call_fields import CallFields
 from refine_server.policies.relayed import NO_CHOICES, RelayedChunk
@@ -265,21 +266,30 @@ class EngineClient:
         """Why this backend cannot report token statistics (fall back to top_logprobs), or None when it can."""
         return await unavailable_reason(self)
 
+    # `sensor`: what the sensor is asked (the confidence's k, DeepConf's in-engine stop); None: k 20, no stop.
+
     async def chat_with_token_stats(
-        self, purpose: str, messages: list[dict[str, Any]], **fields: Any
+        self, purpose: str, messages: list[dict[str, Any]], *, sensor: TokenStatsParams | None = None, **fields: Any
     ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`chat`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
-        return await measure(self, fields, lambda body: self.chat(purpose, messages, **body))
+        return await measure(self, fields, lambda body: self.chat(purpose, messages, **body), sensor)
 
     async def completions_with_token_stats(
-        self, purpose: str, prompt: list[int] | list[list[int]] | str, **fields: Any
+        self,
+        purpose: str,
+        prompt: list[int] | list[list[int]] | str,
+        *,
+        sensor: TokenStatsParams | None = None,
+        **fields: Any,
     ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`completions`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
-        return await measure(self, fields, lambda body: self.completions(purpose, prompt, **body))
+        return await measure(self, fields, lambda body: self.completions(purpose, prompt, **body), sensor)
 
-    async def relay_with_token_stats(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
+    async def relay_with_token_stats(
+        self, body: dict[str, Any], *, sensor: TokenStatsParams | None = None
+    ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
         """`relay`, and each choice's token statistics by choice index. Raises TokenStatsUnavailable."""
-        return await measure(self, body, self.relay)
+        return await measure(self, body, self.relay, sensor)
 
     # ---- the tokenizer -----------------------------------------------------------------------------------
 

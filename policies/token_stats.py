@@ -2,8 +2,13 @@
 
 The engine plugin's sensor (`engine_plugin/sensor.py`) measures, for every token a request samples, the
 next-token distribution it was drawn from, over the whole vocabulary at the request's temperature (T = 1 for
-greedy requests): entropy and varentropy (nats), top-2 margin, and the drawn token's probability. They reach
-this process as a binary file per request (`contract/token_stats_file.py`), not as JSON per token.
+greedy requests): entropy and varentropy (nats), top-2 margin, and the drawn token's probability; and, at
+T = 1, DeepConf's token confidence over the request's top k. They reach this process as a binary file per
+request (`contract/token_stats_file.py`), not as JSON per token.
+
+A request may also ask the engine to stop a sequence whose confidence falls (`TokenStatsParams.stop`, DeepConf's
+online stop, `engine_plugin/confidence_stop.py`): the sequence then ends with end-of-sequence like any other
+(finish_reason "stop"), and its statistics say where (`ChoiceTokenStats.stopped_at`).
 
 How a policy uses them (through its `EngineClient`):
 
@@ -11,12 +16,19 @@ How a policy uses them (through its `EngineClient`):
     if reason is None:
         response, stats = await call.engine.chat_with_token_stats("round1", messages, n=8, temperature=1.0)
         stats[0].entropy      # one float per completion token of choice 0, aligned with its token_ids
+        stop = ConfidenceStopParams(threshold=s, window=64)
+        response, stats = await call.engine.chat_with_token_stats(
+            "trace", messages, sensor=TokenStatsParams(confidence_k=20, stop=stop)
+        )
+        stats[0].confidence, stats[0].stopped_at   # C_j per token; where the stop forced EOS (None: never)
     else:
         ...                   # fall back to top_logprobs; `reason` says why
 
 `chat_with_token_stats` / `completions_with_token_stats` take the same fields as `chat` / `completions`, add
-`return_token_ids` (each choice then carries its `token_ids`) and raise `TokenStatsUnavailable` on a backend
-without the sensor. Prefix caching stays on: the statistics need no hidden states.
+`return_token_ids` (each choice then carries its `token_ids`), take the keyword `sensor` (what to ask of the
+sensor: None = k 20, no stop) and raise `TokenStatsUnavailable` on a backend without the sensor. A stop whose
+window exceeds the engine's cap (its handshake's `limits["token_stats"]`) is a PolicyRequestError (a 400
+naming `refine.window`). Prefix caching stays on: the statistics need no hidden states.
 
 n > 1: each choice is its own engine sequence, numbered by the engine in admission order, which need not be the
 choice index; a sequence is given to the choice whose token ids it drew (statistics of identical token
@@ -29,12 +41,14 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from refine_server.contract.params import ConfidenceStopLimits, LimitExceeded, TokenStatsParams, enforce_limits
 from refine_server.contract.protocol import REQUEST_KEY_ARG, TOKEN_STATS, signed_xargs
-from refine_server.contract.token_stats_file import StatsRecord, discard_stats, read_stats
+from refine_server.contract.token_stats_file import STOP_WAIVED, STOPPED, StatsRecord, discard_stats, read_stats
+from refine_server.policies.base import PolicyRequestError
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient
@@ -58,9 +72,11 @@ class ChoiceTokenStats:
     varentropy: list[float]  # variance of the surprisal -log p, nats^2
     margin: list[float]  # p_top1 - p_top2
     prob: list[float]  # probability of the token drawn, token_ids[j]
+    confidence: list[float]  # -(1/k) * sum of the k largest log p at T = 1 (DeepConf's token confidence)
     missing: int  # tokens the engine reported nothing for (NaN in every list); 0 normally
-    # DeepConf's token confidence -(1/k) * sum of the top-k log p (at T = 1); empty: not reported
-    confidence: list[float] = field(default_factory=list)
+    stopped_at: int | None = None  # index of the token the confidence stop forced (EOS); None: never stopped
+    # The engine ran the sequence without its stop (every stop slot was taken, `max_stop_sequences`).
+    stop_waived: bool = False
 
     def summary(self) -> dict[str, Any]:
         """Mean and max entropy over the tokens reported, and how many tokens there are."""
@@ -86,14 +102,20 @@ async def unavailable_reason(engine: EngineClient) -> str | None:
 
 
 async def measure(
-    engine: EngineClient, body: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    engine: EngineClient,
+    body: dict[str, Any],
+    send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+    sensor: TokenStatsParams | None = None,
 ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
-    """`send(body)` with the sensor switched on; the response and each choice's statistics by choice index.
-    The response's choices carry `token_ids`. Raises TokenStatsUnavailable where the backend cannot report."""
+    """`send(body)` with the sensor switched on, asked for `sensor` (None: the defaults, no stop); the response
+    and each choice's statistics by choice index. The response's choices carry `token_ids`. Raises
+    TokenStatsUnavailable where the backend cannot report, PolicyRequestError for a stop over its caps."""
     reason = await unavailable_reason(engine)
     if reason is not None:
         raise TokenStatsUnavailable(reason)
-    xargs = signed_xargs(engine.link.secret or "", TOKEN_STATS, "{}")
+    sensor = TokenStatsParams.model_validate(sensor.model_dump()) if sensor is not None else TokenStatsParams()
+    await _enforce_engine_caps(engine, sensor)
+    xargs = signed_xargs(engine.link.secret or "", TOKEN_STATS, sensor.model_dump_json(exclude_none=True))
     key = xargs[REQUEST_KEY_ARG]
     folder = engine.link.events_dir
     # The body's own vllm_xargs (the client's, where the operator opened keys) travel alongside refine's.
@@ -104,6 +126,19 @@ async def measure(
         return result, await read_choices(folder, key, choices)
     finally:
         discard_stats(folder, key)
+
+
+async def _enforce_engine_caps(engine: EngineClient, sensor: TokenStatsParams) -> None:
+    """The stop's caps as the engine enforces them (its handshake's copy of the server's
+    `confidence_stop_limits`): refused here with the proxy's own 400 rather than the engine's."""
+    if sensor.stop is None:
+        return
+    plugin = await engine.plugin()
+    caps = ConfidenceStopLimits.model_validate(plugin.handshake.limits.get(TOKEN_STATS, {})) if plugin else None
+    try:
+        enforce_limits(sensor.stop, *([caps] if caps else []))
+    except LimitExceeded as exc:
+        raise PolicyRequestError(f"the engine's confidence stop: {exc}", f"refine.{exc.param}") from None
 
 
 async def read_choices(
@@ -155,6 +190,8 @@ def _choice_stats(ids: list[int], records: dict[int, StatsRecord]) -> ChoiceToke
         varentropy=[r.varentropy if r else nan for r in rows],
         margin=[r.margin if r else nan for r in rows],
         prob=[r.prob if r else nan for r in rows],
-        missing=sum(1 for r in rows if r is None),
         confidence=[r.confidence if r else nan for r in rows],
+        missing=sum(1 for r in rows if r is None),
+        stopped_at=next((j for j, r in enumerate(rows) if r is not None and r.stopped == STOPPED), None),
+        stop_waived=any(r is not None and r.stopped == STOP_WAIVED for r in rows),
     )

@@ -26,6 +26,7 @@ from refine_server.contract.protocol import (
     LIMITS_ENV,
     SECRET_ENV,
     SRGEN_ENGINE_ENV,
+    TOKEN_STATS,
     EngineLink,
     events_dir,
 )
@@ -84,7 +85,12 @@ def embedded_engine(settings: Settings, registry: PolicyRegistry, link: EngineLi
         # events where the proxy reads them.
         plugin_env={
             SECRET_ENV: link.secret or "",
-            LIMITS_ENV: json.dumps({name: registry.limits(name).model_dump() for name in registry.names}),
+            LIMITS_ENV: json.dumps(
+                {
+                    **{name: registry.limits(name).model_dump() for name in registry.names},
+                    TOKEN_STATS: settings.confidence_stop_limits.model_dump(),
+                }
+            ),
             EVENTS_DIR_ENV: str(link.events_dir),
             SRGEN_ENGINE_ENV: settings.srgen_engine.model_dump_json(),
         },

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from refine_server.contract.params import SRGenEngineSettings
+from refine_server.contract.params import ConfidenceStopLimits, SRGenEngineSettings
 from refine_server.models.catalog import BUNDLED, DEFAULT_MODEL
 
 DEFAULT_MAX_TOKENS = 1024
@@ -141,6 +141,12 @@ class Settings(BaseSettings):
         None,
         description="policy auto: a calibration file written by bench/calibrate.py (its thresholds per signal, "
         "for the model it names), over the one refine ships for that model. A request's own threshold wins.",
+    )
+    confidence_stop_limits: ConfidenceStopLimits = Field(
+        default_factory=ConfidenceStopLimits,
+        description="caps on DeepConf's in-engine confidence stop, e.g. '{\"window\": 1024}' (JSON); the "
+        "plugin enforces its copy (embedded mode: handed over in REFINE_ENGINE_POLICY_LIMITS under "
+        '"token_stats"; external mode: put it there in vLLM\'s environment)',
     )
     srgen_engine: SRGenEngineSettings = Field(
         default_factory=SRGenEngineSettings,

@@ -15,7 +15,9 @@ from tests.unit.engine_plugin.helpers import SECRET
 def engine_env(tmp_path, monkeypatch):
     monkeypatch.setenv(EVENTS_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(SECRET_ENV, SECRET)
-    monkeypatch.setenv(LIMITS_ENV, json.dumps({"srgen": {"steps": 4}}))
+    monkeypatch.setenv(LIMITS_ENV, json.dumps({"srgen": {"steps": 4}, "token_stats": {"window": 128}}))
     admission.srgen_limits.cache_clear()
+    admission.confidence_stop_limits.cache_clear()
     yield tmp_path
     admission.srgen_limits.cache_clear()
+    admission.confidence_stop_limits.cache_clear()

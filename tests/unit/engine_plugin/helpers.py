@@ -16,5 +16,6 @@ def _srgen(temperature: float = 0.6, secret: str = SECRET, **params) -> Sampling
     return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "srgen", json.dumps(params)))
 
 
-def _stats(temperature: float = 0.0, secret: str = SECRET) -> SamplingParams:
-    return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "token_stats", "{}"))
+def _stats(temperature: float = 0.0, secret: str = SECRET, **params) -> SamplingParams:
+    """A token-statistics request; `params`: its TokenStatsParams (confidence_k, stop)."""
+    return SamplingParams(temperature=temperature, extra_args=signed_xargs(secret, "token_stats", json.dumps(params)))

@@ -15,8 +15,16 @@ from refine_server.policies.token_stats import ChoiceTokenStats
 
 
 def _stats(confidence: list[float], entropy: list[float], margin: list[float]) -> ChoiceTokenStats:
-    n = len(confidence)
-    return ChoiceTokenStats(list(range(n)), entropy, [0.0] * n, margin, [0.5] * n, 0, confidence)
+    n = len(entropy)
+    return ChoiceTokenStats(
+        token_ids=list(range(n)),
+        entropy=entropy,
+        varentropy=[0.0] * n,
+        margin=margin,
+        prob=[0.5] * n,
+        confidence=confidence,
+        missing=0,
+    )
 
 
 def test_signals_from_engine_statistics() -> None:
@@ -32,7 +40,7 @@ def test_signals_from_engine_statistics() -> None:
 
 
 def test_engine_without_confidence_and_empty_answers_are_not_measured() -> None:
-    old = ChoiceTokenStats([1, 2], [0.1, 0.2], [0.0, 0.0], [0.9, 0.9], [0.9, 0.9], 0)  # no confidence reported
+    old = _stats([], [0.1, 0.2], [0.9, 0.9])  # no confidence reported (an older plugin)
     signals = measure(Reading.from_engine(old, []), None, 64)
     assert math.isnan(signals["lowest_group_confidence"]) and signals["max_entropy"] == pytest.approx(0.2)
     empty = measure(Reading.from_api([]), None, 64)

@@ -477,7 +477,7 @@ async def test_the_engine_sensor_is_used_where_the_upstream_reports_token_statis
             n = len(choice["logprobs"]["content"])
             # The engine's highest entropy is on each choice's first token, not on the scripted SPIKE_WORD.
             entropy = [3.0] + [0.1] * (n - 1)
-            stats[choice["index"]] = ChoiceTokenStats([0] * n, entropy, [0.0] * n, [0.9] * n, [0.9] * n, 0)
+            stats[choice["index"]] = ChoiceTokenStats([0] * n, entropy, [0.0] * n, [0.9] * n, [0.9] * n, [1.0] * n, 0)
         return result, stats
 
     engine.token_stats_unavailable = reports
