@@ -5,6 +5,7 @@ item by item.
     .venv/bin/python bench/quality.py run srgen
     .venv/bin/python bench/quality.py run cyberv-full --seeds 0 1 2  # sampled: one run per seed
     .venv/bin/python bench/quality.py run rain --limit 40
+    .venv/bin/python bench/quality.py run deepconf --seeds 0 1 2     # and self-consistency, cyberv-confstop
     .venv/bin/python bench/quality.py report                         # tables + README section from the runs
 
 `run` sends each item of the split (`--split test` by default: the frozen one) as one chat request through
@@ -51,8 +52,14 @@ ARMS: dict[str, dict] = {
     "cyberv": {"policy": "cyberv", "n": 8},
     "cyberv-full": {"policy": "cyberv", "n": 8, "adaptive": False},
     "rain": {"policy": "rain"},
+    # DeepConf online at its defaults, and the same policy as self-consistency: no stop, no consensus stop,
+    # every one of its max_traces traces voting once (the issue's comparison: same traces, same grader).
+    "deepconf": {"policy": "deepconf"},
+    "self-consistency": {"policy": "deepconf", "early_stop": False, "vote": "majority", "tau": None},
+    "cyberv-confstop": {"policy": "cyberv", "n": 8, "confidence_stop": True, "vote": "confidence"},
 }
-SAMPLED = {"cyberv", "cyberv-full"}  # arms whose answers depend on the seed
+# arms whose answers depend on the seed
+SAMPLED = {"cyberv", "cyberv-full", "deepconf", "self-consistency", "cyberv-confstop"}
 THETA = 0.3  # cyberv's default gate
 STOP_RISKS = (0.0, 0.02, 0.05, 0.1)  # the adaptive rule replayed certain (0), below, at and above the default
 POOLED_N = (12, 16)  # rounds larger than the runs' n = 8, joined from the seeds' candidates

@@ -23,11 +23,19 @@ from refine_server.policies.base import (
     enforce_limits,
 )
 from refine_server.policies.cyberv import CyberVPolicy
+from refine_server.policies.deepconf import DeepConfPolicy
 from refine_server.policies.none import NonePolicy
 from refine_server.policies.rain import RainPolicy
 from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy[Any]], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy, RainPolicy, AutoPolicy)
+BUILTIN_POLICIES: tuple[type[Policy[Any]], ...] = (
+    NonePolicy,
+    SRGenPolicy,
+    CyberVPolicy,
+    RainPolicy,
+    DeepConfPolicy,
+    AutoPolicy,
+)
 
 
 class UnknownPolicy(KeyError):

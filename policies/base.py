@@ -112,6 +112,28 @@ ENGINE_CALLS = PolicyMetric(
 )
 
 
+# DeepConf's (the `deepconf` policy, CyberV's `confidence_stop`): sampled traces, those its confidence stop
+# ended early, and the tokens that saved (an estimate: what the stopped and the undrawn traces would have cost).
+TRACES = PolicyMetric(
+    "refine_traces_per_request",
+    "Sampled traces a voting policy drew for one request",
+    "histogram",
+    (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    header="x-refine-traces",
+)
+STOPPED_TRACES = PolicyMetric(
+    "refine_stopped_traces_per_request",
+    "Traces the confidence stop ended early in one request",
+    "histogram",
+    (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+TOKENS_SAVED = PolicyMetric(
+    "refine_tokens_saved_estimate",
+    "Completion tokens a confidence stop saved (estimated from the traces that ran in full)",
+    "counter",
+)
+
+
 @dataclass
 class Trace:
     """What a policy did for one request: `data` for the client, `values` of its declared metrics (with the

@@ -2,8 +2,9 @@
 optional budget, and concurrent calls that cancel together.
 
 Policies never build URLs or read HTTP statuses: they call `chat`, `completions`, `stream_completions`,
-the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the backend's errors,
-which the route turns into the client's; a spent budget is `BudgetExhausted`, which the policy handles.
+`stream_chat`, the tokenizer, or `relay` the client's own request. Failures of the engine arrive as the
+backend's errors, which the route turns into the client's; a spent budget is `BudgetExhausted`, which the
+policy handles.
 `chat_with_token_stats` / `completions_with_token_stats` / `relay_with_token_stats` also return per-token
 statistics measured in the engine (`policies/token_stats.py`), where `token_stats_unavailable()` is None.
 """
@@ -223,16 +224,28 @@ class EngineClient:
         observed = len(prompt[-1]) if _is_batch(prompt) else None
         return await self._generate(purpose, "completions", {"prompt": prompt, **fields}, observed)
 
-    async def stream_completions(
+    def stream_completions(
         self, purpose: str, prompt: list[int], *, budgeted: bool = True, **fields: Any
     ) -> AsyncGenerator[dict[str, Any], None]:
         """A streamed completion, chunk by chunk. The caller may stop reading at any point: that closes the
         connection and vLLM aborts the rest; the usage reported so far is still counted.
         `budgeted=False`: the call finishes an answer after the budget ran out, so it is not checked."""
+        return self._stream(purpose, "completions", {"prompt": prompt, **fields}, budgeted)
+
+    def stream_chat(
+        self, purpose: str, messages: list[dict[str, Any]], **fields: Any
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streamed chat completion, chunk by chunk; as `stream_completions`, the caller may stop reading
+        at any point and vLLM aborts the rest (DeepConf's stop without refine's plugin works so)."""
+        return self._stream(purpose, "chat", {"messages": messages, **fields}, budgeted=True)
+
+    async def _stream(
+        self, purpose: str, endpoint: Endpoint, fields: dict[str, Any], budgeted: bool
+    ) -> AsyncGenerator[dict[str, Any], None]:
         if budgeted:
             self._check_budget()
         cost = self._charge(purpose)
-        body = self._body({"prompt": prompt, "stream": True, **fields})
+        body = self._body({**fields, "stream": True})
         body["stream_options"] = {
             "include_usage": True,
             "continuous_usage_stats": True,
@@ -241,10 +254,7 @@ class EngineClient:
         usage: dict[str, Any] = {}
         try:
             chunks = self.tracer.stream(
-                purpose,
-                "completions",
-                body,
-                self._backend.stream_json(PATHS["completions"], body, endpoint="completions"),
+                purpose, endpoint, body, self._backend.stream_json(PATHS[endpoint], body, endpoint=endpoint)
             )
             async with aclosing(chunks) as stream:
                 async for chunk in stream:

@@ -3,12 +3,21 @@ relaying the engine's."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from refine_server.policies.request import Endpoint
+
+WORDS_PER_CHUNK = 4  # streaming a decided answer: words per content chunk
+
+
+def split_for_streaming(text: str) -> list[str]:
+    """Pieces of WORDS_PER_CHUNK words that join back to exactly `text`: a policy that decides its answer
+    before sending it streams it in these."""
+    return re.findall(rf"\s*(?:\S+\s*){{1,{WORDS_PER_CHUNK}}}", text) or [text]
 
 
 @dataclass

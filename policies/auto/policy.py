@@ -84,11 +84,10 @@ from refine_server.policies.cyberv.policy import (
     direct_call,
     read_question,
     sensor_source,
-    split_for_streaming,
 )
 from refine_server.policies.cyberv.sensor import Generation
 from refine_server.policies.relayed import ACCEPTED
-from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.policies.response_bodies import AnswerShapes, split_for_streaming
 
 ESCALATED_HEADER = "x-refine-escalated"
 DECISIONS = PolicyMetric(

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from refine_server.contract.params import SRGenParams
 from refine_server.policies.base import PolicyLimits, PolicyParams
+from refine_server.policies.confidence import Variant
 
 
 class SRGenDecode(SRGenParams):
@@ -50,9 +51,26 @@ class CyberVParams(PolicyParams):
         "top_logprobs; top_logprobs: always the API's (to compare the two)",
     )
     progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
+    confidence_stop: bool = Field(
+        False,
+        description="DeepConf's online stop: round 1's first batch of reasoning samples is the warmup, and later "
+        "samples stop inside vLLM once their group confidence falls below the threshold it gives (drawn in "
+        "batches even when not adaptive); a stopped sample has no answer. Needs refine's plugin upstream",
+    )
+    vote: Literal["score", "confidence"] = Field(
+        "score",
+        description="score: the official gate over the sensor's scores; confidence: each candidate weighs its "
+        "lowest group confidence relative to the most confident candidate's (DeepConf's weights), the same gate "
+        "over the sums. Needs refine's plugin upstream",
+    )
+    confidence_window: int = Field(64, ge=1, description="confidence options: tokens in the group confidence's window")
+    confidence_variant: Variant = Field(
+        "high", description="confidence_stop: the threshold at the 10th (high) or 90th (low) warmup percentile"
+    )
 
 
 class CyberVLimits(PolicyLimits):
     n: int | None = 16
     max_reasoning_tokens: int | None = 2048
     max_feedback_tokens: int | None = 2048
+    confidence_window: int | None = 4096

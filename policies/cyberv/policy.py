@@ -47,6 +47,19 @@ over the whole vocabulary at the sampling temperature, the drawn token's probabi
 measured on the device; the API only adds each token's text) or `top_logprobs` (an upstream without refine's
 plugin: the entropy of the top 5 alternatives, renormalised, is all the API shows).
 
+**DeepConf's options** (arXiv 2508.15260; refine's addition, off by default; both need the engine's token
+confidence, so refine's plugin upstream and no `decode`: otherwise a 400 naming the option):
+- `confidence_stop`: round 1's first batch of reasoning samples is DeepConf's warmup (the direct answer, greedy
+  and asked for the answer alone, is not); its samples' lowest group confidences give the threshold at
+  `confidence_variant`'s percentile, and every later batch runs with the engine's stop at it (`window` =
+  `confidence_window`). Round 1 is drawn in batches then, even with `adaptive` off. A sample the stop ended
+  gets no answer (no final-answer step: DeepConf's stopped traces do not vote) and ranks in s5 with p = 0.
+  Unlike DeepConf, samples that ran in full vote whatever their confidence: the gate filters them already.
+- `vote: "confidence"`: each candidate's score is its lowest group confidence over the highest among the
+  candidates drawn (the most confident weighs 1, as a perfect score does; 0 for a stopped sample), summed per
+  answer and gated at n * theta as the scores are. The adaptive outlook bounds how the sensor's scores can
+  still move, which says nothing of relative confidences, so round 1 then stops only by the budget.
+
 **Controller** (official): score_i = 0.2 * (s1 + ... + s5), summed per distinct answer (`answers.Answer`:
 kind and normalised value). If the best sum exceeds n * theta, the best-scoring candidate of that answer is
 returned. Otherwise the feedback round runs.
@@ -89,24 +102,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
+import math
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal
 
-from refine_server.contract.params import SRGEN
+from refine_server.contract.params import SRGEN, ConfidenceStopParams, TokenStatsParams
 from refine_server.policies.answer_extraction import Answer, extract_answer, parse_answer, question_options
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
     EXTRA_TOKENS,
     ROUNDS,
+    STOPPED_TRACES,
+    TOKENS_SAVED,
     Policy,
     PolicyCall,
     PolicyRequestError,
 )
+from refine_server.policies.confidence import Variant, threshold_from_warmup, trace_confidence
 from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams, SRGenDecode
 from refine_server.policies.cyberv.sensor import (
     Candidate,
@@ -120,7 +136,7 @@ from refine_server.policies.cyberv.sensor import (
 )
 from refine_server.policies.cyberv.stopping import Outlook, outlook, settle
 from refine_server.policies.engine_client import run_together
-from refine_server.policies.response_bodies import AnswerShapes
+from refine_server.policies.response_bodies import AnswerShapes, split_for_streaming
 from refine_server.policies.srgen import srgen_fields, srgen_report
 
 if TYPE_CHECKING:
@@ -131,7 +147,6 @@ SensorSource = Literal["engine", "top_logprobs"]
 
 TOP_LOGPROBS = 5  # alternatives per token the sensor reads
 FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
-WORDS_PER_CHUNK = 4  # streaming: words per content chunk
 BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
@@ -237,7 +252,8 @@ class CyberVRun:
         self.candidates: list[Candidate] = []
         self.decision: Decision | None = None
         self.stop: Outlook | None = None  # why round 1 stopped before drawing all n
-        self.sensor_source: SensorSource = "top_logprobs"  # where the per-token statistics come from
+        self.sensor_source: SensorSource = "top_logprobs"  # or "engine": where the per-token statistics come from
+        self.confidence_threshold: float | None = None  # confidence_stop: the stop's threshold, from the warmup
         self.feedback: Feedback | None = None
         self.shapes = AnswerShapes(call.request.endpoint, call.request.model)
 
@@ -246,38 +262,87 @@ class CyberVRun:
     async def round1(self) -> Decision:
         p = self.params
         threshold = p.n * p.theta
-        batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive else p.n - 1)
+        # The confidence stop needs later batches to stop: round 1 is drawn in batches then, adaptive or not.
+        batches = reasoning_batches(p.n - 1, p.batch_size if p.adaptive or p.confidence_stop else p.n - 1)
         if p.decode is not None:
+            # A decoded call carries SRGen's signed request, and the plugin runs one policy per request: the
+            # sensor reads top_logprobs then.
+            if self.uses_confidence:
+                raise PolicyRequestError(
+                    "refine.decode runs SRGen in the engine, which then measures no token confidence: it cannot "
+                    "go with confidence_stop or vote confidence",
+                    "refine.decode",
+                )
             await self._require_srgen()
-        self.sensor_source = await sensor_source(self.engine, p)
+        elif p.sensor == "auto":
+            reason = await self.engine.token_stats_unavailable()
+            if reason is None:
+                self.sensor_source = "engine"
+            elif self.uses_confidence:
+                option = "confidence_stop" if p.confidence_stop else "vote"
+                raise PolicyRequestError(
+                    f"refine.{option} needs the token confidence refine's engine plugin measures, but {reason}",
+                    f"refine.{option}",
+                )
+        elif self.uses_confidence:
+            raise PolicyRequestError("the confidence options read the engine's token confidence", "refine.sensor")
         direct, first = await run_together(self._direct(), self._reasoning(batches[0], start=1))
         self.candidates = [direct, *first]
+        if p.confidence_stop:
+            self.confidence_threshold = confidence_threshold(first, p.confidence_variant)
         for size in batches[1:]:
-            sense(self.candidates, p.n)
-            settled = outlook(self.candidates, p.n, threshold, p.stop_risk)
+            self._sense()
+            # The outlook bounds how far the sensor's scores can still move; relative confidences move otherwise.
+            settled = (
+                outlook(self.candidates, p.n, threshold, p.stop_risk) if self.outlook_applies else Outlook(None, "")
+            )
             if settled.settled:
                 self.stop = settled
                 break
             self.candidates += await self._reasoning(size, start=len(self.candidates))
-        sense(self.candidates, p.n)
+        self._sense()
         self.decision = settle(self.candidates, threshold, self.stop)
         return self.decision
 
-    async def _generations(self, purpose: str, messages: list[dict[str, Any]], **fields: Any) -> list[Generation]:
+    @property
+    def uses_confidence(self) -> bool:
+        return self.params.confidence_stop or self.params.vote == "confidence"
+
+    @property
+    def outlook_applies(self) -> bool:
+        return self.params.adaptive and self.params.vote == "score"
+
+    def _sense(self) -> None:
+        """The sensor's signals and scores; with `vote: confidence`, DeepConf's weights replace the scores."""
+        sense(self.candidates, self.params.n)
+        if self.params.vote == "confidence":
+            for candidate, weight in zip(self.candidates, confidence_weights(self.candidates)):
+                candidate.score = weight
+
+    async def _generations(
+        self, purpose: str, messages: list[dict[str, Any]], *, stop_below: float | None = None, **fields: Any
+    ) -> list[Generation]:
         """The choices of one engine call, each token with the sensor's statistics: measured in the engine over
-        the whole vocabulary where the upstream has refine's plugin, else read from `top_logprobs`."""
+        the whole vocabulary where the upstream has refine's plugin, else read from `top_logprobs`.
+        `stop_below`: DeepConf's stop in the engine at that group confidence (the engine sensor only)."""
         if self.params.decode is not None:
             return await self._decoded_generations(self.params.decode, purpose, messages, **fields)
         if self.sensor_source == "engine":
             # The API still gives each token's text (its offsets in the answer); no alternatives are needed.
             result, stats = await self.engine.chat_with_token_stats(
-                purpose, messages, logprobs=True, top_logprobs=0, **fields
+                purpose, messages, sensor=self._sensor(stop_below), logprobs=True, top_logprobs=0, **fields
             )
         else:
             result = await self.engine.chat(purpose, messages, logprobs=True, top_logprobs=TOP_LOGPROBS, **fields)
             stats = {}
         choices = sorted(result["choices"], key=lambda c: c.get("index", 0))
         return [Generation.from_choice(c, stats.get(c.get("index", 0))) for c in choices]
+
+    def _sensor(self, stop_below: float | None) -> TokenStatsParams | None:
+        """What the engine's sensor is asked: the default (k 20, no stop), or DeepConf's stop at `stop_below`."""
+        if stop_below is None:
+            return None
+        return TokenStatsParams(stop=ConfidenceStopParams(threshold=stop_below, window=self.params.confidence_window))
 
     async def _decoded_generations(
         self, decode: SRGenDecode, purpose: str, messages: list[dict[str, Any]], *, n: int = 1, **fields: Any
@@ -307,7 +372,7 @@ class CyberVRun:
             generation = self.given_direct
         else:
             (generation,) = await self._generations("round1", prompt, **fields)
-        candidate = Candidate(0, "direct", generation)
+        candidate = self._candidate(0, "direct", generation)
         text = candidate.generation.text
         # Asked for the answer alone, the direct answer usually is only that ("7", "(B)"): read it whole.
         own = self.question.read(text) or (
@@ -328,12 +393,25 @@ class CyberVRun:
             top_k=p.reasoning_top_k,
             seed=self.engine.next_seed(),
             max_tokens=self.question.cap(p.max_reasoning_tokens),
+            stop_below=self.confidence_threshold,
         )
-        candidates = [Candidate(i, "reasoning", g) for i, g in enumerate(generations, start=start)]
+        candidates = [self._candidate(i, "reasoning", g) for i, g in enumerate(generations, start=start)]
+        # A sample the confidence stop ended was cut short: it has no answer to read (DeepConf: it does not vote).
         await run_together(
-            *(self._read_answer("round1", c, prompt, self.question.read(c.generation.text)) for c in candidates)
+            *(
+                self._read_answer("round1", c, prompt, self.question.read(c.generation.text))
+                for c in candidates
+                if c.generation.stopped_at is None
+            )
         )
         return candidates
+
+    def _candidate(self, index: int, kind: Literal["direct", "reasoning"], generation: Generation) -> Candidate:
+        """A candidate, with DeepConf's scores where the engine measured its confidences."""
+        candidate = Candidate(index, kind, generation)
+        if self.uses_confidence and generation.confidences:
+            candidate.confidence = trace_confidence(generation.confidences, self.params.confidence_window)
+        return candidate
 
     async def _read_answer(
         self, purpose: str, candidate: Candidate, prompt: list[dict[str, Any]], own: Answer | None
@@ -432,6 +510,7 @@ class CyberVRun:
             "threshold": round4(d.threshold),
             "sensor_source": self.sensor_source,
             "direct_answer": "given" if self.given_direct is not None else "generated",
+            **({"confidence": self.confidence_summary()} if self.uses_confidence else {}),
             **({"decode": self.decode_summary()} if self.params.decode is not None else {}),
             "round1": {
                 "planned": self.params.n,
@@ -470,6 +549,28 @@ class CyberVRun:
             else self.chosen.completion_tokens
         )
         trace.record(EXTRA_TOKENS, self.engine.spend.completion_tokens - returned)
+        if self.params.confidence_stop:
+            summary = self.confidence_summary()
+            trace.record(STOPPED_TRACES, summary["stopped"])
+            trace.record(TOKENS_SAVED, summary["tokens_saved_estimate"])
+
+    def confidence_summary(self) -> dict[str, Any]:
+        """What the confidence options did: the stop's threshold and warmup, the samples it stopped, and the
+        tokens that saved (each stopped sample against the mean length of the samples that ran in full)."""
+        reasoning = [c for c in self.candidates if c.kind == "reasoning"]
+        stopped = [c for c in reasoning if c.generation.stopped_at is not None]
+        full = [len(c.generation.tokens) for c in reasoning if c.generation.stopped_at is None]
+        mean_full = sum(full) / len(full) if full else 0.0
+        return {
+            "vote": self.params.vote,
+            "stop": self.params.confidence_stop,
+            "threshold": round4(self.confidence_threshold),
+            "variant": self.params.confidence_variant,
+            "window": self.params.confidence_window,
+            "warmup": [c.index for c in reasoning[: self.params.batch_size]] if self.params.confidence_stop else [],
+            "stopped": len(stopped),
+            "tokens_saved_estimate": round(sum(max(0.0, mean_full - len(c.generation.tokens)) for c in stopped)),
+        }
 
     def decode_summary(self) -> dict[str, Any]:
         """SRGen's work over every decoded generation (each candidate's own is in its trace entry)."""
@@ -506,21 +607,40 @@ class CyberVRun:
         return chunks
 
 
+def confidence_threshold(warmup: list[Candidate], variant: Variant) -> float | None:
+    """DeepConf's stop threshold from the warmup samples' lowest group confidences; None (no stop) where the
+    engine measured none."""
+    lowest = [c.confidence.lowest_group for c in warmup if c.confidence is not None]
+    try:
+        return threshold_from_warmup(lowest, variant)
+    except ValueError:
+        return None
+
+
+def confidence_weights(candidates: list[Candidate]) -> list[float]:
+    """DeepConf's vote weights on the gate's scale: each candidate's lowest group confidence over the highest
+    among the candidates drawn (the most confident weighs 1, as a perfect score does); 0 without one, and for a
+    sample the stop ended (it has no answer)."""
+    lowest = [
+        c.confidence.lowest_group
+        if c.confidence is not None and not math.isnan(c.confidence.lowest_group) and c.generation.stopped_at is None
+        else 0.0
+        for c in candidates
+    ]
+    top = max(lowest, default=0.0)
+    return [value / top if top > 0 else 0.0 for value in lowest]
+
+
 def reasoning_batches(samples: int, batch_size: int) -> list[int]:
     """The reasoning samples of round 1 in batches of `batch_size` (the last may be smaller)."""
     return [min(batch_size, samples - start) for start in range(0, samples, batch_size)]
-
-
-def split_for_streaming(text: str) -> list[str]:
-    """Pieces of WORDS_PER_CHUNK words that join back to exactly `text`."""
-    return re.findall(rf"\s*(?:\S+\s*){{1,{WORDS_PER_CHUNK}}}", text) or [text]
 
 
 class CyberVPolicy(Policy[CyberVParams]):
     name = "cyberv"
     Params = CyberVParams
     Limits = CyberVLimits
-    metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS)
+    metrics = (*Policy.metrics, CORRECTIONS, ROUNDS, EXTRA_TOKENS, STOPPED_TRACES, TOKENS_SAVED)
     refuses_fields = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "echo")
 
     # `direct`: candidate 0, already generated by the caller with `direct_call` (auto's first answer).

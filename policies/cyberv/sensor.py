@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.policies.answer_extraction import Answer
+from refine_server.policies.confidence import TraceConfidence
 
 if TYPE_CHECKING:
     from refine_server.policies.token_stats import ChoiceTokenStats
@@ -67,6 +68,10 @@ class Generation:
     tokens: list[Token]
     finish_reason: str | None
     decoded: dict[str, Any] | None = None  # what an in-engine policy reported for it (cyberv's `decode`)
+    # DeepConf's token confidences, where the engine measured them; and where its confidence stop ended the
+    # generation (None: it did not).
+    confidences: tuple[float, ...] = ()
+    stopped_at: int | None = None
 
     @classmethod
     def from_choice(cls, choice: dict[str, Any], stats: ChoiceTokenStats | None = None) -> Generation:
@@ -76,7 +81,12 @@ class Generation:
             tokens = [Token.from_engine(item, stats, j) for j, item in enumerate(items)]
         else:
             tokens = [Token.from_logprobs(item) for item in items]
-        return cls((choice.get("message") or {}).get("content") or "", tokens, choice.get("finish_reason"))
+        text = (choice.get("message") or {}).get("content") or ""
+        if stats is None:
+            return cls(text, tokens, choice.get("finish_reason"))
+        return cls(
+            text, tokens, choice.get("finish_reason"), confidences=tuple(stats.confidence), stopped_at=stats.stopped_at
+        )
 
     def tokens_between(self, start: int, end: int) -> list[Token]:
         """The tokens that wrote text[start:end] (character offsets; an empty span: the token at `start`)."""
@@ -131,6 +141,7 @@ class Candidate:
     spike: Spike | None = None
     signals: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
+    confidence: TraceConfidence | None = None  # DeepConf's scores, where the engine measured its confidences
 
     def take_answer(self, answer: Answer, source: Literal["own_text", "final_step", "unmarked_text"]) -> None:
         """Record the answer and the tokens that wrote it (in the final step or in the candidate's text)."""
@@ -174,7 +185,15 @@ class Candidate:
                 "generation": self.generation.decoded,
                 "final_step": self.final.decoded if self.final else None,
             }
-        if self.answer is None:
+        if self.confidence is not None:
+            entry["confidence"] = {
+                **self.confidence.as_dict(),
+                "stopped_low_confidence": self.generation.stopped_at is not None,
+                "stopped_at": self.generation.stopped_at,
+            }
+        if self.generation.stopped_at is not None:
+            entry["reason"] = "stopped for low confidence: no answer read"
+        elif self.answer is None:
             entry["reason"] = "no extractable answer"
         return entry
 

@@ -133,7 +133,12 @@ def test_policies_shows_a_keys_own_policies_and_tightened_caps() -> None:
     by_name = {p["name"]: p for p in listing["data"]}
     assert set(by_name) == {"cyberv", "srgen"}
     # The key's cap tightens the server's; the caps the server configured nothing for keep their defaults.
-    assert by_name["cyberv"]["limits"] == {"n": 4, "max_reasoning_tokens": 2048, "max_feedback_tokens": 2048}
+    assert by_name["cyberv"]["limits"] == {
+        "n": 4,
+        "max_reasoning_tokens": 2048,
+        "max_feedback_tokens": 2048,
+        "confidence_window": 4096,
+    }
     assert by_name["cyberv"]["defaults"]["n"] == 8
     assert by_name["cyberv"]["refuses_fields"] == [
         "tools",

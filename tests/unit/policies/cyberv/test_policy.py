@@ -127,6 +127,10 @@ def test_params_and_limits() -> None:
         "decode": None,
         "sensor": "auto",
         "progress": False,
+        "confidence_stop": False,
+        "vote": "score",
+        "confidence_window": 64,
+        "confidence_variant": "high",
     }
     with pytest.raises(LimitExceeded):
         registry.resolve("cyberv", {"n": 17})
