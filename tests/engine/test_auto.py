@@ -142,3 +142,12 @@ def test_engine_bad_escalations_are_400s_naming_the_field(client: OpenAI, escala
     with pytest.raises(openai.BadRequestError) as refused:
         _auto(client, {"escalate": escalate})
     assert refused.value.body["param"] == param
+
+
+@pytest.mark.engine
+def test_engine_escalates_to_deepconf_by_name(client: OpenAI) -> None:
+    deepconf = {"policy": "deepconf", "warmup": 2, "max_traces": 2, "max_trace_tokens": 16}
+    raw = _auto(client, {"escalate": deepconf, "threshold": ALWAYS})
+    trace = raw.parse().model_extra["refine"]["trace"]
+    assert trace["escalated"] is True and trace["escalate"] == "deepconf" and trace["first_call"] == "request"
+    assert not trace["first_answer_reused"] and trace["escalation"] is not None
