@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--signal", choices=SIGNALS, default="lowest_group_confidence")
     ap.add_argument("--calibration", type=Path, help="a calibration file: its threshold is marked")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--baselines", nargs="*", default=["none"], help="other arms' -s0 runs to plot as points")
     args = ap.parse_args()
 
     folder = args.results / args.split
@@ -129,6 +130,14 @@ def main() -> None:
         "tokens_per_item": sum(r["completion_tokens"] for r in escalated) / len(escalated),
     }
     baselines = {"first answer only": plain, args.escalation: own}
+    for arm in args.baselines:
+        path = folder / f"{arm}-s0.jsonl"
+        if path.exists():
+            rows = [r for r in load_rows(path) if r["id"] in escalation]
+            baselines[arm] = {
+                "accuracy": sum(r["correct"] for r in rows) / len(rows),
+                "tokens_per_item": sum(r["completion_tokens"] for r in rows) / len(rows),
+            }
     print(f"{len(probe)} items, signal {args.signal}, escalation {args.escalation}, first call {args.first_call}")
     print("| escalated | threshold | accuracy | tokens / item |")
     print("|---|---|---|---|")

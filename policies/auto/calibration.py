@@ -30,11 +30,11 @@ FirstCall = Literal["cyberv_direct", "request"]
 SHIPPED = "refine_server.models"  # the package whose calibration/ folder holds the bundled models' files
 
 DEFAULT_THRESHOLDS: dict[Signal, float] = {
-    "lowest_group_confidence": 15.0,
-    "tail_confidence": 15.0,
-    "mean_entropy": 0.5,
-    "max_entropy": 1.5,
-    "answer_margin": 0.8,
+    "lowest_group_confidence": 5.77,
+    "tail_confidence": 5.80,
+    "mean_entropy": 1.75,
+    "max_entropy": 4.31,
+    "answer_margin": 0.30,
 }
 
 
