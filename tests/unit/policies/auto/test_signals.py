@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from refine_server.config import Settings
+from refine_server.policies import BUILTIN_POLICIES, PolicyRegistry
+from refine_server.policies.auto import AutoPolicy
 from refine_server.policies.auto.calibration import DEFAULT_THRESHOLDS, Calibrations
 from refine_server.policies.auto.signals import ApiToken, Reading, api_tokens, is_sure, measure, tokens_of_span
 from refine_server.policies.token_stats import ChoiceTokenStats
@@ -94,3 +97,12 @@ def test_a_bad_calibration_file_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"model": "m", "thresholds": {"cyberv_direct": {"no_such_signal": 1.0}}}))
     with pytest.raises(ValueError):
         Calibrations.load(path)
+
+
+def test_the_servers_setting_reaches_the_policy(tmp_path: Path) -> None:
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"model": "m", "thresholds": {"request": {"max_entropy": 2.5}}}))
+    settings = Settings(auto_calibration=path)
+    auto = PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits, settings.policy_options()).get("auto")
+    assert isinstance(auto, AutoPolicy)
+    assert auto.calibrations.threshold("m", "request", "max_entropy") == (2.5, f"file:{path}")
