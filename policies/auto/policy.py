@@ -241,7 +241,7 @@ class AutoRun:
         trace.data = {
             "signal": p.signal,
             "value": _rounded(self.signals[p.signal]),
-            "threshold": p.threshold if p.threshold is not None else self.threshold,
+            "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "sure_when": ">=" if SURE_WHEN_HIGH[p.signal] else "<=",
             "escalated": self.escalated,
