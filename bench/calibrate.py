@@ -109,7 +109,7 @@ def main() -> None:
             continue
         rows = load_rows(path)
         thresholds[first_call] = {}
-        fitted[first_call] = {"probe": str(path.relative_to(HERE.parent)), "items": len(rows)}
+        fitted[first_call] = {"probe": str(path.resolve().relative_to(HERE.parent.resolve())), "items": len(rows)}
         escalation = {r["id"]: r for r in load_rows(args.escalation)} if args.escalation else {}
         for signal in SIGNALS:
             values = signal_values(rows, signal)
