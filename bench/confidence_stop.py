@@ -11,6 +11,11 @@ computes its window mean at every step and never fires: the cost of the check, n
 interleave the three settings so each sees the same machine state; per request, decode time per token is
 (last token's arrival - first token's) / (tokens - 1); a round's figure is the median over its requests, the
 report the median over rounds and the ratios to "nothing".
+
+`--micro`: the plugin's own work per engine step, without an engine: 8 stop rows of random logits at
+SmolLM2's vocabulary through the sensor's `observe` (which measures the confidence for every row that asks
+for statistics, stop or not) and then the stop's `apply` (what the stop adds), each timed per step in this
+process, one thread. Results go to `confidence_stop_micro.json`.
 """
 
 from __future__ import annotations
@@ -89,6 +94,48 @@ async def one_round(
     return statistics.median(per_token)
 
 
+def micro(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch
+    from vllm import SamplingParams
+
+    from refine_server.engine_plugin.sensor import StatsRow, TokenStatsSensor
+
+    vocab, steps = 49152, 200
+    torch.set_num_threads(1)  # one core, as one engine step's sampler runs
+    folder = Path(tempfile.mkdtemp())
+    sensor = TokenStatsSensor(folder, vocab_size=vocab, capacity=64)
+    xargs = xargs_for("sensor+stop", "s", args.window)
+    seqs = [sensor.admit(SamplingParams(temperature=0.8, stop_token_ids=[2], extra_args=xargs)) for _ in range(8)]
+    logits = torch.randn(8, vocab)
+    measure_s, stop_s = [], []
+    for t in range(steps):
+        work = logits.clone()
+        started = time.perf_counter()
+        measured = sensor.observe(work, [StatsRow(i, seq, t) for i, seq in enumerate(seqs)])
+        between = time.perf_counter()
+        sensor.stop.apply(work, measured)  # what the stop adds to the sensor's step
+        stop_s.append(time.perf_counter() - between)
+        sensor.sampled(torch.ones(8, 1, dtype=torch.long))
+        measure_s.append(between - started)
+    sensor.flush()
+    figures = {
+        "sensor_observe": round(statistics.median(measure_s[20:]) * 1000, 3),
+        "stop_apply": round(statistics.median(stop_s[20:]) * 1000, 3),
+    }
+    result = {
+        "command": " ".join(sys.argv),
+        "rows": 8,
+        "vocab": vocab,
+        "window": args.window,
+        "ms_per_step_median": figures,
+    }
+    out = args.out.with_name("confidence_stop_micro.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default="http://127.0.0.1:8100")
@@ -99,7 +146,10 @@ async def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--events-dir", type=Path, default=events_dir(), help="the engine's (its stats files go)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "confidence_stop.json")
+    ap.add_argument("--micro", action="store_true", help="the plugin's work per step, in-process, no engine")
     args = ap.parse_args()
+    if args.micro:
+        return micro(args)
     secret = os.environ.get(SECRET_ENV)
     if not secret:
         sys.exit(f"set {SECRET_ENV} to the engine's secret")

@@ -23,10 +23,13 @@ bitmask have run before refine's processor, in both runners); otherwise the stop
 `ignore_eos` can never end by EOS and is refused at admission. The forced token is the request's
 `eos_token_id`, else the lowest of its stop token ids (`sensor._eos`).
 
-Differences from the authors' vLLM plugin: the window is a running mean over the tokens before the one being
-drawn (the authors' also), kept as prefix sums on the device instead of a Python deque per request; their
-plugin forces EOS from the step after the mean fell, as here. A sequence that finds no free slot
-(`max_stop_sequences`) runs without the stop, and its records say so (`stopped` = -1).
+Where this differs from the paper: the paper stops a trace "as soon as" its group confidence falls below s;
+here the window that decides at step t ends at token t - 1, so the sequence ends with EOS at the step after
+the window fell (the forced EOS is one extra token, in `token_ids`, not in the text). C is measured on the
+logits the sampler sees (after logit bias, bad words, SRGen and, on V2, penalties) where the authors read
+vLLM's `top_logprobs` (by default the raw model output); for a plain request they are the same numbers. A
+sequence that finds no free slot (`max_stop_sequences`) runs without the stop, and its records say so
+(`stopped` = -1).
 """
 
 from __future__ import annotations
@@ -115,10 +118,11 @@ class ConfidenceStop:
         mean = (before - self._prefix[slot, start % self.ring]) / (t - start).clamp(min=1)
         self._prefix[slot, (t + 1) % self.ring] = before + measured.confidence[at].double()
         selected = logits.index_select(0, row)
-        fire = (t >= first) & (mean < threshold) & torch.isfinite(selected.gather(1, eos[:, None]).squeeze(1))
-        vocab = torch.arange(logits.shape[1], device=device)
-        others = fire[:, None] & (vocab[None, :] != eos[:, None])
-        logits.index_copy_(0, row, selected.masked_fill_(others, float("-inf")))
+        eos_logit = selected.gather(1, eos[:, None])
+        fire = (t >= first) & (mean < threshold) & torch.isfinite(eos_logit.squeeze(1))
+        # Whole rows to -inf where the stop fires, then each row's EOS logit back (unchanged where it did not).
+        selected.masked_fill_(fire[:, None], float("-inf")).scatter_(1, eos[:, None], eos_logit)
+        logits.index_copy_(0, row, selected)
         measured.stopped[at] = fire.to(measured.stopped.dtype) * FORCED
 
     def _slot(self, seq: StatsSequence, device: torch.device) -> int:
