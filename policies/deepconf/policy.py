@@ -110,6 +110,18 @@ def read_question(call: PolicyCall) -> Question:
     return Question(messages, question_options(text))
 
 
+@dataclass(frozen=True)
+class Generated:
+    """What the engine wrote for one trace and what the stop did, whichever side (engine or proxy) measured."""
+
+    text: str
+    finish_reason: str | None
+    tokens: int
+    confidences: list[float]
+    stopped_at: int | None
+    stop_waived: bool = False  # the engine ran it without its stop (every stop slot was taken)
+
+
 @dataclass
 class ReasoningTrace:
     """One sampled trace, its scores and its part in the vote."""
@@ -124,6 +136,7 @@ class ReasoningTrace:
     answer: Answer | None
     votes: bool = False
     weight: float = 0.0
+    stop_waived: bool = False
 
     def trace(self) -> dict[str, Any]:
         return {
@@ -138,6 +151,7 @@ class ReasoningTrace:
             "stopped_at": self.stopped_at,
             "tokens": self.tokens,
             "finish_reason": self.finish_reason,
+            **({"stop_waived": True} if self.stop_waived else {}),
         }
 
 
@@ -198,23 +212,24 @@ class DeepConfRun:
             drawn = await self._engine_batch(phase, count, stop, sampling)
         else:
             drawn = await run_together(*(self._streamed(phase, stop, sampling) for _ in range(count)))
-        for text, finish, tokens, confidences, stopped_at in drawn:
+        for g in drawn:
             self.traces.append(
                 ReasoningTrace(
                     len(self.traces),
                     phase,
-                    text,
-                    finish,
-                    tokens,
-                    trace_confidence(confidences, self.params.window),
-                    stopped_at,
-                    self.question.read(text),
+                    g.text,
+                    g.finish_reason,
+                    g.tokens,
+                    trace_confidence(g.confidences, self.params.window),
+                    g.stopped_at,
+                    self.question.read(g.text),
+                    stop_waived=g.stop_waived,
                 )
             )
 
     async def _engine_batch(
         self, phase: Phase, count: int, stop: float | None, sampling: dict[str, Any]
-    ) -> list[tuple[str, str | None, int, list[float], int | None]]:
+    ) -> list[Generated]:
         """`count` traces in one engine call, the engine measuring each token's confidence and, with `stop`,
         ending a trace whose window mean falls below it."""
         p = self.params
@@ -231,12 +246,14 @@ class DeepConfRun:
         for choice in sorted(result["choices"], key=lambda c: c.get("index", 0)):
             s = stats[choice.get("index", 0)]
             text = (choice.get("message") or {}).get("content") or ""
-            drawn.append((text, choice.get("finish_reason"), len(s.token_ids), list(s.confidence), s.stopped_at))
+            drawn.append(
+                Generated(
+                    text, choice.get("finish_reason"), len(s.token_ids), list(s.confidence), s.stopped_at, s.stop_waived
+                )
+            )
         return drawn
 
-    async def _streamed(
-        self, phase: Phase, stop: float | None, sampling: dict[str, Any]
-    ) -> tuple[str, str | None, int, list[float], int | None]:
+    async def _streamed(self, phase: Phase, stop: float | None, sampling: dict[str, Any]) -> Generated:
         """One trace streamed with `top_logprobs` = k, the proxy measuring and, with `stop`, aborting it."""
         p = self.params
         monitor = None if stop is None else WindowStop(stop, p.window, p.first_check)
@@ -249,7 +266,7 @@ class DeepConfRun:
             **sampling,
         )
         trace: StreamedTrace = await read_trace(chunks, p.confidence_k, monitor)
-        return trace.text, trace.finish_reason, len(trace.confidences), trace.confidences, trace.stopped_at
+        return Generated(trace.text, trace.finish_reason, len(trace.confidences), trace.confidences, trace.stopped_at)
 
     # -- the vote --
 

@@ -22,6 +22,7 @@ from refine_server.policies.confidence import group_confidences, threshold_from_
 from refine_server.policies.deepconf import DeepConfPolicy
 from refine_server.policies.deepconf.params import DeepConfParams
 from refine_server.policies.deepconf.streamed import WindowStop, read_trace
+from refine_server.policies.token_stats import ChoiceTokenStats
 from tests.conftest import MODEL, policy_call
 
 QUESTION = "What is 2 + 2?"
@@ -48,15 +49,6 @@ def _trace(answer: str, level: float, tokens: int = 12, dip: tuple[int, float] |
     return Script(answer, confidences)
 
 
-@dataclass
-class FakeStats:
-    """The part of ChoiceTokenStats DeepConf reads."""
-
-    token_ids: list[int]
-    confidence: list[float]
-    stopped_at: int | None
-
-
 class ScriptedEngine:
     """Answers DeepConf's engine calls from a script, in order, as many traces per call as its n; with the
     sensor's stop, a trace ends as the plugin ends it: once `first_check` tokens exist and the window mean is
@@ -72,7 +64,7 @@ class ScriptedEngine:
 
         async def chat_with_token_stats(
             purpose: str, messages: list[dict[str, Any]], *, sensor: TokenStatsParams, **fields: Any
-        ) -> tuple[dict[str, Any], dict[int, FakeStats]]:
+        ) -> tuple[dict[str, Any], dict[int, ChoiceTokenStats]]:
             self.calls.append({"purpose": purpose, "messages": messages, "sensor": sensor, **fields})
             cost = engine.spend.cost(purpose)
             cost.calls += 1
@@ -92,7 +84,9 @@ class ScriptedEngine:
                 choices.append(
                     {"index": i, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "stop"}
                 )
-                stats[i] = FakeStats(list(range(len(confidences))), confidences, stopped_at)
+                n = len(confidences)
+                nan = [math.nan] * n
+                stats[i] = ChoiceTokenStats(list(range(n)), nan, nan, nan, nan, confidences, 0, stopped_at=stopped_at)
                 cost.completion_tokens += len(confidences)
             return {"choices": choices, "usage": {}}, stats
 
