@@ -63,9 +63,15 @@ ARMS: dict[str, dict] = {
     "deepconf": {"policy": "deepconf"},
     "self-consistency": {"policy": "deepconf", "early_stop": False, "vote": "majority", "tau": None},
     "cyberv-confstop": {"policy": "cyberv", "n": 8, "confidence_stop": True, "vote": "confidence"},
+    # auto at the model's calibration, escalating to cyberv-full; and its probes: a threshold every measured
+    # answer reaches, so the trace holds every signal of the first answer and nothing escalates (what
+    # bench/calibrate.py fits on and bench/auto_replay.py replays): CyberV's direct call, the client's request.
+    "auto": {"policy": "auto", "escalate": {"policy": "cyberv", "n": 8, "adaptive": False}},
+    "auto-probe": {"policy": "auto", "escalate": {"policy": "cyberv", "n": 8, "adaptive": False}, "threshold": -1e9},
+    "auto-probe-request": {"policy": "auto", "escalate": {"policy": "srgen"}, "threshold": -1e9},
 }
 # arms whose answers depend on the seed
-SAMPLED = {"cyberv", "cyberv-full", "deepconf", "self-consistency", "cyberv-confstop"}
+SAMPLED = {"cyberv", "cyberv-full", "deepconf", "self-consistency", "cyberv-confstop", "auto"}
 THETA = 0.3  # cyberv's default gate
 STOP_RISKS = (0.0, 0.02, 0.05, 0.1)  # the adaptive rule replayed certain (0), below, at and above the default
 POOLED_N = (12, 16)  # rounds larger than the runs' n = 8, joined from the seeds' candidates

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from refine_server.policies.auto import AutoPolicy
 from refine_server.policies.base import (
     LimitExceeded,
     Policy,
@@ -27,7 +28,14 @@ from refine_server.policies.none import NonePolicy
 from refine_server.policies.rain import RainPolicy
 from refine_server.policies.srgen import SRGenPolicy
 
-BUILTIN_POLICIES: tuple[type[Policy[Any]], ...] = (NonePolicy, SRGenPolicy, CyberVPolicy, RainPolicy, DeepConfPolicy)
+BUILTIN_POLICIES: tuple[type[Policy[Any]], ...] = (
+    NonePolicy,
+    SRGenPolicy,
+    CyberVPolicy,
+    RainPolicy,
+    DeepConfPolicy,
+    AutoPolicy,
+)
 
 
 class UnknownPolicy(KeyError):
@@ -37,8 +45,16 @@ class UnknownPolicy(KeyError):
 class PolicyRegistry:
     """The policies a server offers, each with the limits its configuration sets."""
 
-    def __init__(self, policies: Iterable[type[Policy[Any]]], limits: Mapping[str, Mapping[str, Any]] | None = None):
-        self._policies = {p.name: p() for p in policies}
+    def __init__(
+        self,
+        policies: Iterable[type[Policy[Any]]],
+        limits: Mapping[str, Mapping[str, Any]] | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        """`options`: keyword arguments of a policy's constructor, by policy name, from the server's settings
+        (`auto`'s calibration file)."""
+        options = options or {}
+        self._policies = {p.name: p(**options.get(p.name, {})) for p in policies}
         limits = dict(limits or {})
         # Bad limits fail at start-up, not on the first request that uses them.
         parsed = self.parse_limits(limits)

@@ -60,6 +60,9 @@ class PolicyMetric:
     # A response header that carries the request's value too (non-streaming responses), for clients that drop
     # the body's unknown `refine` block (LangChain keeps only the fields it knows; it can keep headers).
     header: str | None = None
+    # Labels besides `policy`, each from a closed set the policy names (never request data). A labelled metric
+    # is observed only when the trace records it with its label values (`unset` must be None).
+    labels: tuple[str, ...] = ()
 
 
 # Latencies from a few ms (proxy overhead, one CPU decode step) to minutes (long searches on a CPU); refine's
@@ -133,17 +136,35 @@ TOKENS_SAVED = PolicyMetric(
 
 @dataclass
 class Trace:
-    """What a policy did for one request: `data` for the client, `values` of its declared metrics."""
+    """What a policy did for one request: `data` for the client, `values` of its declared metrics (with the
+    values of their extra labels), and `headers` of its own for the response (`x-refine-...`)."""
 
     data: dict[str, Any] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
+    label_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
-    def record(self, metric: PolicyMetric, value: float | None) -> None:
-        """Set one metric's value for this request (None: the policy could not tell; not observed)."""
+    def record(self, metric: PolicyMetric, value: float | None, *labels: str) -> None:
+        """Set one metric's value for this request (None: the policy could not tell; not observed), with the
+        values of the metric's extra `labels`, in order."""
+        if len(labels) != len(metric.labels):
+            raise ValueError(f"{metric.name} takes labels {metric.labels}, given {labels}")
         if value is None:
             self.values.pop(metric.name, None)
+            self.label_values.pop(metric.name, None)
         else:
             self.values[metric.name] = value
+            if labels:
+                self.label_values[metric.name] = labels
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """A policy named inside another's parameters (`auto`'s `escalate`), with its parameters validated and
+    capped by the server exactly as a request's own policy is."""
+
+    policy: Policy[Any]
+    params: PolicyParams
 
 
 @dataclass
@@ -151,6 +172,7 @@ class PolicyCall:
     request: ClientRequest
     engine: EngineClient
     trace: Trace = field(default_factory=Trace)
+    nested: ResolvedPolicy | None = None  # the policy this one's parameters name (`Policy.nested_policy`)
 
 
 P = TypeVar("P", bound=PolicyParams)
@@ -175,6 +197,13 @@ class Policy(ABC, Generic[P]):
     refuses_fields: ClassVar[tuple[str, ...]] = ()
     # True when the policy has something to load before its first request (`warm_up`): a model, tokenizers.
     warms_up: ClassVar[bool] = False
+
+    def nested_policy(self, params: P) -> tuple[str, str, dict[str, Any]] | None:
+        """A policy these parameters name for this policy to run (`auto`'s escalation): the parameter's name,
+        the policy's name and its raw parameters. The server resolves it as it resolves a request's own policy
+        (the key's permission, validation, caps, the plugin, refused fields) and hands it over as
+        `PolicyCall.nested`. None: no such policy."""
+        return None
 
     async def warm_up(self, served_models: list[dict[str, Any]]) -> None:
         """Load what the policy needs (for the backend's `served_models`, its /v1/models entries), so the first

@@ -103,7 +103,7 @@ def create_app(
     settings: Settings, registry: PolicyRegistry | None = None, *, span_exporter: SpanExporter | None = None
 ) -> FastAPI:
     """`span_exporter`: trace into it (tests: the SDK's InMemorySpanExporter) whatever the settings say."""
-    registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits)
+    registry = registry or PolicyRegistry(BUILTIN_POLICIES, settings.policy_limits, settings.policy_options())
     registry.get(settings.default_policy)  # an unknown default policy fails at start-up
     open_engine_fields = check_allow_list(settings.client_engine_fields)
     metrics = Metrics(registry.metrics())

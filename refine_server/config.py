@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         description="whether the engine runs with --scheduling-policy priority, so refine sends each engine "
         "call's priority. Unset: true in embedded mode (refine starts vLLM so), false in external mode",
     )
+    auto_calibration: Path | None = Field(
+        None,
+        description="policy auto: a calibration file written by bench/calibrate.py (its thresholds per signal, "
+        "for the model it names), over the one refine ships for that model. A request's own threshold wins.",
+    )
     confidence_stop_limits: ConfidenceStopLimits = Field(
         default_factory=ConfidenceStopLimits,
         description="caps on DeepConf's in-engine confidence stop, e.g. '{\"window\": 1024}' (JSON); the "
@@ -204,6 +209,10 @@ class Settings(BaseSettings):
     def answer_tokens_default(self) -> int:
         """The max_tokens a request that sets none is served with."""
         return self.default_max_tokens or min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
+
+    def policy_options(self) -> dict[str, dict[str, Any]]:
+        """The settings each policy's constructor takes, by policy name."""
+        return {"auto": {"calibration_file": self.auto_calibration}}
 
     def sends_priority(self) -> bool:
         """Whether engine calls carry a priority: only to an engine that schedules by it."""

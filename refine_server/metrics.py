@@ -122,18 +122,22 @@ class Metrics:
     def policy_label(self, name: str) -> str:
         return name if name in self._policies else "other"
 
-    def observe_policy(self, policy: str, values: Mapping[str, float]) -> None:
+    def observe_policy(
+        self, policy: str, values: Mapping[str, float], label_values: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         """One request's values of the metrics `policy` declares (a declared metric left unset is observed as
-        its `unset` value, or not at all)."""
+        its `unset` value, or not at all), a labelled one with its `label_values`."""
+        label_values = label_values or {}
         for metric in self._declared.get(policy, ()):
             value = values.get(metric.name, metric.unset)
-            if value is None:
+            labels = label_values.get(metric.name, ())
+            if value is None or len(labels) != len(metric.labels):
                 continue
-            collector = self._by_name[metric.name]
+            collector = self._by_name[metric.name].labels(policy, *labels)
             if isinstance(collector, Counter):
-                collector.labels(policy).inc(value)
+                collector.inc(value)
             else:
-                collector.labels(policy).observe(value)
+                collector.observe(value)
 
     def exposition(self) -> bytes:
         """The metrics of this process, or of every worker process when refine runs several (prometheus-client's
@@ -151,10 +155,11 @@ class Metrics:
                 raise ValueError(f"policies declare metric {metric.name!r} in two different ways")
             return
         collector: Histogram | Counter
+        labels = ["policy", *metric.labels]
         if metric.kind == "counter":
-            collector = Counter(metric.name, metric.help, ["policy"], registry=self.registry)
+            collector = Counter(metric.name, metric.help, labels, registry=self.registry)
         else:
-            collector = Histogram(metric.name, metric.help, ["policy"], buckets=metric.buckets, registry=self.registry)
+            collector = Histogram(metric.name, metric.help, labels, buckets=metric.buckets, registry=self.registry)
         self._by_name[metric.name] = collector
         self._definitions[metric.name] = metric
 

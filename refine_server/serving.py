@@ -27,7 +27,7 @@ from refine_server.front_ends import FrontEnd
 from refine_server.gatekeeping.gatekeeper import Ticket
 from refine_server.gatekeeping.max_tokens import server_defaults, with_default_max_tokens
 from refine_server.policies import LimitExceeded, Policy, PolicyError, PolicyParams, UnknownPolicy
-from refine_server.policies.base import PolicyCall
+from refine_server.policies.base import PolicyCall, ResolvedPolicy
 from refine_server.policies.engine_client import EngineClient
 from refine_server.policies.relayed import STREAM_FORMATS, StreamFormat
 from refine_server.policies.request import ClientRequest
@@ -63,12 +63,14 @@ class GenerationServing:
         self.request: ClientRequest
         self.policy: Policy[Any]
         self.params: PolicyParams
+        self.nested: ResolvedPolicy | None = None  # the policy the chosen one's parameters name (auto's escalation)
+        self._nested_param = ""  # the field that names it: refine.<parameter>.policy
 
     async def respond(self) -> Response:
         """The answer, or the error in the API's own format; the request is counted whatever happens."""
         try:
             parsed, body = await self._read_request()
-            self.policy, self.params = self._choose_policy(parsed.refine)
+            self.policy, self.params, self.nested = self._choose_policy(parsed.refine)
             self._policy_label = self._rt.metrics.policy_label(self.policy.name)
             self._translated = self._front.translates and not self.policy.relays_request
             request = self._front.translate(parsed, body) if self._translated else self._front.relayed(parsed, body)
@@ -118,7 +120,9 @@ class GenerationServing:
             self._http.receive, self._route.run(self._open_stream, self._plugin_check())
         )
         relay = ChunkRelay(first, chunks, self)
-        return EventStreamResponse(relay.events(), headers={**SSE_HEADERS, POLICY_HEADER: self.policy.name})
+        # What the policy knew before its first chunk (auto's decision), besides its name.
+        headers = {**SSE_HEADERS, POLICY_HEADER: self.policy.name, **self._calls[-1].trace.headers}
+        return EventStreamResponse(relay.events(), headers=headers)
 
     async def _open_stream(self, backend: Backend) -> tuple[Chunk | None, AsyncGenerator[Chunk, None]]:
         chunks = self.policy.stream(self._new_call(backend), self.params)
@@ -138,7 +142,7 @@ class GenerationServing:
         engine = EngineClient(
             backend, self.request, tracer=tracer, fields=self._ticket.fields, pacer=self._ticket.pacer
         )
-        call = PolicyCall(self.request, self._ticket.track(engine))
+        call = PolicyCall(self.request, self._ticket.track(engine), nested=self.nested)
         self._calls.append(call)
         if self._span is not None:
             self._span.policy_call = call
@@ -167,7 +171,7 @@ class GenerationServing:
     def refine_block(self) -> dict[str, Any]:
         """The `refine` block of the answer; the policy's metrics are observed as it is made."""
         call = self._calls[-1]
-        self._rt.metrics.observe_policy(self._policy_label, call.trace.values)
+        self._rt.metrics.observe_policy(self._policy_label, call.trace.values, call.trace.label_values)
         return {
             "policy": self.policy.name,
             "params": self.params.model_dump(mode="json"),
@@ -216,40 +220,65 @@ class GenerationServing:
         body.pop("refine", None)
         return parsed, body
 
-    def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy[Any], PolicyParams]:
-        rt = self._rt
-        name = (spec.policy if spec else None) or rt.settings.default_policy
-        raw_params = spec.policy_params() if spec else {}
-        if name in rt.registry.names:
+    def _choose_policy(self, spec: RefineSpec | None) -> tuple[Policy[Any], PolicyParams, ResolvedPolicy | None]:
+        """The request's policy, its parameters, and the policy they name (auto's escalation), which is checked
+        exactly as a request's own policy is; its errors name the field under `refine.<parameter>`."""
+        name = (spec.policy if spec else None) or self._rt.settings.default_policy
+        policy, params = self._resolve(name, spec.policy_params() if spec else {}, ("refine",))
+        named = policy.nested_policy(params)
+        if named is None:
+            return policy, params, None
+        field, nested_name, nested_params = named
+        self._nested_param = f"refine.{field}.policy"
+        nested = self._resolve(nested_name, nested_params, ("refine", field), param=self._nested_param)
+        return policy, params, ResolvedPolicy(*nested)
+
+    def _resolve(
+        self, name: str, raw_params: dict[str, Any], where: tuple[str, ...], param: str = "refine.policy"
+    ) -> tuple[Policy[Any], PolicyParams]:
+        """A policy by name and its parameters: the key may use it, they validate, they are within the caps."""
+        registry = self._rt.registry
+        prefix = ".".join(where)
+        if name in registry.names:
             self._grant.check_policy(name)
         try:
-            return rt.registry.resolve(name, raw_params, self._grant.limits)
+            return registry.resolve(name, raw_params, self._grant.limits)
         except UnknownPolicy:
             raise invalid_request(
-                f"unknown policy {name!r}; this server offers: {', '.join(rt.registry.names)}", "refine.policy"
+                f"unknown policy {name!r}; this server offers: {', '.join(registry.names)}", param
             ) from None
         except ValidationError as exc:
-            raise from_validation_error(exc, prefix=("refine",)) from None
+            raise from_validation_error(exc, prefix=where) from None
         except LimitExceeded as exc:
-            raise invalid_request(str(exc), f"refine.{exc.param}") from None
+            raise invalid_request(str(exc), f"{prefix}.{exc.param}") from None
+
+    def _policies(self) -> list[Policy[Any]]:
+        """The request's policy and the one its parameters name: both must be able to serve it."""
+        return [self.policy, *([self.nested.policy] if self.nested else [])]
 
     def _refuse_unhonoured_fields(self) -> None:
-        for field in self.policy.refuses_fields:
-            if self.request.asks_for(field):
-                raise APIError(
-                    400,
-                    f"policy {self.policy.name!r} cannot honour {field!r}: send the request without "
-                    "it, or choose another policy",
-                    param=field,
-                    code="unsupported_parameter",
-                )
+        for policy in self._policies():
+            for field in policy.refuses_fields:
+                if self.request.asks_for(field):
+                    raise APIError(
+                        400,
+                        f"policy {policy.name!r} cannot honour {field!r}: send the request without "
+                        "it, or choose another policy",
+                        param=field,
+                        code="unsupported_parameter",
+                    )
 
     def _plugin_check(self) -> Callable[[Backend], Awaitable[None]] | None:
-        """What a backend must pass before it gets the request: for an in-engine policy, a plugin that runs it;
-        None (nothing to await per request) for the others."""
-        return self._suits if self.policy.needs_engine_plugin else None
+        """What a backend must pass before it gets the request: for an in-engine policy (the request's, or the
+        one it may escalate to), a plugin that runs it; None (nothing to await per request) for the others."""
+        return self._suits if any(p.needs_engine_plugin for p in self._policies()) else None
 
     async def _suits(self, backend: Backend) -> None:
+        for policy in self._policies():
+            if policy.needs_engine_plugin:
+                await self._runs_inside(backend, policy)
+
+    async def _runs_inside(self, backend: Backend, policy: Policy[Any]) -> None:
         """A 400 for an in-engine policy on a backend whose plugin cannot run it for this proxy; such a policy
         goes only to a backend whose plugin can."""
         plugin = await backend.plugin(self.request.model)
@@ -259,7 +288,7 @@ class GenerationServing:
                 f"{where} does not have refine's engine plugin: pip install refine-server into the vLLM "
                 "environment and restart it"
             )
-        elif self.policy.name not in plugin.handshake.policies:
+        elif policy.name not in plugin.handshake.policies:
             problem = f"{where} has refine's engine plugin {plugin.handshake.version}, which does not offer it"
         elif plugin.handshake.signature != "ok":
             secret = "no" if plugin.handshake.signature == "no secret" else "another"
@@ -271,15 +300,16 @@ class GenerationServing:
             return
         raise APIError(
             400,
-            f"policy {self.policy.name!r} runs inside vLLM, but {problem}",
-            param="refine.policy",
+            f"policy {policy.name!r} runs inside vLLM, but {problem}",
+            param="refine.policy" if policy is self.policy else self._nested_param,
             code="engine_plugin_missing",
         )
 
     def _summary_headers(self) -> dict[str, str]:
         """The policy's name and the counts it recorded that have a header (corrections, rounds, ...)."""
-        values = self._calls[-1].trace.values
-        headers = {POLICY_HEADER: self.policy.name}
+        trace = self._calls[-1].trace
+        values = trace.values
+        headers = {POLICY_HEADER: self.policy.name, **trace.headers}
         for metric in self.policy.metrics:
             value = values.get(metric.name)
             if metric.header and value is not None:
