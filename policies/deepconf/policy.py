@@ -35,6 +35,8 @@ tokens; a trace's score is its lowest group confidence (windows count once full;
   the same policy self-consistency, graded the same way (bench/quality.py's arm).
 - When no trace reaches s with an answer (a fixed threshold above every trace, say), every trace with an
   answer votes, and the trace says `vote_fallback`: an answer from the traces drawn beats none.
+- An upstream that reports no confidence at all (no logprobs in its answers: not vLLM) leaves DeepConf its
+  vote alone: no threshold, no stop, one vote per answer, and the trace says `confidence_missing`.
 - Answers are read by CyberV's extractor (`answer_extraction.extract_answer`: a marked answer, else the last
   number or option); the trace returned is the most confident voter for the winning answer, so its text states
   the chosen answer (the extractor read it there). Without any answer, the most confident trace is returned.
@@ -62,7 +64,6 @@ from refine_server.policies.base import (
     Policy,
     PolicyCall,
     PolicyRequestError,
-    PolicyUnavailable,
 )
 from refine_server.policies.confidence import (
     TraceConfidence,
@@ -170,6 +171,7 @@ class DeepConfRun:
         self.answer: Answer | None = None
         self.consensus = 0.0
         self.vote_fallback = False
+        self.confidence_missing = False  # the upstream reported no confidence: majority vote, no stop
 
     @property
     def max_tokens(self) -> int:
@@ -192,10 +194,8 @@ class DeepConfRun:
             try:
                 self.threshold = threshold_from_warmup([t.confidence.lowest_group for t in self.traces], p.variant)
             except ValueError:
-                raise PolicyUnavailable(
-                    "policy deepconf: the upstream reported no token confidence for any warmup trace "
-                    f"({self.sensor_source})"
-                ) from None
+                # An upstream that sends no logprobs: what is left of DeepConf is its vote, unweighted.
+                self.confidence_missing = True
             self._vote()
             yield self.progress("warmup_done")
         asked = len(self.traces)  # counted by what was asked, so that a short answer cannot loop forever
@@ -273,16 +273,18 @@ class DeepConfRun:
     def _vote(self) -> None:
         """Who votes and with what weight, the leading answer and its share of the weight (the consensus)."""
         p, s = self.params, self.threshold
-        assert s is not None, "the threshold is set before any vote"
+        assert s is not None or self.confidence_missing, "the threshold is set before any vote"
         for t in self.traces:
             low = t.confidence.lowest_group
-            t.votes = t.answer is not None and (not p.early_stop or (not math.isnan(low) and low >= s))
+            confident = s is None or not p.early_stop or (not math.isnan(low) and low >= s)
+            t.votes = t.answer is not None and confident
         self.vote_fallback = not any(t.votes for t in self.traces)
         if self.vote_fallback:
             for t in self.traces:
                 t.votes = t.answer is not None
         for t in self.traces:
-            t.weight = (t.confidence.lowest_group if p.vote == "confidence" else 1.0) if t.votes else 0.0
+            weighted = p.vote == "confidence" and not self.confidence_missing
+            t.weight = (t.confidence.lowest_group if weighted else 1.0) if t.votes else 0.0
         voters = [t for t in self.traces if t.votes]
         # Answers are equal by kind and value; the vote counts them by both, so that "4" the number and "4"
         # a text never pool.
@@ -337,6 +339,7 @@ class DeepConfRun:
                 "stopped_early": stopped,
                 "voters": sum(t.votes for t in self.traces),
                 "vote_fallback": self.vote_fallback,
+                **({"confidence_missing": True} if self.confidence_missing else {}),
                 "threshold": _round4(self.threshold),
                 "threshold_source": "given" if p.threshold is not None else f"warmup ({p.variant})",
                 "consensus": _round4(self.consensus),

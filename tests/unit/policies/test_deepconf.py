@@ -282,6 +282,25 @@ async def test_without_the_plugin_every_trace_is_streamed_with_top_logprobs_and_
     assert trace["chosen"]["answer"] == "4" and body["usage"]["completion_tokens"] == sum(backend.read)
 
 
+class NoLogprobs(NoPlugin):
+    """An upstream that streams the traces but never sends logprobs (not vLLM)."""
+
+    async def stream_json(self, path: str, body: dict[str, Any], *, endpoint: str):
+        async for chunk in super().stream_json(path, body, endpoint=endpoint):
+            chunk["choices"][0].pop("logprobs")
+            yield chunk
+
+
+async def test_an_upstream_without_logprobs_leaves_deepconf_its_unweighted_vote() -> None:
+    backend = NoLogprobs([_trace("4", 1.0), _trace("5", 1.0), _trace("4", 1.0), _trace("4", 1.0)])
+    call = _call(backend, seed=1)
+    body = await DeepConfPolicy().complete(call, DeepConfParams(warmup=2, max_traces=4, batch_size=2, tau=None))
+    trace = call.trace.data
+    assert trace["summary"]["confidence_missing"] is True and trace["summary"]["threshold"] is None
+    assert [t["weight"] for t in trace["traces"]] == [1.0] * 4 and backend.read == [12] * 4  # none stopped
+    assert trace["chosen"]["answer"] == "4" and "4" in body["choices"][0]["message"]["content"]
+
+
 # ---- streaming, the request, the parameters ----------------------------------------------------------------
 
 
