@@ -61,6 +61,7 @@ ARMS: dict[str, dict] = {
     # DeepConf online at its defaults, and the same policy as self-consistency: no stop, no consensus stop,
     # every one of its max_traces traces voting once (the issue's comparison: same traces, same grader).
     "deepconf": {"policy": "deepconf"},
+    "deepconf-low": {"policy": "deepconf", "variant": "low"},
     "self-consistency": {"policy": "deepconf", "early_stop": False, "vote": "majority", "tau": None},
     "cyberv-confstop": {"policy": "cyberv", "n": 8, "confidence_stop": True, "vote": "confidence"},
     # auto at the model's calibration, escalating to cyberv-full; and its probes: a threshold every measured
@@ -71,7 +72,7 @@ ARMS: dict[str, dict] = {
     "auto-probe-request": {"policy": "auto", "escalate": {"policy": "srgen"}, "threshold": -1e9},
 }
 # arms whose answers depend on the seed
-SAMPLED = {"cyberv", "cyberv-full", "deepconf", "self-consistency", "cyberv-confstop", "auto"}
+SAMPLED = {"cyberv", "cyberv-full", "deepconf", "deepconf-low", "self-consistency", "cyberv-confstop", "auto"}
 THETA = 0.3  # cyberv's default gate
 STOP_RISKS = (0.0, 0.02, 0.05, 0.1)  # the adaptive rule replayed certain (0), below, at and above the default
 POOLED_N = (12, 16)  # rounds larger than the runs' n = 8, joined from the seeds' candidates
@@ -234,6 +235,7 @@ def report(args: argparse.Namespace) -> None:
         mc = "-" if test is None else f"{test.p_value:.3f} ({test.b_only} vs {test.a_only})"
         lines.append(f"| {arm} ({len(ids)} items) | {boot.diff:+.1%} | {boot.low:+.1%} to {boot.high:+.1%} | {mc} |")
 
+    lines += deepconf_table(runs, summary)
     full = runs.get("cyberv-full")
     if full:
         lines += ["", *cyberv_samples(full, items, summary)]
@@ -246,6 +248,42 @@ def report(args: argparse.Namespace) -> None:
         head, rest = readme.split(start, 1)
         README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
         print(f"README quality section of {args.model} rewritten from {RESULTS / args.model}")
+
+
+def deepconf_table(runs: dict[str, dict[int, dict[str, dict]]], summary: dict) -> list[str]:
+    """Each DeepConf arm against self-consistency over the same trace budget (issue 27's comparison), paired by
+    item: the accuracy difference and the ratio of completion tokens, each with a 95% bootstrap interval."""
+    base = runs.get("self-consistency")
+    arms = [arm for arm in runs if arm.startswith("deepconf")]
+    if not base or not arms:
+        return []
+    lines = [
+        "",
+        "| against self-consistency (same items, same trace budget) | items | accuracy difference (95% CI) | "
+        "completion tokens ratio (95% CI) |",
+        "|---|---|---|---|",
+    ]
+    results = summary["versus_self_consistency"] = {}
+    for name in arms:
+        arm = runs[name]
+        ids = sorted(set.intersection(*(set(s) for s in (*base.values(), *arm.values()))))
+        boot = paired_bootstrap(item_scores(base, ids), item_scores(arm, ids))
+        spent = [statistics.mean(seeds[i]["completion_tokens"] for seeds in arm.values()) for i in ids]
+        full = [statistics.mean(seeds[i]["completion_tokens"] for seeds in base.values()) for i in ids]
+        ratio = sum(spent) / sum(full)
+        ratio_lo, ratio_hi = ratio_interval(spent, full, ids)
+        results[name] = {
+            "items": len(ids),
+            "difference": boot.diff,
+            "ci95": [boot.low, boot.high],
+            "tokens_ratio": ratio,
+            "tokens_ratio_ci95": [ratio_lo, ratio_hi],
+        }
+        lines.append(
+            f"| {name} | {len(ids)} | {boot.diff:+.1%} ({boot.low:+.1%} to {boot.high:+.1%}) | "
+            f"{ratio:.2f}x ({ratio_lo:.2f}-{ratio_hi:.2f}) |"
+        )
+    return lines
 
 
 def cyberv_samples(full: dict[int, dict[str, dict]], items: dict[str, dict], summary: dict) -> list[str]:

@@ -87,3 +87,22 @@ def test_a_stopped_run_resumes_from_its_partial_rows(tmp_path: Path, monkeypatch
     assert [r["id"] for r in rows] == [i["id"] for i in items]
     assert sum(r["text"] == "kept" for r in rows) == 3
     assert not partial.exists()
+
+
+def test_deepconf_arms_are_paired_with_self_consistency_by_item() -> None:
+    def run(correct: list[bool], tokens: list[int]) -> dict[int, dict[str, dict]]:
+        return {0: {f"q{i}": {"correct": c, "completion_tokens": t} for i, (c, t) in enumerate(zip(correct, tokens))}}
+
+    runs = {
+        "self-consistency": run([True, False, True, False], [100, 100, 100, 100]),
+        "deepconf": run([True, True, True, False], [50, 30, 40, 80]),
+        "none": run([False] * 4, [10] * 4),
+    }
+    summary: dict = {}
+    lines = quality.deepconf_table(runs, summary)
+    result = summary["versus_self_consistency"]["deepconf"]
+    assert result["items"] == 4 and result["difference"] == pytest.approx(0.25)
+    assert result["tokens_ratio"] == pytest.approx(0.5)
+    assert result["tokens_ratio_ci95"][0] <= 0.5 <= result["tokens_ratio_ci95"][1]
+    assert any(line.startswith("| deepconf | 4 | +25.0%") for line in lines)
+    assert quality.deepconf_table({"deepconf": runs["deepconf"]}, {}) == []  # nothing to pair with
