@@ -7,10 +7,9 @@ depth); this module imports nothing but pydantic, so the proxy and the engine sh
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PolicyParams(BaseModel):
@@ -90,20 +89,15 @@ class ConfidenceStopParams(PolicyParams):
     """DeepConf's online stop, run in the engine: once at least `stop_after` tokens exist and the mean token
     confidence over the last `window` of them falls below `threshold`, the sequence may only end (EOS)."""
 
-    threshold: float = Field(description="group confidence below which the sequence stops (finite)")
+    threshold: float = Field(
+        allow_inf_nan=False, description="group confidence below which the sequence stops (finite)"
+    )
     window: int = Field(
         default=64, ge=1, le=MAX_STOP_WINDOW, description="tokens in the sliding window of the group confidence"
     )
     stop_after: int | None = Field(
         default=None, ge=1, description="tokens before the stop may act (default: `window`, as the authors' code)"
     )
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("threshold must be a finite number")
-        return value
 
     @property
     def first_check(self) -> int:

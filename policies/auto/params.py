@@ -3,8 +3,6 @@ threshold."""
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refine_server.policies.auto.signals import Signal
@@ -46,18 +44,12 @@ class AutoParams(PolicyParams):
     )
     threshold: float | None = Field(
         None,
+        allow_inf_nan=False,
         description="the signal's value that counts as sure: confidences and the margin at or above it, "
         "entropies at or below it. Unset: the model's calibration, else the signal's default",
     )
     window: int = Field(DEFAULT_WINDOW, ge=1, le=32_768, description="tokens in DeepConf's group-confidence window")
     progress: bool = Field(False, description="streaming: send the decision as a progress chunk before the answer")
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("threshold must be a finite number")
-        return value
 
 
 class AutoLimits(PolicyLimits):

@@ -7,7 +7,6 @@ each field's description names the paper's value. The paper's setting is reachab
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -23,6 +22,7 @@ class DeepConfParams(PolicyParams):
     )
     threshold: float | None = Field(
         None,
+        allow_inf_nan=False,
         description="a fixed stop threshold instead of the warmup's (the reproduce script's predefined "
         "thresholds): no warmup is drawn",
     )
@@ -76,13 +76,6 @@ class DeepConfParams(PolicyParams):
         "reads top_logprobs and aborts the stream; top_logprobs: always the proxy (to compare the two)",
     )
     progress: bool = Field(False, description="streaming: send progress chunks (no choices) before the answer")
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("threshold must be a finite number")
-        return value
 
     @field_validator("max_traces")
     @classmethod
