@@ -28,6 +28,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the repository's packages, when run as a script
 
 from calibrate import PROBES, RESULTS, fit_rate, load_rows, signal_values  # noqa: E402
+from stats import paired_bootstrap, ratio_interval  # noqa: E402
 
 from refine_server.policies.auto.signals import SIGNALS, is_sure  # noqa: E402
 
@@ -35,24 +36,37 @@ RATES = [i / 10 for i in range(11)]
 
 
 def replay(probe: list[dict], escalation: dict[str, dict], signal: str, threshold: float, request: bool) -> dict:
-    """auto's accuracy, tokens per item and escalation rate at `threshold`, over the items of both runs."""
+    """auto's accuracy, tokens per item and escalation rate at `threshold`, over the items of both runs, and
+    against the escalation policy alone on the same items: the accuracy difference (95% paired bootstrap over
+    items) and the ratio of completion tokens (95% bootstrap over items)."""
     values = signal_values(probe, signal)
-    correct = tokens = escalated = 0.0
+    correct: list[float] = []
+    tokens: list[float] = []
+    escalated = 0
     for row, value in zip(probe, values):
         if is_sure(signal, value, threshold):  # type: ignore[arg-type]
-            correct += row["correct"]
-            tokens += row["completion_tokens"]
+            correct.append(float(row["correct"]))
+            tokens.append(row["completion_tokens"])
         else:
             other = escalation[row["id"]]
             escalated += 1
-            correct += other["correct"]
-            tokens += other["completion_tokens"] + (row["completion_tokens"] if request else 0)
+            correct.append(float(other["correct"]))
+            tokens.append(other["completion_tokens"] + (row["completion_tokens"] if request else 0))
+    alone = [escalation[row["id"]] for row in probe]
+    boot = paired_bootstrap([float(r["correct"]) for r in alone], correct)
+    alone_tokens = [r["completion_tokens"] for r in alone]
     n = len(probe)
     return {
         "threshold": threshold,
         "escalation_rate": escalated / n,
-        "accuracy": correct / n,
-        "tokens_per_item": tokens / n,
+        "accuracy": sum(correct) / n,
+        "tokens_per_item": sum(tokens) / n,
+        "versus_escalation": {
+            "difference": boot.diff,
+            "ci95": [boot.low, boot.high],
+            "tokens_ratio": sum(tokens) / sum(alone_tokens),
+            "tokens_ratio_ci95": list(ratio_interval(tokens, alone_tokens, [row["id"] for row in probe])),
+        },
     }
 
 
@@ -102,11 +116,11 @@ def main() -> None:
     ap.add_argument("--first-call", choices=sorted(PROBES), default="cyberv_direct")
     ap.add_argument("--signal", choices=SIGNALS, default="lowest_group_confidence")
     ap.add_argument("--calibration", type=Path, help="a calibration file: its threshold is marked")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="whose runs (bench/quality.py --model)")
     ap.add_argument("--baselines", nargs="*", default=["none"], help="other arms' -s0 runs to plot as points")
     args = ap.parse_args()
 
-    folder = args.results / args.split
+    folder = RESULTS / args.model / args.split
     probe = load_rows(folder / f"{PROBES[args.first_call]}-s0.jsonl")
     escalation = {r["id"]: r for r in load_rows(folder / f"{args.escalation}-s0.jsonl")}
     probe = [r for r in probe if r["id"] in escalation]  # the items both runs answered
@@ -139,23 +153,28 @@ def main() -> None:
                 "tokens_per_item": sum(r["completion_tokens"] for r in rows) / len(rows),
             }
     print(f"{len(probe)} items, signal {args.signal}, escalation {args.escalation}, first call {args.first_call}")
-    print("| escalated | threshold | accuracy | tokens / item |")
-    print("|---|---|---|---|")
+    print(
+        f"| escalated | threshold | accuracy | tokens / item | vs {args.escalation} alone: accuracy (95% CI) "
+        "| tokens ratio (95% CI) |"
+    )
+    print("|---|---|---|---|---|---|")
     for p in points:
         label = f" ({p['label']})" if "label" in p else ""
+        v = p["versus_escalation"]
         print(
             f"| {p['escalation_rate']:.0%}{label} | {p['threshold']:.4g} | {p['accuracy']:.1%} "
-            f"| {p['tokens_per_item']:.0f} |"
+            f"| {p['tokens_per_item']:.0f} | {v['difference']:+.1%} ({v['ci95'][0]:+.1%} to {v['ci95'][1]:+.1%}) "
+            f"| {v['tokens_ratio']:.2f}x ({v['tokens_ratio_ci95'][0]:.2f}-{v['tokens_ratio_ci95'][1]:.2f}) |"
         )
     for name, p in baselines.items():
-        print(f"| {name} | | {p['accuracy']:.1%} | {p['tokens_per_item']:.0f} |")
-    stem = f"auto-{args.split}-{args.escalation}-{args.signal}"
-    (HERE / "results" / f"{stem}.json").write_text(
+        print(f"| {name} | | {p['accuracy']:.1%} | {p['tokens_per_item']:.0f} | | |")
+    stem = RESULTS / args.model / f"auto-{args.split}-{args.escalation}-{args.signal}"
+    stem.with_suffix(".json").write_text(
         json.dumps({"items": len(probe), "points": points, "baselines": baselines}, indent=1) + "\n"
     )
-    title = f"auto on {args.split}: {args.signal} -> {args.escalation} ({len(probe)} items)"
-    plot(points, baselines, title, HERE / "results" / f"{stem}.png")
-    print(f"-> bench/results/{stem}.json, .png")
+    title = f"{args.model}, auto on {args.split}: {args.signal} -> {args.escalation} ({len(probe)} items)"
+    plot(points, baselines, title, stem.with_suffix(".png"))
+    print(f"-> {stem.relative_to(HERE.parent)}.json, .png")
 
 
 if __name__ == "__main__":
