@@ -28,7 +28,10 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the repository's packages, when run as a script
 
 from calibrate import PROBES, RESULTS, fit_rate, load_rows, signal_values  # noqa: E402
+from grading import grade_answer  # noqa: E402
+from quality import _vote, load_items  # noqa: E402
 from stats import paired_bootstrap, ratio_interval  # noqa: E402
+from stopping import tokens  # noqa: E402
 
 from refine_server.policies.auto.signals import SIGNALS, is_sure  # noqa: E402
 
@@ -70,10 +73,31 @@ def replay(probe: list[dict], escalation: dict[str, dict], signal: str, threshol
     }
 
 
-def plot(points: list[dict], baselines: dict[str, dict], title: str, out: Path) -> None:
-    """Accuracy against tokens per item: auto's curve over thresholds, and each baseline's point."""
+def self_consistency(escalated: list[dict], items: dict[str, dict]) -> list[dict]:
+    """Self-consistency at k = 1..n over a CyberV run's own candidates (the majority of the first k answers, as
+    bench/quality.py replays it): accuracy and tokens per item, on the same items. Empty for other policies."""
+    if not all("candidates" in (row.get("trace") or {}) for row in escalated):
+        return []
+    n = min(len(row["trace"]["candidates"]) for row in escalated)
+    curve = []
+    for k in range(1, n + 1):
+        picks = [row["trace"]["candidates"][:k] for row in escalated]
+        correct = [grade_answer(items[row["id"]], _vote(cands)).correct for row, cands in zip(escalated, picks)]
+        curve.append(
+            {
+                "k": k,
+                "accuracy": sum(correct) / len(correct),
+                "tokens_per_item": sum(tokens(c) for c in picks) / len(picks),
+            }
+        )
+    return curve
+
+
+def plot(points: list[dict], baselines: dict[str, dict], title: str, out: Path, voting: list[dict]) -> None:
+    """Accuracy against tokens per item: auto's curve over thresholds (blue), self-consistency at k = 1..n over
+    the escalation's candidates (green), and each baseline's point (red)."""
     width, height, pad = 720, 480, 60
-    everything = [*points, *baselines.values()]
+    everything = [*points, *voting, *baselines.values()]
     xs = [p["tokens_per_item"] for p in everything]
     ys = [p["accuracy"] for p in everything]
     x0, x1 = 0.0, max(xs) * 1.05 or 1.0
@@ -102,6 +126,12 @@ def plot(points: list[dict], baselines: dict[str, dict], title: str, out: Path) 
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="blue")
         if "label" in p:
             draw.text((x + 5, y - 14), p["label"], fill="blue")
+    if voting:
+        draw.line([at(p) for p in voting], fill="green", width=2)
+        for p in voting:
+            x, y = at(p)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="green")
+            draw.text((x + 4, y + 4), f"sc{p['k']}", fill="green")
     for name, p in baselines.items():
         x, y = at(p)
         draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill="red")
@@ -139,6 +169,7 @@ def main() -> None:
         "tokens_per_item": sum(r["completion_tokens"] for r in probe) / len(probe),
     }
     escalated = [escalation[r["id"]] for r in probe]
+    voting = self_consistency(escalated, {item["id"]: item for item in load_items(args.split)})
     own = {
         "accuracy": sum(r["correct"] for r in escalated) / len(escalated),
         "tokens_per_item": sum(r["completion_tokens"] for r in escalated) / len(escalated),
@@ -170,10 +201,15 @@ def main() -> None:
         print(f"| {name} | | {p['accuracy']:.1%} | {p['tokens_per_item']:.0f} | | |")
     stem = RESULTS / args.model / f"auto-{args.split}-{args.escalation}-{args.signal}"
     stem.with_suffix(".json").write_text(
-        json.dumps({"items": len(probe), "points": points, "baselines": baselines}, indent=1) + "\n"
+        json.dumps(
+            {"items": len(probe), "points": points, "baselines": baselines, "self_consistency": voting}, indent=1
+        )
+        + "\n"
     )
     title = f"{args.model}, auto on {args.split}: {args.signal} -> {args.escalation} ({len(probe)} items)"
-    plot(points, baselines, title, stem.with_suffix(".png"))
+    plot(points, baselines, title, stem.with_suffix(".png"), voting)
+    for p in voting:
+        print(f"| self-consistency over its first {p['k']} | | {p['accuracy']:.1%} | {p['tokens_per_item']:.0f} | | |")
     print(f"-> {stem.relative_to(HERE.parent)}.json, .png")
 
 
