@@ -12,7 +12,7 @@ is a `PolicyRequestError` (the client receives a 400), one the server cannot run
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -173,6 +173,10 @@ class PolicyCall:
     engine: EngineClient
     trace: Trace = field(default_factory=Trace)
     nested: ResolvedPolicy | None = None  # the policy this one's parameters name (`Policy.nested_policy`)
+    # Before the nested policy runs: waits, as a request of it would, for a slot of it, after which the engine's
+    # calls carry its priority. False when no slot came in time (the caller answers without it). None where
+    # nothing admits requests (a policy driven directly, as in unit tests): the nested policy runs at once.
+    enter_nested: Callable[[], Awaitable[bool]] | None = None
 
 
 P = TypeVar("P", bound=PolicyParams)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -143,11 +144,22 @@ class GenerationServing:
             backend, self.request, tracer=tracer, fields=self._ticket.fields, pacer=self._ticket.pacer
         )
         call = PolicyCall(self.request, self._ticket.track(engine), nested=self.nested)
+        if self.nested is not None:
+            call.enter_nested = partial(self._enter_nested, engine)
         self._calls.append(call)
         if self._span is not None:
             self._span.policy_call = call
             self._span.routed(backend.base_url)
         return call
+
+    async def _enter_nested(self, engine: EngineClient) -> bool:
+        """The nested policy's slot and, once it is held, its priority on the request's engine calls."""
+        assert self._ticket is not None and self.nested is not None
+        fields = await self._rt.gatekeeper.admit_nested(self._ticket, self.nested.policy.name, self._grant)
+        if fields is None:
+            return False
+        engine.fields = fields
+        return True
 
     # ---- what the stream's relay asks of its request (streaming.RelayedRequest) -------------------------------
 

@@ -10,7 +10,8 @@ told to fail: a prompt of "FAIL_500" gets an HTTP 500, "FAIL_MIDSTREAM" an error
 made with `drops_streams=True` answers every stream 200 and drops the connection before its first event.
 `GET /fake/traceparents` lists the `traceparent` header of each completion request (null where none came),
 `GET /fake/bodies` each generation request's body. A stream asked for its usage (`stream_options.include_usage`)
-ends with vLLM's usage chunk (`"choices": []`). `/v1/chat/completions` answers "alpha beta gamma" as a message.
+ends with vLLM's usage chunk (`"choices": []`). `/v1/chat/completions` answers "alpha beta gamma" as a message,
+after 3 s where a message contains "SLOW".
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ async def _messages(request: Request):
 async def _chat(request: Request):
     body = await request.json()
     request.app.state.bodies.append(body)
+    if any("SLOW" in str(m.get("content")) for m in body.get("messages") or ()):
+        await asyncio.sleep(3)
     return JSONResponse(
         {
             "id": "chatcmpl-1",

@@ -28,6 +28,13 @@ Their usage adds the first call's tokens: the response's usage is what the reque
 **Threshold.** The request's `threshold`; else the model's calibration (`calibration.py`, for the kind of first
 call); else the signal's default. The trace says which (`threshold_source`).
 
+**Admission.** An escalated request is a request of the escalation policy too: before it runs, it waits for a
+slot of that policy as a request of it would (`--policy-concurrency`), and its engine calls then carry that
+policy's engine priority. Where no slot frees within the queue timeout the request keeps its first answer
+rather than failing: it has one, and a 429 would throw it away. The header, the trace (`escalation_busy`) and
+the decisions metric say `busy`. (Without admission, a burst of unsure auto requests would run any number of
+CyberV rounds beside a limit of 2 for cyberv.)
+
 **Streaming.** The first call is not streamed (its signal needs the whole answer): the decision comes before
 any content (a `refine_progress` chunk with it when `progress` is set), then a plain answer is sent at once in
 pieces of a few words, and an escalated one as its policy streams it. The `x-refine-escalated` header goes out
@@ -78,13 +85,8 @@ from refine_server.policies.base import (
     Trace,
 )
 from refine_server.policies.cyberv.params import CyberVParams
-from refine_server.policies.cyberv.policy import (
-    TOP_LOGPROBS,
-    CyberVPolicy,
-    direct_call,
-    read_question,
-    sensor_source,
-)
+from refine_server.policies.cyberv.policy import TOP_LOGPROBS, CyberVPolicy, sensor_source
+from refine_server.policies.cyberv.question import direct_call, read_question
 from refine_server.policies.cyberv.sensor import Generation
 from refine_server.policies.relayed import ACCEPTED
 from refine_server.policies.response_bodies import AnswerShapes, split_for_streaming
@@ -129,6 +131,7 @@ class AutoRun:
         self.first: FirstAnswer | None = None
         self.signals: dict[Signal, float] = {}
         self.escalated = False
+        self.busy = False  # unsure, but the escalation policy's concurrency limit left no slot in time
         self.inner = PolicyCall(call.request, call.engine)  # the escalation's own call: its trace is its own
         self.relays = 0  # relayed engine calls (not in the engine client's spend)
 
@@ -143,8 +146,15 @@ class AutoRun:
         span = tokens_of_span(first.text, first.reading.nbytes, answer.start, answer.end) if answer else None
         self.signals = measure(first.reading, span, self.params.window)
         self.escalated = not is_sure(self.params.signal, self.signals[self.params.signal], self.threshold)
-        self.call.trace.headers[ESCALATED_HEADER] = "true" if self.escalated else "false"
+        if self.escalated and self.call.enter_nested is not None and not await self.call.enter_nested():
+            self.escalated, self.busy = False, True
+        self.call.trace.headers[ESCALATED_HEADER] = self.decision
         return self.escalated
+
+    @property
+    def decision(self) -> str:
+        """true, false, or busy: unsure, but no slot of the escalation policy freed in time."""
+        return "busy" if self.busy else "true" if self.escalated else "false"
 
     async def _cyberv_direct(self) -> FirstAnswer:
         params = self.escalation.params
@@ -245,6 +255,7 @@ class AutoRun:
             "threshold_source": self.threshold_source,
             "sure_when": ">=" if SURE_WHEN_HIGH[p.signal] else "<=",
             "escalated": self.escalated,
+            "escalation_busy": self.busy,
             "escalate": self.escalation.policy.name,
             "first_call": self.first_call,
             "sensor_source": first.reading.source,
@@ -257,7 +268,7 @@ class AutoRun:
             trace.values.update(inner.values)
             trace.headers.update(inner.headers)
         trace.record(ENGINE_CALLS, self.call.engine.spend.engine_calls + self.relays)
-        trace.record(DECISIONS, 1, self.escalation.policy.name, p.signal, "true" if self.escalated else "false")
+        trace.record(DECISIONS, 1, self.escalation.policy.name, p.signal, self.decision)
 
 
 class AutoPolicy(Policy[AutoParams]):

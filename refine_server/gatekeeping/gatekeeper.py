@@ -10,6 +10,8 @@ The route calls `Gatekeeper.admit` once the policy is chosen, builds each `Engin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from starlette.types import Receive
 
 from refine_server.auth import Grant
@@ -26,6 +28,7 @@ class Ticket:
 
     def __init__(self, slot: Slot, fields: CallFields, grant: Grant, pacer: CallPacer | None, plain: PlainFirst | None):
         self._slot = slot
+        self._nested_slot: Slot | None = None  # a slot of the policy this one runs inside it (auto's escalation)
         self.fields = fields
         self._grant = grant
         self.pacer = pacer  # paces this request's engine calls behind plain traffic (None: they go at once)
@@ -38,6 +41,13 @@ class Ticket:
         self._engines.append(engine)
         return engine
 
+    def holds_nested_slot(self) -> bool:
+        return self._nested_slot is not None
+
+    def hold_nested_slot(self, slot: Slot) -> None:
+        """Hold `slot` (of the policy run inside this request's) until the request finishes."""
+        self._nested_slot = slot
+
     def engine_tokens(self) -> int:
         return sum(engine.engine_tokens() for engine in self._engines)
 
@@ -47,6 +57,8 @@ class Ticket:
             return
         self._finished = True
         self._slot.release()
+        if self._nested_slot is not None:
+            self._nested_slot.release()
         if self._plain is not None:
             self._plain.plain_finished()
         if self.pacer is not None:
@@ -81,6 +93,18 @@ class Gatekeeper:
             plain = self.plain_first
             plain.plain_started()
         return Ticket(slot, fields, grant, self.plain_first.pacer(policy), plain)
+
+    async def admit_nested(self, ticket: Ticket, policy: str, grant: Grant) -> CallFields | None:
+        """For an admitted request about to run `policy` inside its own (auto's escalation): a slot of `policy`,
+        waited for in turn as a request of it would wait, so its concurrency limit bounds escalations too; then
+        the fields its engine calls carry (its priority). None when no slot freed within the queue timeout: the
+        request keeps the answer it has. Cancelled with the request when the client goes away."""
+        if not ticket.holds_nested_slot():  # a request retried on another replica keeps the slot it got
+            slot = await self.admission.enter_if_free_in_time(policy, grant.name)
+            if slot is None:
+                return None
+            ticket.hold_nested_slot(slot)
+        return replace(ticket.fields, priority=self.priorities.of(policy, grant.priorities))
 
     def describe(self, policy: str, grant: Grant) -> dict[str, int | float | None]:
         """What GET /v1/refine/policies shows of `policy`'s admission: its limit (None: unlimited), the

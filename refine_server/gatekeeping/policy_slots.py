@@ -257,6 +257,14 @@ class Admission:
         except ShuttingDown:
             raise _shutting_down() from None
 
+    async def enter_if_free_in_time(self, policy: str, key: str) -> Slot | None:
+        """A slot of `policy`, waited for as `enter` waits; None (no error) when none freed in time or shutdown
+        began: for a request that has an answer already and would only improve it (`auto`'s escalation)."""
+        try:
+            return await self._gates[policy].enter(key)
+        except (QueueTimeout, ShuttingDown):
+            return None
+
     def close(self) -> None:
         """Shutdown has begun: waiters answered with 503 now, and nothing waits from here on."""
         for gate in self._gates.values():

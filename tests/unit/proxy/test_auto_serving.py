@@ -4,7 +4,10 @@ refused fields), each error a 400 naming the field under `refine.escalate`; the 
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -106,3 +109,66 @@ def test_the_decision_goes_out_as_a_header_and_a_labelled_metric(auto_proxy: str
     sample = f"refine_auto_decisions_total{{{labels}}}"
     assert sample in metrics
     assert metric_total(metrics, "refine_auto_decisions_total") >= 1
+
+
+def _auto_to_cyberv(proxy: str, question: str = "What is 2 + 2?") -> object:
+    return _client(proxy).chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=8,
+        extra_body={"refine": {"policy": "auto", "escalate": {"policy": "cyberv", "n": 2}}},
+    )
+
+
+@pytest.mark.parametrize("queue_timeout", [0.5, 10.0])
+def test_an_escalation_waits_for_a_slot_of_its_policy_and_without_one_keeps_the_first_answer(
+    fake_backend: str, queue_timeout: float
+) -> None:
+    """cyberv's concurrency limit bounds auto's escalations to cyberv too; one that gets no slot in time answers
+    with its first answer (busy), one that gets it runs under cyberv's engine priority."""
+    settings = Settings(
+        backend_url=fake_backend,
+        policy_concurrency={"cyberv": 1},
+        policy_queue_timeout=queue_timeout,
+        engine_priority_scheduling=True,
+        policy_priority={"auto": 2, "cyberv": 3},
+    )
+    registry = PolicyRegistry([NonePolicy, CyberVPolicy, AutoPolicy], settings.policy_limits)
+    with serve_in_thread(create_app(settings, registry)) as url, ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(
+            _client(url).chat.completions.create,
+            model=MODEL,
+            messages=[{"role": "user", "content": "SLOW: what is 3 + 3?"}],  # each engine call takes 3 s
+            max_tokens=8,
+            extra_body={"refine": {"policy": "cyberv", "n": 2}},
+        )
+        deadline = time.monotonic() + 5
+        while _running(url, "cyberv") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        sent_before = len(httpx.get(f"{fake_backend}/fake/bodies").json())
+        started = time.monotonic()
+        raw = _auto_to_cyberv(url)
+        waited = time.monotonic() - started
+        trace = raw.parse().model_extra["refine"]["trace"]
+        bodies = httpx.get(f"{fake_backend}/fake/bodies").json()[sent_before:]
+        auto_bodies = [b for b in bodies if "SLOW" not in json.dumps(b)]
+        if queue_timeout < 1:
+            assert raw.headers["x-refine-escalated"] == "busy" and 0.4 < waited < 2.5
+            assert trace["escalated"] is False and trace["escalation_busy"] is True and trace["escalation"] is None
+            assert [b["priority"] for b in auto_bodies] == [2]  # the first call only, at auto's priority
+        else:
+            assert raw.headers["x-refine-escalated"] == "true" and waited > 1  # it waited for the holder
+            assert trace["escalated"] is True and trace["escalation_busy"] is False
+            priorities = [b["priority"] for b in auto_bodies]
+            assert priorities[0] == 2 and len(priorities) > 1 and set(priorities[1:]) == {3}
+        holder.result()
+        metrics = httpx.get(f"{url}/metrics").text
+        decided = "busy" if queue_timeout < 1 else "true"
+        assert f'escalated="{decided}",escalation="cyberv"' in metrics
+        assert _running(url, "cyberv") == 0  # the escalation's slot was released
+
+
+def _running(url: str, policy: str) -> int:
+    policies = httpx.get(f"{url}/v1/refine/policies").json()["data"]
+    return next(p for p in policies if p["name"] == policy)["admission"]["running"]
