@@ -101,16 +101,13 @@ Choices where the spec leaves room, made for production use:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal
 
 from refine_server.contract.params import SRGEN, ConfidenceStopParams, TokenStatsParams
-from refine_server.policies.answer_extraction import Answer, extract_answer, parse_answer, question_options
+from refine_server.policies.answer_extraction import Answer
 from refine_server.policies.base import (
     CORRECTION_SECONDS,
     CORRECTIONS,
@@ -124,6 +121,7 @@ from refine_server.policies.base import (
 )
 from refine_server.policies.confidence import Variant, threshold_from_warmup, trace_confidence
 from refine_server.policies.cyberv.params import CyberVLimits, CyberVParams, SRGenDecode
+from refine_server.policies.cyberv.question import direct_call, fill_prompt, read_question
 from refine_server.policies.cyberv.sensor import (
     Candidate,
     Decision,
@@ -141,7 +139,6 @@ from refine_server.policies.srgen import srgen_fields, srgen_report
 
 if TYPE_CHECKING:
     from refine_server.policies.engine_client import EngineClient
-    from refine_server.policies.request import ClientRequest
 
 SensorSource = Literal["engine", "top_logprobs"]
 
@@ -150,82 +147,7 @@ FINAL_STEP_TOKENS = 12  # the final-answer step only has to write the answer
 BARE_ANSWER_WORDS = 4  # a direct answer this short is the answer itself ("(B) plausible", "-3")
 
 
-@functools.cache
-def _template(name: str) -> str:
-    """A prompt from prompts/ (package data), read once; the file's final newline is not part of it."""
-    return (files("refine_server.policies.cyberv") / "prompts" / name).read_text(encoding="utf-8").removesuffix("\n")
-
-
-def _prompt(name: str, **fields: str) -> str:
-    return _template(name).format(**fields)
-
-
-# ---- the client's request --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Question:
-    """What cyberv answers, and what it keeps of the client's request."""
-
-    history: list[dict[str, Any]]  # chat messages before the question
-    text: str
-    max_tokens: int | None
-    options: dict[str, str]  # the options a multiple-choice question lists, by letter (empty: none)
-
-    @property
-    def answer_form(self) -> str:
-        """How the final-answer step asks for the answer, by the question's kind."""
-        return "the letter of the option I chose" if self.options else "as briefly as possible"
-
-    # The answers of texts about this question; its options (if any) make them choices, and an option's text
-    # reads as its letter.
-
-    def read(self, text: str) -> Answer | None:
-        """A candidate text's own marked answer ("the answer is 7", "\\boxed{7}")."""
-        return extract_answer(text, options=self.options, marked_only=True)
-
-    def parse(self, text: str) -> Answer | None:
-        """The answer a text starts with (a bare direct answer, the final step's continuation)."""
-        return parse_answer(text, options=self.options)
-
-    def extract(self, text: str) -> Answer | None:
-        """A text's answer, marked or not (the last resort)."""
-        return extract_answer(text, options=self.options)
-
-    def messages(self, content: str) -> list[dict[str, Any]]:
-        """The conversation with `content` (a prompt built around the question) as its last user message."""
-        return [*self.history, {"role": "user", "content": content}]
-
-    def cap(self, tokens: int) -> int:
-        """A generation budget, capped by the client's max_tokens: whatever cyberv returns respects it."""
-        return min(tokens, self.max_tokens) if self.max_tokens else tokens
-
-
-def read_question(request: ClientRequest) -> Question:
-    """The question of a chat or completions request; a request cyberv cannot answer is a 400."""
-    request.require_one_choice("cyberv", "returns one chosen answer")
-    if request.endpoint == "chat":
-        history, text = request.question("cyberv")
-    else:
-        if not isinstance(request.prompt, str):
-            raise PolicyRequestError("policy cyberv needs the prompt as one string (not a list or token ids)", "prompt")
-        history, text = [], request.prompt
-    if not text.strip():
-        raise PolicyRequestError(
-            "policy cyberv needs a question, and this one has no text",
-            "messages" if request.endpoint == "chat" else "prompt",
-        )
-    return Question(history=history, text=text, max_tokens=request.max_tokens, options=question_options(text))
-
-
 # ---- one request -----------------------------------------------------------------------------------------
-
-
-def direct_call(question: Question, params: CyberVParams) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Candidate 0's engine call: the direct prompt, greedy, within the reasoning budget (the sensor's fields
-    are added by whoever makes the call). `auto` makes this call itself and hands its generation over."""
-    messages = question.messages(_prompt("direct.txt", question=question.text))
-    return messages, {"temperature": 0.0, "max_tokens": question.cap(params.max_reasoning_tokens)}
 
 
 async def sensor_source(engine: EngineClient, params: CyberVParams) -> SensorSource:
@@ -383,7 +305,7 @@ class CyberVRun:
 
     async def _reasoning(self, count: int, start: int) -> list[Candidate]:
         p = self.params
-        prompt = self.question.messages(_prompt("reason.txt", question=self.question.text))
+        prompt = self.question.messages(fill_prompt("reason.txt", question=self.question.text))
         generations = await self._generations(
             "round1",
             prompt,
@@ -431,7 +353,10 @@ class CyberVRun:
 
     async def _final_step(self, purpose: str, prompt: list[dict[str, Any]], text: str) -> Generation:
         """Let the model state the answer of what it wrote, greedily, after the official format instruction."""
-        written = {"role": "assistant", "content": _prompt("final.txt", candidate=text, form=self.question.answer_form)}
+        written = {
+            "role": "assistant",
+            "content": fill_prompt("final.txt", candidate=text, form=self.question.answer_form),
+        }
         (generation,) = await self._generations(
             purpose,
             [*prompt, written],
@@ -456,7 +381,7 @@ class CyberVRun:
     async def feedback_round(self) -> Feedback:
         started = time.perf_counter()
         span = self.feedback_span()
-        prompt = self.question.messages(_prompt("feedback.txt", question=self.question.text, span=span))
+        prompt = self.question.messages(fill_prompt("feedback.txt", question=self.question.text, span=span))
         result = await self.engine.chat(
             "feedback",
             prompt,
