@@ -266,7 +266,9 @@ class TokenStatsSensor:
         values[:k, 1] = entropy
         values[:k, 2] = varentropy
         values[:k, 3] = margin
-        values[:k, 5] = token_confidence(kept[:k], confidence_k, MAX_CONFIDENCE_K)
+        # DeepConf's confidence is at T = 1: where every row samples at T = 1, token_stats' normaliser is it.
+        at_t1 = all(r.seq.temperature == 1.0 for r in rows)
+        values[:k, 5] = token_confidence(kept[:k], confidence_k, MAX_CONFIDENCE_K, lse=lse[:k] if at_t1 else None)
         values[:k, 6] = 0.0
         places = [RecordPlace(r.seq.key, r.seq.ordinal, r.output_index) for r in rows]
         return Measured(

@@ -17,11 +17,12 @@ from torch import Tensor
 __all__ = ["token_confidence"]
 
 
-def token_confidence(logits: Tensor, k: Tensor, max_k: int) -> Tensor:
+def token_confidence(logits: Tensor, k: Tensor, max_k: int, *, lse: Tensor | None = None) -> Tensor:
     """C per row, float32 [R]. logits: [R, V] float32, each row with a finite entry; k: [R] integers in
-    1..max_k on the same device."""
+    1..max_k on the same device. lse: the rows' log sum exp at T = 1 where the caller has it already (the
+    sensor's token_stats computes it for rows sampled at T = 1): one pass over [R, V] fewer."""
     top = logits.topk(min(max_k, logits.shape[-1]), dim=-1).values
-    log_p = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_p = top - (lse[:, None] if lse is not None else torch.logsumexp(logits, dim=-1, keepdim=True))
     ranks = torch.arange(top.shape[-1], device=logits.device)
     counted = (ranks[None, :] < k[:, None]) & torch.isfinite(log_p)
     total = torch.where(counted, log_p, 0.0).sum(dim=-1)

@@ -15,7 +15,7 @@ from vllm import SamplingParams
 
 from refine_server.contract.protocol import signed_xargs
 from refine_server.contract.token_stats_file import STOP_WAIVED, STOPPED, read_stats
-from refine_server.engine_plugin.confidence_stop import ConfidenceStop
+from refine_server.engine_plugin.confidence_stop import ConfidenceStop, force_eos_on_device, force_eos_on_host
 from refine_server.engine_plugin.sensor import StatsRow, TokenStatsEngineSettings, TokenStatsSensor
 from refine_server.engine_plugin.v1_processor import RefineV1LogitsProcessor
 from refine_server.engine_plugin.v2_processor import RefineV2LogitsProcessor
@@ -38,10 +38,10 @@ def _logits(rows: int, height: float) -> torch.Tensor:
     return logits
 
 
-def _forced(row: torch.Tensor, before: torch.Tensor) -> bool:
-    """The row allows only EOS, with its logit unchanged."""
-    others = torch.cat([row[:EOS], row[EOS + 1 :]])
-    return bool(torch.isneginf(others).all()) and row[EOS] == before[EOS]
+def _forced(row: torch.Tensor, before: torch.Tensor, eos: int = EOS) -> bool:
+    """The row allows only `eos`, with its logit unchanged."""
+    others = torch.cat([row[:eos], row[eos + 1 :]])
+    return bool(torch.isneginf(others).all()) and row[eos] == before[eos]
 
 
 def test_v1_forces_eos_at_the_step_after_the_window_mean_fell_and_leaves_other_rows_alone(engine_env) -> None:
@@ -140,3 +140,18 @@ def test_v2_slots_stop_like_v1_rows(engine_env) -> None:
 def test_stop_sequences_must_fit_the_rows_the_sensor_measures() -> None:
     with pytest.raises(ValueError, match="max_stop_sequences"):
         TokenStatsEngineSettings(max_rows_per_step=4, max_stop_sequences=5)
+
+
+def test_forcing_on_the_host_writes_what_forcing_on_the_device_writes() -> None:
+    """CPU tensors take the host path (only the rows that stop are written); a GPU the device path (every stop
+    row copied and masked, nothing read back). Both must leave the same logits."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    row, eos = torch.tensor([4, 1, 2]), torch.tensor([7, 0, 39])
+    fire = torch.tensor([True, False, True])
+    eos_logit = logits[row, eos]
+    on_host, on_device = logits.clone(), logits.clone()
+    force_eos_on_host(on_host, row, eos, eos_logit, fire)
+    force_eos_on_device(on_device, row, eos, eos_logit, fire)
+    assert torch.equal(on_host, on_device)
+    assert _forced(on_host[4], logits[4], 7) and _forced(on_host[2], logits[2], 39)
+    assert torch.equal(on_host[[0, 1, 3, 5]], logits[[0, 1, 3, 5]])  # rows that did not fire, or had no stop

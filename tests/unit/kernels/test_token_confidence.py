@@ -30,3 +30,11 @@ def test_a_row_with_fewer_allowed_tokens_than_k_averages_over_the_ones_it_has() 
     got = token_confidence(logits, torch.tensor([20, 20]), max_k=20)
     assert torch.isfinite(got).all() and got[1] == 0
     torch.testing.assert_close(got[0].double(), torch.tensor(_reference(logits[0], 20), dtype=torch.float64))
+
+
+def test_a_given_normaliser_at_t1_gives_the_same_confidences() -> None:
+    logits = torch.randn(3, 400, generator=torch.Generator().manual_seed(1)) * 3
+    logits[2, 100:] = float("-inf")
+    k = torch.tensor([3, 20, 20])
+    given = token_confidence(logits, k, max_k=20, lse=torch.logsumexp(logits, dim=-1))
+    torch.testing.assert_close(given, token_confidence(logits, k, max_k=20))
