@@ -12,10 +12,10 @@ interleave the three settings so each sees the same machine state; per request, 
 (last token's arrival - first token's) / (tokens - 1); a round's figure is the median over its requests, the
 report the median over rounds and the ratios to "nothing".
 
-`--micro`: the plugin's own work per engine step, without an engine: 8 stop rows of random logits at
-SmolLM2's vocabulary through the sensor's `observe` (which measures the confidence for every row that asks
+`--micro [--vocab V]`: the plugin's own work per engine step, without an engine: 8 stop rows of random logits at
+SmolLM2's vocabulary (or V's) through the sensor's `observe` (which measures the confidence for every row that asks
 for statistics, stop or not) and then the stop's `apply` (what the stop adds), each timed per step in this
-process, one thread. Results go to `confidence_stop_micro.json`.
+process, one thread. Results go to `confidence_stop_micro-V.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from streams import timed_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refine_server.contract.params import ConfidenceStopParams, TokenStatsParams
@@ -49,21 +50,11 @@ def xargs_for(setting: str, secret: str, window: int) -> dict[str, str] | None:
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> float:
     """Seconds per decoded token of one streamed completion."""
-    arrivals: list[float] = []
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                arrivals.append(time.perf_counter())
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    timed = await timed_stream(client, f"{url}/v1/completions", body)
+    tokens = (timed.usage or {}).get("completion_tokens")
     if tokens != body["max_tokens"]:
         raise RuntimeError(f"decoded {tokens} tokens, not {body['max_tokens']}")
-    return (arrivals[-1] - arrivals[0]) / (tokens - 1)
+    return (timed.arrivals[-1] - timed.arrivals[0]) / (tokens - 1)
 
 
 async def one_round(
@@ -102,7 +93,7 @@ def micro(args: argparse.Namespace) -> None:
 
     from refine_server.engine_plugin.sensor import StatsRow, TokenStatsSensor
 
-    vocab, steps = 49152, 200
+    vocab, steps = args.vocab, 200
     torch.set_num_threads(1)  # one core, as one engine step's sampler runs
     folder = Path(tempfile.mkdtemp())
     sensor = TokenStatsSensor(folder, vocab_size=vocab, capacity=64)
@@ -131,7 +122,7 @@ def micro(args: argparse.Namespace) -> None:
         "window": args.window,
         "ms_per_step_median": figures,
     }
-    out = args.out.with_name("confidence_stop_micro.json")
+    out = args.out.with_name(f"confidence_stop_micro-{vocab}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
@@ -147,6 +138,7 @@ async def main() -> None:
     ap.add_argument("--events-dir", type=Path, default=events_dir(), help="the engine's (its stats files go)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "confidence_stop.json")
     ap.add_argument("--micro", action="store_true", help="the plugin's work per step, in-process, no engine")
+    ap.add_argument("--vocab", type=int, default=49152, help="--micro: the vocabulary (Qwen2.5's: 151936)")
     args = ap.parse_args()
     if args.micro:
         return micro(args)

@@ -4,6 +4,7 @@ RAIN and CyberV requests, before (no limits, first come first served) and after 
 Starts refine twice on the embedded engine, one configuration after the other:
 
     .venv/bin/python bench/load.py --duration 60 --out bench/results/load.json
+    .venv/bin/python bench/load.py --configs after --plain-first-wait-s 2 --out ...   # one configuration
 
 - before: `--engine-priority-scheduling false` (vLLM first come, first served), no concurrency limits;
 - after:  the engine under `--scheduling-policy priority` (plain 0, policies 1) and `--policy-concurrency`
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from streams import timed_stream
 
 from refine_server.models.catalog import DEFAULT_MODEL  # the embedded engine's model
 
@@ -52,18 +54,9 @@ def p95(values: list[float]) -> float:
 
 
 async def plain_stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int]:
-    started = time.perf_counter()
-    first, tokens = None, 0
     body = {"model": MODEL, "messages": PLAIN, "max_tokens": max_tokens, "stream": True, "temperature": 0.8}
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if any((c.get("delta") or {}).get("content") for c in json.loads(line[6:]).get("choices") or ()):
-                tokens += 1
-                first = first if first is not None else time.perf_counter() - started
-    return first if first is not None else float("nan"), tokens
+    timed = await timed_stream(client, f"{url}/v1/chat/completions", body)
+    return timed.ttft_s, len(timed.arrivals)
 
 
 async def heavy_client(client: httpx.AsyncClient, url: str, policy: str, stop_at: float, out: dict[str, Any]) -> None:
@@ -183,9 +176,14 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--engine-port", type=int, default=8100)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS), help="which configurations to run"
+    )
     args = parser.parse_args()
     results = {}
     for name, extra in CONFIGS.items():
+        if name not in args.configs:
+            continue
         if name == "after":
             extra = [
                 *extra,

@@ -19,23 +19,12 @@ import time
 from pathlib import Path
 
 import httpx
+from streams import timed_stream
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
-    started = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if any(c.get("text") for c in chunk.get("choices", ())):
-                tokens += 1
-                if first is None:
-                    first = time.perf_counter() - started
-    return time.perf_counter() - started, first or 0.0, tokens
+    timed = await timed_stream(client, f"{url}/v1/completions", body)
+    return timed.ended - timed.started, timed.ttft_s if timed.arrivals else 0.0, len(timed.arrivals)
 
 
 async def one_round(client: httpx.AsyncClient, url: str, body: dict, concurrency: int, requests: int) -> dict:

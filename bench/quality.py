@@ -236,6 +236,7 @@ def report(args: argparse.Namespace) -> None:
         lines.append(f"| {arm} ({len(ids)} items) | {boot.diff:+.1%} | {boot.low:+.1%} to {boot.high:+.1%} | {mc} |")
 
     lines += deepconf_table(runs, summary)
+    lines += cyberv_variants_table(runs, summary)
     full = runs.get("cyberv-full")
     if full:
         lines += ["", *cyberv_samples(full, items, summary)]
@@ -282,6 +283,58 @@ def deepconf_table(runs: dict[str, dict[int, dict[str, dict]]], summary: dict) -
         lines.append(
             f"| {name} | {len(ids)} | {boot.diff:+.1%} ({boot.low:+.1%} to {boot.high:+.1%}) | "
             f"{ratio:.2f}x ({ratio_lo:.2f}-{ratio_hi:.2f}) |"
+        )
+    return lines
+
+
+def cyberv_variants_table(runs: dict[str, dict[int, dict[str, dict]]], summary: dict) -> list[str]:
+    """CyberV's cheaper variants (adaptive round 1, DeepConf's confidence stop and vote) against cyberv-full,
+    paired by item over seed 0 of each: the accuracy difference; completion tokens against cyberv-full's and
+    against self-consistency over cyberv-full's n candidates (its round 1 without the controller's calls); and
+    how often each returns the answer cyberv-full returned, and the one the majority of its n candidates gives.
+    The runs draw their samples independently, so "same answer" is bounded by how often two runs of one arm
+    agree: read it beside the adaptive arm's, whose stop replayed on the same samples is in the stopping table."""
+    full = runs.get("cyberv-full", {}).get(0)
+    arms = [arm for arm in ("cyberv", "cyberv-confstop") if 0 in runs.get(arm, {})]
+    if not full or not arms:
+        return []
+    n = ARMS["cyberv-full"]["n"]
+    lines = [
+        "",
+        f"| against cyberv-full (seed 0, same items) | items | accuracy difference (95% CI) | tokens vs cyberv-full "
+        f"(95% CI) | tokens vs self-consistency at n = {n} (95% CI) | same answer as cyberv-full | same answer as "
+        f"the majority of its {n} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    results = summary["versus_cyberv_full"] = {}
+    for name in arms:
+        arm = runs[name][0]
+        ids = sorted(set(full) & set(arm))
+        boot = paired_bootstrap([float(full[i]["correct"]) for i in ids], [float(arm[i]["correct"]) for i in ids])
+        spent = [arm[i]["completion_tokens"] for i in ids]
+        full_spent = [full[i]["completion_tokens"] for i in ids]
+        sc_spent = [tokens(full[i]["trace"]["candidates"][:n]) for i in ids]
+        vs_full, vs_sc = sum(spent) / sum(full_spent), sum(spent) / sum(sc_spent)
+        full_ci, sc_ci = ratio_interval(spent, full_spent, ids), ratio_interval(spent, sc_spent, ids)
+        same = sum(arm[i]["answer"] == full[i]["answer"] for i in ids)
+        same_majority = sum(arm[i]["answer"] == _vote(full[i]["trace"]["candidates"][:n]) for i in ids)
+        results[name] = {
+            "items": len(ids),
+            "difference": boot.diff,
+            "ci95": [boot.low, boot.high],
+            "tokens_vs_cyberv_full": vs_full,
+            "tokens_vs_cyberv_full_ci95": list(full_ci),
+            "tokens_vs_self_consistency_n": vs_sc,
+            "tokens_vs_self_consistency_n_ci95": list(sc_ci),
+            "same_answer_as_cyberv_full": same / len(ids),
+            "same_answer_as_majority_n": same_majority / len(ids),
+        }
+        agree, agree_majority = wilson(same, len(ids)), wilson(same_majority, len(ids))
+        lines.append(
+            f"| {name} | {len(ids)} | {boot.diff:+.1%} ({boot.low:+.1%} to {boot.high:+.1%}) | {vs_full:.2f}x "
+            f"({full_ci[0]:.2f}-{full_ci[1]:.2f}) | {vs_sc:.2f}x ({sc_ci[0]:.2f}-{sc_ci[1]:.2f}) | "
+            f"{same / len(ids):.1%} ({agree[0]:.1%}-{agree[1]:.1%}) | {same_majority / len(ids):.1%} "
+            f"({agree_majority[0]:.1%}-{agree_majority[1]:.1%}) |"
         )
     return lines
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import statistics
 import time
 from pathlib import Path
 
 import httpx
+from streams import timed_stream
 
 TASKS = Path(__file__).parent / "tasks" / "suite-dev.jsonl"
 FORCE = {"warmup_threshold": 0.0, "min_threshold": 0.0}
@@ -53,17 +53,8 @@ async def chat(
             "tokens": resp["usage"]["completion_tokens"],
             "trace": resp["refine"]["trace"],
         }
-    arrivals, trace = [], None
-    async with client.stream("POST", f"{args.refine}/v1/chat/completions", json=body) as resp:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
-                arrivals.append(time.perf_counter())
-            trace = chunk.get("refine", {}).get("trace", trace)
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    return {"wall_s": time.perf_counter() - started, "gaps": gaps, "trace": trace}
+    timed = await timed_stream(client, f"{args.refine}/v1/chat/completions", body)
+    return {"wall_s": timed.ended - started, "gaps": timed.gaps_s, "trace": timed.trace}
 
 
 async def throughput(client, args, refine: dict, questions: list[str], concurrency: int) -> dict:

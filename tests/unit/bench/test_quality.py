@@ -106,3 +106,36 @@ def test_deepconf_arms_are_paired_with_self_consistency_by_item() -> None:
     assert result["tokens_ratio_ci95"][0] <= 0.5 <= result["tokens_ratio_ci95"][1]
     assert any(line.startswith("| deepconf | 4 | +25.0%") for line in lines)
     assert quality.deepconf_table({"deepconf": runs["deepconf"]}, {}) == []  # nothing to pair with
+
+
+def test_cyberv_variants_are_paired_with_cyberv_full_by_item_and_its_candidates_majority() -> None:
+    def candidates(answers: list[str], tokens: int) -> list[dict]:
+        return [{"answer": a, "completion_tokens": tokens} for a in answers]
+
+    full = {
+        "q0": {
+            "correct": True,
+            "answer": "4",
+            "completion_tokens": 100,
+            "trace": {"candidates": candidates(["4"] * 8, 10)},
+        },
+        "q1": {
+            "correct": False,
+            "answer": "5",
+            "completion_tokens": 100,
+            "trace": {"candidates": candidates(["6"] * 8, 10)},
+        },
+    }
+    stopped = {
+        "q0": {"correct": True, "answer": "4", "completion_tokens": 40},
+        "q1": {"correct": True, "answer": "6", "completion_tokens": 20},
+    }
+    summary: dict = {}
+    lines = quality.cyberv_variants_table({"cyberv-full": {0: full}, "cyberv-confstop": {0: stopped}}, summary)
+    result = summary["versus_cyberv_full"]["cyberv-confstop"]
+    assert result["items"] == 2 and result["difference"] == pytest.approx(0.5)
+    assert result["tokens_vs_cyberv_full"] == pytest.approx(0.3)  # 60 of 200
+    assert result["tokens_vs_self_consistency_n"] == pytest.approx(60 / 160)  # 8 candidates of 10 tokens, twice
+    assert result["same_answer_as_cyberv_full"] == 0.5 and result["same_answer_as_majority_n"] == 1.0
+    assert any(line.startswith("| cyberv-confstop | 2 | +50.0%") for line in lines)
+    assert quality.cyberv_variants_table({"cyberv-full": {0: full}}, {}) == []  # no variant ran
