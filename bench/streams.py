@@ -3,6 +3,7 @@ between tokens, decode time per token), for both endpoints."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class TimedStream:
 
     @property
     def gaps_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(self.arrivals)]
 
 
 async def timed_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> TimedStream:

@@ -1,9 +1,13 @@
-"""Policies for the proxy's unit tests, and refine served in a thread in front of a backend."""
+"""Policies for the proxy's unit tests, refine served in a thread in front of a backend, and what the tests
+read of it while requests run."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import httpx
 
 from refine_server.app import create_app
 from refine_server.config import Settings
@@ -174,3 +178,17 @@ def _serve(settings: Settings):
         settings.policy_limits,
     )
     return serve_in_thread(create_app(settings, registry))
+
+
+def admission(url: str, policy: str) -> dict[str, Any]:
+    """`policy`'s admission as GET /v1/refine/policies shows it: limit, running, waiting, ..."""
+    policies = httpx.get(f"{url}/v1/refine/policies").json()["data"]
+    return next(p for p in policies if p["name"] == policy)["admission"]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Wait until `condition()` holds, failing the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

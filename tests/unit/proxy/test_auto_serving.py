@@ -23,6 +23,7 @@ from refine_server.policies.none import NonePolicy
 from refine_server.policies.srgen import SRGenPolicy
 from tests.conftest import MODEL, metric_total
 from tests.fake_vllm import serve_in_thread
+from tests.unit.proxy.helpers import admission, wait_for
 
 QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -111,10 +112,10 @@ def test_the_decision_goes_out_as_a_header_and_a_labelled_metric(auto_proxy: str
     assert metric_total(metrics, "refine_auto_decisions_total") >= 1
 
 
-def _auto_to_cyberv(proxy: str, question: str = "What is 2 + 2?") -> object:
+def _auto_to_cyberv(proxy: str) -> object:
     return _client(proxy).chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=[{"role": "user", "content": question}],
+        messages=QUESTION,
         max_tokens=8,
         extra_body={"refine": {"policy": "auto", "escalate": {"policy": "cyberv", "n": 2}}},
     )
@@ -142,10 +143,7 @@ def test_an_escalation_waits_for_a_slot_of_its_policy_and_without_one_keeps_the_
             max_tokens=8,
             extra_body={"refine": {"policy": "cyberv", "n": 2}},
         )
-        deadline = time.monotonic() + 5
-        while _running(url, "cyberv") != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: admission(url, "cyberv")["running"] == 1, timeout_s=5)
         sent_before = len(httpx.get(f"{fake_backend}/fake/bodies").json())
         started = time.monotonic()
         raw = _auto_to_cyberv(url)
@@ -166,9 +164,4 @@ def test_an_escalation_waits_for_a_slot_of_its_policy_and_without_one_keeps_the_
         metrics = httpx.get(f"{url}/metrics").text
         decided = "busy" if queue_timeout < 1 else "true"
         assert f'escalated="{decided}",escalation="cyberv"' in metrics
-        assert _running(url, "cyberv") == 0  # the escalation's slot was released
-
-
-def _running(url: str, policy: str) -> int:
-    policies = httpx.get(f"{url}/v1/refine/policies").json()["data"]
-    return next(p for p in policies if p["name"] == policy)["admission"]["running"]
+        assert admission(url, "cyberv")["running"] == 0  # the escalation's slot was released

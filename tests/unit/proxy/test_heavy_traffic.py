@@ -15,7 +15,7 @@ import pytest
 from refine_server.config import Settings
 from tests.conftest import metric_total, start_refine, stop_refine
 from tests.fake_vllm import MODEL, free_port
-from tests.unit.proxy.helpers import _serve
+from tests.unit.proxy.helpers import _serve, admission, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -30,18 +30,6 @@ def _complete(
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": MODEL, "prompt": prompt, "refine": {"policy": policy}, **fields}
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=timeout)
-
-
-def _admission(url: str, policy: str) -> dict[str, Any]:
-    policies = httpx.get(f"{url}/v1/refine/policies").json()["data"]
-    return next(p for p in policies if p["name"] == policy)["admission"]
-
-
-def _wait_for(condition: Any, timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 # ---- the default max_tokens, and engine priorities ---------------------------------------------------------
@@ -119,7 +107,7 @@ def test_a_request_that_cannot_start_in_time_gets_a_429_with_retry_after_and_pla
     settings = Settings(backend_url=fake_backend, policy_concurrency={"steps": 1}, policy_queue_timeout=0.5)
     with _serve(settings) as url, ThreadPoolExecutor(2) as pool:
         holder = pool.submit(_complete, url, "SLOW")
-        _wait_for(lambda: _admission(url, "steps")["running"] == 1)
+        wait_for(lambda: admission(url, "steps")["running"] == 1)
         started = time.monotonic()
         refused = _complete(url)
         assert 0.4 < time.monotonic() - started < 2.5
@@ -140,12 +128,12 @@ def test_a_queued_request_starts_when_the_slot_frees(fake_backend: str) -> None:
     settings = Settings(backend_url=fake_backend, policy_concurrency={"steps": 1}, policy_queue_timeout=10)
     with _serve(settings) as url, ThreadPoolExecutor(2) as pool:
         holder = pool.submit(_complete, url, "SLOW")
-        _wait_for(lambda: _admission(url, "steps")["running"] == 1)
+        wait_for(lambda: admission(url, "steps")["running"] == 1)
         queued = pool.submit(_complete, url)
-        _wait_for(lambda: _admission(url, "steps")["waiting"] == 1)
-        assert _admission(url, "steps")["concurrency_limit"] == 1
+        wait_for(lambda: admission(url, "steps")["waiting"] == 1)
+        assert admission(url, "steps")["concurrency_limit"] == 1
         assert queued.result().status_code == 200 and holder.result().status_code == 200
-        assert _admission(url, "steps") == {
+        assert admission(url, "steps") == {
             "concurrency_limit": 1,
             "running": 0,
             "waiting": 0,
@@ -161,10 +149,10 @@ def test_a_waiting_client_that_disconnects_leaves_the_queue_at_once(fake_backend
     settings = Settings(backend_url=fake_backend, policy_concurrency={"steps": 1}, policy_queue_timeout=30)
     with _serve(settings) as url, ThreadPoolExecutor(2) as pool:
         holder = pool.submit(_complete, url, "SLOW")
-        _wait_for(lambda: _admission(url, "steps")["running"] == 1)
+        wait_for(lambda: admission(url, "steps")["running"] == 1)
         with pytest.raises(httpx.ReadTimeout):
             _complete(url, timeout=0.5)  # the client gives up and closes its connection
-        _wait_for(lambda: _admission(url, "steps")["waiting"] == 0, timeout_s=1.0)
+        wait_for(lambda: admission(url, "steps")["waiting"] == 0, timeout_s=1.0)
         assert not holder.done()  # still within the holder's 3 s: the waiter left, it was not served
         assert holder.result().status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
@@ -256,9 +244,9 @@ def test_shutdown_answers_waiting_requests_with_503_at_once_and_finishes_the_run
     try:
         with ThreadPoolExecutor(2) as pool:
             holder = pool.submit(_complete, server.url, "SLOW", "none")
-            _wait_for(lambda: _admission(server.url, "none")["running"] == 1)
+            wait_for(lambda: admission(server.url, "none")["running"] == 1)
             waiter = pool.submit(_complete, server.url, "hi", "none")
-            _wait_for(lambda: _admission(server.url, "none")["waiting"] == 1)
+            wait_for(lambda: admission(server.url, "none")["waiting"] == 1)
             signalled = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             answer = waiter.result()
@@ -284,19 +272,14 @@ def test_a_policys_engine_call_waits_for_running_plain_requests_at_most_plain_fi
 
         # A plain request that runs 3 s: the policy's call waits 2 s for it, then goes anyway.
         plain = pool.submit(_complete, url, "SLOW", "none")
-        _wait_for(lambda: len(httpx.get(f"{fake_backend}/fake/bodies").json()) >= 2)  # the plain one arrived
+        wait_for(lambda: len(httpx.get(f"{fake_backend}/fake/bodies").json()) >= 2)  # the plain one arrived
         started = time.monotonic()
         assert _complete(url, policy="drafting").status_code == 200
         assert 1.9 <= time.monotonic() - started < 4
         assert plain.result().status_code == 200
 
         # Plain requests themselves never wait.
-        blocker = pool.submit(_complete, url, "SLOW", "none")
-        time.sleep(0.3)
-        started = time.monotonic()
-        assert _complete(url, policy="none").status_code == 200
-        assert time.monotonic() - started < 1.5
-        assert blocker.result().status_code == 200
+        assert _seconds_beside_a_slow_plain_request(url, pool, "none") < 1.5
 
         waited = metric_total(httpx.get(f"{url}/metrics").text, "refine_plain_first_wait_seconds_sum")
         assert 1.9 <= waited < 3.2  # only the one wait, recorded once the request ended
@@ -304,9 +287,15 @@ def test_a_policys_engine_call_waits_for_running_plain_requests_at_most_plain_fi
 
 def test_without_plain_first_wait_s_a_policys_call_does_not_wait(fake_backend: str) -> None:
     with _serve(Settings(backend_url=fake_backend)) as url, ThreadPoolExecutor(1) as pool:
-        plain = pool.submit(_complete, url, "SLOW", "none")
-        time.sleep(0.3)
-        started = time.monotonic()
-        assert _complete(url, policy="drafting").status_code == 200
-        assert time.monotonic() - started < 1.5
-        assert plain.result().status_code == 200
+        assert _seconds_beside_a_slow_plain_request(url, pool, "drafting") < 1.5
+
+
+def _seconds_beside_a_slow_plain_request(url: str, pool: ThreadPoolExecutor, policy: str) -> float:
+    """How long a `policy` request took while a plain request of 3 s was in flight (both answered)."""
+    plain = pool.submit(_complete, url, "SLOW", "none")
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert _complete(url, policy=policy).status_code == 200
+    took = time.monotonic() - started
+    assert plain.result().status_code == 200
+    return took

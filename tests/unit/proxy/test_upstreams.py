@@ -19,6 +19,7 @@ from refine_server.policies import PolicyRegistry
 from refine_server.policies.base import PolicyCall, PolicyParams
 from refine_server.policies.none import NonePolicy
 from tests.fake_vllm import MODEL, free_port, make_app, serve_in_thread
+from tests.unit.proxy.helpers import wait_for
 
 
 class ThreeCallsPolicy(NonePolicy):
@@ -91,20 +92,12 @@ def test_a_backend_that_comes_back_is_probed_back_in(monkeypatch: pytest.MonkeyP
     b = f"http://127.0.0.1:{port}"
     with serve_in_thread(make_app()) as a, _refine([a, b]) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        _wait_for(lambda: _metric(url, "refine_upstream_healthy", b) == 0)  # the probe finds nothing at b
+        wait_for(lambda: _metric(url, "refine_upstream_healthy", b) == 0, timeout_s=60)  # the probe finds nothing at b
         with serve_in_thread(make_app(), port) as b_again:
-            _wait_for(lambda: _metric(url, "refine_upstream_healthy", b) == 1)
+            wait_for(lambda: _metric(url, "refine_upstream_healthy", b) == 1, timeout_s=60)
             for _ in range(4):
                 client.completions.create(model=MODEL, prompt="hi")
             assert _served(b_again) == 2
-
-
-def _wait_for(condition: Any) -> None:
-    """Wait until `condition()` holds; the deadline only keeps a broken build from hanging the suite."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
 
 
 def test_when_every_backend_is_down_the_client_gets_a_503() -> None:
